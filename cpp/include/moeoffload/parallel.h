@@ -1,0 +1,18 @@
+// A small fork-join parallel_for for the CPU backend. Threads are started per
+// call: the codec's work items are large (whole rows), so the start cost (tens
+// of microseconds) is noise; small inputs run inline on the caller's thread.
+#pragma once
+#include <cstdint>
+#include <functional>
+
+namespace moeoffload {
+
+// Threads the CPU backend uses: MOEOFFLOAD_NUM_THREADS, else the hardware count.
+int num_threads();
+void set_num_threads(int n);  // n <= 0 restores the default
+
+// Calls fn(begin, end) over disjoint chunks covering [0, n). Chunks hold at
+// least `grain` items. The first exception thrown by any chunk is rethrown.
+void parallel_for(uint64_t n, uint64_t grain, const std::function<void(uint64_t, uint64_t)>& fn);
+
+}  // namespace moeoffload

@@ -1,0 +1,58 @@
+"""moeoffload: run Mixture-of-Experts models whose experts do not fit in GPU memory.
+
+Importing this package touches no GPU: CUDA is queried only when asked
+(`backend_info()`, or a decode onto a CUDA device).
+"""
+
+from . import codec
+from .errors import (
+    BoundTooSmallError,
+    CodecError,
+    CorruptDataError,
+    CudaError,
+    InvalidBoundError,
+    MoeoffloadError,
+    NonFiniteError,
+    ShapeError,
+    UnsupportedDtypeError,
+)
+
+__version__ = "0.1.0"
+
+
+def backend_info() -> dict:
+    """What the build holds and what the machine offers.
+
+    Keys: backend ("cuda" or "cpu"), built_with_cuda, gpu_available,
+    device_count, device_name, compute_capability (major, minor), reason (why
+    no GPU is usable, when none is), num_threads (CPU backend threads).
+    """
+    from . import _native
+
+    info = dict(_native.backend_info())
+    info["backend"] = "cuda" if info["gpu_available"] else "cpu"
+    info["num_threads"] = _native.num_threads()
+    return info
+
+
+def set_num_threads(n: int) -> None:
+    """Threads of the CPU backend (codec encode/decode); n <= 0 restores the default."""
+    from . import _native
+
+    _native.set_num_threads(int(n))
+
+
+__all__ = [
+    "BoundTooSmallError",
+    "CodecError",
+    "CorruptDataError",
+    "CudaError",
+    "InvalidBoundError",
+    "MoeoffloadError",
+    "NonFiniteError",
+    "ShapeError",
+    "UnsupportedDtypeError",
+    "backend_info",
+    "codec",
+    "set_num_threads",
+]

@@ -1,0 +1,293 @@
+"""Error-bounded compression of weight tensors.
+
+    ct = compress(x, eb, mode="abs", codec="szp")
+    x_hat = ct.decompress(dtype=None, device=None)
+
+Guarantee (both codecs): for every element, |x - x_hat| <= ct.eb computed in
+float64, where x_hat is the decompressed value in the stored dtype (the input's)
+or any dtype that holds it exactly (float32 always). Decompressing into a
+narrower dtype (float32 input to bfloat16, say) adds that dtype's rounding.
+
+- "szp": the native block codec (the GPU format, docs/format.md): fixed-length
+  blocks of 32 along the last dimension, per-row offsets, decodable on CPU and
+  GPU. Fast, a little larger.
+- "sz3": the SZ3 compressor (package `pysz`, by the SZ3 authors): higher ratio,
+  CPU only, slower; values SZ3 returns outside the bound after rounding to the
+  stored dtype are kept exactly as exceptions, so the same guarantee holds.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+
+import numpy as np
+import torch
+
+from . import _native
+from .errors import (
+    CorruptDataError,
+    CudaError,
+    InvalidBoundError,
+    NonFiniteError,
+    ShapeError,
+    UnsupportedDtypeError,
+)
+
+CODECS = ("szp", "sz3")
+SZ3_ALGORITHMS = ("nopred", "interp_lorenzo", "lorenzo_reg", "interp")
+
+_DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+_CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
+_RAW_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+_SZP_MAGIC = b"MSZP"
+_SZ3_MAGIC = b"MSZ3"
+_SZ3_VERSION = 1
+_SZ3_HEADER = struct.Struct("<4sHBBdQQQ")  # magic, version, dtype, ndim, eb, numel, n_exceptions, sz3 bytes
+
+
+def _as_tensor(x) -> torch.Tensor:
+    """A contiguous CPU tensor of a supported dtype, sharing memory where it can."""
+    if isinstance(x, np.ndarray):
+        if x.dtype.name == "bfloat16":  # ml_dtypes
+            x = torch.from_numpy(np.ascontiguousarray(x).view(np.int16)).view(torch.bfloat16)
+        elif x.dtype in (np.float32, np.float16):
+            x = torch.from_numpy(np.ascontiguousarray(x))
+        else:
+            raise UnsupportedDtypeError(
+                f"dtype {x.dtype} is not supported; convert to float32, float16 or bfloat16 first"
+            )
+    if not isinstance(x, torch.Tensor):
+        raise UnsupportedDtypeError(f"expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+    if x.dtype not in _DTYPE_CODES:
+        raise UnsupportedDtypeError(
+            f"dtype {x.dtype} is not supported; convert to torch.float32, torch.bfloat16 or torch.float16 first"
+        )
+    return x.detach().to("cpu").contiguous()
+
+
+def _check_finite(t: torch.Tensor) -> None:
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        bad = (~torch.isfinite(t)).reshape(-1).nonzero()[0].item()
+        raise NonFiniteError(
+            f"input holds NaN or Inf (first at flat index {bad}); "
+            "error-bounded compression needs finite weights: fix or mask them first"
+        )
+
+
+def absolute_bound(t: torch.Tensor, eb: float, mode: str) -> float:
+    """The absolute bound for `eb` in `mode` ("abs", or "rel": eb x (max - min)).
+
+    A constant tensor has no range; "rel" then uses eb x |value| (or eb if 0).
+    """
+    if isinstance(eb, bool) or not isinstance(eb, (int, float)) or not math.isfinite(eb) or eb <= 0:
+        raise InvalidBoundError(f"error bound must be a positive finite number, got {eb!r}")
+    if mode == "abs":
+        return float(eb)
+    if mode != "rel":
+        raise InvalidBoundError(f"mode must be 'abs' or 'rel', got {mode!r}")
+    if t.numel() == 0:
+        return float(eb)
+    _check_finite(t)
+    lo, hi = (float(v) for v in torch.aminmax(t.float()))
+    span = hi - lo
+    if span == 0:
+        span = abs(hi) or 1.0
+    return float(eb) * span
+
+
+class CompressedTensor:
+    """A tensor compressed within an absolute error bound `eb`."""
+
+    __slots__ = ("codec", "dtype", "shape", "eb", "n_exceptions", "_buf")
+
+    def __init__(self, codec: str, dtype: torch.dtype, shape, eb: float, n_exceptions: int, buf: np.ndarray):
+        buf.flags.writeable = False
+        self.codec = codec
+        self.dtype = dtype
+        self.shape = torch.Size(shape)
+        self.eb = float(eb)
+        self.n_exceptions = int(n_exceptions)
+        self._buf = buf
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    @property
+    def nbytes(self) -> int:
+        """Compressed size in bytes (all of to_bytes(): header, offsets, payload, checksum)."""
+        return int(self._buf.size)
+
+    @property
+    def ratio(self) -> float:
+        """Input bytes / compressed bytes."""
+        return self.numel * self.dtype.itemsize / self.nbytes
+
+    @property
+    def bits_per_value(self) -> float:
+        return 8.0 * self.nbytes / max(self.numel, 1)
+
+    def __repr__(self) -> str:
+        return (
+            f"CompressedTensor(codec={self.codec!r}, shape={tuple(self.shape)}, dtype={self.dtype}, "
+            f"eb={self.eb:.4g}, nbytes={self.nbytes}, ratio={self.ratio:.2f})"
+        )
+
+    def to_bytes(self) -> bytes:
+        return self._buf.tobytes()
+
+    @property
+    def buffer(self) -> np.ndarray:
+        """The serialised bytes as a read-only uint8 array (no copy)."""
+        return self._buf
+
+    @classmethod
+    def from_bytes(cls, buf) -> "CompressedTensor":
+        """Parse and verify (checksum and structure) a buffer made by to_bytes()."""
+        arr = np.frombuffer(memoryview(buf), dtype=np.uint8).copy()
+        magic = arr[:4].tobytes()
+        if magic == _SZP_MAGIC:
+            info = _native.szp_inspect(arr, True)
+            return cls("szp", _CODE_DTYPES[info["dtype"]], info["shape"], info["eb"], info["n_exceptions"], arr)
+        if magic == _SZ3_MAGIC:
+            head = _parse_sz3(arr)
+            return cls("sz3", head["dtype"], head["shape"], head["eb"], head["n_exceptions"], arr)
+        raise CorruptDataError("not a moeoffload compressed buffer (unknown magic); was it made by to_bytes()?")
+
+    def decompress(self, dtype: torch.dtype | None = None, device=None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The values, in the stored dtype unless `dtype` is given, on `device` (CPU by default).
+
+        out: a contiguous CPU tensor of the stored dtype and shape to decode into
+        (szp only): the hot-path form, no allocation. Returns `out`.
+        """
+        if out is not None:
+            return self._decode_szp_into(out)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if self.codec == "szp" and device.type == "cuda":
+            out = self._decode_szp_cuda(device)
+        elif self.codec == "szp":
+            out = torch.empty(self.shape, dtype=self.dtype)
+            _native.szp_decode(self._buf, out, False)
+        else:
+            out = _decode_sz3(self._buf)
+        return out.to(device=device, dtype=dtype or self.dtype)
+
+    def _decode_szp_into(self, out: torch.Tensor) -> torch.Tensor:
+        if self.codec != "szp":
+            raise UnsupportedDtypeError("decompress(out=...) is available for the szp codec only")
+        if out.dtype != self.dtype or out.shape != self.shape or out.device.type != "cpu" or not out.is_contiguous():
+            raise ShapeError(
+                f"out must be a contiguous CPU tensor of dtype {self.dtype} and shape {tuple(self.shape)}, "
+                f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+            )
+        _native.szp_decode(self._buf, out, False)
+        return out
+
+    def _decode_szp_cuda(self, device: torch.device) -> torch.Tensor:
+        if not torch.cuda.is_available():
+            raise CudaError("decompress(device='cuda') needs a CUDA GPU; none is available")
+        if not _native.backend_info()["built_with_cuda"]:
+            raise CudaError("moeoffload was built without CUDA; rebuild with MOEOFFLOAD_CUDA=ON")
+        dev_buf = torch.from_numpy(self._buf).to(device)
+        out = torch.empty(self.shape, dtype=self.dtype, device=device)
+        stream = torch.cuda.current_stream(device).cuda_stream
+        _native.szp_decode_cuda(self._buf, dev_buf, out, stream)
+        return out
+
+
+def compress(x, eb: float, mode: str = "abs", codec: str = "szp", *, sz3_algorithm: str = "nopred") -> CompressedTensor:
+    """Compress `x` (torch.Tensor or numpy array; float32, bfloat16 or float16) within bound `eb`.
+
+    mode: "abs" (eb is absolute) or "rel" (eb x (max - min) of x).
+    codec: "szp" (native, GPU-decodable) or "sz3" (pysz; `sz3_algorithm` picks
+    its predictor: "nopred" suits weights, which have no spatial correlation).
+    """
+    if codec not in CODECS:
+        raise UnsupportedDtypeError(f"codec must be one of {CODECS}, got {codec!r}")
+    t = _as_tensor(x)
+    eb_abs = absolute_bound(t, eb, mode)
+    if codec == "szp":
+        buf, n_exc = _native.szp_encode(t, _DTYPE_CODES[t.dtype], list(t.shape), eb_abs, 0)
+        return CompressedTensor("szp", t.dtype, t.shape, eb_abs, n_exc, buf)
+    return _compress_sz3(t, eb_abs, sz3_algorithm)
+
+
+# ---- sz3 container: header, shape, exceptions, SZ3 stream, CRC32 (docs/format.md) ----
+
+
+def _compress_sz3(t: torch.Tensor, eb: float, algorithm: str) -> CompressedTensor:
+    from pysz import sz, szAlgorithm, szConfig, szErrorBoundMode
+
+    if algorithm not in SZ3_ALGORITHMS:
+        raise InvalidBoundError(f"sz3_algorithm must be one of {SZ3_ALGORITHMS}, got {algorithm!r}")
+    _check_finite(t)
+    n = t.numel()
+    flat = t.reshape(-1)
+    if n:
+        cfg = szConfig()
+        cfg.errorBoundMode = szErrorBoundMode.ABS
+        cfg.absErrorBound = eb
+        cfg.cmprAlgo = getattr(szAlgorithm, algorithm.upper())
+        stream, _ = sz.compress(flat.float().numpy(), cfg)
+        x_hat = torch.from_numpy(sz.decompress(stream, np.float32, (n,))[0]).to(t.dtype)
+        err = (flat.double() - x_hat.double()).abs()
+        idx = (err > eb).nonzero().reshape(-1)
+    else:
+        stream = np.zeros(0, np.uint8)
+        idx = torch.zeros(0, dtype=torch.int64)
+    raw = flat.view(_RAW_VIEW[t.dtype])[idx].to(torch.int64) & ((1 << (8 * t.dtype.itemsize)) - 1)
+    parts = [
+        _SZ3_HEADER.pack(_SZ3_MAGIC, _SZ3_VERSION, _DTYPE_CODES[t.dtype], t.dim(), eb, n, idx.numel(), stream.size),
+        np.asarray(t.shape, dtype="<u8").tobytes(),
+        idx.numpy().astype("<u8").tobytes(),
+        raw.numpy().astype("<u4").tobytes(),
+        stream.tobytes(),
+    ]
+    body = b"".join(parts)
+    buf = np.frombuffer(body + struct.pack("<I", zlib.crc32(body)), dtype=np.uint8).copy()
+    return CompressedTensor("sz3", t.dtype, t.shape, eb, idx.numel(), buf)
+
+
+def _parse_sz3(arr: np.ndarray) -> dict:
+    def corrupt(why: str):
+        return CorruptDataError(f"sz3 buffer is corrupt or truncated: {why}; re-create it from the original weights")
+
+    if arr.size < _SZ3_HEADER.size + 4:
+        raise corrupt("too short")
+    if zlib.crc32(arr[:-4]) != int(arr[-4:].view("<u4")[0]):
+        raise corrupt("CRC32 mismatch")
+    magic, version, code, ndim, eb, numel, n_exc, n_stream = _SZ3_HEADER.unpack_from(arr)
+    if version != _SZ3_VERSION:
+        raise CorruptDataError(f"sz3 container version {version} is not supported; upgrade moeoffload")
+    if code not in _CODE_DTYPES or ndim > 8 or not (math.isfinite(eb) and eb > 0) or n_exc > numel:
+        raise corrupt("invalid header")
+    at = _SZ3_HEADER.size
+    shape = tuple(int(v) for v in arr[at : at + 8 * ndim].view("<u8"))
+    if len(shape) != ndim or math.prod(shape) != numel:
+        raise corrupt("shape does not match numel")
+    if at + 8 * ndim + 12 * n_exc + n_stream + 4 != arr.size:
+        raise corrupt("length does not match the header")
+    return {"dtype": _CODE_DTYPES[code], "shape": shape, "eb": eb, "n_exceptions": n_exc, "numel": numel}
+
+
+def _decode_sz3(arr: np.ndarray) -> torch.Tensor:
+    from pysz import sz
+
+    head = _parse_sz3(arr)
+    n, n_exc, dtype = head["numel"], head["n_exceptions"], head["dtype"]
+    at = _SZ3_HEADER.size + 8 * len(head["shape"])
+    idx = torch.from_numpy(arr[at : at + 8 * n_exc].view("<u8").astype(np.int64))
+    raw = torch.from_numpy(arr[at + 8 * n_exc : at + 12 * n_exc].view("<u4").astype(np.int64))
+    if n_exc and int(idx.max()) >= n:
+        raise CorruptDataError("sz3 buffer is corrupt: exception index out of range")
+    if n == 0:
+        return torch.empty(head["shape"], dtype=dtype)
+    stream = arr[at + 12 * n_exc : -4]
+    out = torch.from_numpy(sz.decompress(stream, np.float32, (n,))[0]).to(dtype)
+    if n_exc:
+        half = 1 << (8 * dtype.itemsize - 1)  # unsigned bits -> the signed view's value
+        out.view(_RAW_VIEW[dtype])[idx] = torch.where(raw >= half, raw - 2 * half, raw).to(_RAW_VIEW[dtype])
+    return out.reshape(head["shape"])

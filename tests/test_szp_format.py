@@ -1,0 +1,113 @@
+"""Parsing and validation of szp buffers (cpp/codec/szp_format.cpp): the corruption fuzz.
+
+A decoder that trusts its input reads out of bounds. Every buffer here is
+mutated and, in half the cases, its CRC recomputed, so the structural checks
+behind the checksum are exercised too: decoding must raise CorruptDataError or
+succeed, never crash.
+"""
+
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from moeoffload import CorruptDataError, _native, codec
+
+
+def _valid_buffers():
+    g = torch.Generator().manual_seed(0)
+    yield codec.compress(torch.randn(7, 70, generator=g), 0.01).buffer
+    yield codec.compress(torch.randn(300, generator=g).to(torch.bfloat16), 1e-3).buffer
+    x = torch.randn(16, 64, generator=g).half()
+    x[0, 5], x[9, 60] = 65504, -65504  # no q*step within eb rounds to a finite half: kept exactly
+    yield codec.compress(x, 20000.0).buffer
+    yield codec.compress(torch.randn(3, 4, 5, generator=g).half(), 0.1).buffer
+    yield codec.compress(torch.zeros(0, 5), 0.1).buffer
+
+
+def _fix_crc(buf: np.ndarray) -> np.ndarray:
+    buf = buf.copy()
+    if buf.size >= 4:
+        buf[-4:] = np.frombuffer(np.uint32(zlib.crc32(buf[:-4].tobytes())).tobytes(), np.uint8)
+    return buf
+
+
+def _decode(buf: np.ndarray):
+    try:
+        info = _native.szp_inspect(buf, True)
+    except CorruptDataError:
+        return
+    dtype = {1: torch.float32, 2: torch.bfloat16, 3: torch.float16}[info["dtype"]]
+    if info["numel"] > 10**7:
+        pytest.fail("validation accepted an absurd element count")
+    out = torch.empty(info["numel"], dtype=dtype)
+    _native.szp_decode(buf, out, True)
+
+
+def test_valid_buffers_have_exceptions_where_expected():
+    infos = [_native.szp_inspect(b) for b in _valid_buffers()]
+    assert infos[2]["n_exceptions"] > 0
+    assert infos[4]["numel"] == 0
+
+
+def test_bit_flips_never_crash():
+    rng = np.random.default_rng(7)
+    cases = 0
+    for buf in _valid_buffers():
+        for _ in range(800):
+            mutated = buf.copy()
+            for _ in range(rng.integers(1, 4)):
+                pos = rng.integers(0, mutated.size)
+                mutated[pos] ^= np.uint8(1 << rng.integers(0, 8))
+            if rng.random() < 0.5 and not np.array_equal(mutated, buf):
+                with pytest.raises(CorruptDataError):
+                    _native.szp_inspect(mutated, True)
+                mutated = _fix_crc(mutated)
+            _decode(mutated)
+            cases += 1
+    assert cases >= 4000
+
+
+def test_header_field_mutations_never_crash():
+    # Targeted: overwrite each 8-byte header/offset word with edge values.
+    rng = np.random.default_rng(11)
+    edge = [0, 1, 2**31, 2**32 - 1, 2**63, 2**64 - 1]
+    for buf in _valid_buffers():
+        for at in range(0, min(buf.size - 4, 256), 4):
+            for value in edge + [int(rng.integers(0, 2**63))]:
+                mutated = buf.copy()
+                word = np.frombuffer(np.uint64(value).tobytes(), np.uint8)
+                n = min(8, mutated.size - 4 - at)
+                mutated[at : at + n] = word[:n]
+                _decode(_fix_crc(mutated))
+
+
+def test_random_bytes_and_truncations_raise_corrupt_data():
+    rng = np.random.default_rng(3)
+    for _ in range(1500):
+        junk = rng.integers(0, 256, rng.integers(0, 300), dtype=np.uint8)
+        with pytest.raises(CorruptDataError):
+            _native.szp_inspect(junk, True)
+        with pytest.raises(CorruptDataError):
+            codec.CompressedTensor.from_bytes(junk.tobytes())
+    for buf in _valid_buffers():
+        for cut in range(0, buf.size, max(1, buf.size // 200)):
+            with pytest.raises(CorruptDataError):
+                codec.CompressedTensor.from_bytes(buf[:cut].tobytes())
+            _decode(_fix_crc(buf[:cut]))
+
+
+def test_future_version_is_named():
+    buf = next(_valid_buffers()).copy()
+    buf[4] = 9
+    with pytest.raises(CorruptDataError, match="version"):
+        _native.szp_inspect(_fix_crc(buf), True)
+
+
+def test_decode_rejects_wrong_output_size():
+    from moeoffload import ShapeError
+
+    ct = codec.compress(torch.randn(10, 10), 0.1)
+    with pytest.raises(ShapeError):
+        _native.szp_decode(ct.buffer, torch.empty(99), True)
