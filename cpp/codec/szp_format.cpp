@@ -87,6 +87,7 @@ SzpView szp_parse(const uint8_t* buf, size_t len, bool verify_checksum) {
   if (v.ndim > kSzpMaxNdim) corrupt("ndim " + std::to_string(v.ndim) + " > 8");
   if (load<uint32_t>(buf + 8) != kSzpBlock) corrupt("block size is not 32");
   uint32_t flags = load<uint32_t>(buf + 12);
+  if (load<uint32_t>(buf + 28) != 0) corrupt("reserved field is not 0");
   v.eb = load<double>(buf + 16);
   v.step = load<float>(buf + 24);
   v.numel = load<uint64_t>(buf + 32);
