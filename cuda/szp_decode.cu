@@ -30,29 +30,11 @@ struct DecodeArgs {
   float step;
 };
 
-template <DType T>
-struct Out;
-template <>
-struct Out<DType::F32> {
-  using type = uint32_t;
-  __device__ static uint32_t conv(float v) { return f32_bits(v); }
-};
-template <>
-struct Out<DType::BF16> {
-  using type = uint16_t;
-  __device__ static uint16_t conv(float v) { return f32_to_bf16(v); }
-};
-template <>
-struct Out<DType::F16> {
-  using type = uint16_t;
-  __device__ static uint16_t conv(float v) { return f32_to_f16(v); }
-};
-
 constexpr int kWarpsPerBlock = 8;
 
 template <DType T>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32) szp_decode_kernel(DecodeArgs a, typename Out<T>::type* out) {
-  using O = typename Out<T>::type;
+__global__ void __launch_bounds__(kWarpsPerBlock * 32) szp_decode_kernel(DecodeArgs a, typename Stored<T>::type* out) {
+  using O = typename Stored<T>::type;
   const unsigned full = 0xFFFFFFFFu;
   const uint64_t seg = static_cast<uint64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
@@ -98,7 +80,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) szp_decode_kernel(DecodeA
         for (int i = 0; i < 32; ++i) {
           const int32_t neg = -static_cast<int32_t>((sign >> i) & 1u);
           const int32_t q = (static_cast<int32_t>(mag[i]) ^ neg) - neg;
-          vals[i] = Out<T>::conv(__fmul_rn(__int2float_rn(q), a.step));
+          vals[i] = Stored<T>::from_f32(__fmul_rn(__int2float_rn(q), a.step));
         }
         if (cnt == 32 && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
           const uint4* src = reinterpret_cast<const uint4*>(vals);

@@ -23,28 +23,10 @@ namespace moeoffload {
 
 namespace {
 
-template <DType T>
-struct Out;
-template <>
-struct Out<DType::F32> {
-  using type = uint32_t;
-  static uint32_t conv(float v) { return f32_bits(v); }
-};
-template <>
-struct Out<DType::BF16> {
-  using type = uint16_t;
-  static uint16_t conv(float v) { return f32_to_bf16(v); }
-};
-template <>
-struct Out<DType::F16> {
-  using type = uint16_t;
-  static uint16_t conv(float v) { return f32_to_f16(v); }
-};
-
 // Portable block decoder (the reference): bit planes -> magnitudes -> signed
 // q -> float(q) * step -> stored dtype. Fixed trip counts so it vectorises.
 template <DType T>
-inline void decode_block_generic(const uint32_t* words, uint32_t bits, float step, typename Out<T>::type* vals) {
+inline void decode_block_generic(const uint32_t* words, uint32_t bits, float step, typename Stored<T>::type* vals) {
   uint32_t mag[kSzpBlock] = {};
   for (uint32_t b = 0; b < bits; ++b) {
     const uint32_t w = words[1 + b];
@@ -54,7 +36,7 @@ inline void decode_block_generic(const uint32_t* words, uint32_t bits, float ste
   for (uint32_t i = 0; i < kSzpBlock; ++i) {
     const int32_t neg = -static_cast<int32_t>((sign >> i) & 1u);  // 0 or -1
     const int32_t q = (static_cast<int32_t>(mag[i]) ^ neg) - neg;
-    vals[i] = Out<T>::conv(static_cast<float>(q) * step);
+    vals[i] = Stored<T>::from_f32(static_cast<float>(q) * step);
   }
 }
 
@@ -80,7 +62,7 @@ inline uint32_t load_word(const uint8_t* p) {
 
 // Widens 8 magnitude bytes and 8 sign bytes (0x00/0xFF) to q, scales, converts, stores 8 values.
 template <DType T>
-MOEOFFLOAD_AVX2 inline void store8(__m128i mag8, __m128i neg8, __m256 vstep, typename Out<T>::type* vals) {
+MOEOFFLOAD_AVX2 inline void store8(__m128i mag8, __m128i neg8, __m256 vstep, typename Stored<T>::type* vals) {
   const __m256i m = _mm256_cvtepu8_epi32(mag8);
   const __m256i n = _mm256_cvtepi8_epi32(neg8);
   const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_xor_si256(m, n), n)), vstep);
@@ -99,7 +81,7 @@ MOEOFFLOAD_AVX2 inline void store8(__m128i mag8, __m128i neg8, __m256 vstep, typ
 
 template <DType T>
 MOEOFFLOAD_AVX2 inline void decode_block_avx2(const uint8_t* p, uint32_t bits, float step,
-                                              typename Out<T>::type* vals) {
+                                              typename Stored<T>::type* vals) {
   __m256i mag = _mm256_setzero_si256();
   for (uint32_t b = 0; b < bits; ++b)
     mag = _mm256_or_si256(mag, _mm256_and_si256(spread_bits(load_word(p + 4 + 4 * b)),
@@ -116,8 +98,8 @@ MOEOFFLOAD_AVX2 inline void decode_block_avx2(const uint8_t* p, uint32_t bits, f
 #endif
 
 template <DType T, bool kAvx2>
-void decode_segments_impl(const uint8_t* buf, const SzpView& v, uint64_t s0, uint64_t s1, typename Out<T>::type* out) {
-  using O = typename Out<T>::type;
+void decode_segments_impl(const uint8_t* buf, const SzpView& v, uint64_t s0, uint64_t s1, typename Stored<T>::type* out) {
+  using O = typename Stored<T>::type;
   const uint8_t* payload = buf + v.payload_at;
   const float step = v.step;
   for (uint64_t s = s0; s < s1; ++s) {
@@ -157,7 +139,7 @@ void decode_segments_impl(const uint8_t* buf, const SzpView& v, uint64_t s0, uin
 #if MOEOFFLOAD_X86
 template <DType T>
 MOEOFFLOAD_AVX2 void decode_segments_avx2(const uint8_t* buf, const SzpView& v, uint64_t s0, uint64_t s1,
-                                          typename Out<T>::type* out) {
+                                          typename Stored<T>::type* out) {
   decode_segments_impl<T, true>(buf, v, s0, s1, out);
 }
 #endif
@@ -173,7 +155,7 @@ bool use_avx2() {
 }
 
 template <DType T>
-void decode_segments(const uint8_t* buf, const SzpView& v, uint64_t s0, uint64_t s1, typename Out<T>::type* out) {
+void decode_segments(const uint8_t* buf, const SzpView& v, uint64_t s0, uint64_t s1, typename Stored<T>::type* out) {
 #if MOEOFFLOAD_X86
   if (use_avx2()) return decode_segments_avx2<T>(buf, v, s0, s1, out);
 #endif
@@ -182,7 +164,7 @@ void decode_segments(const uint8_t* buf, const SzpView& v, uint64_t s0, uint64_t
 
 template <DType T>
 void decode_all(const uint8_t* buf, const SzpView& v, void* out_ptr) {
-  using O = typename Out<T>::type;
+  using O = typename Stored<T>::type;
   O* out = static_cast<O*>(out_ptr);
   if (v.numel == 0) return;
   // >= 128K values a chunk: waking a worker costs tens of microseconds

@@ -87,4 +87,24 @@ MOEOFFLOAD_HD float raw_to_f32(uint32_t raw, DType t) {
                                                             : f16_to_f32(static_cast<uint16_t>(raw));
 }
 
+// The bits container of each stored dtype and the float -> stored conversion
+// (RNE) that both decoders use, so their outputs agree bit for bit.
+template <DType T>
+struct Stored;
+template <>
+struct Stored<DType::F32> {
+  using type = uint32_t;
+  static MOEOFFLOAD_HD uint32_t from_f32(float v) { return f32_bits(v); }
+};
+template <>
+struct Stored<DType::BF16> {
+  using type = uint16_t;
+  static MOEOFFLOAD_HD uint16_t from_f32(float v) { return f32_to_bf16(v); }
+};
+template <>
+struct Stored<DType::F16> {
+  using type = uint16_t;
+  static MOEOFFLOAD_HD uint16_t from_f32(float v) { return f32_to_f16(v); }
+};
+
 }  // namespace moeoffload
