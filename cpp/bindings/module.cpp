@@ -16,6 +16,8 @@
 namespace nb = nanobind;
 using namespace moeoffload;
 
+void bind_runtime(nb::module_& m);  // runtime.cpp
+
 using HostBytes = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using HostArray = nb::ndarray<nb::c_contig, nb::device::cpu>;
 using DeviceBytes = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cuda>;
@@ -151,6 +153,8 @@ NB_MODULE(_native, m) {
       },
       nb::arg("host_buf"), nb::arg("device_buf"), nb::arg("out"), nb::arg("stream"),
       "Decode a device copy of a (validated) host buffer on the given CUDA stream.");
+
+  bind_runtime(m);
 
   m.def("crc32", [](HostBytes buf) {
     nb::gil_scoped_release release;

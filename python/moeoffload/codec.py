@@ -78,19 +78,25 @@ def _check_finite(t: torch.Tensor) -> None:
 
 
 def absolute_bound(t: torch.Tensor, eb: float, mode: str) -> float:
-    """The absolute bound for `eb` in `mode` ("abs", or "rel": eb x (max - min)).
+    """The absolute bound for `eb` in `mode`: "abs" (eb itself), "rel"
+    (eb x (max - min)) or "meanabs" (eb x mean |x|, the scale of the
+    MoE-Compression study's noise).
 
-    A constant tensor has no range; "rel" then uses eb x |value| (or eb if 0).
+    A constant tensor has no range; "rel" then uses eb x |value| (or eb if 0);
+    an all-zero tensor has no mean magnitude and "meanabs" uses eb.
     """
     if isinstance(eb, bool) or not isinstance(eb, (int, float)) or not math.isfinite(eb) or eb <= 0:
         raise InvalidBoundError(f"error bound must be a positive finite number, got {eb!r}")
     if mode == "abs":
         return float(eb)
-    if mode != "rel":
-        raise InvalidBoundError(f"mode must be 'abs' or 'rel', got {mode!r}")
+    if mode not in ("rel", "meanabs"):
+        raise InvalidBoundError(f"mode must be 'abs', 'rel' or 'meanabs', got {mode!r}")
     if t.numel() == 0:
         return float(eb)
     _check_finite(t)
+    if mode == "meanabs":
+        scale = float(t.float().abs().mean())
+        return float(eb) * (scale if scale > 0 else 1.0)
     lo, hi = (float(v) for v in torch.aminmax(t.float()))
     span = hi - lo
     if span == 0:
@@ -201,7 +207,7 @@ class CompressedTensor:
 def compress(x, eb: float, mode: str = "abs", codec: str = "szp", *, sz3_algorithm: str = "nopred") -> CompressedTensor:
     """Compress `x` (torch.Tensor or numpy array; float32, bfloat16 or float16) within bound `eb`.
 
-    mode: "abs" (eb is absolute) or "rel" (eb x (max - min) of x).
+    mode: "abs" (eb is absolute), "rel" (eb x (max - min) of x) or "meanabs" (eb x mean |x|).
     codec: "szp" (native, GPU-decodable) or "sz3" (pysz; `sz3_algorithm` picks
     its predictor: "nopred" suits weights, which have no spatial correlation).
     """

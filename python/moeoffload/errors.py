@@ -35,3 +35,43 @@ class ShapeError(CodecError):
 
 class CudaError(MoeoffloadError, RuntimeError):
     """A CUDA call failed, or CUDA was asked for where it is not available."""
+
+
+class InvalidArgumentError(MoeoffloadError, ValueError):
+    """An argument is outside its range (a negative size, an unknown policy, ...)."""
+
+
+class BudgetError(MoeoffloadError, ValueError):
+    """A cache budget that cannot hold the largest expert, or cannot be parsed."""
+
+
+class CacheFullError(MoeoffloadError, RuntimeError):
+    """No slot can be freed: every cached expert is in use or in flight."""
+
+
+class ClosedError(MoeoffloadError, RuntimeError):
+    """The object was closed and cannot be used any more."""
+
+
+class WaitTimeoutError(MoeoffloadError, TimeoutError):
+    """A wait for a transfer ran past its timeout."""
+
+
+class TableError(MoeoffloadError, ValueError):
+    """An expert table cannot be built, saved or loaded."""
+
+
+class TableMismatchError(TableError):
+    """The table was built from another model (names, shapes or dtypes differ)."""
+
+
+class MissingExpertError(TableError, KeyError):
+    """An expert (or one of its matrices) is missing from the table or checkpoint."""
+
+
+class ChecksumError(TableError, CorruptDataError):
+    """A table payload does not match the checksum in its manifest."""
+
+
+class NoMoeLayersError(MoeoffloadError, ValueError):
+    """The model has no Mixture-of-Experts layers to study or compress."""

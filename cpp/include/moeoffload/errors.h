@@ -17,6 +17,11 @@ enum class ErrorKind {
   UnsupportedDtype,  // UnsupportedDtypeError
   Shape,             // ShapeError: shape/size mismatch between arguments
   Cuda,              // CudaError: a CUDA runtime call failed
+  InvalidArgument,   // InvalidArgumentError: an argument out of its range
+  Budget,            // BudgetError: a cache budget that cannot hold one expert
+  CacheFull,         // CacheFullError: every slot is in use or in flight
+  Closed,            // ClosedError: the object was closed
+  Timeout,           // TimeoutError: a wait ran past its limit
 };
 
 class Error : public std::runtime_error {
@@ -33,6 +38,11 @@ class Error : public std::runtime_error {
       case ErrorKind::UnsupportedDtype: return "UnsupportedDtypeError";
       case ErrorKind::Shape: return "ShapeError";
       case ErrorKind::Cuda: return "CudaError";
+      case ErrorKind::InvalidArgument: return "InvalidArgumentError";
+      case ErrorKind::Budget: return "BudgetError";
+      case ErrorKind::CacheFull: return "CacheFullError";
+      case ErrorKind::Closed: return "ClosedError";
+      case ErrorKind::Timeout: return "WaitTimeoutError";
       case ErrorKind::Codec: break;
     }
     return "CodecError";

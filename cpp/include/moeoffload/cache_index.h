@@ -1,0 +1,116 @@
+// The decisions of the device cache, without memory: which experts are
+// resident, where their slots lie, what to evict. DeviceCache wraps it with
+// real memory, transfers and a lock; moeoffload.sim.replay drives it on a
+// recorded trace. Not thread-safe on its own.
+//
+// Policies (the victim is the evictable entry with the lowest key):
+//   lru         key = last use
+//   lfu         key = (uses, last use)
+//   activation  key = (activation priority, last use), where the activation
+//               priority of an expert of layer l is (MoE-Infinity)
+//                 a[l][e] * (1 - d / L),  d = (l - current layer) mod L,
+//               a = the predicted activation set with set_activation().
+// Pinned entries (in use) and loading entries (in flight) are never evicted;
+// slots never exceed the budget.
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "moeoffload/arena.h"
+
+namespace moeoffload {
+
+enum class EvictionPolicy { Lru, Lfu, Activation };
+EvictionPolicy parse_eviction_policy(const std::string& name);
+const char* eviction_policy_name(EvictionPolicy p);
+
+enum class Lookup { Hit = 0, InFlight = 1, Miss = 2 };
+
+struct CacheStats {
+  uint64_t accesses = 0;
+  uint64_t hits = 0;           // resident and ready
+  uint64_t inflight_hits = 0;  // resident, still loading: the access waits (a stall)
+  uint64_t misses = 0;         // demand misses: absent, fetched on demand
+  uint64_t prefetches = 0;     // entries inserted by prefetch
+  uint64_t prefetch_hits = 0;  // first accesses of prefetched entries (ready or in flight)
+  uint64_t prefetch_unused = 0;  // prefetched entries evicted before any use
+  uint64_t evictions = 0;
+  uint64_t bytes_loaded = 0;
+  uint64_t peak_used = 0;
+};
+
+class CacheIndex {
+ public:
+  CacheIndex(uint64_t budget, EvictionPolicy policy, uint32_t num_layers, uint32_t experts_per_layer,
+             uint64_t max_expert_bytes);
+
+  // A demand access: counts a hit, an in-flight hit or a miss, and marks use.
+  Lookup access(uint32_t id);
+  // Inserts `id` as loading and returns its slot offset, evicting by policy.
+  // Raises CacheFull when pinned and loading entries leave no room.
+  uint64_t insert_demand(uint32_t id, uint64_t bytes, std::vector<uint32_t>* evicted = nullptr);
+  // Inserts `id` for a prefetch of priority `priority` (an activation
+  // priority), evicting only ready, unpinned entries of lower activation
+  // priority. nullopt (nothing changed) when that cannot make room.
+  std::optional<uint64_t> insert_prefetch(uint32_t id, uint64_t bytes, double priority,
+                                          std::vector<uint32_t>* evicted = nullptr);
+  void mark_ready(uint32_t id);
+  // Drops a loading entry whose copy failed.
+  void abort_loading(uint32_t id);
+  void pin(uint32_t id);
+  void unpin(uint32_t id);
+
+  void set_current_layer(uint32_t layer);
+  void set_activation(const float* a, size_t n);  // [layers * experts], row per layer
+  double activation_priority(uint32_t id) const;
+
+  bool contains(uint32_t id) const { return entries_.count(id) != 0; }
+  bool ready(uint32_t id) const;
+  bool loading(uint32_t id) const;
+  int pins(uint32_t id) const;
+  uint64_t offset(uint32_t id) const;
+  std::vector<uint32_t> resident() const;
+  std::vector<uint32_t> loading_ids() const;
+  uint64_t used_bytes() const { return arena_.used(); }
+  uint64_t budget() const { return budget_; }
+  uint32_t num_layers() const { return num_layers_; }
+  uint32_t experts_per_layer() const { return experts_per_layer_; }
+  EvictionPolicy policy() const { return policy_; }
+  const CacheStats& stats() const { return stats_; }
+  void reset_stats() { stats_ = CacheStats{}; }
+  // Throws InvalidArgument naming the first broken invariant: slots inside the
+  // budget, disjoint, accounted; pins non-negative.
+  void check_invariants() const;
+
+ private:
+  struct Entry {
+    uint64_t bytes, offset;
+    bool loading = true, prefetched = false, used = false;
+    int pins = 0;
+    uint64_t last_use = 0, uses = 0;
+  };
+  using Key = std::pair<double, double>;
+  Key victim_key(uint32_t id, const Entry& e) const;
+  std::optional<uint32_t> pick_victim(std::optional<double> below_activation) const;
+  void evict(uint32_t id, std::vector<uint32_t>* evicted);
+  uint64_t place(uint32_t id, uint64_t bytes, bool prefetched, uint64_t offset);
+  void check_id(uint32_t id) const;
+  Entry& entry(uint32_t id);
+  const Entry& entry(uint32_t id) const;
+
+  uint64_t budget_;
+  EvictionPolicy policy_;
+  uint32_t num_layers_, experts_per_layer_;
+  Arena arena_;
+  std::unordered_map<uint32_t, Entry> entries_;
+  std::vector<float> activation_;
+  uint32_t current_layer_ = 0;
+  uint64_t clock_ = 0;
+  CacheStats stats_;
+};
+
+}  // namespace moeoffload

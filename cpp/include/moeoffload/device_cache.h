@@ -1,0 +1,74 @@
+// Compressed experts resident on the device, inside one allocation of
+// `budget` bytes. acquire() pins an expert and returns its slot, fetching it
+// through the TransferEngine on a miss (evicting by policy); release() unpins.
+// prefetch() starts a fetch only when it displaces nothing more valuable.
+// Thread-safe: every call takes one lock, never held while waiting on a copy.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <condition_variable>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "moeoffload/cache_index.h"
+#include "moeoffload/expert_store.h"
+#include "moeoffload/transfer_engine.h"
+
+namespace moeoffload {
+
+struct Slot {
+  uint32_t id = 0;
+  uint8_t* data = nullptr;  // device pointer on cuda
+  uint64_t bytes = 0;
+  Lookup lookup = Lookup::Hit;
+  std::shared_ptr<Transfer> transfer;  // null when the slot was ready
+  // Blocks until the bytes are in the slot (no-op when ready).
+  void wait(double timeout_s = -1.0) const {
+    if (transfer) transfer->wait(timeout_s);
+  }
+};
+
+class DeviceCache {
+ public:
+  DeviceCache(uint64_t budget, EvictionPolicy policy, ExpertStore& store, TransferEngine& engine);
+  ~DeviceCache();
+  DeviceCache(const DeviceCache&) = delete;
+  DeviceCache& operator=(const DeviceCache&) = delete;
+
+  // Pins `id` (fetching it on a miss); pair with release(). When every slot
+  // is pinned or in flight it waits up to `timeout_s` for one to free up,
+  // then raises CacheFull.
+  Slot acquire(uint32_t id, double timeout_s = 10.0);
+  void release(uint32_t id);
+  bool prefetch(uint32_t id, double priority);
+  void set_current_layer(uint32_t layer);
+  void set_activation(const float* a, size_t n);
+
+  bool contains(uint32_t id);
+  bool ready(uint32_t id);
+  std::vector<uint32_t> resident();
+  uint64_t used_bytes();
+  uint64_t budget() const { return budget_; }
+  CacheStats stats();
+  void reset_stats();
+  void check_invariants();
+  void synchronize();  // waits for every fetch in flight
+  void close();        // waits for fetches, frees the device memory
+
+ private:
+  void refresh_locked();  // retires landed copies
+  void check_open() const;
+  uint64_t budget_;
+  ExpertStore& store_;
+  TransferEngine& engine_;
+  Backend backend_;
+  uint8_t* base_ = nullptr;
+  std::mutex mu_;
+  std::condition_variable released_;
+  CacheIndex index_;
+  std::unordered_map<uint32_t, std::shared_ptr<Transfer>> in_flight_;
+  bool closed_ = false;
+};
+
+}  // namespace moeoffload

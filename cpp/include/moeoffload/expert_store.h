@@ -1,0 +1,57 @@
+// The compressed experts of one model in host memory, one payload per expert
+// (all its matrices, back to back). Payloads either live in a table file that
+// is mapped read-only and pinned in place (no second copy), or are copied into
+// the PinnedPool. Expert ids are flat: layer * experts_per_layer + expert.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "moeoffload/pinned_pool.h"
+
+namespace moeoffload {
+
+struct Payload {
+  const uint8_t* data = nullptr;
+  uint64_t bytes = 0;
+};
+
+class ExpertStore {
+ public:
+  ExpertStore(PinnedPool& pool, uint32_t num_layers, uint32_t experts_per_layer);
+  ~ExpertStore();
+  ExpertStore(const ExpertStore&) = delete;
+  ExpertStore& operator=(const ExpertStore&) = delete;
+
+  // Maps `path` read-only and pins it. Call once, before add_mapped().
+  void map_file(const std::string& path);
+  uint64_t mapped_bytes() const { return map_bytes_; }
+  // A payload at [offset, offset + bytes) of the mapped file.
+  void add_mapped(uint32_t id, uint64_t offset, uint64_t bytes);
+  // A payload copied into pinned memory.
+  void add_copy(uint32_t id, const uint8_t* data, uint64_t bytes);
+
+  Payload payload(uint32_t id) const;  // throws InvalidArgument when absent
+  bool contains(uint32_t id) const;
+  uint32_t num_layers() const { return num_layers_; }
+  uint32_t experts_per_layer() const { return experts_per_layer_; }
+  uint32_t capacity() const { return num_layers_ * experts_per_layer_; }
+  uint64_t max_payload_bytes() const;
+  uint64_t total_bytes() const;
+  void close();
+
+ private:
+  void check_id(uint32_t id) const;
+  PinnedPool& pool_;
+  uint32_t num_layers_, experts_per_layer_;
+  mutable std::mutex mu_;
+  std::vector<Payload> payloads_;
+  std::vector<void*> owned_;  // pool allocations, released on close
+  void* map_ = nullptr;
+  uint64_t map_bytes_ = 0;
+  bool closed_ = false;
+};
+
+}  // namespace moeoffload

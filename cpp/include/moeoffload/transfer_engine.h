@@ -1,0 +1,102 @@
+// Asynchronous host-to-device copies of compressed payloads on dedicated copy
+// streams. Each stream has a worker thread: on cuda it issues cudaMemcpyAsync
+// on its own non-blocking stream, records an event and waits for it; on cpu it
+// runs the memcpy itself. Either way copy() returns at once with a Transfer to
+// poll or wait on, and callbacks run on the worker thread after the bytes
+// have landed. A compute stream that reads the destination orders itself after
+// the copy with Transfer::cuda_event() (cudaStreamWaitEvent), no host wait.
+#pragma once
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "moeoffload/memory.h"
+
+namespace moeoffload {
+
+class Transfer {
+ public:
+  using Callback = std::function<void(const Transfer&)>;
+  ~Transfer();
+  bool done() const;
+  // Blocks until the copy lands; timeout_s < 0 waits forever. Rethrows a copy
+  // error; raises Timeout past the limit.
+  void wait(double timeout_s = -1.0) const;
+  bool failed() const;
+  std::string error() const;
+  // Runs cb at once when the copy has landed, else on the worker after it.
+  void add_callback(Callback cb);
+  uint64_t bytes() const { return bytes_; }
+  uint64_t tag() const { return tag_; }
+  int stream_index() const { return stream_; }
+  uintptr_t cuda_event() const { return reinterpret_cast<uintptr_t>(event_); }
+
+ private:
+  friend class TransferEngine;
+  Transfer(uint64_t bytes, uint64_t tag, int stream) : bytes_(bytes), tag_(tag), stream_(stream) {}
+  void finish(const std::string& error);
+  const uint64_t bytes_, tag_;
+  const int stream_;
+  void* event_ = nullptr;  // cudaEvent_t on cuda
+  Backend backend_ = Backend::Cpu;
+  mutable std::mutex mu_;
+  mutable std::condition_variable cv_;
+  bool done_ = false;
+  std::string error_;
+  std::vector<Callback> callbacks_;
+};
+
+struct TransferStats {
+  uint64_t copies = 0;
+  uint64_t bytes = 0;
+  uint64_t in_flight = 0;
+};
+
+class TransferEngine {
+ public:
+  TransferEngine(Backend backend, int num_streams = 2);
+  ~TransferEngine();
+  TransferEngine(const TransferEngine&) = delete;
+  TransferEngine& operator=(const TransferEngine&) = delete;
+
+  // Copies `bytes` from host `src` (pinned on cuda) to device `dst`. `tag` is
+  // the caller's label (an expert id); `cb` runs after the copy lands.
+  std::shared_ptr<Transfer> copy(const void* src, void* dst, uint64_t bytes, uint64_t tag = 0,
+                                 Transfer::Callback cb = {});
+  void synchronize();  // waits for every copy issued so far
+  void close();        // finishes queued copies, stops the workers
+  int num_streams() const { return static_cast<int>(workers_.size()); }
+  uintptr_t cuda_stream(int i) const;
+  Backend backend() const { return backend_; }
+  TransferStats stats() const;
+
+ private:
+  struct Job {
+    const void* src;
+    void* dst;
+    uint64_t bytes;
+    std::shared_ptr<Transfer> transfer;
+  };
+  struct Worker {
+    std::deque<Job> queue;
+    uint64_t queued_bytes = 0;
+    void* stream = nullptr;  // cudaStream_t on cuda
+    std::thread thread;
+  };
+  void run(int index);
+  Backend backend_;
+  int device_ = 0;
+  mutable std::mutex mu_;
+  std::condition_variable work_cv_, idle_cv_;
+  std::vector<std::unique_ptr<Worker>> workers_;
+  bool stopping_ = false;
+  TransferStats stats_;
+};
+
+}  // namespace moeoffload

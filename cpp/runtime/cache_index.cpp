@@ -1,0 +1,250 @@
+#include "moeoffload/cache_index.h"
+
+#include <algorithm>
+#include <limits>
+
+#include "moeoffload/errors.h"
+
+namespace moeoffload {
+
+EvictionPolicy parse_eviction_policy(const std::string& name) {
+  if (name == "lru") return EvictionPolicy::Lru;
+  if (name == "lfu") return EvictionPolicy::Lfu;
+  if (name == "activation") return EvictionPolicy::Activation;
+  throw Error(ErrorKind::InvalidArgument, "unknown cache policy '" + name + "' (expected lru, lfu or activation)");
+}
+
+const char* eviction_policy_name(EvictionPolicy p) {
+  switch (p) {
+    case EvictionPolicy::Lru: return "lru";
+    case EvictionPolicy::Lfu: return "lfu";
+    case EvictionPolicy::Activation: return "activation";
+  }
+  return "?";
+}
+
+CacheIndex::CacheIndex(uint64_t budget, EvictionPolicy policy, uint32_t num_layers, uint32_t experts_per_layer,
+                       uint64_t max_expert_bytes)
+    : budget_(budget), policy_(policy), num_layers_(num_layers), experts_per_layer_(experts_per_layer), arena_(budget) {
+  if (num_layers == 0 || experts_per_layer == 0)
+    throw Error(ErrorKind::InvalidArgument, "a cache needs at least one layer and one expert");
+  if (max_expert_bytes == 0) throw Error(ErrorKind::InvalidArgument, "max_expert_bytes must be positive");
+  if (arena_.capacity() < Arena::slot_size(max_expert_bytes))
+    throw Error(ErrorKind::Budget, "cache budget of " + std::to_string(budget) +
+                                       " bytes cannot hold the largest expert (" + std::to_string(max_expert_bytes) +
+                                       " bytes, a slot of " + std::to_string(Arena::slot_size(max_expert_bytes)) +
+                                       "): raise the budget");
+  // Until a prediction arrives every expert is equally likely.
+  activation_.assign(static_cast<size_t>(num_layers) * experts_per_layer, 1.0f / experts_per_layer);
+}
+
+void CacheIndex::check_id(uint32_t id) const {
+  if (id >= num_layers_ * experts_per_layer_)
+    throw Error(ErrorKind::InvalidArgument, "expert id " + std::to_string(id) + " out of range (" +
+                                                std::to_string(num_layers_) + " layers x " +
+                                                std::to_string(experts_per_layer_) + " experts)");
+}
+
+CacheIndex::Entry& CacheIndex::entry(uint32_t id) {
+  auto it = entries_.find(id);
+  if (it == entries_.end()) throw Error(ErrorKind::InvalidArgument, "expert " + std::to_string(id) + " is not cached");
+  return it->second;
+}
+
+const CacheIndex::Entry& CacheIndex::entry(uint32_t id) const { return const_cast<CacheIndex*>(this)->entry(id); }
+
+Lookup CacheIndex::access(uint32_t id) {
+  check_id(id);
+  stats_.accesses += 1;
+  auto it = entries_.find(id);
+  if (it == entries_.end()) {
+    stats_.misses += 1;
+    return Lookup::Miss;
+  }
+  Entry& e = it->second;
+  if (e.prefetched && !e.used) stats_.prefetch_hits += 1;
+  e.used = true;
+  e.last_use = ++clock_;
+  e.uses += 1;
+  if (e.loading) {
+    stats_.inflight_hits += 1;
+    return Lookup::InFlight;
+  }
+  stats_.hits += 1;
+  return Lookup::Hit;
+}
+
+double CacheIndex::activation_priority(uint32_t id) const {
+  const uint32_t layer = id / experts_per_layer_;
+  const uint32_t dist = (layer + num_layers_ - current_layer_) % num_layers_;
+  return activation_[id] * (1.0 - static_cast<double>(dist) / num_layers_);
+}
+
+CacheIndex::Key CacheIndex::victim_key(uint32_t id, const Entry& e) const {
+  switch (policy_) {
+    case EvictionPolicy::Lru: return {static_cast<double>(e.last_use), 0.0};
+    case EvictionPolicy::Lfu: return {static_cast<double>(e.uses), static_cast<double>(e.last_use)};
+    case EvictionPolicy::Activation: return {activation_priority(id), static_cast<double>(e.last_use)};
+  }
+  return {0.0, 0.0};
+}
+
+std::optional<uint32_t> CacheIndex::pick_victim(std::optional<double> below_activation) const {
+  std::optional<uint32_t> best;
+  Key best_key{std::numeric_limits<double>::infinity(), 0.0};
+  for (const auto& [id, e] : entries_) {
+    if (e.pins > 0 || e.loading) continue;
+    if (below_activation && !(activation_priority(id) < *below_activation)) continue;
+    Key k = victim_key(id, e);
+    if (!best || k < best_key || (k == best_key && id < *best)) {
+      best = id;
+      best_key = k;
+    }
+  }
+  return best;
+}
+
+void CacheIndex::evict(uint32_t id, std::vector<uint32_t>* evicted) {
+  Entry& e = entry(id);
+  if (e.prefetched && !e.used) stats_.prefetch_unused += 1;
+  arena_.free(e.offset);
+  entries_.erase(id);
+  stats_.evictions += 1;
+  if (evicted) evicted->push_back(id);
+}
+
+uint64_t CacheIndex::place(uint32_t id, uint64_t bytes, bool prefetched, uint64_t offset) {
+  Entry e{bytes, offset};
+  e.prefetched = prefetched;
+  // A demand fetch is used at once; its access was counted already.
+  e.used = !prefetched;
+  e.last_use = ++clock_;
+  e.uses = prefetched ? 0 : 1;
+  entries_.emplace(id, e);
+  stats_.bytes_loaded += bytes;
+  stats_.peak_used = std::max(stats_.peak_used, arena_.used());
+  if (prefetched) stats_.prefetches += 1;
+  return offset;
+}
+
+uint64_t CacheIndex::insert_demand(uint32_t id, uint64_t bytes, std::vector<uint32_t>* evicted) {
+  check_id(id);
+  if (entries_.count(id)) throw Error(ErrorKind::InvalidArgument, "expert " + std::to_string(id) + " is cached already");
+  if (Arena::slot_size(bytes) > arena_.capacity())
+    throw Error(ErrorKind::Budget, "expert " + std::to_string(id) + " of " + std::to_string(bytes) +
+                                       " bytes is larger than the cache budget");
+  for (;;) {
+    if (auto off = arena_.allocate(bytes)) return place(id, bytes, false, *off);
+    auto victim = pick_victim(std::nullopt);
+    if (!victim)
+      throw Error(ErrorKind::CacheFull, "no room for expert " + std::to_string(id) + ": the " +
+                                            std::to_string(entries_.size()) +
+                                            " cached experts are all in use or in flight (raise the budget, or "
+                                            "release experts before fetching more)");
+    evict(*victim, evicted);
+  }
+}
+
+std::optional<uint64_t> CacheIndex::insert_prefetch(uint32_t id, uint64_t bytes, double priority,
+                                                    std::vector<uint32_t>* evicted) {
+  check_id(id);
+  if (entries_.count(id)) return std::nullopt;
+  // Evict only when the victims free enough bytes, so a refused prefetch changes nothing.
+  const uint64_t need = Arena::slot_size(bytes);
+  if (need > arena_.capacity()) return std::nullopt;
+  if (arena_.capacity() - arena_.used() < need) {
+    uint64_t reclaimable = arena_.capacity() - arena_.used();
+    for (const auto& [other, e] : entries_)
+      if (e.pins == 0 && !e.loading && activation_priority(other) < priority) reclaimable += Arena::slot_size(e.bytes);
+    if (reclaimable < need) return std::nullopt;
+  }
+  for (;;) {
+    if (auto off = arena_.allocate(bytes)) return place(id, bytes, true, *off);
+    auto victim = pick_victim(priority);
+    if (!victim) return std::nullopt;  // fragmentation: enough bytes, no contiguous range
+    evict(*victim, evicted);
+  }
+}
+
+void CacheIndex::mark_ready(uint32_t id) { entry(id).loading = false; }
+
+void CacheIndex::abort_loading(uint32_t id) {
+  Entry& e = entry(id);
+  if (!e.loading) throw Error(ErrorKind::InvalidArgument, "expert " + std::to_string(id) + " is not loading");
+  arena_.free(e.offset);
+  entries_.erase(id);
+}
+
+void CacheIndex::pin(uint32_t id) { entry(id).pins += 1; }
+
+void CacheIndex::unpin(uint32_t id) {
+  Entry& e = entry(id);
+  if (e.pins <= 0) throw Error(ErrorKind::InvalidArgument, "expert " + std::to_string(id) + " is not in use");
+  e.pins -= 1;
+}
+
+void CacheIndex::set_current_layer(uint32_t layer) {
+  if (layer >= num_layers_)
+    throw Error(ErrorKind::InvalidArgument, "layer " + std::to_string(layer) + " out of range (" +
+                                                std::to_string(num_layers_) + " layers)");
+  current_layer_ = layer;
+}
+
+void CacheIndex::set_activation(const float* a, size_t n) {
+  if (n != activation_.size())
+    throw Error(ErrorKind::Shape, "activation needs " + std::to_string(activation_.size()) + " values (layers x experts), got " +
+                                      std::to_string(n));
+  activation_.assign(a, a + n);
+}
+
+bool CacheIndex::ready(uint32_t id) const {
+  auto it = entries_.find(id);
+  return it != entries_.end() && !it->second.loading;
+}
+
+bool CacheIndex::loading(uint32_t id) const {
+  auto it = entries_.find(id);
+  return it != entries_.end() && it->second.loading;
+}
+
+int CacheIndex::pins(uint32_t id) const {
+  auto it = entries_.find(id);
+  return it == entries_.end() ? 0 : it->second.pins;
+}
+
+uint64_t CacheIndex::offset(uint32_t id) const { return entry(id).offset; }
+
+std::vector<uint32_t> CacheIndex::resident() const {
+  std::vector<uint32_t> ids;
+  for (auto& [id, e] : entries_) ids.push_back(id);
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+
+std::vector<uint32_t> CacheIndex::loading_ids() const {
+  std::vector<uint32_t> ids;
+  for (auto& [id, e] : entries_)
+    if (e.loading) ids.push_back(id);
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+
+void CacheIndex::check_invariants() const {
+  auto fail = [](const std::string& what) { throw Error(ErrorKind::InvalidArgument, "cache invariant broken: " + what); };
+  if (arena_.used() > budget_) fail("used " + std::to_string(arena_.used()) + " > budget " + std::to_string(budget_));
+  std::vector<std::pair<uint64_t, uint64_t>> spans;
+  uint64_t sum = 0;
+  for (auto& [id, e] : entries_) {
+    if (e.pins < 0) fail("negative pins on expert " + std::to_string(id));
+    const uint64_t size = Arena::slot_size(e.bytes);
+    if (e.offset + size > arena_.capacity()) fail("slot of expert " + std::to_string(id) + " beyond the budget");
+    spans.emplace_back(e.offset, size);
+    sum += size;
+  }
+  if (sum != arena_.used()) fail("slot bytes " + std::to_string(sum) + " != arena used " + std::to_string(arena_.used()));
+  std::sort(spans.begin(), spans.end());
+  for (size_t i = 1; i < spans.size(); ++i)
+    if (spans[i - 1].first + spans[i - 1].second > spans[i].first) fail("overlapping slots");
+}
+
+}  // namespace moeoffload

@@ -1,0 +1,178 @@
+#include "moeoffload/device_cache.h"
+
+#include <chrono>
+
+#include "moeoffload/errors.h"
+
+namespace moeoffload {
+
+DeviceCache::DeviceCache(uint64_t budget, EvictionPolicy policy, ExpertStore& store, TransferEngine& engine)
+    : budget_(budget),
+      store_(store),
+      engine_(engine),
+      backend_(engine.backend()),
+      index_(budget, policy, store.num_layers(), store.experts_per_layer(), std::max<uint64_t>(1, store.max_payload_bytes())) {
+  if (store.total_bytes() == 0) throw Error(ErrorKind::InvalidArgument, "DeviceCache over an empty ExpertStore");
+  base_ = static_cast<uint8_t*>(device_alloc(backend_, budget_));
+}
+
+DeviceCache::~DeviceCache() {
+  try {
+    close();
+  } catch (...) {
+  }
+}
+
+void DeviceCache::check_open() const {
+  if (closed_) throw Error(ErrorKind::Closed, "DeviceCache is closed");
+}
+
+void DeviceCache::refresh_locked() {
+  for (auto it = in_flight_.begin(); it != in_flight_.end();) {
+    if (!it->second->done()) {
+      ++it;
+      continue;
+    }
+    if (it->second->failed())
+      index_.abort_loading(it->first);
+    else
+      index_.mark_ready(it->first);
+    it = in_flight_.erase(it);
+  }
+}
+
+Slot DeviceCache::acquire(uint32_t id, double timeout_s) {
+  const Payload payload = store_.payload(id);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  std::unique_lock<std::mutex> lock(mu_);
+  check_open();
+  refresh_locked();
+  Slot slot;
+  slot.id = id;
+  slot.bytes = payload.bytes;
+  slot.lookup = index_.access(id);
+  while (slot.lookup == Lookup::Miss) {
+    if (index_.contains(id)) break;  // another thread fetched it while we waited
+    try {
+      const uint64_t offset = index_.insert_demand(id, payload.bytes);
+      in_flight_[id] = engine_.copy(payload.data, base_ + offset, payload.bytes, id);
+      break;
+    } catch (const Error& e) {
+      if (e.kind() != ErrorKind::CacheFull || std::chrono::steady_clock::now() >= deadline) throw;
+    }
+    // Every slot is pinned or loading: wait for a copy to land or a release.
+    if (!in_flight_.empty()) {
+      auto t = in_flight_.begin()->second;
+      lock.unlock();
+      try {
+        t->wait();
+      } catch (const Error&) {
+      }
+      lock.lock();
+    } else {
+      released_.wait_until(lock, deadline);
+    }
+    check_open();
+    refresh_locked();
+  }
+  index_.pin(id);
+  slot.data = base_ + index_.offset(id);
+  auto it = in_flight_.find(id);
+  if (it != in_flight_.end()) slot.transfer = it->second;
+  return slot;
+}
+
+void DeviceCache::release(uint32_t id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  index_.unpin(id);
+  released_.notify_all();
+}
+
+bool DeviceCache::prefetch(uint32_t id, double priority) {
+  const Payload payload = store_.payload(id);
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  refresh_locked();
+  auto offset = index_.insert_prefetch(id, payload.bytes, priority);
+  if (!offset) return false;
+  in_flight_[id] = engine_.copy(payload.data, base_ + *offset, payload.bytes, id);
+  return true;
+}
+
+void DeviceCache::set_current_layer(uint32_t layer) {
+  std::lock_guard<std::mutex> lock(mu_);
+  index_.set_current_layer(layer);
+}
+
+void DeviceCache::set_activation(const float* a, size_t n) {
+  std::lock_guard<std::mutex> lock(mu_);
+  index_.set_activation(a, n);
+}
+
+bool DeviceCache::contains(uint32_t id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return index_.contains(id);
+}
+
+bool DeviceCache::ready(uint32_t id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  refresh_locked();
+  return index_.ready(id);
+}
+
+std::vector<uint32_t> DeviceCache::resident() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return index_.resident();
+}
+
+uint64_t DeviceCache::used_bytes() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return index_.used_bytes();
+}
+
+CacheStats DeviceCache::stats() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return index_.stats();
+}
+
+void DeviceCache::reset_stats() {
+  std::lock_guard<std::mutex> lock(mu_);
+  index_.reset_stats();
+}
+
+void DeviceCache::check_invariants() {
+  std::lock_guard<std::mutex> lock(mu_);
+  index_.check_invariants();
+}
+
+void DeviceCache::synchronize() {
+  for (;;) {
+    std::shared_ptr<Transfer> t;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      refresh_locked();
+      if (in_flight_.empty()) return;
+      t = in_flight_.begin()->second;
+    }
+    try {
+      t->wait();
+    } catch (const Error&) {
+      // A failed copy is retired (its slot dropped) by the next refresh.
+    }
+  }
+}
+
+void DeviceCache::close() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_) return;
+    closed_ = true;  // no new fetches from here on
+  }
+  synchronize();
+  std::lock_guard<std::mutex> lock(mu_);
+  device_free(backend_, base_);
+  base_ = nullptr;
+}
+
+}  // namespace moeoffload

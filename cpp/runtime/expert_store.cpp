@@ -1,0 +1,127 @@
+#include "moeoffload/expert_store.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "moeoffload/errors.h"
+
+namespace moeoffload {
+
+ExpertStore::ExpertStore(PinnedPool& pool, uint32_t num_layers, uint32_t experts_per_layer)
+    : pool_(pool), num_layers_(num_layers), experts_per_layer_(experts_per_layer) {
+  if (num_layers == 0 || experts_per_layer == 0)
+    throw Error(ErrorKind::InvalidArgument, "ExpertStore needs at least one layer and one expert");
+  payloads_.resize(static_cast<size_t>(num_layers) * experts_per_layer);
+}
+
+ExpertStore::~ExpertStore() {
+  try {
+    close();
+  } catch (...) {
+  }
+}
+
+void ExpertStore::check_id(uint32_t id) const {
+  if (closed_) throw Error(ErrorKind::Closed, "ExpertStore is closed");
+  if (id >= payloads_.size())
+    throw Error(ErrorKind::InvalidArgument,
+                "expert id " + std::to_string(id) + " out of range (store holds " + std::to_string(payloads_.size()) + ")");
+}
+
+void ExpertStore::map_file(const std::string& path) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (closed_) throw Error(ErrorKind::Closed, "ExpertStore is closed");
+  if (map_) throw Error(ErrorKind::InvalidArgument, "ExpertStore already maps a file");
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw Error(ErrorKind::InvalidArgument, "cannot open " + path + ": " + std::strerror(errno));
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || st.st_size <= 0) {
+    ::close(fd);
+    throw Error(ErrorKind::CorruptData, "table file " + path + " is empty or unreadable");
+  }
+  void* p = ::mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
+  ::close(fd);
+  if (p == MAP_FAILED) throw Error(ErrorKind::InvalidArgument, "cannot map " + path + ": " + std::strerror(errno));
+  try {
+    pool_.register_range(p, static_cast<size_t>(st.st_size));
+  } catch (...) {
+    ::munmap(p, static_cast<size_t>(st.st_size));
+    throw;
+  }
+  map_ = p;
+  map_bytes_ = static_cast<uint64_t>(st.st_size);
+}
+
+void ExpertStore::add_mapped(uint32_t id, uint64_t offset, uint64_t bytes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_id(id);
+  if (!map_) throw Error(ErrorKind::InvalidArgument, "ExpertStore.add_mapped before map_file");
+  if (bytes == 0 || offset > map_bytes_ || bytes > map_bytes_ - offset)
+    throw Error(ErrorKind::CorruptData, "payload of expert " + std::to_string(id) + " [" + std::to_string(offset) +
+                                            ", +" + std::to_string(bytes) + ") lies outside the mapped file of " +
+                                            std::to_string(map_bytes_) + " bytes");
+  payloads_[id] = {static_cast<const uint8_t*>(map_) + offset, bytes};
+}
+
+void ExpertStore::add_copy(uint32_t id, const uint8_t* data, uint64_t bytes) {
+  if (bytes == 0) throw Error(ErrorKind::InvalidArgument, "empty payload for expert " + std::to_string(id));
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    check_id(id);
+  }
+  void* p = pool_.allocate(bytes);
+  std::memcpy(p, data, bytes);
+  std::lock_guard<std::mutex> lock(mu_);
+  owned_.push_back(p);
+  payloads_[id] = {static_cast<const uint8_t*>(p), bytes};
+}
+
+Payload ExpertStore::payload(uint32_t id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_id(id);
+  if (!payloads_[id].data)
+    throw Error(ErrorKind::InvalidArgument, "expert " + std::to_string(id) + " (layer " +
+                                                std::to_string(id / experts_per_layer_) + ", expert " +
+                                                std::to_string(id % experts_per_layer_) + ") is not in the store");
+  return payloads_[id];
+}
+
+bool ExpertStore::contains(uint32_t id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return !closed_ && id < payloads_.size() && payloads_[id].data != nullptr;
+}
+
+uint64_t ExpertStore::max_payload_bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  uint64_t m = 0;
+  for (const auto& p : payloads_) m = std::max(m, p.bytes);
+  return m;
+}
+
+uint64_t ExpertStore::total_bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  uint64_t s = 0;
+  for (const auto& p : payloads_) s += p.bytes;
+  return s;
+}
+
+void ExpertStore::close() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (closed_) return;
+  if (!pool_.closed()) {
+    for (void* p : owned_) pool_.release(p);
+    if (map_) pool_.unregister_range(map_);
+  }
+  if (map_) ::munmap(map_, static_cast<size_t>(map_bytes_));
+  owned_.clear();
+  payloads_.assign(payloads_.size(), Payload{});
+  map_ = nullptr;
+  closed_ = true;
+}
+
+}  // namespace moeoffload

@@ -1,0 +1,202 @@
+#include "moeoffload/transfer_engine.h"
+
+#include <chrono>
+#include <cstring>
+
+#include "moeoffload/errors.h"
+
+#if MOEOFFLOAD_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace moeoffload {
+
+// ---- Transfer ---------------------------------------------------------------
+
+Transfer::~Transfer() {
+#if MOEOFFLOAD_WITH_CUDA
+  if (event_) cudaEventDestroy(static_cast<cudaEvent_t>(event_));
+#endif
+}
+
+bool Transfer::done() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return done_;
+}
+
+bool Transfer::failed() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return done_ && !error_.empty();
+}
+
+std::string Transfer::error() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return error_;
+}
+
+void Transfer::wait(double timeout_s) const {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (timeout_s < 0) {
+    cv_.wait(lock, [&] { return done_; });
+  } else if (!cv_.wait_for(lock, std::chrono::duration<double>(timeout_s), [&] { return done_; })) {
+    throw Error(ErrorKind::Timeout, "transfer of " + std::to_string(bytes_) + " bytes (tag " + std::to_string(tag_) +
+                                        ") not done after " + fmt_number(timeout_s) + " s");
+  }
+  if (!error_.empty()) throw Error(ErrorKind::Cuda, error_);
+}
+
+void Transfer::add_callback(Callback cb) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!done_) {
+      callbacks_.push_back(std::move(cb));
+      return;
+    }
+  }
+  cb(*this);
+}
+
+void Transfer::finish(const std::string& error) {
+  std::vector<Callback> cbs;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    error_ = error;
+    done_ = true;
+    cbs.swap(callbacks_);
+  }
+  cv_.notify_all();
+  for (auto& cb : cbs) {
+    try {
+      cb(*this);
+    } catch (...) {
+      // A callback's failure is the callback's business; the copy itself landed.
+    }
+  }
+}
+
+// ---- TransferEngine ---------------------------------------------------------
+
+TransferEngine::TransferEngine(Backend backend, int num_streams) : backend_(backend) {
+  if (num_streams < 1 || num_streams > 16)
+    throw Error(ErrorKind::InvalidArgument, "TransferEngine needs 1 to 16 streams, got " + std::to_string(num_streams));
+#if MOEOFFLOAD_WITH_CUDA
+  if (backend_ == Backend::Cuda) cuda_check(cudaGetDevice(&device_), "cudaGetDevice");
+#else
+  if (backend_ == Backend::Cuda) throw Error(ErrorKind::Cuda, "the cuda backend needs a build with CUDA");
+#endif
+  for (int i = 0; i < num_streams; ++i) {
+    auto w = std::make_unique<Worker>();
+#if MOEOFFLOAD_WITH_CUDA
+    if (backend_ == Backend::Cuda) {
+      cudaStream_t s = nullptr;
+      cuda_check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+      w->stream = s;
+    }
+#endif
+    workers_.push_back(std::move(w));
+  }
+  for (int i = 0; i < num_streams; ++i) workers_[i]->thread = std::thread([this, i] { run(i); });
+}
+
+TransferEngine::~TransferEngine() { close(); }
+
+uintptr_t TransferEngine::cuda_stream(int i) const {
+  if (i < 0 || i >= num_streams()) throw Error(ErrorKind::InvalidArgument, "no copy stream " + std::to_string(i));
+  return reinterpret_cast<uintptr_t>(workers_[i]->stream);
+}
+
+std::shared_ptr<Transfer> TransferEngine::copy(const void* src, void* dst, uint64_t bytes, uint64_t tag,
+                                               Transfer::Callback cb) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (stopping_) throw Error(ErrorKind::Closed, "TransferEngine is closed");
+  // The stream with the fewest queued bytes takes the copy.
+  int best = 0;
+  for (int i = 1; i < num_streams(); ++i)
+    if (workers_[i]->queued_bytes < workers_[best]->queued_bytes) best = i;
+  auto t = std::shared_ptr<Transfer>(new Transfer(bytes, tag, best));
+  t->backend_ = backend_;
+#if MOEOFFLOAD_WITH_CUDA
+  if (backend_ == Backend::Cuda) {
+    cudaEvent_t ev = nullptr;
+    cuda_check(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+    t->event_ = ev;
+  }
+#endif
+  if (cb) t->callbacks_.push_back(std::move(cb));
+  workers_[best]->queue.push_back(Job{src, dst, bytes, t});
+  workers_[best]->queued_bytes += bytes;
+  stats_.copies += 1;
+  stats_.bytes += bytes;
+  stats_.in_flight += 1;
+  work_cv_.notify_all();
+  return t;
+}
+
+void TransferEngine::run(int index) {
+  Worker& w = *workers_[index];
+#if MOEOFFLOAD_WITH_CUDA
+  if (backend_ == Backend::Cuda) cudaSetDevice(device_);
+#endif
+  for (;;) {
+    Job job;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      work_cv_.wait(lock, [&] { return stopping_ || !w.queue.empty(); });
+      if (w.queue.empty()) return;  // stopping, and nothing left to copy
+      job = std::move(w.queue.front());
+      w.queue.pop_front();
+    }
+    std::string error;
+    if (backend_ == Backend::Cpu) {
+      std::memcpy(job.dst, job.src, job.bytes);
+    } else {
+#if MOEOFFLOAD_WITH_CUDA
+      auto s = static_cast<cudaStream_t>(w.stream);
+      auto ev = static_cast<cudaEvent_t>(job.transfer->event_);
+      cudaError_t err = cudaMemcpyAsync(job.dst, job.src, job.bytes, cudaMemcpyHostToDevice, s);
+      if (err == cudaSuccess) err = cudaEventRecord(ev, s);
+      if (err == cudaSuccess) err = cudaEventSynchronize(ev);
+      if (err != cudaSuccess) {
+        error = std::string("copy of ") + std::to_string(job.bytes) + " bytes failed: " + cudaGetErrorString(err);
+        cudaGetLastError();
+      }
+#endif
+    }
+    job.transfer->finish(error);  // callbacks run before synchronize() can return
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      w.queued_bytes -= job.bytes;
+      stats_.in_flight -= 1;
+    }
+    idle_cv_.notify_all();
+  }
+}
+
+void TransferEngine::synchronize() {
+  std::unique_lock<std::mutex> lock(mu_);
+  idle_cv_.wait(lock, [&] { return stats_.in_flight == 0; });
+}
+
+void TransferEngine::close() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_ && workers_.empty()) return;
+    stopping_ = true;
+  }
+  work_cv_.notify_all();
+  for (auto& w : workers_) {
+    if (w->thread.joinable()) w->thread.join();
+#if MOEOFFLOAD_WITH_CUDA
+    if (w->stream) cudaStreamDestroy(static_cast<cudaStream_t>(w->stream));
+#endif
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  workers_.clear();
+}
+
+TransferStats TransferEngine::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stats_;
+}
+
+}  // namespace moeoffload

@@ -1,0 +1,72 @@
+"""Per-layer error-bound policies: which bound each MoE layer's experts get.
+
+A policy is data. ``BoundPolicy.from_any`` takes what ``table.build`` accepts:
+a single float (every layer), a mapping ``{layer: bound}`` (every MoE layer must
+be listed), a callable ``layer -> bound``, a ``BoundPolicy``, or the JSON that
+``moeoffload policy`` writes (a dict or a path). ``mode`` says what a bound is
+measured in: "abs" (absolute), "rel" (x the matrix's value range) or
+"meanabs" (x the matrix's mean |w|, the sensitivity study's unit).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InvalidBoundError
+
+MODES = ("abs", "rel", "meanabs")
+POLICY_FORMAT = "moeoffload-bound-policy"
+
+
+def _check_bound(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise InvalidBoundError(f"{where}: a bound must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class BoundPolicy:
+    mode: str = "abs"
+    default: float | None = None
+    per_layer: dict[int, float] = field(default_factory=dict)
+    fn: Callable[[int], float] | None = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise InvalidBoundError(f"policy mode must be one of {MODES}, got {self.mode!r}")
+
+    def bound(self, layer: int) -> float:
+        if layer in self.per_layer:
+            return self.per_layer[layer]
+        if self.fn is not None:
+            return _check_bound(self.fn(layer), f"policy({layer})")
+        if self.default is not None:
+            return self.default
+        raise InvalidBoundError(f"the policy gives no bound for MoE layer {layer} (it lists {sorted(self.per_layer)})")
+
+    def to_json(self, layers: list[int]) -> dict:
+        return {"format": POLICY_FORMAT, "mode": self.mode,
+                "bounds": {str(l): self.bound(l) for l in layers}}
+
+    @classmethod
+    def from_any(cls, policy, mode: str | None = None) -> "BoundPolicy":
+        if isinstance(policy, BoundPolicy):
+            return policy if mode in (None, policy.mode) else BoundPolicy(mode, policy.default, policy.per_layer, policy.fn)
+        if isinstance(policy, (str, Path)):
+            try:
+                policy = json.loads(Path(policy).read_text())
+            except (OSError, ValueError) as e:
+                raise InvalidBoundError(f"cannot read the bound policy {policy}: {e}") from e
+        if isinstance(policy, Mapping) and policy.get("format") == POLICY_FORMAT:
+            per = {int(k): _check_bound(v, f"layer {k}") for k, v in policy["bounds"].items()}
+            return cls(mode or policy.get("mode", "abs"), None, per)
+        if isinstance(policy, Mapping):
+            per = {int(k): _check_bound(v, f"layer {k}") for k, v in policy.items()}
+            return cls(mode or "abs", None, per)
+        if callable(policy):
+            return cls(mode or "abs", None, {}, policy)
+        return cls(mode or "abs", _check_bound(policy, "policy"))

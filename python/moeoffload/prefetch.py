@@ -1,0 +1,113 @@
+"""Predicting which experts come next, two ways.
+
+ActivationPredictor (MoE-Infinity): the sequence-level expert activation
+matrix of the sequence being served, matched against past matrices (cosine
+similarity over the layers seen so far; the best matches averaged).
+
+HiddenStatePredictor (mixtral-offloading, FloE): the next layers' routers
+applied to the current hidden state; residual streams change slowly, so the
+next layer's router guesses its experts well one or two layers ahead.
+
+Both give a [layers, experts] probability matrix; ``plan`` turns one into an
+ordered prefetch list (the native plan_prefetch), which the DeviceCache or the
+simulator (moeoffload.sim) fetches without evicting what runs now.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import _native
+
+
+@dataclass(frozen=True)
+class PrefetchConfig:
+    source: str = "activation"  # "activation" or "hidden"
+    depth: int = 2               # layers ahead
+    per_layer: int = 3           # at most this many experts of each layer
+    min_probability: float = 0.05
+    top_matches: int = 4         # activation: past matrices averaged
+
+    def __post_init__(self):
+        if self.source not in ("activation", "hidden"):
+            raise ValueError(f"prefetch source must be 'activation' or 'hidden', got {self.source!r}")
+        if self.depth < 1 or self.per_layer < 1 or self.top_matches < 1:
+            raise ValueError("prefetch depth, per_layer and top_matches must be >= 1")
+
+
+def plan(prediction: np.ndarray, current_layer: int, config: PrefetchConfig) -> list[tuple[int, float]]:
+    """(expert id, priority) to fetch, best first."""
+    L, E = prediction.shape
+    return _native.plan_prefetch(np.ascontiguousarray(prediction, dtype=np.float32).ravel(), L, E, current_layer,
+                                 config.depth, config.per_layer, config.min_probability)
+
+
+class ActivationPredictor:
+    def __init__(self, num_layers: int, experts_per_layer: int, capacity: int = 512, top_matches: int = 4,
+                 history=None, self_weight: float = 1.0):
+        self.num_layers, self.experts_per_layer = num_layers, experts_per_layer
+        self.tracer = _native.ActivationTracer(num_layers, experts_per_layer)
+        self.history = history if history is not None else _native.ActivationHistory(num_layers, experts_per_layer, capacity)
+        self.top_matches = top_matches
+        self.self_weight = self_weight
+
+    def begin_sequence(self) -> None:
+        self.tracer.begin_sequence()
+
+    def record(self, layer: int, experts) -> None:
+        self.tracer.record(layer, np.ascontiguousarray(experts, dtype=np.uint32).ravel())
+
+    def predict(self) -> np.ndarray:
+        # During the first token only rows 0..current have counts; after it, all rows.
+        m = self.tracer.matrix()
+        seen = self.tracer.layers_seen
+        matched = self.history.predict(m.ravel(), seen, self.top_matches).reshape(self.num_layers, self.experts_per_layer)
+        if self.self_weight <= 0:
+            return matched
+        # The sequence's own rows so far are one more match, weighted self_weight.
+        rows = m.sum(axis=1, keepdims=True)
+        own = np.divide(m, rows, out=np.zeros(m.shape, np.float32), where=rows > 0)
+        w = np.where(rows > 0, self.self_weight, 0.0).astype(np.float32)
+        return (matched + w * own) / (1.0 + w)
+
+    def end_sequence(self) -> bool:
+        return self.history.add(self.tracer.matrix().ravel())
+
+
+class HiddenStatePredictor:
+    """Routers of later layers applied to a hidden state.
+
+    routers: per MoE layer, the router weight [E, H]; norms: per layer, the
+    RMSNorm weight applied before that router (None for none), eps its epsilon.
+    """
+
+    def __init__(self, routers: list[torch.Tensor], norms: list[torch.Tensor | None] | None = None, eps: float = 1e-6):
+        self.routers = [r.detach().float() for r in routers]
+        self.norms = [None if n is None else n.detach().float() for n in (norms or [None] * len(routers))]
+        self.eps = eps
+
+    @classmethod
+    def from_mixtral(cls, model) -> "HiddenStatePredictor":
+        layers = model.model.layers
+        return cls([l.mlp.gate.weight for l in layers], [l.post_attention_layernorm.weight for l in layers],
+                   model.config.rms_norm_eps)
+
+    def probabilities(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        """Router probabilities of `layer` for hidden states [..., H]: [..., E]."""
+        h = hidden.float()
+        if self.norms[layer] is not None:
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * self.norms[layer]
+        return torch.softmax(h @ self.routers[layer].T, dim=-1)
+
+    def predict(self, hidden: torch.Tensor, current_layer: int, depth: int) -> np.ndarray:
+        """[layers, experts]: for each of the next `depth` layers, the top-k-free router
+        probabilities of one token's hidden state (other rows zero)."""
+        L = len(self.routers)
+        out = np.zeros((L, self.routers[0].shape[0]), dtype=np.float32)
+        for d in range(1, depth + 1):
+            l = (current_layer + d) % L
+            out[l] = self.probabilities(hidden, l).reshape(-1, out.shape[1]).mean(0).numpy()
+        return out

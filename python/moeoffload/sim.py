@@ -1,0 +1,251 @@
+"""Trace replay: the cache and prefetch code of the runtime, on a recorded
+routing trace, without weights.
+
+    stats = moeoffload.sim.replay(trace, expert_bytes=3_000_000, budget=60_000_000,
+                                  policy="activation", prefetch=PrefetchConfig())
+
+A trace is uint8/int [sequences, tokens, layers, k]: the experts each token
+chose at each MoE layer. Sequences are served one after another, each token
+through every layer in order (decode order), on one cache that persists
+across sequences. The cache is the native CacheIndex the DeviceCache uses;
+the predictor and the prefetch planner are the ones of moeoffload.prefetch.
+
+Time is modelled, not measured: each layer computes for ``layer_seconds``;
+copies go over one link of ``link_bytes_per_s`` in the order issued (a demand
+fetch waits behind queued prefetches, as on a real PCIe link). An access
+whose expert is not ready stalls the layer until it is.
+
+``belady`` is Belady's MIN on the same trace and budget: the best any
+demand-fetching cache can do, the upper bound the policies are compared with.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _native
+from .prefetch import ActivationPredictor, PrefetchConfig, plan
+
+SLOT_ALIGN = 256
+
+
+def _check_trace(trace) -> np.ndarray:
+    tr = np.asarray(trace)
+    if tr.ndim != 4:
+        raise ValueError(f"a trace is [sequences, tokens, layers, k], got shape {tr.shape}")
+    return tr
+
+
+@dataclass
+class ReplayStats:
+    policy: str
+    prefetch: str
+    budget: int
+    accesses: int
+    hits: int             # ready when needed
+    inflight_hits: int    # fetched ahead but still on the link when needed
+    demand_misses: int
+    prefetches: int
+    prefetch_hits: int
+    prefetch_unused: int
+    evictions: int
+    bytes_moved: int
+    stalls: int           # accesses that waited (demand misses + late prefetches)
+    stall_seconds: float
+    compute_seconds: float
+
+    @property
+    def hit_rate(self) -> float:
+        """Accesses that needed no demand fetch (ready or already in flight)."""
+        return (self.hits + self.inflight_hits) / max(self.accesses, 1)
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["hit_rate"] = self.hit_rate
+        return d
+
+
+def replay(trace, expert_bytes, budget: int, policy: str = "lru", prefetch: PrefetchConfig | None = None, *,
+           history=None, hidden_predictions=None, link_bytes_per_s: float = 25e9, layer_seconds: float = 1e-4,
+           check_invariants: bool = False) -> ReplayStats:
+    """Replay `trace` through a CacheIndex of `budget` bytes.
+
+    expert_bytes: one size for all experts, or an array per expert id.
+    policy: "lru", "lfu" or "activation" (the activation policy's priorities
+        come from the activation predictor, whether or not it prefetches).
+    prefetch: None, or a PrefetchConfig; source "hidden" needs
+        hidden_predictions [sequences, tokens, layers, experts]: at layer l, the
+        predicted probabilities for layer l+1 (the next router on the current
+        hidden state).
+    history: an ActivationHistory of past sequences (from the table), or None
+        to start empty; every replayed sequence is added when it ends.
+    """
+    tr = _check_trace(trace)
+    S, T, L, K = tr.shape
+    E = int(tr.max()) + 1 if history is None else None
+    if history is not None:
+        E = len(history.flat()) // max(len(history), 1) // L if len(history) else int(tr.max()) + 1
+    E = max(E, int(tr.max()) + 1)
+    sizes = np.broadcast_to(np.asarray(expert_bytes, dtype=np.int64), (L * E,)).copy()
+    if (sizes <= 0).any():
+        raise ValueError("expert_bytes must be positive")
+    cache = _native.CacheIndex(int(budget), policy, L, E, int(sizes.max()))
+    predictor = ActivationPredictor(L, E, capacity=512, top_matches=prefetch.top_matches if prefetch else 4,
+                                    history=history)
+    if prefetch is not None and prefetch.source == "hidden" and hidden_predictions is None:
+        raise ValueError("prefetch source 'hidden' needs hidden_predictions")
+    need_prediction = policy == "activation" or (prefetch is not None and prefetch.source == "activation")
+
+    now = 0.0
+    link_free = 0.0
+    ready_at: dict[int, float] = {}
+    pending: list[tuple[float, int]] = []  # (ready time, id) of copies in flight
+    stalls, stall_seconds = 0, 0.0
+
+    def issue(eid: int) -> float:
+        nonlocal link_free
+        start = max(now, link_free)
+        link_free = start + sizes[eid] / link_bytes_per_s
+        ready_at[eid] = link_free
+        heapq.heappush(pending, (link_free, eid))
+        return link_free
+
+    def retire(until: float) -> None:
+        while pending and pending[0][0] <= until:
+            t, eid = heapq.heappop(pending)
+            if ready_at.get(eid) == t and cache.loading(eid):
+                cache.mark_ready(eid)
+
+    for s in range(S):
+        predictor.begin_sequence()
+        for t in range(T):
+            for l in range(L):
+                retire(now)
+                cache.set_current_layer(l)
+                needed = [int(e) + l * E for e in dict.fromkeys(tr[s, t, l].tolist())]
+                wait_until = now
+                for eid in needed:
+                    r = cache.access(eid)
+                    if r == 2:  # miss: fetch on demand
+                        cache.insert_demand(eid, int(sizes[eid]))
+                        wait_until = max(wait_until, issue(eid))
+                    elif r == 1:  # in flight
+                        wait_until = max(wait_until, ready_at[eid])
+                    cache.pin(eid)
+                if wait_until > now:
+                    stalls += sum(1 for eid in needed if ready_at.get(eid, 0.0) > now)
+                    stall_seconds += wait_until - now
+                    now = wait_until
+                retire(now)
+                predictor.record(l, tr[s, t, l])
+                prediction = predictor.predict() if need_prediction else None
+                if prediction is not None:
+                    cache.set_activation(prediction.ravel())
+                if prefetch is not None:
+                    source = prediction if prefetch.source == "activation" else _hidden_rows(
+                        hidden_predictions[s, t, l], l, L, E)
+                    for eid, pri in plan(source, l, prefetch):
+                        if eid not in cache and cache.insert_prefetch(eid, int(sizes[eid]), pri) is not None:
+                            issue(eid)
+                if check_invariants:
+                    cache.check_invariants()
+                now += layer_seconds
+                for eid in needed:
+                    cache.unpin(eid)
+        predictor.end_sequence()
+    st = cache.stats()
+    return ReplayStats(
+        policy=policy, prefetch="none" if prefetch is None else prefetch.source, budget=int(budget),
+        accesses=st["accesses"], hits=st["hits"], inflight_hits=st["inflight_hits"], demand_misses=st["misses"],
+        prefetches=st["prefetches"], prefetch_hits=st["prefetch_hits"], prefetch_unused=st["prefetch_unused"],
+        evictions=st["evictions"], bytes_moved=st["bytes_loaded"], stalls=stalls, stall_seconds=stall_seconds,
+        compute_seconds=S * T * L * layer_seconds)
+
+
+def _hidden_rows(next_layer_probs: np.ndarray, layer: int, L: int, E: int) -> np.ndarray:
+    out = np.zeros((L, E), dtype=np.float32)
+    out[(layer + 1) % L] = next_layer_probs
+    return out
+
+
+def belady(trace, expert_bytes, budget: int) -> dict:
+    """Belady's MIN on the trace's access sequence: evict the expert used furthest in the future.
+
+    Capacity is budget // (largest slot): exact when experts have one size.
+    """
+    tr = _check_trace(trace)
+    S, T, L, K = tr.shape
+    E = int(tr.max()) + 1
+    sizes = np.broadcast_to(np.asarray(expert_bytes, dtype=np.int64), (L * E,))
+    slot = int(-(-int(sizes.max()) // SLOT_ALIGN) * SLOT_ALIGN)
+    capacity = int(budget) // slot
+    if capacity < K:
+        raise ValueError(f"a budget of {budget} bytes holds {capacity} experts, fewer than top-k = {K}")
+    steps = [[int(e) + l * E for e in dict.fromkeys(tr[s, t, l].tolist())]
+             for s in range(S) for t in range(T) for l in range(L)]
+    INF = len(steps) + 1
+    next_use: list[list[int]] = [[] for _ in steps]
+    last: dict[int, int] = {}
+    for i in range(len(steps) - 1, -1, -1):
+        next_use[i] = [last.get(eid, INF) for eid in steps[i]]
+        for eid in steps[i]:
+            last[eid] = i
+    resident: dict[int, int] = {}  # id -> next use
+    heap: list[tuple[int, int]] = []  # (-next use, id), lazy
+    hits = misses = moved = 0
+    for i, ids in enumerate(steps):
+        for eid, nu in zip(ids, next_use[i]):
+            if eid in resident:
+                hits += 1
+            else:
+                misses += 1
+                moved += int(sizes[eid])
+                skipped = []
+                while len(resident) >= capacity:
+                    neg, victim = heapq.heappop(heap)
+                    if resident.get(victim) != -neg:
+                        continue  # stale entry
+                    if victim in ids:
+                        skipped.append((neg, victim))  # needed by this very step
+                        continue
+                    del resident[victim]
+                for item in skipped:
+                    heapq.heappush(heap, item)
+            resident[eid] = nu
+            heapq.heappush(heap, (-nu, eid))
+    accesses = hits + misses
+    return {"policy": "belady", "prefetch": "none", "budget": int(budget), "accesses": accesses, "hits": hits,
+            "demand_misses": misses, "bytes_moved": moved, "hit_rate": hits / max(accesses, 1)}
+
+
+def synthetic_trace(num_sequences: int = 48, tokens: int = 128, num_layers: int = 24, experts: int = 32, k: int = 2,
+                    topics: int = 6, concentration: float = 0.3, zipf: float = 1.0, topic_weight: float = 0.7,
+                    stickiness: float = 0.4, seed: int = 0) -> np.ndarray:
+    """Skewed, sequence-correlated routing.
+
+    Each sequence draws one of `topics` topics. A topic has, per layer, a
+    Dirichlet(`concentration`) preference over experts; a sequence routes from
+    topic_weight x its topic's preference + (1 - topic_weight) x a global Zipf(`zipf`)
+    popularity (a random expert order per layer). Each token keeps its
+    previous token's choice at a layer with probability `stickiness`, else
+    draws k distinct experts from the sequence's distribution.
+    """
+    rng = np.random.default_rng(seed)
+    pref = rng.dirichlet(np.full(experts, concentration), size=(topics, num_layers))
+    ranks = np.argsort(rng.random((num_layers, experts)), axis=1)
+    glob = 1.0 / (1.0 + ranks) ** zipf
+    glob /= glob.sum(axis=1, keepdims=True)
+    out = np.zeros((num_sequences, tokens, num_layers, k), dtype=np.uint8)
+    for s in range(num_sequences):
+        z = rng.integers(topics)
+        p = topic_weight * pref[z] + (1 - topic_weight) * glob
+        for t in range(tokens):
+            for l in range(num_layers):
+                if t > 0 and rng.random() < stickiness:
+                    out[s, t, l] = out[s, t - 1, l]
+                else:
+                    out[s, t, l] = rng.choice(experts, size=k, replace=False, p=p[l])
+    return out

@@ -1,0 +1,400 @@
+"""The compressed expert table: build from a checkpoint, save, load (mapped and pinned).
+
+    table = moeoffload.table.build("path/to/hf-checkpoint", policy=0.02, mode="meanabs")
+    table.save("experts.table")
+    table = moeoffload.table.load("experts.table")      # mmap + pin, no second copy
+    w1 = table.decompress(layer=3, expert=5, matrix="w1")
+
+On disk a table is a directory: ``experts.safetensors`` holds one uint8 tensor
+per expert (``"<layer>.<expert>"``: its matrices' compressed buffers back to
+back, each starting on a 256-byte boundary) and ``manifest.json`` says what is
+where (model fingerprint, layers, experts, matrix names, shapes, dtypes,
+codec, bounds, CRC32 of every payload).
+
+Expert matrices are found by name, in both layouts transformers uses:
+per-expert keys (``...layers.N.block_sparse_moe.experts.E.w1.weight``,
+``...layers.N.mlp.experts.E.gate_proj.weight``) and fused 3-D parameters
+(``...layers.N.mlp.experts.gate_up_proj`` [E, 2I, H]). Layers are numbered
+0..L-1 over the MoE layers in order; the model's own layer numbers are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import _native
+from .codec import CompressedTensor, absolute_bound, compress
+from .errors import ChecksumError, MissingExpertError, TableError, TableMismatchError, NoMoeLayersError
+from .policy import BoundPolicy
+
+FORMAT = "moeoffload-table"
+VERSION = 1
+PAYLOAD_FILE = "experts.safetensors"
+MANIFEST_FILE = "manifest.json"
+HISTORY_FILE = "activations.npy"
+ALIGN = 256
+
+_PER_EXPERT = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\..*experts)\.(?P<expert>\d+)\.(?P<matrix>.+?)(?:\.weight)?$")
+_FUSED = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\..*experts)\.(?P<matrix>[A-Za-z_0-9]+?)(?:\.weight)?$")
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+@dataclass(frozen=True)
+class MatrixRef:
+    """Where one expert matrix lives in the source."""
+
+    model_layer: int
+    expert: int
+    name: str
+    key: str
+    index: int | None  # the expert's index into a fused [E, ...] parameter
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def find_expert_matrices(shapes: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[tuple[int, int], list[MatrixRef]]:
+    """Group a model's expert matrices by (model layer, expert) from names and shapes."""
+    found: dict[tuple[int, int], list[MatrixRef]] = defaultdict(list)
+    for key, (shape, dtype) in shapes.items():
+        m = _PER_EXPERT.match(key)
+        if m and len(shape) == 2:
+            found[(int(m["layer"]), int(m["expert"]))].append(
+                MatrixRef(int(m["layer"]), int(m["expert"]), m["matrix"], key, None, tuple(shape), dtype))
+            continue
+        m = _FUSED.match(key)
+        if m and len(shape) == 3 and not m["matrix"].isdigit():
+            for e in range(shape[0]):
+                found[(int(m["layer"]), e)].append(
+                    MatrixRef(int(m["layer"]), e, m["matrix"], key, e, tuple(shape[1:]), dtype))
+    for refs in found.values():
+        refs.sort(key=lambda r: r.name)
+    return dict(found)
+
+
+class _Source:
+    """Tensors by name from a state_dict or a safetensors checkpoint directory, one at a time."""
+
+    def __init__(self, source):
+        self._dict = None
+        self._files: dict[str, Path] = {}
+        if isinstance(source, Mapping):
+            self._dict = source
+            self.shapes = {k: (tuple(v.shape), v.dtype) for k, v in source.items() if isinstance(v, torch.Tensor)}
+            self.model_id = "state_dict"
+            return
+        path = Path(source)
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+        if not files:
+            raise TableError(f"{source} is neither a state_dict nor a directory with .safetensors files")
+        self.model_id = path.resolve().name
+        self.shapes = {}
+        for f in files:
+            for key, (dtype, shape) in _safetensors_header(f)[0].items():
+                self.shapes[key] = (tuple(shape), _SAFETENSORS_DTYPES.get(dtype, None))
+                self._files[key] = f
+
+    def get(self, ref: MatrixRef) -> torch.Tensor:
+        if self._dict is not None:
+            t = self._dict[ref.key]
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(self._files[ref.key]), framework="pt") as f:
+                t = f.get_slice(ref.key)[ref.index] if ref.index is not None else f.get_tensor(ref.key)
+            return t.contiguous()
+        return (t[ref.index] if ref.index is not None else t).detach().contiguous()
+
+
+def _safetensors_header(path: Path) -> tuple[dict[str, tuple[str, list[int]]], dict[str, tuple[int, int]], int]:
+    """(name -> (dtype, shape), name -> absolute (begin, end) in the file, data start)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise TableError(f"{path} is not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", head)
+        if n > 100 * 2**20:
+            raise TableError(f"{path} has an implausible safetensors header of {n} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise TableError(f"{path} has a corrupt safetensors header: {e}") from e
+    header.pop("__metadata__", None)
+    meta = {k: (v["dtype"], v["shape"]) for k, v in header.items()}
+    spans = {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1]) for k, v in header.items()}
+    return meta, spans, 8 + n
+
+
+def fingerprint(grid: dict[tuple[int, int], list[MatrixRef]]) -> str:
+    """Identifies a model's expert layout: names, shapes and dtypes of every expert matrix."""
+    h = hashlib.sha256()
+    for (layer, expert) in sorted(grid):
+        for r in grid[(layer, expert)]:
+            h.update(f"{layer}/{expert}/{r.name}/{r.shape}/{r.dtype}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def _grid_of(source: _Source) -> tuple[dict, list[int], int]:
+    grid = find_expert_matrices(source.shapes)
+    if not grid:
+        raise NoMoeLayersError("no expert matrices found (looked for '...layers.N....experts.E.<name>' and fused "
+                               "'...layers.N....experts.<name>' [E, ...] parameters)")
+    layers = sorted({l for l, _ in grid})
+    n_exp = 1 + max(e for _, e in grid)
+    names = [r.name for r in grid[next(iter(grid))]]
+    for l in layers:
+        for e in range(n_exp):
+            if (l, e) not in grid:
+                raise MissingExpertError(f"model layer {l} has no expert {e} (the largest expert index is {n_exp - 1})")
+            if [r.name for r in grid[(l, e)]] != names:
+                raise MissingExpertError(f"layer {l} expert {e} has matrices {[r.name for r in grid[(l, e)]]}, "
+                                         f"expected {names}")
+    return grid, layers, n_exp
+
+
+class ExpertTable:
+    """A compressed expert table, in memory (after build) or mapped and pinned (after load)."""
+
+    def __init__(self, manifest: dict, payloads: dict[str, np.ndarray] | None = None,
+                 store=None, pool=None, path: Path | None = None):
+        self.manifest = manifest
+        self._payloads = payloads
+        self.store = store
+        self.pool = pool
+        self.path = path
+        self._by_key = {(x["layer"], x["expert"]): x for x in manifest["experts"]}
+
+    # ---- what is in it ----
+    @property
+    def num_layers(self) -> int:
+        return self.manifest["num_layers"]
+
+    @property
+    def experts_per_layer(self) -> int:
+        return self.manifest["experts_per_layer"]
+
+    @property
+    def matrix_names(self) -> list[str]:
+        return self.manifest["matrices"]
+
+    def expert_id(self, layer: int, expert: int) -> int:
+        return layer * self.experts_per_layer + expert
+
+    def entry(self, layer: int, expert: int) -> dict:
+        try:
+            return self._by_key[(layer, expert)]
+        except KeyError:
+            raise MissingExpertError(f"the table has no layer {layer} expert {expert}") from None
+
+    def expert_bytes(self) -> np.ndarray:
+        """Payload bytes per expert id."""
+        out = np.zeros(self.num_layers * self.experts_per_layer, dtype=np.int64)
+        for x in self.manifest["experts"]:
+            out[self.expert_id(x["layer"], x["expert"])] = x["bytes"]
+        return out
+
+    def bits_per_weight(self) -> float:
+        weights = sum(int(np.prod(m["shape"])) for x in self.manifest["experts"] for m in x["matrices"])
+        return 8.0 * sum(x["bytes"] for x in self.manifest["experts"]) / weights
+
+    def payload(self, layer: int, expert: int) -> np.ndarray:
+        x = self.entry(layer, expert)
+        if self._payloads is not None:
+            return self._payloads[x["tensor"]]
+        return self.store.payload(self.expert_id(layer, expert))
+
+    def compressed(self, layer: int, expert: int, matrix: str) -> CompressedTensor:
+        x = self.entry(layer, expert)
+        for m in x["matrices"]:
+            if m["name"] == matrix:
+                blob = self.payload(layer, expert)
+                return CompressedTensor.from_bytes(blob[m["offset"] : m["offset"] + m["bytes"]])
+        raise MissingExpertError(f"layer {layer} expert {expert} has no matrix {matrix!r} (it has {self.matrix_names})")
+
+    def decompress(self, layer: int, expert: int, matrix: str, dtype=None, device=None) -> torch.Tensor:
+        return self.compressed(layer, expert, matrix).decompress(dtype=dtype, device=device)
+
+    # ---- checks ----
+    def check_matches(self, source) -> None:
+        """Raise TableMismatchError unless `source` (state_dict or checkpoint dir) is the table's model."""
+        grid, _, _ = _grid_of(_Source(source))
+        fp = fingerprint(grid)
+        if fp != self.manifest["model"]["fingerprint"]:
+            raise TableMismatchError(
+                f"this table was built from another model (expert layout fingerprint {self.manifest['model']['fingerprint']}, "
+                f"model {self.manifest['model']['id']!r}); the given model has fingerprint {fp}: rebuild the table")
+
+    def verify(self) -> None:
+        """Check every payload against its CRC32; raise ChecksumError on the first mismatch."""
+        for x in self.manifest["experts"]:
+            got = _native.crc32(np.ascontiguousarray(self.payload(x["layer"], x["expert"])))
+            if got != x["crc32"]:
+                raise ChecksumError(f"payload of layer {x['layer']} expert {x['expert']} has CRC32 {got:#010x}, "
+                                    f"the manifest says {x['crc32']:#010x}: the table file is corrupt")
+
+    # ---- persistence ----
+    def save(self, path, history=None) -> Path:
+        """Write the table directory (and, when given, an ActivationHistory or [N, L, E] array of past matrices)."""
+        from safetensors.numpy import save_file
+
+        if self._payloads is None:
+            raise TableError("this table is loaded from disk already; copy its directory instead")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = path / (PAYLOAD_FILE + ".tmp")
+        save_file({k: v for k, v in self._payloads.items()}, str(tmp))
+        tmp.replace(path / PAYLOAD_FILE)
+        (path / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=1) + "\n")
+        if history is not None:
+            save_history(path, history, self.num_layers, self.experts_per_layer)
+        self.path = path
+        return path
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+        if self.pool is not None:
+            self.pool.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f"ExpertTable(model={m['model']['id']!r}, layers={m['num_layers']}, experts={m['experts_per_layer']}, "
+                f"codec={m['codec']!r}, bits/weight={self.bits_per_weight():.3f})")
+
+
+def build(source, policy, codec: str = "szp", *, mode: str | None = None, model_id: str | None = None,
+          progress: bool = True) -> ExpertTable:
+    """Compress every expert matrix of a model into an in-memory ExpertTable.
+
+    source: a state_dict or a Hugging Face checkpoint directory (read tensor by tensor).
+    policy: the bound per MoE layer: a float, {layer: bound}, a callable, or a
+        ``moeoffload policy`` JSON (see moeoffload.policy); layers are the MoE
+        layer positions 0..L-1. mode: "abs", "rel" or "meanabs" (overrides the policy's).
+    """
+    from tqdm.auto import tqdm
+
+    src = _Source(source)
+    grid, model_layers, n_exp = _grid_of(src)
+    pol = BoundPolicy.from_any(policy, mode)
+    bounds = [pol.bound(i) for i in range(len(model_layers))]
+    names = [r.name for r in grid[(model_layers[0], 0)]]
+    payloads: dict[str, np.ndarray] = {}
+    experts = []
+    bar = tqdm(total=len(grid), desc="compressing experts", unit="expert", disable=not progress)
+    for i, ml in enumerate(model_layers):
+        for e in range(n_exp):
+            parts, mats, offset = [], [], 0
+            for ref in grid[(ml, e)]:
+                w = src.get(ref)
+                eb = absolute_bound(w, bounds[i], pol.mode)
+                ct = compress(w, eb, mode="abs", codec=codec)
+                buf = ct.buffer
+                pad = (-buf.size) % ALIGN
+                parts.extend([buf, np.zeros(pad, np.uint8)])
+                mats.append({"name": ref.name, "source": ref.key, "index": ref.index, "shape": list(ref.shape),
+                             "dtype": str(ref.dtype).replace("torch.", ""), "eb": eb, "offset": offset,
+                             "bytes": int(buf.size), "n_exceptions": ct.n_exceptions})
+                offset += buf.size + pad
+            blob = np.concatenate(parts)
+            tensor = f"{i}.{e}"
+            payloads[tensor] = blob
+            experts.append({"layer": i, "expert": e, "tensor": tensor, "bytes": int(blob.size),
+                            "crc32": int(_native.crc32(blob)), "matrices": mats})
+            bar.update(1)
+    bar.close()
+    manifest = {
+        "format": FORMAT, "version": VERSION,
+        "model": {"id": model_id or src.model_id, "fingerprint": fingerprint(grid)},
+        "codec": codec, "num_layers": len(model_layers), "experts_per_layer": n_exp,
+        "model_layers": model_layers, "matrices": names,
+        "bounds": {"mode": pol.mode, "per_layer": bounds},
+        "experts": experts,
+    }
+    return ExpertTable(manifest, payloads)
+
+
+def load(path, *, backend: str = "auto", verify: bool = True, expect=None) -> ExpertTable:
+    """Map a saved table read-only and pin it in place (no second copy).
+
+    verify: check every payload's CRC32 (ChecksumError). expect: a state_dict
+    or checkpoint directory the table must have been built from (TableMismatchError).
+    """
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+    except FileNotFoundError:
+        raise TableError(f"{path} is not a moeoffload table (no {MANIFEST_FILE})") from None
+    except ValueError as e:
+        raise TableError(f"{path / MANIFEST_FILE} is not valid JSON: {e}") from e
+    if manifest.get("format") != FORMAT:
+        raise TableError(f"{path / MANIFEST_FILE} is not a moeoffload table manifest")
+    if manifest.get("version") != VERSION:
+        raise TableError(f"table format version {manifest.get('version')} is not supported (this build reads {VERSION})")
+    L, E = manifest["num_layers"], manifest["experts_per_layer"]
+    have = {(x["layer"], x["expert"]) for x in manifest["experts"]}
+    for l in range(L):
+        for e in range(E):
+            if (l, e) not in have:
+                raise MissingExpertError(f"the table manifest lists no layer {l} expert {e}")
+    payload_file = path / PAYLOAD_FILE
+    if not payload_file.exists():
+        raise TableError(f"{payload_file} is missing")
+    meta, spans, _ = _safetensors_header(payload_file)
+    pool = _native.PinnedPool(backend)
+    store = _native.ExpertStore(pool, L, E)
+    table = ExpertTable(manifest, None, store, pool, path)
+    try:
+        store.map_file(str(payload_file))
+        for x in manifest["experts"]:
+            if x["tensor"] not in spans:
+                raise MissingExpertError(f"{payload_file} has no tensor {x['tensor']!r} (layer {x['layer']} expert {x['expert']})")
+            begin, end = spans[x["tensor"]]
+            if end - begin != x["bytes"] or meta[x["tensor"]][0] != "U8":
+                raise ChecksumError(f"tensor {x['tensor']!r} holds {end - begin} bytes, the manifest says {x['bytes']}")
+            store.add_mapped(x["layer"] * E + x["expert"], begin, x["bytes"])
+        if verify:
+            table.verify()
+        if expect is not None:
+            table.check_matches(expect)
+    except BaseException:
+        table.close()
+        raise
+    return table
+
+
+def save_history(path, history, num_layers: int, experts_per_layer: int) -> None:
+    if isinstance(history, _native.ActivationHistory):
+        history = history.flat()
+    arr = np.asarray(history, dtype=np.uint32)
+    arr = arr.reshape(-1, num_layers, experts_per_layer)
+    # Deduplicate, keeping first occurrences in order.
+    _, first = np.unique(arr.reshape(arr.shape[0], -1), axis=0, return_index=True)
+    np.save(Path(path) / HISTORY_FILE, arr[np.sort(first)])
+
+
+def load_history(path, capacity: int | None = None):
+    """The table's saved activation matrices as an ActivationHistory (None when it has none)."""
+    f = Path(path) / HISTORY_FILE
+    if not f.exists():
+        return None
+    arr = np.load(f)
+    n, L, E = arr.shape
+    hist = _native.ActivationHistory(L, E, capacity or max(n, 1))
+    for m in arr:
+        hist.add(np.ascontiguousarray(m, dtype=np.uint32))
+    return hist

@@ -1,0 +1,134 @@
+"""CacheIndex: each policy on crafted traces with known answers, and its guarantees."""
+
+import numpy as np
+import pytest
+
+from moeoffload import _native
+from moeoffload.errors import BudgetError, CacheFullError, InvalidArgumentError, ShapeError
+
+HIT, IN_FLIGHT, MISS = 0, 1, 2
+SLOT = 1024  # 1000-byte experts take 1024-byte slots
+
+
+def run(cache, ids):
+    """Access each id; on a miss insert it and mark it ready. Returns the lookups."""
+    out = []
+    for i in ids:
+        r = cache.access(i)
+        if r == MISS:
+            cache.insert_demand(i, 1000)
+            cache.mark_ready(i)
+        out.append(r)
+        cache.check_invariants()
+    return out
+
+
+def test_lru_evicts_least_recently_used():
+    c = _native.CacheIndex(2 * SLOT, "lru", 1, 4, 1000)
+    assert run(c, [0, 1, 0, 2, 1, 0]) == [MISS, MISS, HIT, MISS, MISS, MISS]
+    # 2 evicted 1 (0 was used more recently); then 1 evicted 0; then 0 evicted 2.
+    assert c.resident() == [0, 1]
+
+
+def test_lfu_evicts_least_frequently_used():
+    c = _native.CacheIndex(2 * SLOT, "lfu", 1, 4, 1000)
+    assert run(c, [0, 0, 0, 1, 2, 0]) == [MISS, HIT, HIT, MISS, MISS, HIT]
+    assert c.resident() == [0, 2]
+    # 3 evicts 2 (one use), not 0 (four uses).
+    assert run(c, [3]) == [MISS] and c.resident() == [0, 3]
+
+
+def test_activation_priority_formula_and_victim():
+    L, E = 4, 2
+    c = _native.CacheIndex(3 * SLOT, "activation", L, E, 1000)
+    act = np.array([[0.9, 0.1], [0.5, 0.5], [0.2, 0.8], [0.6, 0.4]], np.float32)
+    c.set_activation(act.ravel())
+    c.set_current_layer(1)
+    for lid in range(L * E):
+        layer, e = divmod(lid, E)
+        d = (layer - 1) % L
+        assert c.activation_priority(lid) == pytest.approx(act[layer, e] * (1 - d / L))
+    # Cache layer0/e0 (d=3: 0.9*0.25=0.225), layer2/e0 (d=1: 0.2*0.75=0.15), layer3/e0 (d=2: 0.6*0.5=0.3).
+    run(c, [0, 4, 6])
+    run(c, [3])  # layer1/e1: evicts the lowest priority, layer2/e0
+    assert c.resident() == [0, 3, 6]
+
+
+def test_pinned_and_loading_entries_are_never_evicted():
+    c = _native.CacheIndex(2 * SLOT, "lru", 1, 4, 1000)
+    c.access(0)
+    c.insert_demand(0, 1000)  # loading
+    c.access(1)
+    c.insert_demand(1, 1000)
+    c.mark_ready(1)
+    c.pin(1)
+    c.access(2)
+    with pytest.raises(CacheFullError):
+        c.insert_demand(2, 1000)
+    assert c.resident() == [0, 1]
+    c.unpin(1)
+    _, evicted = c.insert_demand(2, 1000)
+    assert evicted == [1]  # 0 is still loading
+    c.check_invariants()
+    with pytest.raises(InvalidArgumentError):
+        c.unpin(2)
+
+
+def test_prefetch_never_displaces_more_valuable_entries():
+    L, E = 2, 2
+    c = _native.CacheIndex(SLOT, "lru", L, E, 1000)
+    c.set_activation(np.array([0.9, 0.1, 0.5, 0.5], np.float32))
+    c.set_current_layer(0)
+    run(c, [0])  # priority 0.9
+    assert c.insert_prefetch(2, 1000, 0.2) is None  # would evict a 0.9 entry
+    assert c.resident() == [0]
+    c.set_activation(np.array([0.1, 0.1, 0.5, 0.5], np.float32))
+    off, evicted = c.insert_prefetch(2, 1000, 0.2)
+    assert evicted == [0] and c.loading(2)
+    assert c.access(2) == IN_FLIGHT
+    st = c.stats()
+    assert st["prefetches"] == 1 and st["prefetch_hits"] == 1 and st["inflight_hits"] == 1
+
+
+def test_budget_errors_and_bad_arguments():
+    with pytest.raises(BudgetError, match="cannot hold the largest expert"):
+        _native.CacheIndex(1000, "lru", 2, 2, 1001)
+    with pytest.raises(InvalidArgumentError, match="unknown cache policy"):
+        _native.CacheIndex(4096, "fifo", 2, 2, 100)
+    c = _native.CacheIndex(4096, "lru", 2, 2, 100)
+    with pytest.raises(InvalidArgumentError, match="out of range"):
+        c.access(4)
+    with pytest.raises(InvalidArgumentError):
+        c.set_current_layer(2)
+    with pytest.raises(ShapeError):
+        c.set_activation(np.ones(3, np.float32))
+    with pytest.raises(BudgetError):
+        c.insert_demand(0, 5000)
+
+
+def test_budget_holds_on_every_step_of_a_random_workload():
+    rng = np.random.default_rng(7)
+    L, E = 6, 8
+    sizes = rng.integers(300, 3000, L * E)
+    for policy in ("lru", "lfu", "activation"):
+        c = _native.CacheIndex(12_000, policy, L, E, int(sizes.max()))
+        loading = []
+        for step in range(3000):
+            c.set_current_layer(step % L)
+            if policy == "activation" and step % 50 == 0:
+                c.set_activation(rng.random(L * E).astype(np.float32))
+            i = int(rng.integers(L * E))
+            if c.access(i) == MISS:
+                try:
+                    c.insert_demand(i, int(sizes[i]))
+                    loading.append(i)
+                except CacheFullError:
+                    pass
+            elif rng.random() < 0.3:
+                j = int(rng.integers(L * E))
+                if j not in c and c.insert_prefetch(j, int(sizes[j]), float(rng.random())) is not None:
+                    loading.append(j)
+            if loading and rng.random() < 0.7:
+                c.mark_ready(loading.pop(0))
+            assert c.used_bytes <= c.budget
+            c.check_invariants()
