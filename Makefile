@@ -24,6 +24,7 @@ test: setup
 
 bench: setup
 	$(PY) bench/codec.py
+	$(PY) bench/cache_policies.py
 
 clean:
 	rm -rf build $(VENV)

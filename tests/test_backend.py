@@ -34,3 +34,40 @@ def test_set_num_threads_round_trip():
     assert moeoffload.backend_info()["num_threads"] == 1
     moeoffload.set_num_threads(0)
     assert moeoffload.backend_info()["num_threads"] >= 1
+
+
+def test_codec_threads_work_in_a_forked_child():
+    """The persistent thread pool is rebuilt after fork (no hang, same result)."""
+    import os
+
+    import numpy as np
+    import pytest
+    import torch
+
+    from moeoffload import codec
+
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork")
+    x = torch.randn(512, 512)
+    ct = codec.compress(x, 1e-2)
+    ct.decompress()  # the pool exists in the parent now
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ok = float((ct.decompress() - x).abs().max()) <= 1e-2
+            os._exit(0 if ok else 3)
+        except BaseException:
+            os._exit(4)
+    import time
+
+    deadline = time.monotonic() + 30
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung in the codec's thread pool")
+        time.sleep(0.01)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

@@ -70,3 +70,35 @@ class BoundPolicy:
         if callable(policy):
             return cls(mode or "abs", None, {}, policy)
         return cls(mode or "abs", _check_bound(policy, "policy"))
+
+
+def choose_bounds(options: dict[int, list[tuple[float, float, float]]], budget: float, bins: int = 400) -> dict[int, float] | None:
+    """Per-layer bounds minimising total bits with the summed damage within `budget`.
+
+    options: layer -> [(bound, damage, bits)], damage measured with that layer
+    alone perturbed (negative damage counts as 0: no layer buys another's
+    error). Damages are assumed to add across layers; the caller measures the
+    result. A knapsack solved by dynamic programming over `bins` damage steps
+    (costs rounded up, so the sum of true damages stays within budget). None
+    when even the smallest bounds exceed the budget.
+    """
+    layers = sorted(options)
+    if not (budget > 0):
+        return None
+    step = budget / bins
+    INF = float("inf")
+    # best[c] = (bits, choices) using damage <= c * step
+    best = [(0.0, ())] + [(0.0, ())] * bins
+    for layer in layers:
+        new = [(INF, ())] * (bins + 1)
+        for c in range(bins + 1):
+            for bound, damage, bits in options[layer]:
+                cost = 0 if damage <= 0 else math.ceil(damage / step - 1e-9)
+                if cost > c:
+                    continue
+                prev_bits, prev = best[c - cost]
+                if prev_bits + bits < new[c][0]:
+                    new[c] = (prev_bits + bits, prev + ((layer, bound),))
+        best = new
+    bits, choice = best[bins]
+    return None if bits == INF else dict(choice)

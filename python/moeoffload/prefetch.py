@@ -25,15 +25,15 @@ from . import _native
 
 @dataclass(frozen=True)
 class PrefetchConfig:
-    source: str = "activation"  # "activation" or "hidden"
+    source: str = "activation"  # "activation", "hidden", or "combined" (both averaged for the next layer)
     depth: int = 2               # layers ahead
     per_layer: int = 3           # at most this many experts of each layer
     min_probability: float = 0.05
     top_matches: int = 4         # activation: past matrices averaged
 
     def __post_init__(self):
-        if self.source not in ("activation", "hidden"):
-            raise ValueError(f"prefetch source must be 'activation' or 'hidden', got {self.source!r}")
+        if self.source not in ("activation", "hidden", "combined"):
+            raise ValueError(f"prefetch source must be 'activation', 'hidden' or 'combined', got {self.source!r}")
         if self.depth < 1 or self.per_layer < 1 or self.top_matches < 1:
             raise ValueError("prefetch depth, per_layer and top_matches must be >= 1")
 

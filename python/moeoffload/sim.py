@@ -76,7 +76,7 @@ def replay(trace, expert_bytes, budget: int, policy: str = "lru", prefetch: Pref
     expert_bytes: one size for all experts, or an array per expert id.
     policy: "lru", "lfu" or "activation" (the activation policy's priorities
         come from the activation predictor, whether or not it prefetches).
-    prefetch: None, or a PrefetchConfig; source "hidden" needs
+    prefetch: None, or a PrefetchConfig; sources "hidden" and "combined" need
         hidden_predictions [sequences, tokens, layers, experts]: at layer l, the
         predicted probabilities for layer l+1 (the next router on the current
         hidden state).
@@ -95,9 +95,9 @@ def replay(trace, expert_bytes, budget: int, policy: str = "lru", prefetch: Pref
     cache = _native.CacheIndex(int(budget), policy, L, E, int(sizes.max()))
     predictor = ActivationPredictor(L, E, capacity=512, top_matches=prefetch.top_matches if prefetch else 4,
                                     history=history)
-    if prefetch is not None and prefetch.source == "hidden" and hidden_predictions is None:
-        raise ValueError("prefetch source 'hidden' needs hidden_predictions")
-    need_prediction = policy == "activation" or (prefetch is not None and prefetch.source == "activation")
+    if prefetch is not None and prefetch.source in ("hidden", "combined") and hidden_predictions is None:
+        raise ValueError(f"prefetch source {prefetch.source!r} needs hidden_predictions")
+    need_prediction = policy == "activation" or (prefetch is not None and prefetch.source != "hidden")
 
     now = 0.0
     link_free = 0.0
@@ -145,8 +145,14 @@ def replay(trace, expert_bytes, budget: int, policy: str = "lru", prefetch: Pref
                 if prediction is not None:
                     cache.set_activation(prediction.ravel())
                 if prefetch is not None:
-                    source = prediction if prefetch.source == "activation" else _hidden_rows(
-                        hidden_predictions[s, t, l], l, L, E)
+                    if prefetch.source == "activation":
+                        source = prediction
+                    elif prefetch.source == "hidden":
+                        source = _hidden_rows(hidden_predictions[s, t, l], l, L, E)
+                    else:  # combined: both views of the next layer averaged, activation further ahead
+                        source = prediction.copy()
+                        nxt = (l + 1) % L
+                        source[nxt] = 0.5 * (prediction[nxt] + hidden_predictions[s, t, l])
                     for eid, pri in plan(source, l, prefetch):
                         if eid not in cache and cache.insert_prefetch(eid, int(sizes[eid]), pri) is not None:
                             issue(eid)

@@ -1,0 +1,1 @@
+"""Models shipped inside the package (see tiny_moe.py)."""

@@ -1,0 +1,53 @@
+import json
+
+import pytest
+
+from moeoffload import sensitivity
+from moeoffload.errors import InvalidBoundError
+from moeoffload.policy import POLICY_FORMAT, BoundPolicy, choose_bounds
+
+
+def test_bound_policy_forms(tmp_path):
+    assert BoundPolicy.from_any(0.1).bound(7) == 0.1
+    p = BoundPolicy.from_any({0: 0.1, "1": 0.2}, "meanabs")
+    assert (p.bound(0), p.bound(1), p.mode) == (0.1, 0.2, "meanabs")
+    with pytest.raises(InvalidBoundError, match="no bound for MoE layer 2"):
+        p.bound(2)
+    assert BoundPolicy.from_any(lambda l: 0.1 * (l + 1)).bound(2) == pytest.approx(0.3)
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps({"format": POLICY_FORMAT, "mode": "meanabs", "bounds": {"0": 0.5, "1": 0.25}}))
+    p = BoundPolicy.from_any(f)
+    assert (p.mode, p.bound(1)) == ("meanabs", 0.25)
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "x"):
+        with pytest.raises(InvalidBoundError):
+            BoundPolicy.from_any(bad).bound(0)
+    with pytest.raises(InvalidBoundError):
+        BoundPolicy(mode="sigma")
+
+
+def test_choose_bounds_known_answer():
+    # (bound, damage %, bits): layer 0 tolerates error, layer 1 does not.
+    options = {0: [(0.1, 0.1, 6.0), (0.5, 0.3, 4.0), (1.0, 0.6, 3.0)],
+               1: [(0.1, 0.2, 6.0), (0.5, 1.5, 4.0), (1.0, 3.0, 3.0)]}
+    assert choose_bounds(options, 1.0) == {0: 1.0, 1: 0.1}
+    assert choose_bounds(options, 2.0) == {0: 0.5, 1: 0.5}
+    assert choose_bounds(options, 0.25) is None  # even the smallest bounds cost 0.3
+    assert choose_bounds({0: [(0.1, -0.5, 6.0), (1.0, -0.1, 3.0)]}, 0.01) == {0: 1.0}  # improvements are free
+
+
+def test_policy_meets_its_budget_on_heldout_text(tmp_path):
+    study = sensitivity.Study(perturb="szp", alphas=[0.3, 1.5], scopes=["layer"], max_bytes=1020)
+    doc = sensitivity.run(study, tmp_path, progress=False)
+    budget = 1.0
+    pol = sensitivity.policy_from_study(doc, budget, progress=False)
+    assert pol["meets_budget"] and pol["policy"]["dppl_pct"] <= budget
+    # Independently re-measured with the bounds it wrote:
+    again = sensitivity.measure_bounds(doc, {int(k): v for k, v in pol["bounds"].items()})
+    assert again["dppl_pct"] == pytest.approx(pol["policy"]["dppl_pct"], abs=1e-9)
+    assert BoundPolicy.from_any(pol).mode == "meanabs"
+    if pol["uniform"] is not None:
+        assert pol["uniform"]["dppl_pct"] <= budget
+        # The per-layer policy may only pick from the same bounds, so it is never larger.
+        assert pol["policy"]["bits_per_weight"] <= pol["uniform"]["bits_per_weight"] + 1e-9
+    with pytest.raises(ValueError, match="positive"):
+        sensitivity.policy_from_study(doc, 0.0, progress=False)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs the test suite against an AddressSanitizer + LeakSanitizer build of the
+# native module (CPU backend). Leaks inside Python, torch and OpenSSL's
+# allocations at interpreter exit are suppressed; anything else is reported
+# under $LOG. Usage: tools/asan_suite.sh [pytest args]
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-$ROOT/.venv/bin/python}
+BUILD=$ROOT/build/asan
+LOG=${LOG:-/tmp/moeoffload-asan}
+cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOEOFFLOAD_CUDA=OFF -DMOEOFFLOAD_PYTHON=ON \
+  -DPython_EXECUTABLE="$PY" "-DCMAKE_CXX_FLAGS=-fsanitize=address -fno-omit-frame-pointer" \
+  "-DCMAKE_SHARED_LINKER_FLAGS=-fsanitize=address" > /dev/null
+cmake --build "$BUILD"
+PKG=$(mktemp -d)
+cp -r "$ROOT/python/moeoffload" "$PKG/"
+rm -f "$PKG"/moeoffload/_native*.so
+cp "$BUILD"/_native*.so "$PKG/moeoffload/"
+printf 'leak:libpython\nleak:python3\nleak:libtorch\nleak:libc10\nleak:_PyObject\nleak:PyObject_Malloc\nleak:_multiarray_umath\nleak:libcrypto\n' > "$PKG/lsan.supp"
+rm -rf "$LOG" && mkdir -p "$LOG"
+cd "$PKG"
+status=0
+for t in "$ROOT"/tests/test_*.py; do
+  OMP_NUM_THREADS=1 ASAN_OPTIONS=detect_leaks=1:log_path=$LOG/$(basename "$t" .py) \
+  LSAN_OPTIONS=suppressions=$PKG/lsan.supp:print_suppressions=0 \
+  LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" \
+  PYTHONPATH=$PKG "$PY" -m pytest -q -p no:cacheprovider "$t" "$@" || status=1
+done
+echo "sanitizer reports (empty means none):"
+grep -l -E "ERROR: AddressSanitizer|SUMMARY: AddressSanitizer" "$LOG"/* 2>/dev/null || true
+exit $status
