@@ -6,6 +6,8 @@
 // inline, so nesting cannot deadlock.
 #include "moeoffload/parallel.h"
 
+#include <pthread.h>
+
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -106,10 +108,18 @@ class Pool {
 };
 
 // Never destroyed: workers blocked on the condition variable at exit are fine,
-// joining them from a static destructor is not.
+// joining them from a static destructor is not. A forked child has none of the
+// parent's threads (and maybe a mutex the parent held mid-job), so it starts
+// from a fresh pool; the old one is abandoned.
+Pool* g_pool = nullptr;
+
 Pool& pool() {
-  static Pool* p = new Pool();
-  return *p;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    g_pool = new Pool();
+    pthread_atfork(nullptr, nullptr, [] { g_pool = new Pool(); });
+  });
+  return *g_pool;
 }
 
 }  // namespace

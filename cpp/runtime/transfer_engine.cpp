@@ -109,10 +109,14 @@ std::shared_ptr<Transfer> TransferEngine::copy(const void* src, void* dst, uint6
                                                Transfer::Callback cb) {
   std::lock_guard<std::mutex> lock(mu_);
   if (stopping_) throw Error(ErrorKind::Closed, "TransferEngine is closed");
-  // The stream with the fewest queued bytes takes the copy.
-  int best = 0;
-  for (int i = 1; i < num_streams(); ++i)
+  // The stream with the fewest queued bytes takes the copy; ties go round-robin.
+  const int n = num_streams();
+  int best = next_stream_ % n;
+  for (int k = 1; k < n; ++k) {
+    const int i = (next_stream_ + k) % n;
     if (workers_[i]->queued_bytes < workers_[best]->queued_bytes) best = i;
+  }
+  next_stream_ = (best + 1) % n;
   auto t = std::shared_ptr<Transfer>(new Transfer(bytes, tag, best));
   t->backend_ = backend_;
 #if MOEOFFLOAD_WITH_CUDA

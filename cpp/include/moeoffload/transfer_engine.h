@@ -96,6 +96,7 @@ class TransferEngine {
   std::condition_variable work_cv_, idle_cv_;
   std::vector<std::unique_ptr<Worker>> workers_;
   bool stopping_ = false;
+  int next_stream_ = 0;
   TransferStats stats_;
 };
 
