@@ -93,3 +93,20 @@ def test_hidden_state_predictor_applies_the_next_router():
     out = pred.predict(h, 0, depth=1)
     np.testing.assert_allclose(out[1], torch.softmax(routers[1] @ h, -1).numpy(), rtol=1e-5)
     assert out[0].sum() == 0 and out[2].sum() == 0
+
+
+def test_recency_weights_recent_tokens():
+    p = ActivationPredictor(1, 4, self_weight=1e6, recency=0.5)  # own counts dominate
+    p.begin_sequence()
+    for e in [0, 0, 0, 1]:
+        p.record(0, [e])
+    pred = p.predict()[0]
+    # counts decayed: e0 = 0.5^3 + 0.5^2 + 0.5 = 0.875, e1 = 1
+    assert pred[1] > pred[0]
+    plain = ActivationPredictor(1, 4, self_weight=1e6, recency=1.0)
+    plain.begin_sequence()
+    for e in [0, 0, 0, 1]:
+        plain.record(0, [e])
+    assert plain.predict()[0][0] > plain.predict()[0][1]
+    with pytest.raises(ValueError):
+        ActivationPredictor(1, 4, recency=0.0)

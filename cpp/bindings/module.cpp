@@ -91,6 +91,7 @@ NB_MODULE(_native, m) {
 
   m.def("num_threads", &num_threads);
   m.def("set_num_threads", &set_num_threads, nb::arg("n"));
+  m.def("stop_threads", &stop_threads, nb::call_guard<nb::gil_scoped_release>());
 
   m.def(
       "szp_encode",

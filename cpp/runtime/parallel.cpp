@@ -58,6 +58,20 @@ class Pool {
     if (error_) std::rethrow_exception(error_);
   }
 
+  // Joins the workers (between jobs); the next job starts them again.
+  void stop() {
+    std::lock_guard<std::mutex> one_job(job_mutex_);
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      stopping_ = true;
+    }
+    cv_work_.notify_all();
+    for (auto& t : threads_) t.join();
+    threads_.clear();
+    std::lock_guard<std::mutex> lk(m_);
+    stopping_ = false;
+  }
+
  private:
   void grow(uint64_t count) {
     while (threads_.size() < count) threads_.emplace_back([this] { loop(); });
@@ -67,7 +81,8 @@ class Pool {
     uint64_t seen = 0;
     std::unique_lock<std::mutex> lk(m_);
     for (;;) {
-      cv_work_.wait(lk, [&] { return generation_ != seen; });
+      cv_work_.wait(lk, [&] { return stopping_ || generation_ != seen; });
+      if (stopping_) return;
       seen = generation_;
       if (joined_ >= wanted_) continue;
       ++joined_;
@@ -104,6 +119,7 @@ class Pool {
   uint64_t n_ = 0, per_ = 1, wanted_ = 0, joined_ = 0, generation_ = 0;
   std::atomic<uint64_t> next_{0};
   int active_ = 0;
+  bool stopping_ = false;
   std::exception_ptr error_;
 };
 
@@ -130,6 +146,8 @@ int num_threads() {
 }
 
 void set_num_threads(int n) { g_threads.store(n > 0 ? n : 0, std::memory_order_relaxed); }
+
+void stop_threads() { pool().stop(); }
 
 void parallel_for(uint64_t n, uint64_t grain, const std::function<void(uint64_t, uint64_t)>& fn) {
   if (n == 0) return;

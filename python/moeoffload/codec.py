@@ -18,6 +18,7 @@ narrower dtype (float32 input to bfloat16, say) adds that dtype's rounding.
 
 from __future__ import annotations
 
+import atexit
 import math
 import struct
 import zlib
@@ -34,6 +35,9 @@ from .errors import (
     ShapeError,
     UnsupportedDtypeError,
 )
+
+# Join the codec's CPU threads before the interpreter goes away.
+atexit.register(_native.stop_threads)
 
 CODECS = ("szp", "sz3")
 SZ3_ALGORITHMS = ("nopred", "interp_lorenzo", "lorenzo_reg", "interp")

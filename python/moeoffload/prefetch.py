@@ -30,6 +30,7 @@ class PrefetchConfig:
     per_layer: int = 3           # at most this many experts of each layer
     min_probability: float = 0.05
     top_matches: int = 4         # activation: past matrices averaged
+    recency: float = 1.0         # activation: decay of the sequence's own counts per token (1: plain counts)
 
     def __post_init__(self):
         if self.source not in ("activation", "hidden", "combined"):
@@ -47,18 +48,26 @@ def plan(prediction: np.ndarray, current_layer: int, config: PrefetchConfig) -> 
 
 class ActivationPredictor:
     def __init__(self, num_layers: int, experts_per_layer: int, capacity: int = 512, top_matches: int = 4,
-                 history=None, self_weight: float = 1.0):
+                 history=None, self_weight: float = 1.0, recency: float = 1.0):
         self.num_layers, self.experts_per_layer = num_layers, experts_per_layer
         self.tracer = _native.ActivationTracer(num_layers, experts_per_layer)
         self.history = history if history is not None else _native.ActivationHistory(num_layers, experts_per_layer, capacity)
         self.top_matches = top_matches
         self.self_weight = self_weight
+        if not 0.0 < recency <= 1.0:
+            raise ValueError(f"recency must be in (0, 1], got {recency}")
+        self.recency = recency
+        self._own = np.zeros((num_layers, experts_per_layer), np.float32)
 
     def begin_sequence(self) -> None:
         self.tracer.begin_sequence()
+        self._own[:] = 0
 
     def record(self, layer: int, experts) -> None:
-        self.tracer.record(layer, np.ascontiguousarray(experts, dtype=np.uint32).ravel())
+        ids = np.ascontiguousarray(experts, dtype=np.uint32).ravel()
+        self.tracer.record(layer, ids)
+        self._own[layer] *= self.recency
+        np.add.at(self._own[layer], ids.astype(np.int64), 1.0)
 
     def predict(self) -> np.ndarray:
         # During the first token only rows 0..current have counts; after it, all rows.
@@ -67,9 +76,10 @@ class ActivationPredictor:
         matched = self.history.predict(m.ravel(), seen, self.top_matches).reshape(self.num_layers, self.experts_per_layer)
         if self.self_weight <= 0:
             return matched
-        # The sequence's own rows so far are one more match, weighted self_weight.
-        rows = m.sum(axis=1, keepdims=True)
-        own = np.divide(m, rows, out=np.zeros(m.shape, np.float32), where=rows > 0)
+        # The sequence's own rows so far are one more match, weighted self_weight;
+        # with recency < 1 each token's count decays by that factor per later token.
+        rows = self._own.sum(axis=1, keepdims=True)
+        own = np.divide(self._own, rows, out=np.zeros(m.shape, np.float32), where=rows > 0)
         w = np.where(rows > 0, self.self_weight, 0.0).astype(np.float32)
         return (matched + w * own) / (1.0 + w)
 

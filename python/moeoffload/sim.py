@@ -94,7 +94,7 @@ def replay(trace, expert_bytes, budget: int, policy: str = "lru", prefetch: Pref
         raise ValueError("expert_bytes must be positive")
     cache = _native.CacheIndex(int(budget), policy, L, E, int(sizes.max()))
     predictor = ActivationPredictor(L, E, capacity=512, top_matches=prefetch.top_matches if prefetch else 4,
-                                    history=history)
+                                    history=history, recency=prefetch.recency if prefetch else 1.0)
     if prefetch is not None and prefetch.source in ("hidden", "combined") and hidden_predictions is None:
         raise ValueError(f"prefetch source {prefetch.source!r} needs hidden_predictions")
     need_prediction = policy == "activation" or (prefetch is not None and prefetch.source != "hidden")

@@ -10,6 +10,9 @@ namespace moeoffload {
 // Threads the CPU backend uses: MOEOFFLOAD_NUM_THREADS, else the hardware count.
 int num_threads();
 void set_num_threads(int n);  // n <= 0 restores the default
+// Joins the pool's threads (the Python package calls it at exit); the next
+// parallel_for starts them again.
+void stop_threads();
 
 // Calls fn(begin, end) over disjoint chunks covering [0, n). Chunks hold at
 // least `grain` items. The first exception thrown by any chunk is rethrown.
