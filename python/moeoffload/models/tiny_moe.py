@@ -46,8 +46,10 @@ def save(model, out: Path) -> None:
 def load(path: Path | str | None = None, dtype: torch.dtype = torch.float32):
     """Load a checkpoint (the shipped one by default) for evaluation on the CPU."""
     from transformers import MixtralForCausalLM
+    from transformers.utils import logging as hf_logging
 
     path = DEFAULT_DIR if path in (None, "default") else Path(path)
+    hf_logging.disable_progress_bar()
     model = MixtralForCausalLM.from_pretrained(path, dtype=dtype)
     return model.eval()
 
