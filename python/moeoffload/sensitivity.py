@@ -353,7 +353,7 @@ def plot(doc: dict, out_dir: Path) -> list[Path]:
             for c in sel:
                 grid[layers.index(c["layers"][0]), alphas.index(c["alpha"])] = c["dppl_pct"]
             fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(alphas), 1.0 + 0.4 * len(layers)))
-            lim = np.nanmax(np.abs(grid)) or 1.0
+            lim = min(np.nanmax(np.abs(grid)), 10.0) or 1.0  # beyond +-10% the colour saturates
             im = ax.imshow(grid, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
             ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
             ax.set_yticks(range(len(layers)), [str(l) for l in layers])
@@ -363,7 +363,8 @@ def plot(doc: dict, out_dir: Path) -> list[Path]:
             for i in range(len(layers)):
                 for j in range(len(alphas)):
                     if not np.isnan(grid[i, j]):
-                        ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=7)
+                        v = grid[i, j]
+                        ax.text(j, i, f"{v:.1f}" if abs(v) < 1000 else f"{v:.0e}", ha="center", va="center", fontsize=7)
             fig.colorbar(im, ax=ax)
             fig.tight_layout()
             path = out_dir / f"heatmap-{scope}-{method}.png"
@@ -378,6 +379,8 @@ def plot(doc: dict, out_dir: Path) -> list[Path]:
                 pts = sorted((c["alpha"], c["dppl_pct"]) for c in sel if c["target"] == target)
                 ax.plot(*zip(*pts), marker="o", label=f"{target} ({method})" if len(methods) > 1 else target)
         ax.axhline(0, color="grey", lw=0.5)
+        if any(abs(c["dppl_pct"]) > 100 for c in cells if c["scope"] == scope):
+            ax.set_yscale("symlog", linthresh=1.0)
         ax.set_xlabel("alpha")
         ax.set_ylabel("Δ perplexity %")
         ax.set_title(f"scope {scope}")
