@@ -39,11 +39,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 from moeoffload import _native, sim  # noqa: E402
-from moeoffload.prefetch import HiddenStatePredictor, PrefetchConfig  # noqa: E402
+from moeoffload.prefetch import PrefetchConfig, mixtral_hidden_predictions  # noqa: E402
 
 BUDGETS = (0.10, 0.25, 0.50)
 SYNTHETIC = dict(num_sequences=80, tokens=64, num_layers=24, experts=32, k=2, topics=6, concentration=0.3,
@@ -59,31 +58,6 @@ def history_of(trace: np.ndarray, experts: int) -> "_native.ActivationHistory":
             np.add.at(m[l], trace[s, :, l].ravel().astype(np.int64), 1)
         h.add(m.ravel())
     return h
-
-
-@torch.no_grad()
-def hidden_predictions(model, text: bytes, seq: int, sequences: slice) -> np.ndarray:
-    """[S, T, L, E]: at each token and layer l, layer l+1's router on the residual stream after l's attention."""
-    from moeoffload.models import tiny_moe
-
-    ids = tiny_moe.windows(text, seq)[sequences]
-    pred = HiddenStatePredictor.from_mixtral(model)
-    layers = model.model.layers
-    L, E = len(layers), model.config.num_local_experts
-    captured = {}
-    hooks = [layers[l].post_attention_layernorm.register_forward_hook(
-        lambda mod, inp, out, l=l: captured.__setitem__(l, inp[0].detach())) for l in range(L)]
-    out = np.zeros((ids.shape[0], ids.shape[1], L, E), np.float32)
-    try:
-        for i in range(0, ids.shape[0], 16):
-            captured.clear()
-            model(input_ids=ids[i : i + 16])
-            for l in range(L):
-                out[i : i + 16, :, l] = pred.probabilities(captured[l], (l + 1) % L).numpy()
-    finally:
-        for h in hooks:
-            h.remove()
-    return out
 
 
 def run_trace(name: str, trace: np.ndarray, experts: int, expert_bytes: int, hidden: np.ndarray | None,
@@ -176,7 +150,8 @@ def main() -> None:
         built = table_mod.build(model.state_dict(), policy=0.3, mode="meanabs", progress=False)
         expert_bytes = int(built.expert_bytes().max())
         half = real.shape[0] // 2
-        hidden = hidden_predictions(model, tiny_moe.default_heldout(), 256, slice(0, real.shape[0]))[half:]
+        ids = tiny_moe.windows(tiny_moe.default_heldout(), 256)[: real.shape[0]]
+        hidden = mixtral_hidden_predictions(model, ids)[half:]
         rows += run_trace("tiny-moe", real, E, expert_bytes, hidden, pf)
         real_info = {"file": str(trace_file.relative_to(Path(__file__).resolve().parents[1])), "shape": list(real.shape),
                      "expert_bytes": expert_bytes, "table_bound": "0.3 x mean|w| (szp)"}

@@ -27,7 +27,7 @@ def _cmd_demo(args) -> int:
     from moeoffload import codec_eval, sensitivity, sim, table
     from moeoffload.models import tiny_moe
     from moeoffload.policy import BoundPolicy
-    from moeoffload.prefetch import PrefetchConfig
+    from moeoffload.prefetch import PrefetchConfig, mixtral_hidden_predictions
 
     info = moeoffload.backend_info()
     print(f"moeoffload {moeoffload.__version__}: backend {info['backend']} "
@@ -54,7 +54,8 @@ def _cmd_demo(args) -> int:
               f"table mapped and pinned in place: {stats['bytes_registered'] / 2**20:.2f} MiB, CRC32 of every payload checked")
 
         print("\n2. Perplexity on held-out stdlib source, experts decompressed from the table:")
-        text = tiny_moe.default_heldout()[: args.max_bytes]
+        text_all = tiny_moe.default_heldout()
+        text = text_all[: args.max_bytes]
         batches = sensitivity.windows(list(text), 256, cfg.bos_token_id)
         base = sensitivity.evaluate(model, batches)
         grid = sensitivity.ExpertGrid(model)
@@ -88,13 +89,18 @@ def _cmd_demo(args) -> int:
                 h.add(m.ravel())
             return h
 
-        rows = [sim.replay(trace[half:], size, budget, p, pf, history=history())
-                for p, pf in (("lru", None), ("lfu", None), ("activation", None), ("activation", PrefetchConfig()))]
+        hidden = mixtral_hidden_predictions(model, tiny_moe.windows(text_all, 256)[: trace.shape[0]])[half:]
+        pf = PrefetchConfig(depth=3, per_layer=4, min_probability=0.02, recency=0.5)  # bench/cache_policies.py's
+        rows = [sim.replay(trace[half:], size, budget, p, f, history=history(), hidden_predictions=hidden)
+                for p, f in (("lru", None), ("lfu", None), ("activation", None), ("activation", pf),
+                             ("activation", PrefetchConfig(**{**pf.__dict__, "source": "hidden"})))]
         bel = sim.belady(trace[half:], size, budget)
-        print(f"   {'policy':28s} {'hit rate':>8s} {'demand misses':>13s}")
+        print(f"   {'policy':34s} {'hit rate':>8s} {'demand misses':>13s}")
         for r in rows:
-            print(f"   {r.policy + ('' if r.prefetch == 'none' else ' + prefetch'):28s} {r.hit_rate:8.3f} {r.demand_misses:13d}")
-        print(f"   {'belady (optimal)':28s} {bel['hit_rate']:8.3f} {bel['demand_misses']:13d}")
+            name = r.policy + ("" if r.prefetch == "none" else f" + {r.prefetch}-state prefetch" if r.prefetch == "hidden"
+                               else f" + {r.prefetch} prefetch")
+            print(f"   {name:34s} {r.hit_rate:8.3f} {r.demand_misses:13d}")
+        print(f"   {'belady (optimal demand cache)':34s} {bel['hit_rate']:8.3f} {bel['demand_misses']:13d}")
         loaded.close()
 
     print("\n4. szp next to SZ3 on the same experts (bound 0.3 x mean|w|, every weight checked):")

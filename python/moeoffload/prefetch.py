@@ -121,3 +121,27 @@ class HiddenStatePredictor:
             l = (current_layer + d) % L
             out[l] = self.probabilities(hidden, l).reshape(-1, out.shape[1]).mean(0).numpy()
         return out
+
+
+@torch.no_grad()
+def mixtral_hidden_predictions(model, input_ids: torch.Tensor, batch: int = 16) -> np.ndarray:
+    """[sequences, tokens, layers, experts] for a Mixtral-style model: at each token and
+    layer l, layer l+1's router applied to the residual stream after l's attention
+    (what a hidden-state prefetcher sees when layer l starts its experts)."""
+    pred = HiddenStatePredictor.from_mixtral(model)
+    layers = model.model.layers
+    L, E = len(layers), model.config.num_local_experts
+    captured = {}
+    hooks = [layers[l].post_attention_layernorm.register_forward_hook(
+        lambda mod, inp, out, l=l: captured.__setitem__(l, inp[0].detach())) for l in range(L)]
+    out = np.zeros((input_ids.shape[0], input_ids.shape[1], L, E), np.float32)
+    try:
+        for i in range(0, input_ids.shape[0], batch):
+            captured.clear()
+            model(input_ids=input_ids[i : i + batch])
+            for l in range(L):
+                out[i : i + batch, :, l] = pred.probabilities(captured[l], (l + 1) % L).numpy()
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
