@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+
+from moeoffload import _native
+from moeoffload.errors import ClosedError, CorruptDataError, InvalidArgumentError
+
+
+def test_mapped_and_copied_payloads(tmp_path):
+    f = tmp_path / "blob"
+    data = np.random.default_rng(0).integers(0, 256, 10_000, dtype=np.uint8)
+    f.write_bytes(data.tobytes())
+    pool = _native.PinnedPool("cpu")
+    store = _native.ExpertStore(pool, 2, 3)
+    store.map_file(str(f))
+    assert store.mapped_bytes == 10_000 and pool.stats()["bytes_registered"] == 10_000
+    store.add_mapped(0, 100, 500)
+    np.testing.assert_array_equal(store.payload(0), data[100:600])
+    with pytest.raises(CorruptDataError, match="outside the mapped file"):
+        store.add_mapped(1, 9_900, 200)
+    store.add_copy(5, data[:77])
+    np.testing.assert_array_equal(store.payload(5), data[:77])
+    assert 5 in store and 1 not in store
+    assert store.max_payload_bytes == 500 and store.total_bytes == 577
+    with pytest.raises(InvalidArgumentError, match="layer 0, expert 1"):
+        store.payload(1)
+    with pytest.raises(InvalidArgumentError, match="out of range"):
+        store.add_copy(6, data[:10])
+    with pytest.raises(InvalidArgumentError, match="already maps"):
+        store.map_file(str(f))
+    store.close()
+    assert pool.stats()["bytes_registered"] == 0 and pool.stats()["bytes_used"] == 0
+    with pytest.raises(ClosedError):
+        store.payload(0)
+    pool.close()
+
+
+def test_unreadable_files_are_named_errors(tmp_path):
+    pool = _native.PinnedPool("cpu")
+    store = _native.ExpertStore(pool, 1, 1)
+    with pytest.raises(InvalidArgumentError, match="cannot open"):
+        store.map_file(str(tmp_path / "missing"))
+    (tmp_path / "empty").write_bytes(b"")
+    with pytest.raises(CorruptDataError, match="empty"):
+        store.map_file(str(tmp_path / "empty"))
+    with pytest.raises(InvalidArgumentError, match="before map_file"):
+        store.add_mapped(0, 0, 1)
