@@ -21,3 +21,20 @@ def cuda_available() -> bool:
     import moeoffload
 
     return torch.cuda.is_available() and moeoffload.backend_info()["built_with_cuda"]
+
+
+# A small random Mixtral-format state_dict (legacy per-expert keys) for table tests.
+L, E, H, I = 3, 4, 64, 96
+
+
+def mixtral_state_dict(seed=0, dtype=torch.bfloat16, layers=L):
+    g = torch.Generator().manual_seed(seed)
+    sd = {"model.embed_tokens.weight": torch.randn(10, H, generator=g).to(dtype)}
+    for l in range(layers):
+        sd[f"model.layers.{l}.block_sparse_moe.gate.weight"] = torch.randn(E, H, generator=g).to(dtype)
+        for e in range(E):
+            p = f"model.layers.{l}.block_sparse_moe.experts.{e}"
+            sd[f"{p}.w1.weight"] = (0.02 * torch.randn(I, H, generator=g)).to(dtype)
+            sd[f"{p}.w2.weight"] = (0.02 * torch.randn(H, I, generator=g)).to(dtype)
+            sd[f"{p}.w3.weight"] = (0.02 * torch.randn(I, H, generator=g)).to(dtype)
+    return sd

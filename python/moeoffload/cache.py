@@ -1,0 +1,102 @@
+"""ExpertCache: the object an MoE forward pass calls.
+
+    cache = ExpertCache(table, budget="6GiB", policy="activation")
+    cache.begin_sequence()
+    for layer ...:
+        experts = router top-k of this layer
+        cache.record(layer, experts)              # trace it, predict, prefetch ahead
+        for e in experts:
+            slot = cache.acquire(layer, e)        # compressed bytes, on the device
+            slot.wait()                           # or order the compute stream after slot.transfer
+            ... fused decode + GEMM on slot.data_ptr ...
+            cache.release(layer, e)
+    cache.end_sequence()                          # the sequence's matrix joins the history
+
+It ties together a loaded ExpertTable (pinned payloads), a TransferEngine, a
+DeviceCache and an ActivationPredictor with its prefetch plan.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from . import _native
+from .errors import BudgetError
+from .prefetch import ActivationPredictor, PrefetchConfig, plan
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_budget(budget) -> int:
+    """Bytes from a number or a string such as "6GiB", "512 MiB", "1.5GB"."""
+    if isinstance(budget, bool):
+        raise BudgetError(f"not a budget: {budget!r}")
+    if isinstance(budget, (int, float)):
+        value = float(budget)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(budget))
+        if not m or m[2].lower() not in _UNITS:
+            raise BudgetError(f"cannot read the budget {budget!r}: use bytes or a size like '6GiB' or '512MB'")
+        value = float(m[1]) * _UNITS[m[2].lower()]
+    if not np.isfinite(value) or value < 1:
+        raise BudgetError(f"the budget must be at least one byte, got {budget!r}")
+    return int(value)
+
+
+class ExpertCache:
+    def __init__(self, table, budget, policy: str = "activation", prefetch: PrefetchConfig | None = PrefetchConfig(),
+                 num_streams: int = 2, history=None):
+        self.table = table
+        self.engine = _native.TransferEngine(table.pool.backend, num_streams)
+        try:
+            self.cache = _native.DeviceCache(parse_budget(budget), policy, table.store, self.engine)
+        except BaseException:
+            self.engine.close()
+            raise
+        self.prefetch_config = prefetch
+        L, E = table.num_layers, table.experts_per_layer
+        self.predictor = ActivationPredictor(L, E, history=history,
+                                             recency=prefetch.recency if prefetch else 1.0,
+                                             top_matches=prefetch.top_matches if prefetch else 4)
+
+    def begin_sequence(self) -> None:
+        self.predictor.begin_sequence()
+
+    def end_sequence(self) -> bool:
+        return self.predictor.end_sequence()
+
+    def record(self, layer: int, experts) -> list[int]:
+        """The router chose `experts` at `layer`: update the prediction and prefetch ahead.
+        Returns the expert ids whose fetch started."""
+        self.cache.set_current_layer(layer)
+        self.predictor.record(layer, experts)
+        prediction = self.predictor.predict()
+        self.cache.set_activation(np.ascontiguousarray(prediction, dtype=np.float32).ravel())
+        started = []
+        if self.prefetch_config is not None:
+            for eid, priority in plan(prediction, layer, self.prefetch_config):
+                if self.cache.prefetch(eid, priority):
+                    started.append(eid)
+        return started
+
+    def acquire(self, layer: int, expert: int):
+        return self.cache.acquire(self.table.expert_id(layer, expert))
+
+    def release(self, layer: int, expert: int) -> None:
+        self.cache.release(self.table.expert_id(layer, expert))
+
+    def stats(self) -> dict:
+        return {**self.cache.stats(), "used_bytes": self.cache.used_bytes, "budget": self.cache.budget}
+
+    def close(self) -> None:
+        self.cache.close()
+        self.engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+
+from moeoffload import table
+from moeoffload.cache import ExpertCache, parse_budget
+from moeoffload.errors import BudgetError
+from conftest import mixtral_state_dict
+
+
+def test_parse_budget():
+    assert parse_budget("6GiB") == 6 * 2**30
+    assert parse_budget("512 MiB") == 512 * 2**20
+    assert parse_budget("1.5GB") == 1_500_000_000
+    assert parse_budget(4096) == 4096 and parse_budget("4096") == 4096
+    for bad in ("6 parsecs", "", "-1GiB", 0, True, float("nan")):
+        with pytest.raises(BudgetError):
+            parse_budget(bad)
+
+
+def test_expert_cache_serves_a_forward_pass(tmp_path):
+    sd = mixtral_state_dict()
+    table.build(sd, policy=0.3, mode="meanabs", progress=False).save(tmp_path / "t")
+    t = table.load(tmp_path / "t", backend="cpu")
+    size = int(t.expert_bytes().max())
+    with pytest.raises(BudgetError):
+        ExpertCache(t, size - 1)
+    rng = np.random.default_rng(0)
+    with ExpertCache(t, f"{6 * size}B") as cache:
+        for _ in range(3):
+            cache.begin_sequence()
+            for token in range(8):
+                for layer in range(t.num_layers):
+                    experts = rng.choice(t.experts_per_layer, 2, replace=False)
+                    cache.record(layer, experts)
+                    for e in experts:
+                        slot = cache.acquire(layer, int(e))
+                        slot.wait()
+                        np.testing.assert_array_equal(cache.cache.read(slot), t.payload(layer, int(e)))
+                        cache.release(layer, int(e))
+                    cache.cache.check_invariants()
+            cache.end_sequence()
+        st = cache.stats()
+        assert st["accesses"] == 3 * 8 * t.num_layers * 2 and st["used_bytes"] <= st["budget"]
+        assert len(cache.predictor.history) == 3
+    t.close()
