@@ -12,7 +12,7 @@ def test_mapped_and_copied_payloads(tmp_path):
     pool = _native.PinnedPool("cpu")
     store = _native.ExpertStore(pool, 2, 3)
     store.map_file(str(f))
-    assert store.mapped_bytes == 10_000 and pool.stats()["bytes_registered"] == 10_000
+    assert store.mapped_bytes == 10_000 and pool.stats()["bytes_registered"] == 10_000 and store.pinned
     store.add_mapped(0, 100, 500)
     np.testing.assert_array_equal(store.payload(0), data[100:600])
     with pytest.raises(CorruptDataError, match="outside the mapped file"):

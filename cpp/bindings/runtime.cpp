@@ -134,6 +134,7 @@ void bind_runtime(nb::module_& m) {
       .def_prop_ro("num_layers", &ExpertStore::num_layers)
       .def_prop_ro("experts_per_layer", &ExpertStore::experts_per_layer)
       .def_prop_ro("mapped_bytes", &ExpertStore::mapped_bytes)
+      .def_prop_ro("pinned", &ExpertStore::pinned)
       .def_prop_ro("max_payload_bytes", &ExpertStore::max_payload_bytes)
       .def_prop_ro("total_bytes", &ExpertStore::total_bytes)
       .def("close", &ExpertStore::close, nb::call_guard<nb::gil_scoped_release>());

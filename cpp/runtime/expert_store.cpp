@@ -49,9 +49,15 @@ void ExpertStore::map_file(const std::string& path) {
   if (p == MAP_FAILED) throw Error(ErrorKind::InvalidArgument, "cannot map " + path + ": " + std::strerror(errno));
   try {
     pool_.register_range(p, static_cast<size_t>(st.st_size));
-  } catch (...) {
-    ::munmap(p, static_cast<size_t>(st.st_size));
-    throw;
+    pinned_ = true;
+  } catch (const Error& e) {
+    if (e.kind() != ErrorKind::Cuda) {
+      ::munmap(p, static_cast<size_t>(st.st_size));
+      throw;
+    }
+    // A device or driver that cannot pin a read-only file mapping: keep it
+    // pageable. Copies still work (the driver stages them), only slower.
+    pinned_ = false;
   }
   map_ = p;
   map_bytes_ = static_cast<uint64_t>(st.st_size);

@@ -49,9 +49,9 @@ def _cmd_demo(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         built.save(Path(tmp) / "tiny-moe.table")
         loaded = table.load(Path(tmp) / "tiny-moe.table", backend="cpu", expect=bf16)
-        stats = loaded.pool.stats()
         print(f"   {loaded.bits_per_weight():.3f} bits/weight ({16 / loaded.bits_per_weight():.2f}x smaller than bf16); "
-              f"table mapped and pinned in place: {stats['bytes_registered'] / 2**20:.2f} MiB, CRC32 of every payload checked")
+              f"table mapped {'and pinned in place' if loaded.store.pinned else '(the backend could not pin it)'}: "
+              f"{loaded.store.mapped_bytes / 2**20:.2f} MiB, CRC32 of every payload checked")
 
         print("\n2. Perplexity on held-out stdlib source, experts decompressed from the table:")
         text_all = tiny_moe.default_heldout()
