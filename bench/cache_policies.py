@@ -41,23 +41,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-from moeoffload import _native, sim  # noqa: E402
+from moeoffload import sim  # noqa: E402
 from moeoffload.prefetch import PrefetchConfig, mixtral_hidden_predictions  # noqa: E402
 
 BUDGETS = (0.10, 0.25, 0.50)
 SYNTHETIC = dict(num_sequences=80, tokens=64, num_layers=24, experts=32, k=2, topics=6, concentration=0.3,
                  zipf=1.0, topic_weight=0.7, stickiness=0.4, seed=0)
-
-
-def history_of(trace: np.ndarray, experts: int) -> "_native.ActivationHistory":
-    S, T, L, K = trace.shape
-    h = _native.ActivationHistory(L, experts, max(S, 1))
-    for s in range(S):
-        m = np.zeros((L, experts), np.uint32)
-        for l in range(L):
-            np.add.at(m[l], trace[s, :, l].ravel().astype(np.int64), 1)
-        h.add(m.ravel())
-    return h
 
 
 def run_trace(name: str, trace: np.ndarray, experts: int, expert_bytes: int, hidden: np.ndarray | None,
@@ -77,7 +66,7 @@ def run_trace(name: str, trace: np.ndarray, experts: int, expert_bytes: int, hid
                 configs.append(("activation", replace(prefetch, source=src)))
         for policy, pf in configs:
             t0 = time.perf_counter()
-            r = sim.replay(replayed, expert_bytes, budget, policy, pf, history=history_of(past, experts),
+            r = sim.replay(replayed, expert_bytes, budget, policy, pf, history=sim.history_from_trace(past, experts),
                            hidden_predictions=hidden)
             label = policy if pf is None else f"{policy}+{pf.source}-prefetch" + (
                 "(plain)" if pf.source == "activation" and pf.recency == 1.0 and prefetch.recency != 1.0 else "")

@@ -251,13 +251,12 @@ void bind_runtime(nb::module_& m) {
       .def("stats", [](DeviceCache& c) { return cache_stats_dict(c.stats()); })
       .def("reset_stats", &DeviceCache::reset_stats)
       .def("check_invariants", &DeviceCache::check_invariants)
-      .def("read", [](DeviceCache& c, const Slot& s) {
+      .def("read", [](DeviceCache&, const Slot& s) {
         // A host copy of a slot's bytes (tests, debugging).
         auto* buf = new std::vector<uint8_t>(s.bytes);
         {
           nb::gil_scoped_release release;
           s.wait();
-          if (c.resident().empty()) throw Error(ErrorKind::InvalidArgument, "cache is empty");
 #if MOEOFFLOAD_WITH_CUDA
           cudaPointerAttributes attr{};
           if (cudaPointerGetAttributes(&attr, s.data) == cudaSuccess && attr.type == cudaMemoryTypeDevice)
@@ -295,6 +294,8 @@ void bind_runtime(nb::module_& m) {
       .def("add", [](ActivationHistory& h, Counts m) { return h.add(m.data(), m.size()); }, nb::arg("matrix"))
       .def("__len__", &ActivationHistory::size)
       .def_prop_ro("capacity", &ActivationHistory::capacity)
+      .def_prop_ro("num_layers", &ActivationHistory::num_layers)
+      .def_prop_ro("experts_per_layer", &ActivationHistory::experts_per_layer)
       .def("flat", [](const ActivationHistory& h) {
         auto* v = new std::vector<uint32_t>(h.flat());
         nb::capsule owner(v, [](void* p) noexcept { delete static_cast<std::vector<uint32_t>*>(p); });

@@ -56,20 +56,13 @@ def _cmd_demo(args) -> int:
         print("\n2. Perplexity on held-out stdlib source, experts decompressed from the table:")
         text_all = tiny_moe.default_heldout()
         text = text_all[: args.max_bytes]
-        batches = sensitivity.windows(list(text), 256, cfg.bos_token_id)
+        batches = tiny_moe.windows(text, 256)
         base = sensitivity.evaluate(model, batches)
         grid = sensitivity.ExpertGrid(model)
-        saved = []
-        with torch.no_grad():
-            for layer in range(grid.num_layers):
-                for e in range(grid.experts_per_layer):
-                    for ref in grid.matrices(layer, e):
-                        w = grid.view(ref)
-                        saved.append((w, w.clone()))
-                        w.copy_(loaded.decompress(layer, e, ref.name, dtype=w.dtype))
+        every_expert = [(l, e) for l in range(grid.num_layers) for e in range(grid.experts_per_layer)]
+        with sensitivity.replaced(grid, every_expert,
+                                  lambda l, e, ref, w: loaded.decompress(l, e, ref.name, dtype=w.dtype)):
             comp = sensitivity.evaluate(model, batches)
-            for w, orig in saved:
-                w.copy_(orig)
         print(f"   original {base['ppl']:.4f} (accuracy {100 * base['acc']:.2f}%), compressed experts {comp['ppl']:.4f} "
               f"({100 * (comp['ppl'] / base['ppl'] - 1):+.2f}%, accuracy {100 * comp['acc']:.2f}%)")
 
@@ -80,18 +73,10 @@ def _cmd_demo(args) -> int:
         size = int(loaded.expert_bytes().max())
         budget = int(round(0.25 * grid.num_layers * E)) * (-(-size // 256) * 256)
 
-        def history():
-            h = moeoffload._native.ActivationHistory(grid.num_layers, E, max(half, 1))
-            for s in range(half):
-                m = np.zeros((grid.num_layers, E), np.uint32)
-                for l in range(grid.num_layers):
-                    np.add.at(m[l], trace[s, :, l].ravel().astype(np.int64), 1)
-                h.add(m.ravel())
-            return h
-
         hidden = mixtral_hidden_predictions(model, tiny_moe.windows(text_all, 256)[: trace.shape[0]])[half:]
         pf = PrefetchConfig(depth=3, per_layer=4, min_probability=0.02, recency=0.5)  # bench/cache_policies.py's
-        rows = [sim.replay(trace[half:], size, budget, p, f, history=history(), hidden_predictions=hidden)
+        rows = [sim.replay(trace[half:], size, budget, p, f, history=sim.history_from_trace(trace[:half], E),
+                           hidden_predictions=hidden)
                 for p, f in (("lru", None), ("lfu", None), ("activation", None), ("activation", pf),
                              ("activation", PrefetchConfig(**{**pf.__dict__, "source": "hidden"})))]
         bel = sim.belady(trace[half:], size, budget)

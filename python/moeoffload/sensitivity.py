@@ -112,35 +112,44 @@ def check_args(method: str, alphas, eb_mode: str, scopes) -> None:
 
 
 @contextmanager
-def perturbed(grid: ExpertGrid, experts: list[tuple[int, int]], pert: Perturbation):
-    """Apply `pert` to the matrices of `experts` ((layer, expert) pairs); restore them exactly on exit."""
+def replaced(grid: ExpertGrid, experts: list[tuple[int, int]], new_weight):
+    """Set every matrix of `experts` ((layer, expert) pairs) to new_weight(layer, expert, ref, original);
+    restore the originals bit for bit on exit, also after an exception."""
     saved = []
-    gen = torch.Generator().manual_seed(pert.seed)
     try:
-        for layer, expert in experts:
-            for ref in grid.matrices(layer, expert):
-                w = grid.view(ref)
-                original = w.clone()
-                saved.append((w, original))
-                with torch.no_grad():
-                    if pert.method == "gaussian":
-                        std = absolute_bound(original, pert.alpha, pert.eb_mode)
-                        noise = torch.randn(original.shape, generator=gen, dtype=torch.float32) * std
-                        w.copy_((original.float() + noise).to(w.dtype))
-                    else:
-                        eb = absolute_bound(original, pert.alpha, pert.eb_mode)
-                        ct = compress(original, eb, mode="abs", codec=pert.method)
-                        rec = ct.decompress(dtype=original.dtype)
-                        err = float((rec.double() - original.double()).abs().max()) / eb
-                        pert.max_err_over_eb = max(pert.max_err_over_eb, err)
-                        pert.bits += 8 * ct.nbytes
-                        w.copy_(rec)
-                pert.weights += original.numel()
-        yield pert
+        with torch.no_grad():
+            for layer, expert in experts:
+                for ref in grid.matrices(layer, expert):
+                    w = grid.view(ref)
+                    original = w.clone()
+                    saved.append((w, original))
+                    w.copy_(new_weight(layer, expert, ref, original))
+        yield
     finally:
         with torch.no_grad():
             for w, original in reversed(saved):
                 w.copy_(original)
+
+
+@contextmanager
+def perturbed(grid: ExpertGrid, experts: list[tuple[int, int]], pert: Perturbation):
+    """Apply `pert` to the matrices of `experts` ((layer, expert) pairs); restore them exactly on exit."""
+    gen = torch.Generator().manual_seed(pert.seed)
+
+    def new_weight(layer, expert, ref, original):
+        pert.weights += original.numel()
+        bound = absolute_bound(original, pert.alpha, pert.eb_mode)
+        if pert.method == "gaussian":
+            noise = torch.randn(original.shape, generator=gen, dtype=torch.float32) * bound
+            return (original.float() + noise).to(original.dtype)
+        ct = compress(original, bound, mode="abs", codec=pert.method)
+        rec = ct.decompress(dtype=original.dtype)
+        pert.max_err_over_eb = max(pert.max_err_over_eb, float((rec.double() - original.double()).abs().max()) / bound)
+        pert.bits += 8 * ct.nbytes
+        return rec
+
+    with replaced(grid, experts, new_weight):
+        yield pert
 
 
 # ---- evaluation -------------------------------------------------------------------------
@@ -181,16 +190,23 @@ def evaluate(model, batches: torch.Tensor, batch_size: int = 8) -> dict:
 
 
 @torch.no_grad()
-def expert_usage(model, batches: torch.Tensor, grid: ExpertGrid, batch_size: int = 8) -> np.ndarray:
-    """[layers, experts]: how often each expert is in a token's top-k on the eval text."""
+def router_choices(model, ids: torch.Tensor, batch_size: int = 16) -> np.ndarray:
+    """uint8 [windows, tokens, layers, k]: the experts each token chose at every MoE layer."""
     k = getattr(model.config, "num_experts_per_tok", 2)
-    counts = np.zeros((grid.num_layers, grid.experts_per_layer), dtype=np.int64)
-    for i in range(0, batches.shape[0], batch_size):
-        out = model(input_ids=batches[i : i + batch_size], output_router_logits=True)
-        for l, logits in enumerate(out.router_logits[: grid.num_layers]):
-            top = logits.topk(k, dim=-1).indices.reshape(-1).numpy()
-            counts[l] += np.bincount(top, minlength=grid.experts_per_layer)
-    return counts
+    out = []
+    for i in range(0, ids.shape[0], batch_size):
+        x = ids[i : i + batch_size]
+        res = model(input_ids=x, output_router_logits=True)
+        per_layer = [lg.view(x.shape[0], x.shape[1], -1).topk(k, dim=-1).indices for lg in res.router_logits]
+        out.append(torch.stack(per_layer, dim=2).to(torch.uint8).numpy())
+    return np.concatenate(out, axis=0)
+
+
+def expert_usage(model, batches: torch.Tensor, grid: ExpertGrid) -> np.ndarray:
+    """[layers, experts]: how often each expert is in a token's top-k on the eval text."""
+    choices = router_choices(model, batches)
+    return np.stack([np.bincount(choices[:, :, l].ravel(), minlength=grid.experts_per_layer)
+                     for l in range(grid.num_layers)]).astype(np.int64)
 
 
 def lm_eval_tasks(model, tasks: list[str], limit: int | None = None) -> dict:

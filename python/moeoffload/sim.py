@@ -85,10 +85,7 @@ def replay(trace, expert_bytes, budget: int, policy: str = "lru", prefetch: Pref
     """
     tr = _check_trace(trace)
     S, T, L, K = tr.shape
-    E = int(tr.max()) + 1 if history is None else None
-    if history is not None:
-        E = len(history.flat()) // max(len(history), 1) // L if len(history) else int(tr.max()) + 1
-    E = max(E, int(tr.max()) + 1)
+    E = int(tr.max()) + 1 if history is None else max(history.experts_per_layer, int(tr.max()) + 1)
     sizes = np.broadcast_to(np.asarray(expert_bytes, dtype=np.int64), (L * E,)).copy()
     if (sizes <= 0).any():
         raise ValueError("expert_bytes must be positive")
@@ -169,6 +166,19 @@ def replay(trace, expert_bytes, budget: int, policy: str = "lru", prefetch: Pref
         prefetches=st["prefetches"], prefetch_hits=st["prefetch_hits"], prefetch_unused=st["prefetch_unused"],
         evictions=st["evictions"], bytes_moved=st["bytes_loaded"], stalls=stalls, stall_seconds=stall_seconds,
         compute_seconds=S * T * L * layer_seconds)
+
+
+def history_from_trace(trace, experts_per_layer: int, capacity: int | None = None):
+    """An ActivationHistory holding each sequence's activation matrix of `trace` [S, T, L, k]."""
+    tr = _check_trace(trace)
+    S, T, L, K = tr.shape
+    hist = _native.ActivationHistory(L, experts_per_layer, capacity or max(S, 1))
+    for s in range(S):
+        m = np.zeros((L, experts_per_layer), np.uint32)
+        for l in range(L):
+            np.add.at(m[l], tr[s, :, l].ravel().astype(np.int64), 1)
+        hist.add(m.ravel())
+    return hist
 
 
 def _hidden_rows(next_layer_probs: np.ndarray, layer: int, L: int, E: int) -> np.ndarray:

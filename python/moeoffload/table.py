@@ -105,14 +105,13 @@ class _Source:
 
     def get(self, ref: MatrixRef) -> torch.Tensor:
         if self._dict is not None:
-            t = self._dict[ref.key]
-        else:
-            from safetensors import safe_open
+            t = self._dict[ref.key].detach()
+            return (t[ref.index] if ref.index is not None else t).contiguous()
+        from safetensors import safe_open
 
-            with safe_open(str(self._files[ref.key]), framework="pt") as f:
-                t = f.get_slice(ref.key)[ref.index] if ref.index is not None else f.get_tensor(ref.key)
-            return t.contiguous()
-        return (t[ref.index] if ref.index is not None else t).detach().contiguous()
+        with safe_open(str(self._files[ref.key]), framework="pt") as f:
+            t = f.get_slice(ref.key)[ref.index] if ref.index is not None else f.get_tensor(ref.key)
+        return t.contiguous()
 
 
 def _safetensors_header(path: Path) -> tuple[dict[str, tuple[str, list[int]]], dict[str, tuple[int, int]], int]:

@@ -41,6 +41,8 @@ class ActivationHistory {
   bool add(const uint32_t* counts, size_t n);
   size_t size() const;
   size_t capacity() const { return capacity_; }
+  uint32_t num_layers() const { return num_layers_; }
+  uint32_t experts_per_layer() const { return experts_per_layer_; }
   std::vector<uint32_t> flat() const;  // [size, layers, experts]
   void clear();
   // Writes layers x experts probabilities into `out`. `layers_seen` rows of

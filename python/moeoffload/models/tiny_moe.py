@@ -66,40 +66,22 @@ def with_bos(tokens: torch.Tensor) -> torch.Tensor:
 
 def windows(data: bytes, seq: int) -> torch.Tensor:
     """Non-overlapping windows of ``seq - 1`` bytes, each prefixed with BOS."""
-    arr = np.frombuffer(data, dtype=np.uint8)
-    n = arr.size // (seq - 1)
-    if n == 0:
-        raise ValueError(f"need at least {seq - 1} bytes of text, got {arr.size}")
-    body = torch.from_numpy(arr[: n * (seq - 1)].astype(np.int64)).view(n, seq - 1)
-    return with_bos(body)
+    from ..sensitivity import windows as token_windows
+
+    return token_windows(list(data), seq, BOS)
 
 
-@torch.no_grad()
-def bits_per_byte(model, data: bytes, seq: int = 256, batch: int = 16) -> float:
-    ids = windows(data, seq)
-    total, count = 0.0, 0
-    for i in range(0, ids.shape[0], batch):
-        x = ids[i : i + batch]
-        logits = model(input_ids=x).logits.float()
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
-        total += float(loss)
-        count += x[:, 1:].numel()
-    return total / count / float(np.log(2))
+def bits_per_byte(model, data: bytes, seq: int = 256) -> float:
+    from ..sensitivity import evaluate
+
+    return evaluate(model, windows(data, seq))["nll"] / float(np.log(2))
 
 
-@torch.no_grad()
-def routing_traces(model, data: bytes, seq: int = 256, batch: int = 16) -> np.ndarray:
+def routing_traces(model, data: bytes, seq: int = 256) -> np.ndarray:
     """uint8 [sequence, token, layer, k]: the experts each token chose."""
-    ids = windows(data, seq)
-    k = model.config.num_experts_per_tok
-    out = []
-    for i in range(0, ids.shape[0], batch):
-        x = ids[i : i + batch]
-        res = model(input_ids=x, output_router_logits=True)
-        per_layer = [lg.view(x.shape[0], x.shape[1], -1).topk(k, dim=-1).indices for lg in res.router_logits]
-        out.append(torch.stack(per_layer, dim=2).to(torch.uint8).numpy())
-    return np.concatenate(out, axis=0)
+    from ..sensitivity import router_choices
+
+    return router_choices(model, windows(data, seq))
 
 
 def expert_usage(model, data: bytes, seq: int = 256) -> np.ndarray:
