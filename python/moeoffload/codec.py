@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import math
+import numbers
 import struct
 import zlib
 
@@ -89,10 +90,9 @@ def absolute_bound(t: torch.Tensor, eb: float, mode: str) -> float:
     A constant tensor has no range; "rel" then uses eb x |value| (or eb if 0);
     an all-zero tensor has no mean magnitude and "meanabs" uses eb.
     """
-    if isinstance(eb, bool) or not isinstance(eb, (int, float)) or not math.isfinite(eb) or eb <= 0:
-        raise InvalidBoundError(f"error bound must be a positive finite number, got {eb!r}")
+    eb = _bound_value(eb)
     if mode == "abs":
-        return float(eb)
+        return eb
     if mode not in ("rel", "meanabs"):
         raise InvalidBoundError(f"mode must be 'abs', 'rel' or 'meanabs', got {mode!r}")
     if t.numel() == 0:
@@ -100,12 +100,44 @@ def absolute_bound(t: torch.Tensor, eb: float, mode: str) -> float:
     _check_finite(t)
     if mode == "meanabs":
         scale = float(t.float().abs().mean())
-        return float(eb) * (scale if scale > 0 else 1.0)
-    lo, hi = (float(v) for v in torch.aminmax(t.float()))
-    span = hi - lo
-    if span == 0:
-        span = abs(hi) or 1.0
-    return float(eb) * span
+        scale = scale if scale > 0 else 1.0
+        what = "mean |x|"
+    else:
+        lo, hi = (float(v) for v in torch.aminmax(t.float()))
+        scale = hi - lo
+        if scale == 0:
+            scale = abs(hi) or 1.0
+        what = "the value range"
+    bound = eb * scale
+    if not (math.isfinite(bound) and bound > 0):  # overflow to Inf or underflow to 0 in float64
+        raise InvalidBoundError(
+            f"error bound {eb!r} in mode {mode!r} times {what} ({scale!r}) is {bound!r}, "
+            "not a positive finite float64: choose a bound that keeps eb x scale in range")
+    return bound
+
+
+def _bound_value(eb) -> float:
+    """An error bound as a float: a Python or numpy real number, or a 0-d real tensor; never a bool."""
+    value = None
+    if isinstance(eb, torch.Tensor):
+        if eb.dim() == 0 and not eb.dtype.is_complex and eb.dtype != torch.bool:
+            value = float(eb)
+    elif isinstance(eb, np.ndarray):
+        if eb.ndim == 0 and eb.dtype.kind in "iuf":
+            value = float(eb)
+    elif isinstance(eb, numbers.Real) and not isinstance(eb, (bool, np.bool_)):
+        try:
+            value = float(eb)
+        except (OverflowError, ValueError, TypeError):
+            value = None
+    if value is None or not math.isfinite(value) or value <= 0:
+        try:
+            shown = repr(eb)
+        except ValueError:  # an int of more than 4300 digits has no repr
+            shown = f"an integer of {eb.bit_length()} bits"
+        shown = shown if len(shown) <= 60 else shown[:45] + "..." + shown[-10:]
+        raise InvalidBoundError(f"error bound must be a positive finite number, got {shown}")
+    return value
 
 
 class CompressedTensor:
@@ -173,6 +205,10 @@ class CompressedTensor:
         out: a contiguous CPU tensor of the stored dtype and shape to decode into
         (szp only): the hot-path form, no allocation. Returns `out`.
         """
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise UnsupportedDtypeError(
+                f"decompress(dtype={dtype!r}): the values are floating point; ask for a torch floating dtype "
+                "(float32 holds them exactly) or None for the stored one")
         if out is not None:
             return self._decode_szp_into(out)
         device = torch.device(device) if device is not None else torch.device("cpu")
@@ -227,12 +263,42 @@ def compress(x, eb: float, mode: str = "abs", codec: str = "szp", *, sz3_algorit
 
 # ---- sz3 container: header, shape, exceptions, SZ3 stream, CRC32 (docs/format.md) ----
 
+_SZ3_MAX_NDIM = 8  # the container's limit (docs/format.md); the SZ3 stream itself is always the flat array
+
+
+def _sz3_corrupt(why: str) -> CorruptDataError:
+    return CorruptDataError(f"sz3 buffer is corrupt or truncated: {why}; re-create it from the original weights")
+
+
+def _sz3_reconstruct(stream: np.ndarray, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The SZ3 stream's n values, rounded to `dtype`; CorruptDataError whatever way SZ3 fails on it.
+
+    The same function runs at compress time on the fresh stream (so what cannot be
+    decoded is refused there) and at decode time on the stored one.
+    """
+    from pysz import sz
+
+    try:
+        values = sz.decompress(np.ascontiguousarray(stream, dtype=np.uint8), np.float32, (n,))[0]
+    except Exception as e:  # pysz / SZ3 raise IndexError, ValueError, RuntimeError, MemoryError, ... on bad input
+        raise _sz3_corrupt(f"the SZ3 stream does not decode ({type(e).__name__}: {e})") from None
+    if not isinstance(values, np.ndarray) or values.dtype != np.float32 or values.size != n:
+        got = getattr(values, "size", None)
+        raise _sz3_corrupt(f"the SZ3 stream decodes to {got} values, the header says {n}")
+    return torch.from_numpy(np.ascontiguousarray(values).reshape(-1)).to(dtype)
+
 
 def _compress_sz3(t: torch.Tensor, eb: float, algorithm: str) -> CompressedTensor:
     from pysz import sz, szAlgorithm, szConfig, szErrorBoundMode
 
     if algorithm not in SZ3_ALGORITHMS:
         raise InvalidBoundError(f"sz3_algorithm must be one of {SZ3_ALGORITHMS}, got {algorithm!r}")
+    eb = float(eb)
+    if not (math.isfinite(eb) and eb > 0):  # the header holds eb as float64, as pysz takes it
+        raise InvalidBoundError(f"the absolute error bound must be a positive finite float64, got {eb!r}")
+    if t.dim() > _SZ3_MAX_NDIM:
+        raise ShapeError(f"the sz3 codec takes tensors of at most {_SZ3_MAX_NDIM} dimensions, got {t.dim()} "
+                         f"(shape {tuple(t.shape)}); reshape it first")
     _check_finite(t)
     n = t.numel()
     flat = t.reshape(-1)
@@ -241,10 +307,18 @@ def _compress_sz3(t: torch.Tensor, eb: float, algorithm: str) -> CompressedTenso
         cfg.errorBoundMode = szErrorBoundMode.ABS
         cfg.absErrorBound = eb
         cfg.cmprAlgo = getattr(szAlgorithm, algorithm.upper())
-        stream, _ = sz.compress(flat.float().numpy(), cfg)
-        x_hat = torch.from_numpy(sz.decompress(stream, np.float32, (n,))[0]).to(t.dtype)
+        try:
+            stream, _ = sz.compress(flat.float().numpy(), cfg)
+        except Exception as e:
+            raise InvalidBoundError(f"SZ3 cannot compress at eb={eb!r} ({type(e).__name__}: {e})") from None
+        stream = np.ascontiguousarray(stream, dtype=np.uint8)
+        # Decode exactly as decompress() will: what fails here would fail there.
+        try:
+            x_hat = _sz3_reconstruct(stream, n, t.dtype)
+        except CorruptDataError as e:
+            raise InvalidBoundError(f"SZ3 cannot round-trip its own output at eb={eb!r}: {e}") from None
         err = (flat.double() - x_hat.double()).abs()
-        idx = (err > eb).nonzero().reshape(-1)
+        idx = (~(err <= eb)).nonzero().reshape(-1)  # NaN or Inf from SZ3 is an exception too
     else:
         stream = np.zeros(0, np.uint8)
         idx = torch.zeros(0, dtype=torch.int64)
@@ -258,46 +332,65 @@ def _compress_sz3(t: torch.Tensor, eb: float, algorithm: str) -> CompressedTenso
     ]
     body = b"".join(parts)
     buf = np.frombuffer(body + struct.pack("<I", zlib.crc32(body)), dtype=np.uint8).copy()
+    _parse_sz3(buf)  # the container's own checks, so a buffer that would not load is never handed out
     return CompressedTensor("sz3", t.dtype, t.shape, eb, idx.numel(), buf)
 
 
 def _parse_sz3(arr: np.ndarray) -> dict:
-    def corrupt(why: str):
-        return CorruptDataError(f"sz3 buffer is corrupt or truncated: {why}; re-create it from the original weights")
-
+    """Header, shape and exceptions of an sz3 container, checked (CorruptDataError); the SZ3 stream is not decoded."""
+    corrupt = _sz3_corrupt
     if arr.size < _SZ3_HEADER.size + 4:
         raise corrupt("too short")
     if zlib.crc32(arr[:-4]) != int(arr[-4:].view("<u4")[0]):
         raise corrupt("CRC32 mismatch")
     magic, version, code, ndim, eb, numel, n_exc, n_stream = _SZ3_HEADER.unpack_from(arr)
+    if magic != _SZ3_MAGIC:
+        raise corrupt("not an sz3 container (magic)")
     if version != _SZ3_VERSION:
         raise CorruptDataError(f"sz3 container version {version} is not supported; upgrade moeoffload")
-    if code not in _CODE_DTYPES or ndim > 8 or not (math.isfinite(eb) and eb > 0) or n_exc > numel:
-        raise corrupt("invalid header")
+    if code not in _CODE_DTYPES:
+        raise corrupt(f"unknown dtype code {code}")
+    if ndim > _SZ3_MAX_NDIM:
+        raise corrupt(f"{ndim} dimensions (at most {_SZ3_MAX_NDIM})")
+    if not (math.isfinite(eb) and eb > 0):
+        raise corrupt(f"error bound {eb!r} is not a positive finite number")
+    if n_exc > numel:
+        raise corrupt(f"{n_exc} exceptions for {numel} values")
     at = _SZ3_HEADER.size
-    shape = tuple(int(v) for v in arr[at : at + 8 * ndim].view("<u8"))
-    if len(shape) != ndim or math.prod(shape) != numel:
-        raise corrupt("shape does not match numel")
+    # Sizes are Python ints (no wrap-around); compare them before slicing anything.
     if at + 8 * ndim + 12 * n_exc + n_stream + 4 != arr.size:
         raise corrupt("length does not match the header")
-    return {"dtype": _CODE_DTYPES[code], "shape": shape, "eb": eb, "n_exceptions": n_exc, "numel": numel}
+    shape = tuple(int(v) for v in arr[at : at + 8 * ndim].view("<u8"))
+    if math.prod(shape) != numel:
+        raise corrupt("shape does not match numel")
+    if (numel == 0) != (n_stream == 0):
+        raise corrupt("SZ3 stream length does not match numel")
+    at += 8 * ndim
+    idx = arr[at : at + 8 * n_exc].view("<u8")  # unsigned: an index near 2**64 stays large, never -1
+    raw = arr[at + 8 * n_exc : at + 12 * n_exc].view("<u4")
+    if n_exc:
+        if int(idx.max()) >= numel:
+            raise corrupt("exception index out of range")
+        if n_exc > 1 and not bool(np.all(idx[1:] > idx[:-1])):
+            raise corrupt("exception indices are not strictly increasing")
+        if int(raw.max()) >> (8 * _CODE_DTYPES[code].itemsize):
+            raise corrupt("exception value does not fit the dtype")
+    return {"dtype": _CODE_DTYPES[code], "shape": shape, "eb": eb, "n_exceptions": n_exc, "numel": numel,
+            "exceptions": (idx, raw), "stream": arr[at + 12 * n_exc : arr.size - 4]}
 
 
 def _decode_sz3(arr: np.ndarray) -> torch.Tensor:
-    from pysz import sz
-
     head = _parse_sz3(arr)
     n, n_exc, dtype = head["numel"], head["n_exceptions"], head["dtype"]
-    at = _SZ3_HEADER.size + 8 * len(head["shape"])
-    idx = torch.from_numpy(arr[at : at + 8 * n_exc].view("<u8").astype(np.int64))
-    raw = torch.from_numpy(arr[at + 8 * n_exc : at + 12 * n_exc].view("<u4").astype(np.int64))
-    if n_exc and int(idx.max()) >= n:
-        raise CorruptDataError("sz3 buffer is corrupt: exception index out of range")
     if n == 0:
         return torch.empty(head["shape"], dtype=dtype)
-    stream = arr[at + 12 * n_exc : -4]
-    out = torch.from_numpy(sz.decompress(stream, np.float32, (n,))[0]).to(dtype)
+    out = _sz3_reconstruct(head["stream"], n, dtype)
     if n_exc:
+        idx_u, raw_u = head["exceptions"]  # checked by _parse_sz3: indices < n, values fit the dtype
+        idx = torch.from_numpy(idx_u.astype(np.int64))
+        raw = torch.from_numpy(raw_u.astype(np.int64))
         half = 1 << (8 * dtype.itemsize - 1)  # unsigned bits -> the signed view's value
         out.view(_RAW_VIEW[dtype])[idx] = torch.where(raw >= half, raw - 2 * half, raw).to(_RAW_VIEW[dtype])
+    if not bool(torch.isfinite(out).all()):  # the input was finite and every value is within eb of it
+        raise _sz3_corrupt("it decodes to NaN or Inf")
     return out.reshape(head["shape"])
