@@ -18,6 +18,8 @@ DeviceCache and an ActivationPredictor with its prefetch plan.
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 
 import numpy as np
@@ -30,19 +32,39 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
+MAX_BUDGET = 2**50  # 1 PiB: beyond any device; a larger budget is a mistake (and would not fit the native size type)
+
+
 def parse_budget(budget) -> int:
-    """Bytes from a number or a string such as "6GiB", "512 MiB", "1.5GB"."""
-    if isinstance(budget, bool):
-        raise BudgetError(f"not a budget: {budget!r}")
-    if isinstance(budget, (int, float)):
-        value = float(budget)
+    """Bytes from a number or a string such as "6GiB", "512 MiB", "1.5GB" (1 byte to MAX_BUDGET, 1 PiB)."""
+    def shown(x) -> str:  # a short repr: a 5000-digit int has none (ValueError), a long string is cut
+        try:
+            s = repr(x)
+        except ValueError:
+            return f"an integer of {x.bit_length()} bits"
+        return s if len(s) <= 60 else s[:45] + "..." + s[-10:]
+
+    if isinstance(budget, (bool, np.bool_)):
+        raise BudgetError(f"not a budget: {shown(budget)}")
+    if isinstance(budget, numbers.Integral):
+        value = int(budget)  # exact, however large
+    elif isinstance(budget, numbers.Real):
+        try:
+            value = float(budget)
+        except OverflowError:  # a Fraction or similar beyond float64
+            value = math.inf
     else:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(budget))
         if not m or m[2].lower() not in _UNITS:
-            raise BudgetError(f"cannot read the budget {budget!r}: use bytes or a size like '6GiB' or '512MB'")
-        value = float(m[1]) * _UNITS[m[2].lower()]
-    if not np.isfinite(value) or value < 1:
-        raise BudgetError(f"the budget must be at least one byte, got {budget!r}")
+            raise BudgetError(f"cannot read the budget {shown(budget)}: use bytes or a size like '6GiB' or '512MB'")
+        value = float(m[1]) * _UNITS[m[2].lower()]  # "1e400" is inf here, never an exception
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BudgetError(f"the budget must be a finite size, got {shown(budget)}")
+    if value < 1:
+        raise BudgetError(f"the budget must be at least one byte, got {shown(budget)}")
+    if value > MAX_BUDGET:
+        raise BudgetError(f"the budget {shown(budget)} is more than {MAX_BUDGET} bytes (1 PiB), the most moeoffload "
+                          "accepts; give the device memory to use, such as '6GiB'")
     return int(value)
 
 
