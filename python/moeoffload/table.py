@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from . import _native
+from . import manifest as _manifest
 from .codec import CompressedTensor, absolute_bound, compress
 from .errors import ChecksumError, MissingExpertError, TableError, TableMismatchError, NoMoeLayersError
 from .policy import BoundPolicy
@@ -338,12 +339,11 @@ def load(path, *, backend: str = "auto", verify: bool = True, expect=None) -> Ex
         manifest = json.loads((path / MANIFEST_FILE).read_text())
     except FileNotFoundError:
         raise TableError(f"{path} is not a moeoffload table (no {MANIFEST_FILE})") from None
-    except ValueError as e:
+    except OSError as e:  # the table path is a file, manifest.json a directory, unreadable, ...
+        raise TableError(f"{path} is not a moeoffload table (cannot read {MANIFEST_FILE}: {e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:
         raise TableError(f"{path / MANIFEST_FILE} is not valid JSON: {e}") from e
-    if manifest.get("format") != FORMAT:
-        raise TableError(f"{path / MANIFEST_FILE} is not a moeoffload table manifest")
-    if manifest.get("version") != VERSION:
-        raise TableError(f"table format version {manifest.get('version')} is not supported (this build reads {VERSION})")
+    _manifest.validate(manifest, path / MANIFEST_FILE)
     L, E = manifest["num_layers"], manifest["experts_per_layer"]
     have = {(x["layer"], x["expert"]) for x in manifest["experts"]}
     for l in range(L):
@@ -363,7 +363,10 @@ def load(path, *, backend: str = "auto", verify: bool = True, expect=None) -> Ex
             if x["tensor"] not in spans:
                 raise MissingExpertError(f"{payload_file} has no tensor {x['tensor']!r} (layer {x['layer']} expert {x['expert']})")
             begin, end = spans[x["tensor"]]
-            if end - begin != x["bytes"] or meta[x["tensor"]][0] != "U8":
+            if meta[x["tensor"]][0] != "U8":
+                raise ChecksumError(f"tensor {x['tensor']!r} in {payload_file} has dtype {meta[x['tensor']][0]}, "
+                                    "expected U8 (the compressed bytes)")
+            if end - begin != x["bytes"]:
                 raise ChecksumError(f"tensor {x['tensor']!r} holds {end - begin} bytes, the manifest says {x['bytes']}")
             store.add_mapped(x["layer"] * E + x["expert"], begin, x["bytes"])
         if verify:
