@@ -1,16 +1,16 @@
-// szp decode on the GPU: one warp per segment (a row of the weight), one lane
-// per 32-value block.
+// szp decode on the GPU: one warp per segment (a row of the weight); the warp
+// walks the row block by block, lane i decoding value i of each block.
 //
-// Layout (docs/format.md): a segment is its block widths (u8, padded to 4
-// bytes) followed by the blocks' words: sign plane, then `bits` magnitude
-// planes, u32 each. A lane cannot know where its block starts without the
-// sizes of the blocks before it in the row, so the warp reads 32 widths at a
-// time and turns their sizes into offsets with a warp prefix sum: no global
-// scan, no second pass, and rows decode independently (which is what the fused
-// decode+GEMV kernel will need). Values are rebuilt with the same integer
-// conversions as the CPU decoder (moeoffload/dtype.h) and --fmad=false, so the
-// two agree bit for bit. Exceptions (values stored exactly) are patched by the
-// same warp after __syncwarp, which orders its lanes' global writes.
+// Layout (docs/format.md, version 2): a segment is its block widths (u8,
+// padded to 4 bytes) followed by each block's w words of packed w-bit fields.
+// A block's start depends on the widths before it in the row, so the warp
+// reads 32 widths at a time and turns them into offsets with a warp prefix
+// sum: no global scan, rows decode independently. Per block the lanes read
+// one or two words of a <= 100-byte span (one or a few sectors) and write 32
+// consecutive values (coalesced). The field extraction and the value are the
+// shared functions of szp_block.h (with __fmul_rn), so the CPU and GPU
+// decoders agree bit for bit. Exceptions (values stored exactly) are patched
+// by the same warp after __syncwarp, which orders its lanes' global writes.
 #include <cuda_runtime.h>
 
 #include "moeoffload/szp_cuda.h"
@@ -37,62 +37,34 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) szp_decode_kernel(DecodeA
   using O = typename Stored<T>::type;
   const unsigned full = 0xFFFFFFFFu;
   const uint64_t seg = static_cast<uint64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  const int lane = threadIdx.x & 31;
+  const uint32_t lane = threadIdx.x & 31;
   if (seg >= a.n_segments) return;  // whole warps exit together
 
   const uint8_t* widths = a.payload + a.seg_offsets[seg];
   const uint64_t first = seg * a.segment_len;
   const uint32_t len = static_cast<uint32_t>(min(a.segment_len, a.numel - first));
   const uint32_t nblocks = (len + 31) / 32;
-  const uint8_t* data = widths + szp_widths_bytes(nblocks);
+  const uint32_t* data = reinterpret_cast<const uint32_t*>(widths + szp_widths_bytes(nblocks));
   O* seg_out = out + first;
 
-  uint32_t running = 0;  // bytes of the blocks before this group of 32
+  uint32_t running = 0;  // words of the blocks before this group of 32
   for (uint32_t base = 0; base < nblocks; base += 32) {
-    const uint32_t k = base + lane;
-    const uint32_t bits = k < nblocks ? widths[k] : 0;
-    const uint32_t size = szp_block_bytes(bits);
-    uint32_t incl = size;
+    // lane j: width of block base + j, and the words before it in the group
+    const uint32_t mine = base + lane < nblocks ? widths[base + lane] : 0;
+    uint32_t incl = mine;
 #pragma unroll
     for (int off = 1; off < 32; off <<= 1) {
-      uint32_t t = __shfl_up_sync(full, incl, off);
-      if (lane >= off) incl += t;
+      const uint32_t t = __shfl_up_sync(full, incl, off);
+      if (lane >= static_cast<uint32_t>(off)) incl += t;
     }
-    const uint32_t total = __shfl_sync(full, incl, 31);
-    if (k < nblocks) {
-      const uint32_t cnt = min(32u, len - k * 32);
-      O* dst = seg_out + static_cast<uint64_t>(k) * 32;
-      if (bits == 0) {
-        for (uint32_t i = 0; i < cnt; ++i) dst[i] = 0;
-      } else {
-        const uint32_t* w = reinterpret_cast<const uint32_t*>(data + running + incl - size);
-        uint32_t mag[32];
-#pragma unroll
-        for (int i = 0; i < 32; ++i) mag[i] = 0;
-        for (uint32_t b = 0; b < bits; ++b) {
-          const uint32_t plane = __ldg(w + 1 + b);
-#pragma unroll
-          for (int i = 0; i < 32; ++i) mag[i] |= ((plane >> i) & 1u) << b;
-        }
-        const uint32_t sign = __ldg(w);
-        O vals[32];
-#pragma unroll
-        for (int i = 0; i < 32; ++i) {
-          const int32_t neg = -static_cast<int32_t>((sign >> i) & 1u);
-          const int32_t q = (static_cast<int32_t>(mag[i]) ^ neg) - neg;
-          vals[i] = Stored<T>::from_f32(__fmul_rn(__int2float_rn(q), a.step));
-        }
-        if (cnt == 32 && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
-          const uint4* src = reinterpret_cast<const uint4*>(vals);
-          uint4* d4 = reinterpret_cast<uint4*>(dst);
-#pragma unroll
-          for (int i = 0; i < static_cast<int>(32 * sizeof(O) / 16); ++i) d4[i] = src[i];
-        } else {
-          for (uint32_t i = 0; i < cnt; ++i) dst[i] = vals[i];
-        }
-      }
+    const uint32_t group = min(32u, nblocks - base);
+    for (uint32_t j = 0; j < group; ++j) {  // the warp decodes block base + j, lane i value i
+      const uint32_t w = __shfl_sync(full, mine, j);
+      const uint32_t at = running + __shfl_sync(full, incl, j) - w;
+      const uint32_t i = (base + j) * 32 + lane;
+      if (i < len) seg_out[i] = w ? szp_value<T>(szp_field(data + at, w, lane), a.step) : O(0);
     }
-    running += total;
+    running += __shfl_sync(full, incl, 31);
   }
 
   if (a.exc_offsets) {

@@ -101,12 +101,21 @@ def test_one_dimensional_tensors_are_cut_into_segments():
     assert max_error(x, y) <= 0.01
 
 
-def test_bound_too_small_is_named_with_the_smallest_usable_bound():
-    x = torch.tensor([1000.0, -3.0])
-    with pytest.raises(BoundTooSmallError, match="use eb >= 5.96"):
-        codec.compress(x, 1e-5)
-    ct, y = _roundtrip(x, 1000.0 / 2**23)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("peak", [1000.0, 3.0, 65504.0, 1e-3])
+def test_bound_too_small_suggests_a_bound_that_works(dtype, peak):
+    # The bound the message prints (6 significant digits) must itself be accepted.
+    import re
+
+    x = torch.tensor([peak, -peak / 3, 0.0]).to(dtype)
+    with pytest.raises(BoundTooSmallError, match="use eb >= ") as info:
+        codec.compress(x, float(x.abs().max()) * 1e-9)
+    assert "float32" not in str(info.value)
+    suggested = float(re.search(r"use eb >= (\S+)$", str(info.value))[1])
+    ct, y = _roundtrip(x, suggested)
     assert max_error(x, y) <= ct.eb
+    with pytest.raises(BoundTooSmallError):
+        codec.compress(x, suggested * 0.999)
 
 
 def test_exceptions_are_decoded_exactly():
@@ -133,28 +142,36 @@ def test_decoding_is_deterministic_across_thread_counts():
 
 _DECODE_DIGEST = """
 import hashlib, sys, torch
+import moeoffload
 from moeoffload import codec
-out = []
+out, widths = [], set()
 for i, dtype in enumerate([torch.float32, torch.bfloat16, torch.float16]):
-    for eb in (1e-4, 1e-2, 0.3):
+    for eb in (2.5e-6, 3e-5, 1e-4, 1e-2, 0.3):
         g = torch.Generator().manual_seed(i)
         x = (torch.randn(97, 1000, generator=g) * torch.logspace(-3, 1, 1000)).to(dtype)
-        out.append(codec.compress(x, eb).decompress().view(torch.uint8).numpy().tobytes())
-print(hashlib.sha256(b''.join(out)).hexdigest())
+        ct = codec.compress(x, eb)
+        widths.update(int(w) for w in codec.width_histogram(ct).nonzero()[0])
+        out.append(ct.decompress().view(torch.uint8).numpy().tobytes())
+x = torch.randn(97, 1000, generator=g)
+ct = codec.compress(x, float(x.abs().max()) / (2**25 - 8) * 1.01)  # |q| near 2^24: width 25
+widths.update(int(w) for w in codec.width_histogram(ct).nonzero()[0])
+out.append(ct.decompress().view(torch.uint8).numpy().tobytes())
+assert widths >= set(range(26)), sorted(set(range(26)) - widths)
+print(moeoffload.backend_info()["cpu_isa"], hashlib.sha256(b''.join(out)).hexdigest())
 """
 
 
-def test_simd_decoder_equals_portable_reference_bit_for_bit():
-    # The AVX2 path (widths <= 8) and the portable path must give identical bits;
-    # widths above 8 (eb=1e-4) exercise the fallback inside the same run.
-    runs = []
-    for disable in (False, True):
-        env = {k: v for k, v in os.environ.items() if k != "MOEOFFLOAD_DISABLE_AVX2"}
-        if disable:
-            env["MOEOFFLOAD_DISABLE_AVX2"] = "1"
+def test_simd_decoders_equal_portable_reference_bit_for_bit():
+    # Every SIMD path this CPU has (AVX-512, AVX2) and the portable path must
+    # give identical bits over every block width 1..25 (the eb range covers them).
+    runs = {}
+    for isa in ("avx512", "avx2", "portable"):
+        env = {**os.environ, "MOEOFFLOAD_ISA": isa}
         out = subprocess.run([sys.executable, "-c", _DECODE_DIGEST], capture_output=True, text=True, env=env, check=True)
-        runs.append(out.stdout.strip())
-    assert runs[0] == runs[1]
+        used, digest = out.stdout.split()
+        runs[used] = digest
+    assert "portable" in runs
+    assert len(set(runs.values())) == 1, runs
 
 
 def test_decoded_value_is_quantised_step_multiple():

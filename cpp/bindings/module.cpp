@@ -6,6 +6,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "moeoffload/backend.h"
+#include "moeoffload/cpu_isa.h"
 #include "moeoffload/errors.h"
 #include "moeoffload/parallel.h"
 #include "moeoffload/szp.h"
@@ -17,6 +18,7 @@ namespace nb = nanobind;
 using namespace moeoffload;
 
 void bind_runtime(nb::module_& m);  // runtime.cpp
+void bind_kernels(nb::module_& m);  // kernels.cpp
 
 using HostBytes = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using HostArray = nb::ndarray<nb::c_contig, nb::device::cpu>;
@@ -86,6 +88,8 @@ NB_MODULE(_native, m) {
     d["device_name"] = info.device_name;
     d["compute_capability"] = nb::make_tuple(info.compute_capability_major, info.compute_capability_minor);
     d["reason"] = info.reason;
+    d["cpu_isa"] = cpu_isa_name(cpu_isa());
+    d["cpu_isa_supported"] = cpu_isa_name(cpu_isa_supported());
     return d;
   });
 
@@ -123,6 +127,17 @@ NB_MODULE(_native, m) {
       nb::arg("buf"), nb::arg("verify_checksum") = true, "Validate a buffer and return its header as a dict.");
 
   m.def(
+      "szp_width_histogram",
+      [](HostBytes buf) {
+        SzpView v = parse_released(buf, false);
+        std::vector<uint64_t> hist(kSzpMaxWidth + 1, 0);
+        nb::gil_scoped_release release;
+        szp_width_histogram(buf.data(), v, hist.data());
+        return hist;
+      },
+      nb::arg("buf"), "Blocks of each width 0..25 in a buffer.");
+
+  m.def(
       "szp_decode",
       [](HostBytes buf, HostArray out, bool verify) {
         SzpView v = parse_released(buf, verify);
@@ -156,6 +171,7 @@ NB_MODULE(_native, m) {
       "Decode a device copy of a (validated) host buffer on the given CUDA stream.");
 
   bind_runtime(m);
+  bind_kernels(m);
 
   m.def("crc32", [](HostBytes buf) {
     nb::gil_scoped_release release;

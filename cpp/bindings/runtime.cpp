@@ -5,6 +5,7 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
 #include <cstring>
@@ -124,12 +125,28 @@ void bind_runtime(nb::module_& m) {
         nb::gil_scoped_release release;
         s.add_copy(id, b.data(), b.shape(0));
       }, nb::arg("id"), nb::arg("payload"))
+      .def("set_matrices", [](ExpertStore& s, uint32_t id, std::vector<std::tuple<uint64_t, uint64_t, int, std::vector<uint64_t>>> specs) {
+        std::vector<MatrixSpec> out;
+        for (auto& [offset, bytes, dtype, shape] : specs) {
+          if (!dtype_is_valid(static_cast<uint32_t>(dtype)))
+            throw Error(ErrorKind::UnsupportedDtype, "unknown dtype code " + std::to_string(dtype));
+          out.push_back(MatrixSpec{offset, bytes, static_cast<DType>(dtype), shape});
+        }
+        nb::gil_scoped_release release;
+        s.set_matrices(id, out);
+      }, nb::arg("id"), nb::arg("specs"))
+      .def("num_matrices", &ExpertStore::num_matrices, nb::arg("id"))
       .def("payload", [](const ExpertStore& s, uint32_t id) {
-        Payload p = s.payload(id);
-        // A read-only numpy view; the store object stays alive while it is used.
-        size_t shape[1] = {static_cast<size_t>(p.bytes)};
-        return nb::ndarray<nb::numpy, const uint8_t, nb::ndim<1>>(p.data, 1, shape, nb::handle());
-      }, nb::arg("id"), nb::rv_policy::reference_internal)
+        // A copy: a view would dangle once the store is closed.
+        auto* buf = new std::vector<uint8_t>();
+        {
+          nb::gil_scoped_release release;
+          Payload p = s.payload(id);
+          buf->assign(p.data, p.data + p.bytes);
+        }
+        nb::capsule owner(buf, [](void* p) noexcept { delete static_cast<std::vector<uint8_t>*>(p); });
+        return nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>>(buf->data(), {buf->size()}, owner);
+      }, nb::arg("id"))
       .def("__contains__", &ExpertStore::contains)
       .def_prop_ro("num_layers", &ExpertStore::num_layers)
       .def_prop_ro("experts_per_layer", &ExpertStore::experts_per_layer)

@@ -1,13 +1,16 @@
 // szp encoder (CPU, multithreaded over segments).
 //
 // For each value the encoder runs the decoder's own arithmetic — float(q) *
-// step, rounded to the stored dtype — and checks |x - x_hat| <= eb in float64.
-// Rounding to bf16/fp16 can push round(x/step) past the bound; then the
-// neighbouring q on the side of x is tried, and a value no q serves is kept
-// exactly as an exception. The bound therefore holds by construction, not by
-// an argument about rounding. The step itself is picked per tensor (choose_step).
+// step, rounded to the stored dtype — and checks |x - x_hat| <= eb in float64,
+// and also |x - q * step| <= eb for the exact product the fused kernels
+// multiply with. Rounding to bf16/fp16 can push round(x/step) past the bound;
+// then the neighbouring q on the side of x is tried, and a value no q serves
+// both ways is kept exactly as an exception. The bound therefore holds by
+// construction, not by an argument about rounding. The step itself is picked
+// per tensor (choose_step).
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -51,13 +54,13 @@ inline double decoded(int32_t q, float step, DType t) {
   return v;
 }
 
-inline uint32_t bit_width(uint32_t m) { return m ? 32u - static_cast<uint32_t>(__builtin_clz(m)) : 0u; }
+constexpr int64_t kQMax = (int64_t(1) << (kSzpMaxWidth - 1)) - 1;  // |q| <= 2^24 - 1
 
 struct BlockQ {
   int32_t q[kSzpBlock];
-  uint32_t sign = 0;
-  uint32_t maxmag = 0;
+  int32_t qmin = 0, qmax = 0;
   uint32_t n_exceptions = 0;
+  uint32_t width() const { return szp_width_for(qmin, qmax); }
 };
 
 // Quantises `cnt` values from flat index i0 (the rest of the block is 0).
@@ -66,11 +69,12 @@ template <typename OnException>
 inline void quantise_block(const void* data, DType t, uint64_t i0, uint32_t cnt, float step, double eb, BlockQ& out,
                            OnException&& on_exception) {
   const double step_d = step;
-  const int64_t qmax = (1 << kSzpMaxBits) - 1;
-  auto fits = [&](double x, int64_t q) {
-    return q >= -qmax && q <= qmax && std::fabs(x - decoded(static_cast<int32_t>(q), step, t)) <= eb;
+  auto fits = [&](double x, int64_t q) {  // q * step_d is exact in double (24 + 24 bits)
+    return q >= -kQMax && q <= kQMax && std::fabs(x - decoded(static_cast<int32_t>(q), step, t)) <= eb &&
+           std::fabs(x - static_cast<double>(q) * step_d) <= eb;
   };
-  out.sign = out.maxmag = out.n_exceptions = 0;
+  out.qmin = out.qmax = 0;
+  out.n_exceptions = 0;
   for (uint32_t i = 0; i < kSzpBlock; ++i) {
     if (i >= cnt) {
       out.q[i] = 0;
@@ -92,8 +96,8 @@ inline void quantise_block(const void* data, DType t, uint64_t i0, uint32_t cnt,
       }
     }
     out.q[i] = static_cast<int32_t>(q);
-    out.maxmag = std::max(out.maxmag, static_cast<uint32_t>(q < 0 ? -q : q));
-    if (q < 0) out.sign |= 1u << i;
+    out.qmin = std::min(out.qmin, out.q[i]);
+    out.qmax = std::max(out.qmax, out.q[i]);
   }
 }
 
@@ -117,7 +121,7 @@ float choose_step(const void* data, DType t, uint64_t numel, double eb, float ma
       const uint64_t blk = j * nblocks / samples;
       const uint32_t cnt = static_cast<uint32_t>(std::min<uint64_t>(kSzpBlock, numel - blk * kSzpBlock));
       quantise_block(data, t, blk * kSzpBlock, cnt, step, eb, bq, [](uint32_t, uint32_t) {});
-      cost += 8.0 + szp_block_bytes(bit_width(bq.maxmag)) * 8.0 + 64.0 * bq.n_exceptions;
+      cost += 8.0 + szp_block_bytes(bq.width()) * 8.0 + 64.0 * bq.n_exceptions;
     }
     if (f == 1.0f || cost < best_cost) {
       best = step;
@@ -143,17 +147,19 @@ void encode_segments(const void* data, DType t, const SzpView& h, uint64_t s0, u
         out.exceptions.push_back({static_cast<uint32_t>(b0 + i), raw});
       });
       n_exc += bq.n_exceptions;
-      const uint32_t bits = bit_width(bq.maxmag);
-      out.bytes[seg_start + k] = static_cast<uint8_t>(bits);
-      if (!bits) continue;
-      uint32_t words[1 + kSzpMaxBits] = {bq.sign};
-      for (uint32_t i = 0; i < kSzpBlock; ++i) {
-        const uint32_t mag = static_cast<uint32_t>(bq.q[i] < 0 ? -bq.q[i] : bq.q[i]);
-        for (uint32_t p = 0; p < bits; ++p) words[1 + p] |= ((mag >> p) & 1u) << i;
+      const uint32_t w = bq.width();
+      out.bytes[seg_start + k] = static_cast<uint8_t>(w);
+      if (!w) continue;
+      uint32_t words[kSzpMaxWidth + 1] = {};  // one spare word: a spill past the last is always 0
+      const uint32_t mask = (w == 32) ? ~0u : (1u << w) - 1u;
+      for (uint32_t i = 0; i < kSzpBlock; ++i) {  // field i at bits [i*w, i*w + w), two's complement
+        const uint64_t field = static_cast<uint64_t>(static_cast<uint32_t>(bq.q[i]) & mask) << ((i * w) & 31u);
+        words[(i * w) >> 5] |= static_cast<uint32_t>(field);
+        words[((i * w) >> 5) + 1] |= static_cast<uint32_t>(field >> 32);
       }
       const size_t at = out.bytes.size();
-      out.bytes.resize(at + szp_block_bytes(bits));
-      memcpy(out.bytes.data() + at, words, szp_block_bytes(bits));
+      out.bytes.resize(at + szp_block_bytes(w));
+      memcpy(out.bytes.data() + at, words, szp_block_bytes(w));
     }
     out.seg_sizes.push_back(out.bytes.size() - seg_start);
     out.exc_counts.push_back(n_exc);
@@ -163,6 +169,32 @@ void encode_segments(const void* data, DType t, const SzpView& h, uint64_t s0, u
 template <typename T>
 void store(std::vector<uint8_t>& buf, uint64_t at, T v) {
   memcpy(buf.data() + at, &v, sizeof(T));
+}
+
+// The step for bound eb: the largest float <= 2 eb (clamped to the float range).
+float step_for(double eb) {
+  const double two_eb = std::min(2.0 * eb, static_cast<double>(3.4028234663852886e38));
+  float step = static_cast<float>(two_eb);
+  if (static_cast<double>(step) > two_eb) step = std::nextafter(step, 0.0f);
+  return step;
+}
+
+// Whether eb quantises values up to maxabs without overflowing |q| (one
+// neighbour of room) and with a normal step.
+bool bound_fits(double maxabs, double eb) {
+  const float step = step_for(eb);
+  return step >= 1.17549435e-38f && maxabs / step <= static_cast<double>(kQMax - 1);
+}
+
+// The smallest bound, as printed with 6 significant digits, that fits: the
+// number the error message suggests must itself be accepted.
+std::string smallest_bound(double maxabs) {
+  double v = std::max(maxabs / (2.0 * static_cast<double>(kQMax - 1)), 1.17549435e-38 / 2);
+  for (int i = 0; i < 64; ++i, v *= 1.000001) {
+    const std::string s = fmt_number(v);
+    if (bound_fits(maxabs, std::strtod(s.c_str(), nullptr))) return s;
+  }
+  return fmt_number(v);
 }
 
 }  // namespace
@@ -212,17 +244,11 @@ SzpEncodeResult szp_encode(const void* data, DType t, const std::vector<uint64_t
     maxabs = std::max(maxabs, chunk_max[c]);
   }
 
-  // Step: the largest float <= 2 eb (clamped to the float range).
-  double two_eb = std::min(2.0 * eb, static_cast<double>(3.4028234663852886e38));
-  float step = static_cast<float>(two_eb);
-  if (static_cast<double>(step) > two_eb) step = std::nextafter(step, 0.0f);
-  if (!(step >= 1.17549435e-38f) || maxabs / step > static_cast<double>(1u << (kSzpMaxBits - 1)))
-    throw Error(ErrorKind::BoundTooSmall,
-                "error bound " + fmt_number(eb) + " is too small for values up to " + fmt_number(maxabs) +
-                    ": quantised magnitudes would overflow the 24-bit field; use eb >= " +
-                    fmt_number(std::max(maxabs / double(1u << kSzpMaxBits), 1.17549435e-38)) + " or compress in float32");
-
-  step = choose_step(data, t, numel, eb, step);
+  if (!bound_fits(maxabs, eb))
+    throw Error(ErrorKind::BoundTooSmall, "error bound " + fmt_number(eb) + " is too small for values up to " +
+                                              fmt_number(maxabs) + ": quantised values would overflow szp's " +
+                                              "25-bit field; use eb >= " + smallest_bound(maxabs));
+  const float step = choose_step(data, t, numel, eb, step_for(eb));
 
   SzpView h{};
   h.dtype = t;

@@ -1,6 +1,7 @@
 // Parsing and validation of szp buffers, and the CRC32 that guards them.
 // Everything a decoder (CPU or CUDA) later trusts is checked here, with
 // overflow-safe arithmetic, before any output is written.
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -71,10 +72,15 @@ SzpView szp_parse(const uint8_t* buf, size_t len, bool verify_checksum) {
   if (len < kSzpHeaderBytes + 4) corrupt("shorter than the 68-byte minimum (" + std::to_string(len) + " bytes)");
   if (load<uint32_t>(buf) != kSzpMagic) corrupt("bad magic (not an szp buffer)");
   uint16_t version = load<uint16_t>(buf + 4);
+  if (version == 1)
+    throw Error(ErrorKind::FormatVersion,
+                "szp format version 1 (moeoffload 0.1, bit-plane blocks) is no longer read: version 2 packs "
+                "blocks for the fused kernels. Re-create the buffer from the original weights "
+                "(moeoffload.codec.compress), or rebuild the table (moeoffload.table.build)");
   if (version != kSzpVersion)
-    throw Error(ErrorKind::CorruptData, "szp format version " + std::to_string(version) +
-                                            " is not supported by this build (it reads version " +
-                                            std::to_string(kSzpVersion) + "); upgrade moeoffload");
+    throw Error(ErrorKind::FormatVersion, "szp format version " + std::to_string(version) +
+                                              " is not supported by this build (it reads version " +
+                                              std::to_string(kSzpVersion) + "); upgrade moeoffload");
   if (verify_checksum) {
     uint32_t stored = load<uint32_t>(buf + len - 4);
     if (crc32(buf, len - 4) != stored) corrupt("CRC32 mismatch");
@@ -137,8 +143,12 @@ SzpView szp_parse(const uint8_t* buf, size_t len, bool verify_checksum) {
   const uint8_t* seg_off = buf + v.seg_offsets_at;
   if (load<uint64_t>(seg_off) != 0) corrupt("first segment offset is not 0");
   if (load<uint64_t>(seg_off + 8 * v.n_segments) != v.payload_bytes) corrupt("last segment offset != payload size");
-  // Each segment's widths must be <= 24 and account for exactly its bytes.
+  // Each segment's widths must be <= 25 and account for exactly its bytes.
   std::atomic<bool> bad{false};
+  std::atomic<uint32_t> max_width{0};
+  std::atomic<bool> non_finite{false};
+  const double dtype_max = v.dtype == DType::F16 ? 65504.0 : v.dtype == DType::BF16 ? 3.3895313892515355e38
+                                                                                     : 3.4028234663852886e38;
   const uint8_t* payload = buf + v.payload_at;
   const SzpView& cv = v;
   parallel_for(v.n_segments, 256, [&](uint64_t s0, uint64_t s1) {
@@ -152,19 +162,49 @@ SzpView szp_parse(const uint8_t* buf, size_t len, bool verify_checksum) {
         return;
       }
       uint64_t need = wbytes;
+      uint32_t widest = 0;
       for (uint64_t k = 0; k < nblocks; ++k) {
         uint8_t w = payload[a + k];
-        if (w > kSzpMaxBits) {
+        if (w > kSzpMaxWidth) {
           bad = true;
           return;
         }
+        widest = std::max<uint32_t>(widest, w);
         need += szp_block_bytes(w);
       }
-      if (need != b - a) bad = true;
+      if (need != b - a) {
+        bad = true;
+        return;
+      }
+      // A block wide enough to reach past the dtype's range at this step must
+      // not hold such a value: a header that decodes to Inf is corrupt data.
+      if (widest && std::ldexp(static_cast<double>(cv.step), static_cast<int>(widest) - 1) >= dtype_max) {
+        uint64_t at_block = a + wbytes;
+        for (uint64_t k = 0; k < nblocks; ++k) {
+          const uint32_t w = payload[a + k];
+          if (w && std::ldexp(static_cast<double>(cv.step), static_cast<int>(w) - 1) >= dtype_max) {
+            uint32_t words[kSzpMaxWidth];
+            memcpy(words, payload + at_block, szp_block_bytes(w));
+            for (uint32_t i = 0; i < kSzpBlock; ++i)
+              if (!std::isfinite(raw_to_f32(stored_bits(static_cast<float>(szp_field(words, w, i)) * cv.step, cv.dtype),
+                                            cv.dtype))) {
+                bad = true;
+                non_finite = true;
+                return;
+              }
+          }
+          at_block += szp_block_bytes(w);
+        }
+      }
+      uint32_t seen = max_width.load(std::memory_order_relaxed);
+      while (widest > seen && !max_width.compare_exchange_weak(seen, widest)) {
+      }
     }
   });
+  if (non_finite) corrupt("a value decodes beyond the range of " + std::string(dtype_name(v.dtype)) + " (step " +
+                          fmt_number(v.step) + ")");
   if (bad) corrupt("segment table or block widths are inconsistent");
-
+  v.max_width = max_width.load();
   if (v.n_exceptions) {
     const uint8_t* exc_off = buf + v.exc_offsets_at;
     const uint8_t* entries = buf + v.exc_entries_at;
@@ -188,6 +228,16 @@ SzpView szp_parse(const uint8_t* buf, size_t len, bool verify_checksum) {
     }
   }
   return v;
+}
+
+void szp_width_histogram(const uint8_t* buf, const SzpView& v, uint64_t* hist) {
+  for (uint32_t w = 0; w <= kSzpMaxWidth; ++w) hist[w] = 0;
+  const uint8_t* payload = buf + v.payload_at;
+  for (uint64_t s = 0; s < v.n_segments; ++s) {
+    const uint64_t a = load<uint64_t>(buf + v.seg_offsets_at + 8 * s);
+    const uint64_t nblocks = szp_blocks_in(std::min(v.segment_len, v.numel - s * v.segment_len));
+    for (uint64_t k = 0; k < nblocks; ++k) ++hist[payload[a + k]];
+  }
 }
 
 }  // namespace moeoffload

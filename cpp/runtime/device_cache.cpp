@@ -55,7 +55,12 @@ Slot DeviceCache::acquire(uint32_t id, double timeout_s) {
     if (index_.contains(id)) break;  // another thread fetched it while we waited
     try {
       const uint64_t offset = index_.insert_demand(id, payload.bytes);
-      in_flight_[id] = engine_.copy(payload.data, base_ + offset, payload.bytes, id);
+      try {
+        in_flight_[id] = engine_.copy(payload.data, base_ + offset, payload.bytes, id);
+      } catch (...) {
+        index_.abort_loading(id);  // the copy never started: no entry, no budget held
+        throw;
+      }
       break;
     } catch (const Error& e) {
       if (e.kind() != ErrorKind::CacheFull || std::chrono::steady_clock::now() >= deadline) throw;
@@ -96,7 +101,12 @@ bool DeviceCache::prefetch(uint32_t id, double priority) {
   refresh_locked();
   auto offset = index_.insert_prefetch(id, payload.bytes, priority);
   if (!offset) return false;
-  in_flight_[id] = engine_.copy(payload.data, base_ + *offset, payload.bytes, id);
+  try {
+    in_flight_[id] = engine_.copy(payload.data, base_ + *offset, payload.bytes, id);
+  } catch (...) {
+    index_.abort_loading(id);
+    throw;
+  }
   return true;
 }
 
@@ -157,10 +167,25 @@ void DeviceCache::synchronize() {
     }
     try {
       t->wait();
-    } catch (const Error&) {
+    } catch (const Error& e) {
+      if (e.kind() == ErrorKind::Forked) throw;  // it will never land
       // A failed copy is retired (its slot dropped) by the next refresh.
     }
   }
+}
+
+std::optional<Slot> DeviceCache::pinned_slot(uint32_t id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  refresh_locked();
+  if (!index_.contains(id) || index_.pins(id) == 0) return std::nullopt;
+  Slot slot;
+  slot.id = id;
+  slot.data = base_ + index_.offset(id);
+  slot.bytes = store_.payload(id).bytes;
+  auto it = in_flight_.find(id);
+  if (it != in_flight_.end()) slot.transfer = it->second;
+  return slot;
 }
 
 void DeviceCache::close() {
@@ -169,7 +194,16 @@ void DeviceCache::close() {
     if (closed_) return;
     closed_ = true;  // no new fetches from here on
   }
-  synchronize();
+  try {
+    synchronize();
+  } catch (const Error& e) {
+    if (e.kind() != ErrorKind::Forked) throw;
+    std::lock_guard<std::mutex> lock(mu_);
+    in_flight_.clear();
+    if (backend_ == Backend::Cpu) device_free(backend_, base_);  // a forked child cannot call CUDA
+    base_ = nullptr;
+    return;
+  }
   std::lock_guard<std::mutex> lock(mu_);
   device_free(backend_, base_);
   base_ = nullptr;

@@ -17,6 +17,7 @@ ExpertStore::ExpertStore(PinnedPool& pool, uint32_t num_layers, uint32_t experts
   if (num_layers == 0 || experts_per_layer == 0)
     throw Error(ErrorKind::InvalidArgument, "ExpertStore needs at least one layer and one expert");
   payloads_.resize(static_cast<size_t>(num_layers) * experts_per_layer);
+  matrices_.resize(payloads_.size());
 }
 
 ExpertStore::~ExpertStore() {
@@ -45,8 +46,14 @@ void ExpertStore::map_file(const std::string& path) {
     throw Error(ErrorKind::CorruptData, "table file " + path + " is empty or unreadable");
   }
   void* p = ::mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
-  ::close(fd);
-  if (p == MAP_FAILED) throw Error(ErrorKind::InvalidArgument, "cannot map " + path + ": " + std::strerror(errno));
+  if (p == MAP_FAILED) {
+    ::close(fd);
+    throw Error(ErrorKind::InvalidArgument, "cannot map " + path + ": " + std::strerror(errno));
+  }
+  map_fd_ = fd;  // kept open: fstat before each hand-out detects a file changed on disk
+  map_inode_ = static_cast<uint64_t>(st.st_ino);
+  map_mtime_ns_ = static_cast<uint64_t>(st.st_mtim.tv_sec) * 1000000000ull + st.st_mtim.tv_nsec;
+  map_path_ = path;
   try {
     pool_.register_range(p, static_cast<size_t>(st.st_size));
     pinned_ = true;
@@ -87,9 +94,67 @@ void ExpertStore::add_copy(uint32_t id, const uint8_t* data, uint64_t bytes) {
   payloads_[id] = {static_cast<const uint8_t*>(p), bytes};
 }
 
+void ExpertStore::check_file_locked() const {
+  if (map_fd_ < 0) return;
+  struct stat st {};
+  const bool same = ::fstat(map_fd_, &st) == 0 && static_cast<uint64_t>(st.st_size) == map_bytes_ &&
+                    static_cast<uint64_t>(st.st_mtim.tv_sec) * 1000000000ull + st.st_mtim.tv_nsec == map_mtime_ns_ &&
+                    static_cast<uint64_t>(st.st_ino) == map_inode_;
+  if (!same)
+    throw Error(ErrorKind::TableChanged,
+                "the table file " + map_path_ + " changed on disk while it was loaded (mapped mode); reading it now "
+                "could crash the process. Load the table again, or load it with mode=\"copy\" so that later changes "
+                "to the file do not matter");
+}
+
+void ExpertStore::set_matrices(uint32_t id, const std::vector<MatrixSpec>& specs) {
+  const Payload p = payload(id);
+  std::vector<MatrixInfo> out;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const MatrixSpec& s = specs[i];
+    const std::string where = "expert " + std::to_string(id) + " matrix " + std::to_string(i);
+    if (s.offset > p.bytes || s.bytes > p.bytes - s.offset || s.offset % 4)
+      throw Error(ErrorKind::Table, where + ": [" + std::to_string(s.offset) + ", +" + std::to_string(s.bytes) +
+                                        ") does not lie 4-aligned inside its payload of " + std::to_string(p.bytes) +
+                                        " bytes");
+    MatrixInfo m;
+    m.offset = s.offset;
+    m.bytes = s.bytes;
+    m.view = szp_parse(p.data + s.offset, s.bytes, true);
+    bool same_shape = m.view.ndim == s.shape.size();
+    for (uint32_t d = 0; same_shape && d < m.view.ndim; ++d) same_shape = m.view.shape[d] == s.shape[d];
+    if (!same_shape || m.view.dtype != s.dtype)
+      throw Error(ErrorKind::Table, where + ": the manifest says " + dtype_name(s.dtype) + " of " +
+                                        std::to_string(s.shape.size()) + " dims, the buffer holds " +
+                                        dtype_name(m.view.dtype) + " of another shape; the manifest does not "
+                                        "describe this table file: rebuild the table");
+    out.push_back(m);
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  check_id(id);
+  matrices_[id] = std::move(out);
+}
+
+MatrixInfo ExpertStore::matrix(uint32_t id, uint32_t index) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_id(id);
+  if (index >= matrices_[id].size())
+    throw Error(ErrorKind::InvalidArgument, "expert " + std::to_string(id) + " has " +
+                                                std::to_string(matrices_[id].size()) + " matrices, not " +
+                                                std::to_string(index + 1));
+  return matrices_[id][index];
+}
+
+uint32_t ExpertStore::num_matrices(uint32_t id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_id(id);
+  return static_cast<uint32_t>(matrices_[id].size());
+}
+
 Payload ExpertStore::payload(uint32_t id) const {
   std::lock_guard<std::mutex> lock(mu_);
   check_id(id);
+  check_file_locked();
   if (!payloads_[id].data)
     throw Error(ErrorKind::InvalidArgument, "expert " + std::to_string(id) + " (layer " +
                                                 std::to_string(id / experts_per_layer_) + ", expert " +
@@ -124,7 +189,10 @@ void ExpertStore::close() {
     if (map_) pool_.unregister_range(map_);
   }
   if (map_) ::munmap(map_, static_cast<size_t>(map_bytes_));
+  if (map_fd_ >= 0) ::close(map_fd_);
+  map_fd_ = -1;
   owned_.clear();
+  matrices_.assign(matrices_.size(), {});
   payloads_.assign(payloads_.size(), Payload{});
   map_ = nullptr;
   closed_ = true;

@@ -1,5 +1,8 @@
 #include "moeoffload/transfer_engine.h"
 
+#include <pthread.h>
+
+#include <atomic>
 #include <chrono>
 #include <cstring>
 
@@ -10,6 +13,21 @@
 #endif
 
 namespace moeoffload {
+
+namespace {
+std::atomic<uint64_t> g_fork_generation{0};
+const bool g_fork_hook = [] {
+  pthread_atfork(nullptr, nullptr, [] { g_fork_generation.fetch_add(1); });
+  return true;
+}();
+
+std::string forked_message(const char* what) {
+  return std::string(what) + " was created before fork(): its copy threads do not exist in this child process. "
+                             "Build a new runtime (ExpertCache) in the child";
+}
+}  // namespace
+
+uint64_t fork_generation() { return g_fork_generation.load(); }
 
 // ---- Transfer ---------------------------------------------------------------
 
@@ -36,6 +54,7 @@ std::string Transfer::error() const {
 
 void Transfer::wait(double timeout_s) const {
   std::unique_lock<std::mutex> lock(mu_);
+  if (!done_ && generation_ != fork_generation()) throw Error(ErrorKind::Forked, forked_message("this transfer"));
   if (timeout_s < 0) {
     cv_.wait(lock, [&] { return done_; });
   } else if (!cv_.wait_for(lock, std::chrono::duration<double>(timeout_s), [&] { return done_; })) {
@@ -76,7 +95,9 @@ void Transfer::finish(const std::string& error) {
 
 // ---- TransferEngine ---------------------------------------------------------
 
-TransferEngine::TransferEngine(Backend backend, int num_streams) : backend_(backend) {
+TransferEngine::TransferEngine(Backend backend, int num_streams)
+    : backend_(backend), generation_(fork_generation()) {
+  (void)g_fork_hook;
   if (num_streams < 1 || num_streams > 16)
     throw Error(ErrorKind::InvalidArgument, "TransferEngine needs 1 to 16 streams, got " + std::to_string(num_streams));
 #if MOEOFFLOAD_WITH_CUDA
@@ -108,7 +129,7 @@ uintptr_t TransferEngine::cuda_stream(int i) const {
 std::shared_ptr<Transfer> TransferEngine::copy(const void* src, void* dst, uint64_t bytes, uint64_t tag,
                                                Transfer::Callback cb) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (stopping_) throw Error(ErrorKind::Closed, "TransferEngine is closed");
+  check_usable_locked();
   // The stream with the fewest queued bytes takes the copy; ties go round-robin.
   const int n = num_streams();
   int best = next_stream_ % n;
@@ -176,8 +197,19 @@ void TransferEngine::run(int index) {
   }
 }
 
+void TransferEngine::check_usable_locked() const {
+  if (generation_ != fork_generation()) throw Error(ErrorKind::Forked, forked_message("this TransferEngine"));
+  if (stopping_) throw Error(ErrorKind::Closed, "TransferEngine is closed");
+}
+
+bool TransferEngine::closed() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stopping_;
+}
+
 void TransferEngine::synchronize() {
   std::unique_lock<std::mutex> lock(mu_);
+  if (generation_ != fork_generation()) throw Error(ErrorKind::Forked, forked_message("this TransferEngine"));
   idle_cv_.wait(lock, [&] { return stats_.in_flight == 0; });
 }
 
@@ -186,6 +218,18 @@ void TransferEngine::close() {
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping_ && workers_.empty()) return;
     stopping_ = true;
+    if (generation_ != fork_generation()) {
+      // In a forked child the threads do not exist: forget them (joining would
+      // fail) and let the queued transfers fail.
+      for (auto& w : workers_) {
+        (void)new std::thread(std::move(w->thread));  // never joined nor destroyed: leaked on purpose
+        for (auto& job : w->queue) job.transfer->finish("the copy thread did not survive fork()");
+        w->queue.clear();
+      }
+      workers_.clear();
+      stats_.in_flight = 0;
+      return;
+    }
   }
   work_cv_.notify_all();
   for (auto& w : workers_) {

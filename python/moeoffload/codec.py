@@ -143,7 +143,7 @@ def _bound_value(eb) -> float:
 class CompressedTensor:
     """A tensor compressed within an absolute error bound `eb`."""
 
-    __slots__ = ("codec", "dtype", "shape", "eb", "n_exceptions", "_buf")
+    __slots__ = ("codec", "dtype", "shape", "eb", "n_exceptions", "_buf", "__weakref__")
 
     def __init__(self, codec: str, dtype: torch.dtype, shape, eb: float, n_exceptions: int, buf: np.ndarray):
         buf.flags.writeable = False
@@ -242,6 +242,13 @@ class CompressedTensor:
         stream = torch.cuda.current_stream(device).cuda_stream
         _native.szp_decode_cuda(self._buf, dev_buf, out, stream)
         return out
+
+
+def width_histogram(ct: CompressedTensor) -> np.ndarray:
+    """Blocks of each width 0..25 (bits per value) in an szp tensor."""
+    if ct.codec != "szp":
+        raise UnsupportedDtypeError("width_histogram is defined for the szp codec only")
+    return np.asarray(_native.szp_width_histogram(ct.buffer), dtype=np.int64)
 
 
 def compress(x, eb: float, mode: str = "abs", codec: str = "szp", *, sz3_algorithm: str = "nopred") -> CompressedTensor:

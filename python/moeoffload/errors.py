@@ -13,6 +13,10 @@ class CorruptDataError(CodecError):
     """A compressed buffer is truncated, corrupted or not one of ours."""
 
 
+class FormatVersionError(CorruptDataError):
+    """A buffer or table of a format version this build does not read (the message says how to rebuild it)."""
+
+
 class NonFiniteError(CodecError):
     """The input holds NaN or Inf: error-bounded compression needs finite values."""
 
@@ -75,3 +79,11 @@ class ChecksumError(TableError, CorruptDataError):
 
 class NoMoeLayersError(MoeoffloadError, ValueError):
     """The model has no Mixture-of-Experts layers to study or compress."""
+
+
+class TableChangedError(TableError):
+    """A table file loaded in mapped mode changed on disk; load it again (or with mode="copy")."""
+
+
+class ForkedError(ClosedError):
+    """A runtime object built before fork() was used in the child: its copy threads do not exist there."""

@@ -8,6 +8,7 @@
 #include <memory>
 #include <condition_variable>
 #include <mutex>
+#include <optional>
 #include <unordered_map>
 #include <vector>
 
@@ -41,6 +42,10 @@ class DeviceCache {
   // then raises CacheFull.
   Slot acquire(uint32_t id, double timeout_s = 10.0);
   void release(uint32_t id);
+  // The slot of `id` when some caller holds it pinned (acquired, not yet
+  // released); nullopt otherwise. Ops reach an expert's bytes through it.
+  std::optional<Slot> pinned_slot(uint32_t id);
+  bool closed() const { return closed_; }
   bool prefetch(uint32_t id, double priority);
   void set_current_layer(uint32_t layer);
   void set_activation(const float* a, size_t n);

@@ -107,4 +107,9 @@ struct Stored<DType::F16> {
   static MOEOFFLOAD_HD uint16_t from_f32(float v) { return f32_to_f16(v); }
 };
 
+// float -> raw bits of the stored dtype (RNE), zero-extended.
+MOEOFFLOAD_HD uint32_t stored_bits(float v, DType t) {
+  return t == DType::F32 ? f32_bits(v) : t == DType::BF16 ? f32_to_bf16(v) : f32_to_f16(v);
+}
+
 }  // namespace moeoffload

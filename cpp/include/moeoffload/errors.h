@@ -11,6 +11,7 @@ namespace moeoffload {
 enum class ErrorKind {
   Codec,             // CodecError: the base of every codec failure
   CorruptData,       // CorruptDataError: truncated, corrupted or foreign buffer
+  FormatVersion,     // FormatVersionError: a format version this build does not read
   NonFinite,         // NonFiniteError: NaN or Inf in the input
   InvalidBound,      // InvalidBoundError: eb <= 0, NaN or Inf
   BoundTooSmall,     // BoundTooSmallError: quantised values overflow their field
@@ -22,6 +23,9 @@ enum class ErrorKind {
   CacheFull,         // CacheFullError: every slot is in use or in flight
   Closed,            // ClosedError: the object was closed
   Timeout,           // TimeoutError: a wait ran past its limit
+  Table,             // TableError: a table (manifest or file) is inconsistent
+  TableChanged,      // TableChangedError: a mapped table file changed on disk
+  Forked,            // ForkedError: a runtime object used in a child after fork()
 };
 
 class Error : public std::runtime_error {
@@ -32,6 +36,7 @@ class Error : public std::runtime_error {
   const char* python_name() const {
     switch (kind_) {
       case ErrorKind::CorruptData: return "CorruptDataError";
+      case ErrorKind::FormatVersion: return "FormatVersionError";
       case ErrorKind::NonFinite: return "NonFiniteError";
       case ErrorKind::InvalidBound: return "InvalidBoundError";
       case ErrorKind::BoundTooSmall: return "BoundTooSmallError";
@@ -43,6 +48,9 @@ class Error : public std::runtime_error {
       case ErrorKind::CacheFull: return "CacheFullError";
       case ErrorKind::Closed: return "ClosedError";
       case ErrorKind::Timeout: return "WaitTimeoutError";
+      case ErrorKind::Table: return "TableError";
+      case ErrorKind::TableChanged: return "TableChangedError";
+      case ErrorKind::Forked: return "ForkedError";
       case ErrorKind::Codec: break;
     }
     return "CodecError";

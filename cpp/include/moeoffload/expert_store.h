@@ -2,6 +2,13 @@
 // (all its matrices, back to back). Payloads either live in a table file that
 // is mapped read-only and pinned in place (no second copy), or are copied into
 // the PinnedPool. Expert ids are flat: layer * experts_per_layer + expert.
+//
+// Each expert's matrices are parsed once, when they are added (set_matrices):
+// a kernel finds a matrix at payload offset + MatrixInfo::offset, in host
+// memory here or in a device cache slot, with its SzpView, and never parses
+// again. A mapped file is checked (size, mtime, inode) before every payload
+// hand-out: a table file changed on disk raises TableChanged instead of a
+// SIGBUS at the next read.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -10,12 +17,26 @@
 #include <vector>
 
 #include "moeoffload/pinned_pool.h"
+#include "moeoffload/szp.h"
 
 namespace moeoffload {
 
 struct Payload {
   const uint8_t* data = nullptr;
   uint64_t bytes = 0;
+};
+
+// What the manifest says one matrix of an expert is; checked against the
+// buffer's own header when the matrix is parsed.
+struct MatrixSpec {
+  uint64_t offset = 0, bytes = 0;  // inside the expert's payload
+  DType dtype = DType::BF16;
+  std::vector<uint64_t> shape;
+};
+
+struct MatrixInfo {
+  uint64_t offset = 0, bytes = 0;
+  SzpView view{};
 };
 
 class ExpertStore {
@@ -35,6 +56,11 @@ class ExpertStore {
   void add_mapped(uint32_t id, uint64_t offset, uint64_t bytes);
   // A payload copied into pinned memory.
   void add_copy(uint32_t id, const uint8_t* data, uint64_t bytes);
+  // Parses (CRC checked) and records the expert's matrices; raises Table when
+  // a buffer's shape or dtype differs from its spec, CorruptData when corrupt.
+  void set_matrices(uint32_t id, const std::vector<MatrixSpec>& specs);
+  MatrixInfo matrix(uint32_t id, uint32_t index) const;
+  uint32_t num_matrices(uint32_t id) const;
 
   Payload payload(uint32_t id) const;  // throws InvalidArgument when absent
   bool contains(uint32_t id) const;
@@ -47,10 +73,15 @@ class ExpertStore {
 
  private:
   void check_id(uint32_t id) const;
+  void check_file_locked() const;
   PinnedPool& pool_;
   uint32_t num_layers_, experts_per_layer_;
   mutable std::mutex mu_;
   std::vector<Payload> payloads_;
+  std::vector<std::vector<MatrixInfo>> matrices_;
+  int map_fd_ = -1;
+  uint64_t map_inode_ = 0, map_mtime_ns_ = 0;
+  std::string map_path_;
   std::vector<void*> owned_;  // pool allocations, released on close
   void* map_ = nullptr;
   uint64_t map_bytes_ = 0;

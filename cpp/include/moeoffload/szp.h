@@ -3,13 +3,16 @@
 // Written from the published description of cuSZp (fixed-length mode, no
 // predictor): values are quantised with the bound, q = round(x / 2eb), cut into
 // blocks of 32 along the last (input) dimension, and each block is stored with
-// the fewest bits that hold its largest |q|, as bit planes, plus a sign plane.
-// Any block decodes independently; per-segment offsets let a GPU warp or a CPU
-// thread find its row without a global scan. docs/format.md is the byte-level
-// specification; this header is the C++ API.
+// the fewest bits that hold its values. Version 2 packs each block as w-bit
+// two's-complement fields (szp_block.h) instead of version 1's bit planes: the
+// same size, and a fused kernel extracts a value in a few integer operations
+// instead of one per bit. Any block decodes independently; per-segment offsets
+// let a GPU warp or a CPU thread find its row without a global scan.
+// docs/format.md is the byte-level specification; this header is the C++ API.
 //
 // Guarantee: for every element, |x - decode(x)| <= eb in float64, where the
-// decoded value is in the stored dtype (and so in any wider dtype). The encoder
+// decoded value is in the stored dtype (and so in any wider dtype), and
+// |x - q * step| <= eb for the unrounded product the fused kernels use. The encoder
 // runs the decoder's own arithmetic on every value and picks, among round(x/s)
 // and its neighbours, a q that meets the bound after rounding to the dtype; a
 // value no q serves is stored exactly as an exception.
@@ -19,23 +22,21 @@
 #include <vector>
 
 #include "moeoffload/dtype.h"
+#include "moeoffload/szp_block.h"
 
 namespace moeoffload {
 
 constexpr uint32_t kSzpMagic = 0x505A534Du;  // "MSZP" little-endian
-constexpr uint16_t kSzpVersion = 1;
-constexpr uint32_t kSzpBlock = 32;        // values per block: one bit plane is one 32-bit word
-constexpr uint32_t kSzpMaxBits = 24;      // |q| < 2^24, so float(q) is exact
+constexpr uint16_t kSzpVersion = 2;
 constexpr uint32_t kSzpMaxNdim = 8;
 constexpr uint64_t kSzpHeaderBytes = 64;  // fixed part; see docs/format.md
 constexpr uint32_t kSzpFlagExceptions = 1u;
 constexpr uint64_t kSzpMaxSegment = 1ull << 24;  // values per segment (u32 positions, 32-bit GPU indexing)
 
-// Segment layout: ceil(len/32) width bytes padded to a multiple of 4, then for
-// each block with width b > 0 one sign word and b plane words (u32 each).
+// Segment layout: ceil(len/32) width bytes padded to a multiple of 4, then
+// each block's w words (szp_block.h).
 MOEOFFLOAD_HD uint64_t szp_blocks_in(uint64_t len) { return (len + kSzpBlock - 1) / kSzpBlock; }
 MOEOFFLOAD_HD uint64_t szp_widths_bytes(uint64_t nblocks) { return (nblocks + 3) & ~uint64_t(3); }
-MOEOFFLOAD_HD uint32_t szp_block_bytes(uint32_t bits) { return bits ? 4u * (bits + 1u) : 0u; }
 
 // A parsed, validated buffer. Offsets are in bytes from the buffer start, so
 // the same view addresses a host copy and a device copy of one buffer.
@@ -55,6 +56,7 @@ struct SzpView {
   uint64_t exc_entries_at;  // {u32 pos, u32 raw}[n_exceptions]
   uint64_t payload_at;
   uint64_t total_bytes;
+  uint32_t max_width;       // widest block
 };
 
 struct SzpEncodeResult {
@@ -74,6 +76,9 @@ SzpView szp_parse(const uint8_t* buf, size_t len, bool verify_checksum = true);
 
 // CPU decoder (multithreaded): writes view.numel values of view.dtype to out.
 void szp_decode_cpu(const uint8_t* buf, const SzpView& view, void* out);
+
+// Counts the blocks of each width: hist[0..kSzpMaxWidth].
+void szp_width_histogram(const uint8_t* buf, const SzpView& view, uint64_t* hist);
 
 // CRC32 (zlib polynomial, same value as Python's zlib.crc32).
 uint32_t crc32(const uint8_t* data, size_t len, uint32_t crc = 0);

@@ -20,6 +20,10 @@
 
 namespace moeoffload {
 
+// Incremented in the child after every fork(): copy threads do not survive a
+// fork, so objects made in an earlier generation raise Forked there.
+uint64_t fork_generation();
+
 class Transfer {
  public:
   using Callback = std::function<void(const Transfer&)>;
@@ -39,10 +43,12 @@ class Transfer {
 
  private:
   friend class TransferEngine;
-  Transfer(uint64_t bytes, uint64_t tag, int stream) : bytes_(bytes), tag_(tag), stream_(stream) {}
+  Transfer(uint64_t bytes, uint64_t tag, int stream)
+      : bytes_(bytes), tag_(tag), stream_(stream), generation_(fork_generation()) {}
   void finish(const std::string& error);
   const uint64_t bytes_, tag_;
   const int stream_;
+  const uint64_t generation_;
   void* event_ = nullptr;  // cudaEvent_t on cuda
   Backend backend_ = Backend::Cpu;
   mutable std::mutex mu_;
@@ -70,6 +76,7 @@ class TransferEngine {
   std::shared_ptr<Transfer> copy(const void* src, void* dst, uint64_t bytes, uint64_t tag = 0,
                                  Transfer::Callback cb = {});
   void synchronize();  // waits for every copy issued so far
+  bool closed() const;
   void close();        // finishes queued copies, stops the workers
   int num_streams() const { return static_cast<int>(workers_.size()); }
   uintptr_t cuda_stream(int i) const;
@@ -90,7 +97,9 @@ class TransferEngine {
     std::thread thread;
   };
   void run(int index);
+  void check_usable_locked() const;  // Closed after close(), Forked in a child
   Backend backend_;
+  uint64_t generation_;
   int device_ = 0;
   mutable std::mutex mu_;
   std::condition_variable work_cv_, idle_cv_;

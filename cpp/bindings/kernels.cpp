@@ -1,0 +1,234 @@
+// Bindings of the fused ops (cpp/kernels, cuda/) and of the runtime owner:
+// argument checks, GIL release, device dispatch; no logic. Every op reaches
+// its matrices through (handle, expert, matrix index).
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/shared_ptr.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include "moeoffload/cpu_kernels.h"
+#include "moeoffload/errors.h"
+#include "moeoffload/runtime.h"
+#if MOEOFFLOAD_WITH_CUDA
+#include <cuda_runtime.h>
+
+#include "moeoffload/szp_cuda.h"
+#endif
+
+namespace nb = nanobind;
+using namespace moeoffload;
+
+namespace {
+
+using Array = nb::ndarray<nb::c_contig>;
+using HostBytes = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+DType dtype_of(const Array& a, const char* what) {
+  const auto d = a.dtype();
+  if (d == nb::dtype<float>()) return DType::F32;
+  if (d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat) && d.bits == 16) return DType::BF16;
+  if (d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float) && d.bits == 16) return DType::F16;
+  throw Error(ErrorKind::UnsupportedDtype, std::string(what) + " must be float32, bfloat16 or float16");
+}
+
+bool on_cuda(const Array& a) { return a.device_type() == nb::device::cuda::value; }
+
+// The device every argument must live on for this use.
+void check_device(const MatrixUse& u, const Array& a, const char* what) {
+  const bool want_cuda = u.backend == Backend::Cuda;
+  if (on_cuda(a) != want_cuda)
+    throw Error(ErrorKind::InvalidArgument, std::string(what) + " must be on " +
+                                                (want_cuda ? "the CUDA device of the runtime" : "the CPU") +
+                                                " (where the compressed expert is)");
+}
+
+void check_matrix(const MatrixUse& u, const char* what) {
+  if (u.matrix.rows == 0 && u.matrix.view.ndim != 2)
+    throw Error(ErrorKind::Shape, std::string(what) + " is not a 2-D matrix compressed row by row");
+  szp_matrix(u.matrix.buf, u.matrix.view, what);  // throws Shape when not row-segmented
+}
+
+void check_2d(const Array& a, uint64_t rows, uint64_t cols, const char* what) {
+  if (a.ndim() != 2 || a.shape(0) != rows || a.shape(1) != cols)
+    throw Error(ErrorKind::Shape, std::string(what) + " must be [" + std::to_string(rows) + ", " +
+                                      std::to_string(cols) + "], got " + std::to_string(a.ndim()) + "-D " +
+                                      (a.ndim() ? "[" + std::to_string(a.shape(0)) + (a.ndim() > 1 ? ", " + std::to_string(a.shape(1)) : "") + "]" : ""));
+}
+
+// Waits (cpu) or orders `stream` after (cuda) the copy that brings the bytes.
+void order_after(const MatrixUse& u, uintptr_t stream) {
+  if (!u.transfer) return;
+#if MOEOFFLOAD_WITH_CUDA
+  if (u.backend == Backend::Cuda) {
+    cuda_check(cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(stream),
+                                   reinterpret_cast<cudaEvent_t>(u.transfer->cuda_event()), 0),
+               "cudaStreamWaitEvent");
+    return;
+  }
+#endif
+  (void)stream;
+  u.transfer->wait();
+}
+
+[[noreturn]] void no_cuda() {
+  throw Error(ErrorKind::Cuda, "moeoffload was built without CUDA; rebuild with MOEOFFLOAD_CUDA=ON");
+}
+
+MlpConfig mlp_config(const std::string& act, int layout, float alpha, float limit) {
+  MlpConfig c;
+  if (act == "silu") c.act = Activation::Silu;
+  else if (act == "gelu") c.act = Activation::Gelu;
+  else if (act == "gelu_tanh") c.act = Activation::GeluTanh;
+  else if (act == "relu") c.act = Activation::Relu;
+  else if (act == "gptoss") c.act = Activation::GptOss;
+  else throw Error(ErrorKind::InvalidArgument, "unknown activation " + act + " (silu, gelu, gelu_tanh, relu, gptoss)");
+  if (layout != 0 && layout != 1)
+    throw Error(ErrorKind::InvalidArgument, "gate layout must be 0 (concatenated) or 1 (interleaved)");
+  c.layout = static_cast<GateLayout>(layout);
+  c.alpha = alpha;
+  c.limit = limit;
+  return c;
+}
+
+const void* optional_bias(const nb::object& b, const MatrixUse& u, DType xt, uint64_t n, const char* what) {
+  if (b.is_none()) return nullptr;
+  Array a = nb::cast<Array>(b);
+  check_device(u, a, what);
+  if (dtype_of(a, what) != xt || a.ndim() != 1 || a.shape(0) != n)
+    throw Error(ErrorKind::Shape, std::string(what) + " must be 1-D of " + std::to_string(n) + " values in x's dtype");
+  return a.data();
+}
+
+}  // namespace
+
+void bind_kernels(nb::module_& m) {
+  m.def("matrix_info", [](int64_t handle, uint32_t expert, uint32_t index) {
+    MatrixUse u = find_source(handle)->use(expert, index);
+    nb::dict d;
+    nb::list shape;
+    for (uint32_t i = 0; i < u.matrix.view.ndim; ++i) shape.append(u.matrix.view.shape[i]);
+    d["shape"] = nb::tuple(shape);
+    d["dtype"] = static_cast<int>(u.matrix.view.dtype);
+    d["backend"] = backend_name(u.backend);
+    return d;
+  }, nb::arg("handle"), nb::arg("expert"), nb::arg("matrix"));
+
+  m.def("szp_linear", [](int64_t handle, uint32_t expert, uint32_t index, Array x, Array y, uintptr_t stream) {
+    std::shared_ptr<MatrixSource> src = find_source(handle);
+    nb::gil_scoped_release release;
+    MatrixUse u = src->use(expert, index);
+    const SzpMatrix w = szp_matrix(u.matrix.buf, u.matrix.view, "the weight");
+    const DType xt = dtype_of(x, "x");
+    check_device(u, x, "x");
+    check_device(u, y, "y");
+    if (x.ndim() != 2) throw Error(ErrorKind::Shape, "x must be 2-D [tokens, in]");
+    const uint64_t T = x.shape(0);
+    check_2d(x, T, w.cols, "x");
+    check_2d(y, T, w.rows, "y");
+    if (dtype_of(y, "y") != xt) throw Error(ErrorKind::UnsupportedDtype, "y must have x's dtype");
+    if (T > 0xFFFFFFFFull) throw Error(ErrorKind::Shape, "too many tokens");
+    order_after(u, stream);
+    if (u.backend == Backend::Cpu) return szp_linear_cpu(w, x.data(), xt, static_cast<uint32_t>(T), y.data());
+#if MOEOFFLOAD_WITH_CUDA
+    cuda_check(szp_linear_cuda(w, x.data(), xt, static_cast<uint32_t>(T), y.data(),
+                               reinterpret_cast<cudaStream_t>(stream)),
+               "szp_linear kernel");
+#else
+    no_cuda();
+#endif
+  }, nb::arg("handle"), nb::arg("expert"), nb::arg("matrix"), nb::arg("x"), nb::arg("y"), nb::arg("stream") = 0);
+
+  m.def("expert_mlp", [](int64_t gu_handle, uint32_t gu_expert, uint32_t gu_index, int64_t down_handle,
+                         uint32_t down_expert, uint32_t down_index, Array x, const std::string& act, int layout,
+                         float alpha, float limit, nb::object gate_up_bias, nb::object down_bias, Array y,
+                         nb::object scratch, uintptr_t stream) {
+    std::shared_ptr<MatrixSource> gsrc = find_source(gu_handle), dsrc = find_source(down_handle);
+    const MlpConfig cfg = mlp_config(act, layout, alpha, limit);
+    MatrixUse gu = gsrc->use(gu_expert, gu_index);
+    MatrixUse dn = dsrc->use(down_expert, down_index);
+    const SzpMatrix g = szp_matrix(gu.matrix.buf, gu.matrix.view, "gate_up");
+    const SzpMatrix d = szp_matrix(dn.matrix.buf, dn.matrix.view, "down");
+    if (gu.backend != dn.backend) throw Error(ErrorKind::InvalidArgument, "gate_up and down live on different devices");
+    const DType xt = dtype_of(x, "x");
+    check_device(gu, x, "x");
+    check_device(gu, y, "y");
+    if (x.ndim() != 2) throw Error(ErrorKind::Shape, "x must be 2-D [tokens, hidden]");
+    const uint64_t T = x.shape(0);
+    if (g.rows != 2 * d.cols || g.cols != d.rows)
+      throw Error(ErrorKind::Shape, "expert_mlp needs gate_up [2I, H] and down [H, I]; got gate_up [" +
+                                        std::to_string(g.rows) + ", " + std::to_string(g.cols) + "] and down [" +
+                                        std::to_string(d.rows) + ", " + std::to_string(d.cols) + "]");
+    check_2d(x, T, g.cols, "x");
+    check_2d(y, T, d.rows, "y");
+    if (dtype_of(y, "y") != xt) throw Error(ErrorKind::UnsupportedDtype, "y must have x's dtype");
+    const void* gb = optional_bias(gate_up_bias, gu, xt, g.rows, "gate_up_bias");
+    const void* db = optional_bias(down_bias, gu, xt, d.rows, "down_bias");
+    float* scratch_ptr = nullptr;
+    if (gu.backend == Backend::Cuda) {
+      Array s = nb::cast<Array>(scratch);
+      check_device(gu, s, "scratch");
+      if (s.dtype() != nb::dtype<float>() || s.size() < T * (g.rows + d.cols + d.rows))
+        throw Error(ErrorKind::Shape, "scratch must hold T x (3I + H) float32 values");
+      scratch_ptr = static_cast<float*>(s.data());
+    }
+    nb::gil_scoped_release release;
+    order_after(gu, stream);
+    order_after(dn, stream);
+    if (gu.backend == Backend::Cpu)
+      return expert_mlp_cpu(g, d, x.data(), xt, static_cast<uint32_t>(T), cfg, gb, db, y.data());
+#if MOEOFFLOAD_WITH_CUDA
+    cuda_check(expert_mlp_cuda(g, d, x.data(), xt, static_cast<uint32_t>(T), cfg, gb, db, scratch_ptr, y.data(),
+                               reinterpret_cast<cudaStream_t>(stream)),
+               "expert_mlp kernels");
+#else
+    (void)scratch_ptr;
+    no_cuda();
+#endif
+  }, nb::arg("gate_up_handle"), nb::arg("gate_up_expert"), nb::arg("gate_up_matrix"), nb::arg("down_handle"),
+     nb::arg("down_expert"), nb::arg("down_matrix"), nb::arg("x"), nb::arg("act"), nb::arg("layout"),
+     nb::arg("alpha"), nb::arg("limit"), nb::arg("gate_up_bias").none(), nb::arg("down_bias").none(), nb::arg("y"),
+     nb::arg("scratch").none(), nb::arg("stream") = 0);
+
+  m.def("szp_decode_matrix", [](int64_t handle, uint32_t expert, uint32_t index, Array out, uintptr_t stream) {
+    std::shared_ptr<MatrixSource> src = find_source(handle);
+    nb::gil_scoped_release release;
+    MatrixUse u = src->use(expert, index);
+    check_device(u, out, "out");
+    const SzpView& v = u.matrix.view;
+    if (out.nbytes() != v.numel * static_cast<uint64_t>(dtype_size(v.dtype)) || dtype_of(out, "out") != v.dtype)
+      throw Error(ErrorKind::Shape, "out must hold the matrix's values in its stored dtype");
+    order_after(u, stream);
+    if (u.backend == Backend::Cpu) return szp_decode_cpu(u.matrix.buf, v, out.data());
+#if MOEOFFLOAD_WITH_CUDA
+    cuda_check(szp_decode_cuda(v, u.matrix.buf, out.data(), reinterpret_cast<cudaStream_t>(stream)), "szp decode");
+#else
+    no_cuda();
+#endif
+  }, nb::arg("handle"), nb::arg("expert"), nb::arg("matrix"), nb::arg("out"), nb::arg("stream") = 0);
+
+  nb::class_<HostMatrices>(m, "HostMatrices")
+      .def(nb::new_([] { return std::make_shared<HostMatrices>(); }))
+      .def("add", [](HostMatrices& h, HostBytes b) {
+        nb::gil_scoped_release release;
+        return h.add(b.data(), b.shape(0));
+      }, nb::arg("buf"))
+      .def("remove", &HostMatrices::remove, nb::arg("expert"))
+      .def("register", [](HostMatrices& h) { return register_source(h.shared_from_this()); });
+
+  nb::class_<Runtime>(m, "Runtime")
+      .def(nb::new_([](const std::string& backend, uint32_t layers, uint32_t experts, int streams) {
+        return std::make_shared<Runtime>(parse_backend(backend), layers, experts, streams);
+      }), nb::arg("backend"), nb::arg("num_layers"), nb::arg("experts_per_layer"), nb::arg("num_streams") = 2)
+      .def_prop_ro("store", [](Runtime& r) -> ExpertStore& { return r.store(); }, nb::rv_policy::reference_internal)
+      .def_prop_ro("pool", [](Runtime& r) -> PinnedPool& { return r.pool(); }, nb::rv_policy::reference_internal)
+      .def_prop_ro("engine", [](Runtime& r) -> TransferEngine& { return r.engine(); }, nb::rv_policy::reference_internal)
+      .def_prop_ro("cache", [](Runtime& r) -> DeviceCache& { return r.cache(); }, nb::rv_policy::reference_internal)
+      .def("start", [](Runtime& r, uint64_t budget, const std::string& policy) {
+        r.start(budget, parse_eviction_policy(policy));
+      }, nb::arg("budget"), nb::arg("policy"))
+      .def_prop_ro("handle", &Runtime::handle)
+      .def_prop_ro("backend", [](const Runtime& r) { return std::string(backend_name(r.backend())); })
+      .def_prop_ro("closed", &Runtime::closed)
+      .def("close", &Runtime::close, nb::call_guard<nb::gil_scoped_release>());
+}

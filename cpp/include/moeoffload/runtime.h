@@ -1,0 +1,93 @@
+// The runtime: one owner for the pieces that hold and move experts (pinned
+// pool, expert store, transfer engine, device cache), closed in the right
+// order, and the integer handles through which ops reach expert matrices.
+//
+// Lifetimes: close() (or the destructor) first stops new work, then waits for
+// every op using an expert (a shared lock each op holds while it computes)
+// and every copy in flight, then frees the cache, stops the copy threads,
+// unmaps/unpins the store and frees the pool. Python objects handed out
+// (slots, transfers) hold no raw ownership; after close they raise Closed.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <vector>
+
+#include "moeoffload/cpu_kernels.h"
+#include "moeoffload/device_cache.h"
+#include "moeoffload/expert_store.h"
+#include "moeoffload/pinned_pool.h"
+#include "moeoffload/transfer_engine.h"
+
+namespace moeoffload {
+
+// One matrix an op may read for as long as it holds the Use: its address
+// (device memory on cuda), parsed view, and the copy to order after (null
+// when the bytes are in place).
+struct MatrixUse {
+  SzpMatrix matrix;
+  Backend backend = Backend::Cpu;
+  std::shared_ptr<Transfer> transfer;
+  std::shared_lock<std::shared_mutex> guard;
+};
+
+// Something ops address by (handle, expert, matrix index).
+class MatrixSource : public std::enable_shared_from_this<MatrixSource> {
+ public:
+  virtual ~MatrixSource() = default;
+  virtual MatrixUse use(uint32_t expert, uint32_t index) = 0;
+};
+
+// Registered sources; handles are never reused. find() raises
+// InvalidArgument for an unknown handle and Closed for a closed source.
+int64_t register_source(std::shared_ptr<MatrixSource> source);
+void unregister_source(int64_t handle);
+std::shared_ptr<MatrixSource> find_source(int64_t handle);
+
+// szp buffers in host memory, parsed once: CompressedTensors outside a runtime.
+class HostMatrices : public MatrixSource {
+ public:
+  // Copies and parses `bytes`; returns its expert id (matrix index 0).
+  uint32_t add(const uint8_t* bytes, size_t len);
+  void remove(uint32_t expert);  // frees its bytes; the id is not reused
+  MatrixUse use(uint32_t expert, uint32_t index) override;
+
+ private:
+  std::shared_mutex mu_;
+  std::vector<std::pair<std::vector<uint8_t>, SzpMatrix>> items_;
+};
+
+class Runtime : public MatrixSource {
+ public:
+  Runtime(Backend backend, uint32_t num_layers, uint32_t experts_per_layer, int num_streams);
+  ~Runtime() override;
+  Runtime(const Runtime&) = delete;
+  Runtime& operator=(const Runtime&) = delete;
+
+  ExpertStore& store();   // filled by the table loader before start()
+  PinnedPool& pool();
+  TransferEngine& engine();
+  DeviceCache& cache();   // Closed before start() and after close()
+  void start(uint64_t budget, EvictionPolicy policy);  // creates the device cache
+  // The matrix of a pinned (acquired) expert; InvalidArgument when the
+  // caller does not hold it pinned.
+  MatrixUse use(uint32_t expert, uint32_t index) override;
+  int64_t handle();       // registers on first call
+  Backend backend() const { return backend_; }
+  void close();
+  bool closed() const;
+
+ private:
+  void check_open() const;
+  Backend backend_;
+  std::unique_ptr<PinnedPool> pool_;
+  std::unique_ptr<ExpertStore> store_;
+  std::unique_ptr<TransferEngine> engine_;
+  std::unique_ptr<DeviceCache> cache_;
+  mutable std::shared_mutex use_mu_;  // ops hold it shared; close() exclusively
+  bool closed_ = false;
+  int64_t handle_ = -1;
+};
+
+}  // namespace moeoffload

@@ -1,0 +1,62 @@
+// The decoding of one szp block, written once: host + device functions shared
+// by the CPU reference decoder, the CUDA decoder and every fused kernel.
+//
+// A block (docs/format.md, szp version 2) holds 32 quantised values q as
+// w-bit two's-complement fields packed LSB first into w little-endian u32
+// words: field i occupies bits [i*w, i*w + w) of the block's bit string, so it
+// lies in word (i*w) >> 5, and spills into the next word when it crosses a
+// word boundary. w = 0 means all 32 values are 0 and the block stores nothing.
+// The value is float(q) * step (one float32 multiply), rounded to the stored
+// dtype by the decoder; the fused kernels multiply with float(q) and apply
+// `step` once per output, so they compute with q * step before that rounding.
+// The encoder keeps both within the bound.
+//
+// Vectorised CPU unpackers (cpp/kernels/block_unpack.h) are tested equal to
+// szp_field on every width.
+#pragma once
+#include <cstdint>
+
+#include "moeoffload/dtype.h"
+
+namespace moeoffload {
+
+constexpr uint32_t kSzpBlock = 32;     // values per block
+constexpr uint32_t kSzpMaxWidth = 25;  // |q| <= 2^24 - 1: float(q) is exact, fields fit 25 bits
+
+MOEOFFLOAD_HD uint32_t szp_block_words(uint32_t width) { return width; }
+MOEOFFLOAD_HD uint32_t szp_block_bytes(uint32_t width) { return 4u * width; }
+
+// Field i (0..31) of a block of width w (1..25), sign-extended.
+MOEOFFLOAD_HD int32_t szp_field(const uint32_t* words, uint32_t w, uint32_t i) {
+  const uint32_t bit = i * w, k = bit >> 5, s = bit & 31u;
+  uint64_t v = words[k];
+  if (s + w > 32u) v |= static_cast<uint64_t>(words[k + 1]) << 32;
+  const uint32_t field = static_cast<uint32_t>(v >> s) << (32u - w);  // field in the top bits
+  return static_cast<int32_t>(field) >> (32 - static_cast<int32_t>(w));
+}
+
+// All 32 values of a block (width 0 gives zeros).
+MOEOFFLOAD_HD void szp_unpack_block(const uint32_t* words, uint32_t w, int32_t q[kSzpBlock]) {
+  for (uint32_t i = 0; i < kSzpBlock; ++i) q[i] = w ? szp_field(words, w, i) : 0;
+}
+
+// The decoded value of q in the stored dtype: float(q) * step, rounded (RNE).
+template <DType T>
+MOEOFFLOAD_HD typename Stored<T>::type szp_value(int32_t q, float step) {
+#if defined(__CUDA_ARCH__)
+  return Stored<T>::from_f32(__fmul_rn(__int2float_rn(q), step));
+#else
+  return Stored<T>::from_f32(static_cast<float>(q) * step);
+#endif
+}
+
+// The width a block of values needs: the fewest bits of two's complement that
+// hold every q (0 when all are 0).
+MOEOFFLOAD_HD uint32_t szp_width_for(int32_t qmin, int32_t qmax) {
+  if (qmin == 0 && qmax == 0) return 0;
+  uint32_t w = 1;
+  while (qmin < -(int64_t(1) << (w - 1)) || qmax > (int64_t(1) << (w - 1)) - 1) ++w;
+  return w;
+}
+
+}  // namespace moeoffload

@@ -1,0 +1,242 @@
+"""Compute straight from compressed experts: torch custom ops and their one-call forms.
+
+    y = moeoffload.ops.szp_linear(x, ct)                 # x [T, in] · Ŵᵀ, ct a CompressedTensor [out, in]
+    y = moeoffload.ops.expert_mlp(x, gate_up, down)      # down(silu(gate(x)) * up(x))
+
+The ops are registered as ``torch.ops.moeoffload.szp_linear``, ``expert_mlp``
+and ``szp_decode`` (``torch.library.custom_op`` with a fake beside each, so
+they trace under ``torch.compile``). Their schemas take tensors and integers
+only: a matrix is addressed by (handle, expert, matrix index), where the
+handle belongs to a runtime (``ExpertCache.handle``; the expert must be
+acquired) or to the registry of standalone CompressedTensors used here.
+
+Semantics: the product uses each weight as q * step (before its rounding to
+the stored dtype), accumulates in float32 and returns x's dtype; values kept
+exactly (exceptions) are included. Every weight so used is within the bound
+of the original (docs/format.md).
+
+Paths: on the CPU the native fused kernels run for every T (AVX-512 / AVX2 /
+portable, chosen at run time); with ``dense_above`` (the measured crossover,
+see bench/fused.py) the matrix is decoded into a scratch tensor and multiplied
+by ``F.linear`` instead. ``direct=True`` calls the native function without the
+dispatcher (the eager decode loop), see the README for the measured overhead.
+"""
+
+from __future__ import annotations
+
+import atexit
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from . import _native
+from .codec import _CODE_DTYPES, CompressedTensor
+from .errors import InvalidArgumentError, ShapeError, UnsupportedDtypeError
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "gptoss")
+GATE_LAYOUTS = {"concatenated": 0, "interleaved": 1}
+
+# ---- the registry of standalone CompressedTensors ------------------------------------------
+
+_host = None
+_host_handle = None
+_registered: dict[int, tuple[int, int]] = {}
+
+
+def matrix_handle(ct: CompressedTensor) -> tuple[int, int]:
+    """(handle, expert) under which ops address a standalone CompressedTensor (parsed once)."""
+    global _host, _host_handle
+    if not isinstance(ct, CompressedTensor):
+        raise UnsupportedDtypeError(f"expected a CompressedTensor, got {type(ct).__name__}")
+    if ct.codec != "szp":
+        raise UnsupportedDtypeError("the fused ops compute on szp tensors; this one is "
+                                    f"{ct.codec!r} (compress with codec='szp')")
+    key = id(ct)
+    if key not in _registered:
+        if _host is None:
+            _host = _native.HostMatrices()
+            _host_handle = _host.register()
+        _registered[key] = (_host_handle, _host.add(ct.buffer))
+        weakref.finalize(ct, _forget, key)
+    return _registered[key]
+
+
+def _forget(key: int) -> None:
+    handle_expert = _registered.pop(key, None)
+    if handle_expert is not None and _host is not None:
+        _host.remove(handle_expert[1])
+
+
+@atexit.register
+def _drop_registry() -> None:
+    global _host
+    _registered.clear()
+    _host = None
+
+
+def _stream(x: torch.Tensor) -> int:
+    return torch.cuda.current_stream(x.device).cuda_stream if x.device.type == "cuda" else 0
+
+
+def _rows(handle: int, expert: int, matrix: int) -> tuple[int, ...]:
+    return tuple(_native.matrix_info(handle, expert, matrix)["shape"])
+
+
+# ---- custom ops --------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moeoffload::szp_linear", mutates_args=())
+def _szp_linear_op(x: torch.Tensor, handle: int, expert: int, matrix: int) -> torch.Tensor:
+    rows = _rows(handle, expert, matrix)[0]
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], rows, dtype=x.dtype, device=x.device)
+    _native.szp_linear(handle, expert, matrix, x, y, _stream(x))
+    return y
+
+
+@_szp_linear_op.register_fake
+def _(x, handle, expert, matrix):
+    rows = _rows(handle, expert, matrix)[0]
+    return x.new_empty(x.shape[0], rows)
+
+
+@torch.library.custom_op("moeoffload::expert_mlp", mutates_args=())
+def _expert_mlp_op(x: torch.Tensor, gate_up_handle: int, gate_up_expert: int, gate_up_matrix: int,
+                   down_handle: int, down_expert: int, down_matrix: int, gate_up_bias: torch.Tensor | None,
+                   down_bias: torch.Tensor | None, act: str, layout: int, alpha: float, limit: float) -> torch.Tensor:
+    H, I = _rows(down_handle, down_expert, down_matrix)
+    x = x.contiguous()
+    T = x.shape[0]
+    y = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    scratch = torch.empty(T * (3 * I + H), dtype=torch.float32, device=x.device) if x.device.type == "cuda" else None
+    _native.expert_mlp(gate_up_handle, gate_up_expert, gate_up_matrix, down_handle, down_expert, down_matrix, x, act,
+                       layout, alpha, limit, gate_up_bias, down_bias, y, scratch, _stream(x))
+    return y
+
+
+@_expert_mlp_op.register_fake
+def _(x, gate_up_handle, gate_up_expert, gate_up_matrix, down_handle, down_expert, down_matrix, gate_up_bias,
+      down_bias, act, layout, alpha, limit):
+    H, _ = _rows(down_handle, down_expert, down_matrix)
+    return x.new_empty(x.shape[0], H)
+
+
+@torch.library.custom_op("moeoffload::szp_decode", mutates_args=())
+def _szp_decode_op(handle: int, expert: int, matrix: int, device: torch.device) -> torch.Tensor:
+    info = _native.matrix_info(handle, expert, matrix)
+    out = torch.empty(info["shape"], dtype=_CODE_DTYPES[info["dtype"]], device=device)
+    _native.szp_decode_matrix(handle, expert, matrix, out, _stream(out))
+    return out
+
+
+@_szp_decode_op.register_fake
+def _(handle, expert, matrix, device):
+    info = _native.matrix_info(handle, expert, matrix)
+    return torch.empty(info["shape"], dtype=_CODE_DTYPES[info["dtype"]], device=device)
+
+
+# ---- one-call forms ----------------------------------------------------------------------------
+
+
+def _as_tokens(x: torch.Tensor, cols: int, what: str) -> tuple[torch.Tensor, tuple[int, ...]]:
+    if not isinstance(x, torch.Tensor):
+        raise UnsupportedDtypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise UnsupportedDtypeError(f"{what} must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != cols:
+        raise ShapeError(f"{what} must end in the weight's input dimension {cols}, got shape {tuple(x.shape)}")
+    lead = tuple(x.shape[:-1])
+    return x.reshape(-1, cols), lead
+
+
+def szp_linear(x: torch.Tensor, weight: CompressedTensor, bias: torch.Tensor | None = None, *,
+               dense_above: int | None = None, direct: bool = False) -> torch.Tensor:
+    """F.linear(x, Ŵ, bias) computed from the compressed weight [out, in] (szp, 2-D).
+
+    x [..., in] of float32/bfloat16/float16 on the CPU (the weight's host bytes);
+    the result has x's dtype. dense_above: above this many tokens decode Ŵ and
+    use F.linear (the crossover of bench/fused.py); direct: skip the dispatcher.
+    """
+    if not isinstance(weight, CompressedTensor) or len(weight.shape) != 2:
+        raise ShapeError("szp_linear needs a 2-D CompressedTensor [out, in]")
+    out_f, in_f = weight.shape
+    x2, lead = _as_tokens(x, in_f, "x")
+    if dense_above is not None and x2.shape[0] > dense_above:
+        y = F.linear(x2, weight.decompress(dtype=x2.dtype, device=x2.device))
+    else:
+        handle, expert = matrix_handle(weight)
+        if direct:
+            x2 = x2.contiguous()
+            y = torch.empty(x2.shape[0], out_f, dtype=x2.dtype, device=x2.device)
+            _native.szp_linear(handle, expert, 0, x2, y, _stream(x2))
+        else:
+            y = torch.ops.moeoffload.szp_linear(x2, handle, expert, 0)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*lead, out_f)
+
+
+def expert_mlp(x: torch.Tensor, gate_up: CompressedTensor, down: CompressedTensor, *, act: str = "silu",
+               gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
+               layout: str = "concatenated", alpha: float = 1.702, limit: float = 7.0,
+               transposed: bool = False) -> torch.Tensor:
+    """down(act(gate(x)) ⊙ up(x)) for one expert, from its compressed matrices, in one call.
+
+    Fused (never decodes a weight): gate_up [2I, H] (gate rows then up rows, or
+    ``layout="interleaved"``: gate, up, gate, ... as GPT-OSS stores them),
+    down [H, I], activations silu / gelu / gelu_tanh / relu, and ``act="gptoss"``,
+    GPT-OSS's clamped gate: gate <= limit, |up| <= limit, (up + 1) * gate * sigmoid(alpha * gate).
+    Biases (1-D, x's dtype) are added after each projection.
+
+    ``transposed=True`` (storage [H, 2I] and [I, H], as GPT-OSS checkpoints
+    keep them) is NOT fused: both matrices are decoded and multiplied densely.
+    A table built for the offload path stores such matrices transposed back, so
+    the fused path applies there.
+    """
+    if act not in ACTIVATIONS:
+        raise InvalidArgumentError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    if layout not in GATE_LAYOUTS:
+        raise InvalidArgumentError(f"layout must be one of {tuple(GATE_LAYOUTS)}, got {layout!r}")
+    for name, m in (("gate_up", gate_up), ("down", down)):
+        if not isinstance(m, CompressedTensor) or len(m.shape) != 2:
+            raise ShapeError(f"{name} must be a 2-D CompressedTensor")
+    if transposed:
+        return _expert_mlp_dense(x, gate_up.decompress().T, down.decompress().T, act, gate_up_bias, down_bias,
+                                 layout, alpha, limit)
+    H = gate_up.shape[1]
+    x2, lead = _as_tokens(x, H, "x")
+    gh, ge = matrix_handle(gate_up)
+    dh, de = matrix_handle(down)
+    y = torch.ops.moeoffload.expert_mlp(x2, gh, ge, 0, dh, de, 0, gate_up_bias, down_bias, act, GATE_LAYOUTS[layout],
+                                        float(alpha), float(limit))
+    return y.reshape(*lead, y.shape[-1])
+
+
+def _gate(gu: torch.Tensor, act: str, layout: str, alpha: float, limit: float) -> torch.Tensor:
+    if layout == "interleaved":
+        g, u = gu[..., ::2], gu[..., 1::2]
+    else:
+        g, u = gu.chunk(2, dim=-1)
+    if act == "gptoss":
+        g = g.clamp(max=limit)
+        u = u.clamp(-limit, limit)
+        return (u + 1) * (g * torch.sigmoid(g * alpha))
+    fn = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"), "relu": F.relu}[act]
+    return fn(g) * u
+
+
+def _expert_mlp_dense(x, gate_up_w, down_w, act, gate_up_bias, down_bias, layout, alpha, limit):
+    """The reference: dense float32 math on decoded [2I, H] and [H, I] weights (also the non-fused variant)."""
+    xf = x.float()
+    gu = F.linear(xf, gate_up_w.float(), None if gate_up_bias is None else gate_up_bias.float())
+    h = _gate(gu, act, layout, alpha, limit)
+    y = F.linear(h, down_w.float(), None if down_bias is None else down_bias.float())
+    return y.to(x.dtype)
+
+
+def expert_mlp_reference(x, gate_up: CompressedTensor, down: CompressedTensor, **kw) -> torch.Tensor:
+    """decode + dense float32 of expert_mlp, with the weights the fused kernel uses (tests, benchmarks)."""
+    return _expert_mlp_dense(x, gate_up.decompress(dtype=torch.float32), down.decompress(dtype=torch.float32),
+                             kw.get("act", "silu"), kw.get("gate_up_bias"), kw.get("down_bias"),
+                             kw.get("layout", "concatenated"), kw.get("alpha", 1.702), kw.get("limit", 7.0))

@@ -1,0 +1,243 @@
+"""The fused ops (python/moeoffload/ops.py over cpp/kernels): against the decode + dense reference on
+fresh random inputs, every dtype, T = 1..64, ragged shapes, exceptions; opcheck; torch.compile; bad input."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DTYPES
+
+from moeoffload import ShapeError, UnsupportedDtypeError, codec, ops
+from moeoffload.errors import ClosedError, InvalidArgumentError
+
+# (out, in): ragged last blocks, out not a multiple of any tile, 1-row and 1-column matrices
+SHAPES = [(96, 70), (1, 1), (1, 257), (257, 1), (13, 33), (130, 512)]
+TOKENS = [1, 2, 3, 5, 8, 13, 64]
+
+
+def _tol(dtype):
+    return {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
+
+
+def _reference(x, ct):
+    """x · (q·step)ᵀ in float64: the weights the fused kernel multiplies with are the float32
+    decode (q·step rounded only to float32), exceptions exact."""
+    return (x.double() @ ct.decompress(dtype=torch.float32).double().T)
+
+
+def _weights_fp32(shape, dtype, seed, exceptions=False):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(*shape, generator=g) * 0.02).to(dtype)
+    if exceptions and dtype != torch.float32:
+        w = (torch.randn(*shape, generator=g) * 0.02).to(dtype)
+        eb = 0.02 * 0.02  # a round bound lines up with the bf16/fp16 grid: some values stay exact
+    else:
+        eb = 0.02 * 0.1
+    return w, eb
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_szp_linear_matches_reference(dtype, shape):
+    w, eb = _weights_fp32(shape, dtype, seed=hash(shape) % 1000)
+    ct = codec.compress(w, eb)
+    for T in TOKENS:
+        x = torch.randn(T, shape[1]).to(dtype)
+        y = ops.szp_linear(x, ct)
+        assert y.dtype == dtype and y.shape == (T, shape[0])
+        ref = _reference(x, ct)
+        scale = ref.abs().max().item() + 1e-30
+        assert (y.double() - ref).abs().max().item() <= _tol(dtype) * scale * 2, (T, shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_szp_linear_with_exceptions(dtype):
+    torch.manual_seed(3)
+    if dtype == torch.bfloat16:
+        w = (torch.randn(257, 300) * 0.02).to(dtype)
+        ct = codec.compress(w, 0.02 * 0.02)  # a round bound on the bf16 grid: some values stay exact
+    else:
+        w = (torch.randn(257, 300) * 3000).to(dtype)
+        w[0, 5], w[9, 299], w[256, 0] = 65504, -65504, 65504  # no q*step within eb is a finite half
+        ct = codec.compress(w, 20000.0)
+    assert ct.n_exceptions > 0
+    x = (torch.randn(7, 300) * (1.0 if dtype == torch.bfloat16 else 1e-3)).to(dtype)  # no fp16 overflow
+    ref = _reference(x, ct)
+    y = ops.szp_linear(x, ct)
+    assert (y.double() - ref).abs().max().item() <= _tol(dtype) * 2 * ref.abs().max().item()
+    # and the weights used are within the bound of the originals
+    assert (ct.decompress(dtype=torch.float32).double() - w.double()).abs().max().item() <= ct.eb
+
+
+def test_fused_weights_are_within_the_bound_before_rounding():
+    # The fused product uses q*step unrounded; the encoder keeps that within eb too.
+    from moeoffload import _native
+
+    for dtype in (torch.bfloat16, torch.float16):
+        w = (torch.randn(64, 512) * torch.logspace(-3, 0, 512)).to(dtype)
+        ct = codec.compress(w, 1e-3)
+        step = np.float32(_native.szp_inspect(ct.buffer)["step"])
+        # rebuild q from the decoded values (exact for non-exceptions) via the identity matrix
+        eye = torch.eye(512, dtype=torch.float32)
+        cols = ops.szp_linear(eye, ct)  # [512, 64] = (q*step)^T in float32
+        assert (cols.T.double() - w.double()).abs().max().item() <= ct.eb * (1 + 1e-6)
+        assert step > 0
+
+
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_every_simd_path_gives_the_same_product(isa):
+    script = (
+        "import torch; from moeoffload import codec, ops\n"
+        "g = torch.Generator().manual_seed(5)\n"
+        "w = (torch.randn(200, 900, generator=g) * torch.logspace(-4, 0, 900)).to(torch.bfloat16)\n"
+        "out = []\n"
+        "for eb in (1e-6, 1e-4, 1e-2):\n"
+        "    ct = codec.compress(w, eb)\n"
+        "    x = torch.randn(9, 900, generator=g)\n"
+        "    out.append(ops.szp_linear(x, ct))\n"
+        "torch.save(out, __import__('sys').argv[1])\n"
+    )
+    outs = {}
+    for name in (isa, "avx512"):
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"moeoffload-simd-{os.getpid()}-{name}.pt")
+        env = {**os.environ, "MOEOFFLOAD_ISA": name}
+        subprocess.run([sys.executable, "-c", script, path], check=True, env=env)
+        outs[name] = torch.load(path)
+        os.unlink(path)
+    for a, b in zip(outs[isa], outs["avx512"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def test_dense_above_crossover_and_direct_paths_agree():
+    w = (torch.randn(64, 96) * 0.02).to(torch.bfloat16)
+    ct = codec.compress(w, 0.002)
+    x = torch.randn(20, 96).to(torch.bfloat16)
+    fused = ops.szp_linear(x, ct).float()
+    dense = ops.szp_linear(x, ct, dense_above=4).float()
+    direct = ops.szp_linear(x, ct, direct=True).float()
+    torch.testing.assert_close(fused, direct)
+    torch.testing.assert_close(fused, dense, rtol=3e-2, atol=3e-2)
+
+
+def test_leading_dims_and_bias():
+    w = (torch.randn(40, 32) * 0.1)
+    ct = codec.compress(w, 1e-3)
+    x = torch.randn(2, 3, 32)
+    b = torch.randn(40)
+    y = ops.szp_linear(x, ct, b)
+    torch.testing.assert_close(y, F.linear(x, ct.decompress(), b), rtol=1e-4, atol=1e-4)
+
+
+# ---- expert_mlp ---------------------------------------------------------------------------------
+
+
+def _expert(H, I, dtype, seed, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    gu = codec.compress((torch.randn(2 * I, H, generator=g) * 0.05).to(dtype), 0.005)
+    dn = codec.compress((torch.randn(H, I, generator=g) * 0.05).to(dtype), 0.005)
+    gb = (torch.randn(2 * I, generator=g) * 0.1).to(dtype) if bias else None
+    db = (torch.randn(H, generator=g) * 0.1).to(dtype) if bias else None
+    return gu, dn, gb, db
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act,layout,bias", [("silu", "concatenated", False), ("gelu", "concatenated", True),
+                                             ("gelu_tanh", "interleaved", False), ("relu", "concatenated", True),
+                                             ("gptoss", "interleaved", True)])
+def test_expert_mlp_matches_reference(dtype, act, layout, bias):
+    H, I = 70, 45
+    gu, dn, gb, db = _expert(H, I, dtype, seed=len(act), bias=bias)
+    for T in (1, 3, 17):
+        x = torch.randn(T, H).to(dtype)
+        kw = dict(act=act, layout=layout, gate_up_bias=gb, down_bias=db, alpha=1.702, limit=0.5)
+        y = ops.expert_mlp(x, gu, dn, **kw)
+        ref = ops.expert_mlp_reference(x, gu, dn, **kw)
+        assert y.dtype == dtype and y.shape == (T, H)
+        torch.testing.assert_close(y.float(), ref.float(), rtol=_tol(dtype) * 2, atol=_tol(dtype) * 2 *
+                                   ref.float().abs().max().item())
+
+
+def test_expert_mlp_transposed_is_the_dense_variant():
+    H, I = 32, 24
+    g = torch.Generator().manual_seed(1)
+    gu_t = codec.compress(torch.randn(H, 2 * I, generator=g) * 0.05, 1e-4)  # [H, 2I] as GPT-OSS stores it
+    dn_t = codec.compress(torch.randn(I, H, generator=g) * 0.05, 1e-4)
+    x = torch.randn(4, H)
+    y = ops.expert_mlp(x, gu_t, dn_t, transposed=True, act="gptoss", layout="interleaved")
+    gu = gu_t.decompress().T
+    h = gu @ x.T
+    gate, up = (x @ gu_t.decompress())[..., ::2], (x @ gu_t.decompress())[..., 1::2]
+    gate = gate.clamp(max=7.0)
+    up = up.clamp(-7.0, 7.0)
+    ref = ((up + 1) * gate * torch.sigmoid(gate * 1.702)) @ dn_t.decompress()
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+    assert h.shape == (2 * I, 4)
+
+
+# ---- custom op machinery ------------------------------------------------------------------------
+
+
+def test_opcheck():
+    w = codec.compress(torch.randn(24, 40) * 0.1, 1e-3)
+    handle, expert = ops.matrix_handle(w)
+    x = torch.randn(3, 40)
+    torch.library.opcheck(torch.ops.moeoffload.szp_linear.default, (x, handle, expert, 0))
+    gu, dn, gb, db = _expert(40, 16, torch.float32, seed=2, bias=True)
+    gh, ge = ops.matrix_handle(gu)
+    dh, de = ops.matrix_handle(dn)
+    torch.library.opcheck(torch.ops.moeoffload.expert_mlp.default,
+                          (x, gh, ge, 0, dh, de, 0, gb, db, "silu", 0, 1.702, 7.0))
+    torch.library.opcheck(torch.ops.moeoffload.szp_decode.default, (handle, expert, 0, torch.device("cpu")))
+    torch.testing.assert_close(torch.ops.moeoffload.szp_decode(handle, expert, 0, torch.device("cpu")), w.decompress())
+
+
+def test_torch_compile_fullgraph_smoke():
+    w = codec.compress(torch.randn(24, 40) * 0.1, 1e-3)
+    handle, expert = ops.matrix_handle(w)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x):
+        return torch.relu(torch.ops.moeoffload.szp_linear(x * 2, handle, expert, 0)) + 1
+
+    x = torch.randn(5, 40)
+    torch.testing.assert_close(f(x), torch.relu(ops.szp_linear(x * 2, w)) + 1)
+
+
+def test_import_touches_no_gpu():
+    code = ("import sys, moeoffload, moeoffload.ops, moeoffload.cache\n"
+            "import torch\n"
+            "assert not torch.cuda.is_initialized()\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+
+def test_bad_input_is_named():
+    ct = codec.compress(torch.randn(8, 16), 1e-3)
+    with pytest.raises(ShapeError):
+        ops.szp_linear(torch.randn(2, 15), ct)  # input dim does not match
+    with pytest.raises(UnsupportedDtypeError):
+        ops.szp_linear(torch.randn(2, 16).to(torch.float64), ct)
+    with pytest.raises(UnsupportedDtypeError):
+        ops.szp_linear(torch.randn(2, 16), codec.compress(torch.randn(8, 16), 1e-3, codec="sz3"))
+    with pytest.raises(ShapeError):
+        ops.szp_linear(torch.randn(2, 16), codec.compress(torch.randn(8, 4, 4), 1e-3))  # not 2-D
+    with pytest.raises(ShapeError):
+        ops.szp_linear(torch.randn(2, 16), codec.compress(torch.randn(128), 1e-3))
+    with pytest.raises(InvalidArgumentError):
+        torch.ops.moeoffload.szp_linear(torch.randn(2, 16), ops.matrix_handle(ct)[0], 10**6, 0)  # unknown expert
+    with pytest.raises(InvalidArgumentError):
+        torch.ops.moeoffload.szp_linear(torch.randn(2, 16), 10**9, 0, 0)  # unknown handle
+    gu, dn, _, _ = _expert(16, 8, torch.float32, seed=4)
+    with pytest.raises(ShapeError):
+        ops.expert_mlp(torch.randn(2, 16), dn, gu)  # swapped
+    with pytest.raises(InvalidArgumentError):
+        ops.expert_mlp(torch.randn(2, 16), gu, dn, act="tanh")
+    with pytest.raises(ShapeError):
+        ops.expert_mlp(torch.randn(2, 16), gu, dn, gate_up_bias=torch.randn(3))
+    assert ClosedError  # the closed-runtime case is in test_runtime.py
