@@ -268,12 +268,17 @@ void bind_runtime(nb::module_& m) {
       .def("stats", [](DeviceCache& c) { return cache_stats_dict(c.stats()); })
       .def("reset_stats", &DeviceCache::reset_stats)
       .def("check_invariants", &DeviceCache::check_invariants)
-      .def("read", [](DeviceCache&, const Slot& s) {
-        // A host copy of a slot's bytes (tests, debugging).
+      .def("read", [](DeviceCache& c, const Slot& s) {
+        // A host copy of a slot's bytes (tests, debugging), while the slot is pinned.
         auto* buf = new std::vector<uint8_t>(s.bytes);
-        {
+        try {
           nb::gil_scoped_release release;
           s.wait();
+          auto held = c.pinned_slot(s.id);  // ClosedError once the cache is closed
+          if (!held || held->data != s.data) {
+            throw Error(ErrorKind::InvalidArgument, "slot of expert " + std::to_string(s.id) +
+                                                        " was released: its bytes may hold another expert now");
+          }
 #if MOEOFFLOAD_WITH_CUDA
           cudaPointerAttributes attr{};
           if (cudaPointerGetAttributes(&attr, s.data) == cudaSuccess && attr.type == cudaMemoryTypeDevice)
@@ -284,6 +289,9 @@ void bind_runtime(nb::module_& m) {
 #else
           std::memcpy(buf->data(), s.data, s.bytes);
 #endif
+        } catch (...) {
+          delete buf;
+          throw;
         }
         nb::capsule owner(buf, [](void* p) noexcept { delete static_cast<std::vector<uint8_t>*>(p); });
         return nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>>(buf->data(), {buf->size()}, owner);

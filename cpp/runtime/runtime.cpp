@@ -154,7 +154,7 @@ void Runtime::close() {
   std::unique_lock<std::shared_mutex> lock(use_mu_);  // waits for ops in progress
   if (closed_) return;
   closed_ = true;
-  if (handle_ >= 0) unregister_source(handle_);
+  // the handle stays registered (weakly): ops on it raise Closed, not "unknown"
   if (cache_) cache_->close();  // waits for copies in flight, frees the device memory
   engine_->close();
   store_->close();

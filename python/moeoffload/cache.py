@@ -25,7 +25,7 @@ import re
 import numpy as np
 
 from . import _native
-from .errors import BudgetError
+from .errors import BudgetError, InvalidArgumentError
 from .prefetch import ActivationPredictor, PrefetchConfig, plan
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -69,20 +69,60 @@ def parse_budget(budget) -> int:
 
 
 class ExpertCache:
+    """The Python face of the native Runtime: it owns the pinned store of the table's experts (its
+    own mapping or copy, so closing the table never pulls bytes from under a copy), the transfer
+    engine, the device cache and the predictor, and closes them in order. ``handle`` addresses
+    its experts in the ops (``torch.ops.moeoffload.*``, matrix indices in ``table.matrix_names``
+    order) while they are acquired."""
+
     def __init__(self, table, budget, policy: str = "activation", prefetch: PrefetchConfig | None = PrefetchConfig(),
-                 num_streams: int = 2, history=None):
+                 num_streams: int = 2, history=None, backend: str | None = None):
         self.table = table
-        self.engine = _native.TransferEngine(table.pool.backend, num_streams)
-        try:
-            self.cache = _native.DeviceCache(parse_budget(budget), policy, table.store, self.engine)
-        except BaseException:
-            self.engine.close()
-            raise
-        self.prefetch_config = prefetch
         L, E = table.num_layers, table.experts_per_layer
+        backend = backend or (table.pool.backend if table.pool is not None else "auto")
+        self.runtime = _native.Runtime(backend, L, E, num_streams)
+        try:
+            self._fill_store(table)
+            self.runtime.start(parse_budget(budget), policy)
+        except BaseException:
+            self.runtime.close()
+            raise
+        self.cache = self.runtime.cache
+        self.engine = self.runtime.engine
+        self.prefetch_config = prefetch
         self.predictor = ActivationPredictor(L, E, history=history,
                                              recency=prefetch.recency if prefetch else 1.0,
                                              top_matches=prefetch.top_matches if prefetch else 4)
+
+    def _fill_store(self, table) -> None:
+        store = self.runtime.store
+        codes = {"float32": 1, "bfloat16": 2, "float16": 3}
+        spans = getattr(table, "spans", None)
+        if spans is not None:  # loaded from disk: map the file (pinned in place), parsed once below
+            store.map_file(str(table.path / "experts.safetensors"))
+        for x in table.manifest["experts"]:
+            eid = table.expert_id(x["layer"], x["expert"])
+            if spans is not None:
+                begin, _ = spans[x["tensor"]]
+                store.add_mapped(eid, begin, x["bytes"])
+            else:
+                store.add_copy(eid, np.ascontiguousarray(table.payload(x["layer"], x["expert"])))
+            if table.manifest["codec"] == "szp":
+                store.set_matrices(eid, [(m["offset"], m["bytes"], codes[m["dtype"]], list(m["shape"]))
+                                         for m in x["matrices"]])
+
+    @property
+    def handle(self) -> int:
+        """The integer the ops take to reach this runtime's (acquired) experts."""
+        return self.runtime.handle
+
+    def expert_id(self, layer: int, expert: int) -> int:
+        """The flat id of (layer, expert), range-checked (negative too)."""
+        L, E = self.table.num_layers, self.table.experts_per_layer
+        for name, v, n in (("layer", layer, L), ("expert", expert, E)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= int(v) < n:
+                raise InvalidArgumentError(f"{name} {v!r} is out of range: the table has {L} layers of {E} experts")
+        return int(layer) * E + int(expert)
 
     def begin_sequence(self) -> None:
         self.predictor.begin_sequence()
@@ -93,6 +133,8 @@ class ExpertCache:
     def record(self, layer: int, experts) -> list[int]:
         """The router chose `experts` at `layer`: update the prediction and prefetch ahead.
         Returns the expert ids whose fetch started."""
+        for e in np.asarray(experts).reshape(-1):
+            self.expert_id(layer, int(e))
         self.cache.set_current_layer(layer)
         self.predictor.record(layer, experts)
         prediction = self.predictor.predict()
@@ -105,17 +147,20 @@ class ExpertCache:
         return started
 
     def acquire(self, layer: int, expert: int):
-        return self.cache.acquire(self.table.expert_id(layer, expert))
+        return self.cache.acquire(self.expert_id(layer, expert))
 
     def release(self, layer: int, expert: int) -> None:
-        self.cache.release(self.table.expert_id(layer, expert))
+        self.cache.release(self.expert_id(layer, expert))
 
     def stats(self) -> dict:
         return {**self.cache.stats(), "used_bytes": self.cache.used_bytes, "budget": self.cache.budget}
 
+    @property
+    def closed(self) -> bool:
+        return self.runtime.closed
+
     def close(self) -> None:
-        self.cache.close()
-        self.engine.close()
+        self.runtime.close()
 
     def __enter__(self):
         return self

@@ -171,6 +171,7 @@ class ExpertTable:
         self.store = store
         self.pool = pool
         self.path = path
+        self.spans = None
         self._by_key = {(x["layer"], x["expert"]): x for x in manifest["experts"]}
 
     # ---- what is in it ----
@@ -357,6 +358,7 @@ def load(path, *, backend: str = "auto", verify: bool = True, expect=None) -> Ex
     pool = _native.PinnedPool(backend)
     store = _native.ExpertStore(pool, L, E)
     table = ExpertTable(manifest, None, store, pool, path)
+    table.spans = spans  # where each payload lies in the file: an ExpertCache maps it itself
     try:
         store.map_file(str(payload_file))
         for x in manifest["experts"]:
