@@ -4,7 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """A mistake in the command line or in what it names, found before any work starts."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (and exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(message) -> str:
+    return " ".join(str(message).split())
 
 
 def _cmd_info(args) -> int:
@@ -29,6 +46,10 @@ def _cmd_demo(args) -> int:
     from moeoffload.policy import BoundPolicy
     from moeoffload.prefetch import PrefetchConfig, mixtral_hidden_predictions
 
+    heldout = tiny_moe.default_heldout()
+    if len(heldout[: args.max_bytes]) < 255:
+        raise UsageError(f"--max-bytes {args.max_bytes}: the demo evaluates windows of 256 tokens (bytes) and needs "
+                         "at least 255 bytes of text")
     info = moeoffload.backend_info()
     print(f"moeoffload {moeoffload.__version__}: backend {info['backend']} "
           f"(CUDA kernels {'built' if info['built_with_cuda'] else 'not built'}; "
@@ -101,27 +122,220 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def _floats(text: str) -> list[float]:
+def _positive_int(text: str) -> int:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}")
+    return value
+
+
+def _alpha(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"alpha must be a positive finite number, got {text!r}")
+    return value
+
+
+def _floats(text: str) -> list[float]:
+    values = [_alpha(x.strip()) for x in text.split(",") if x.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got {text!r}")
+    return values
+
+
+def _choice_list(kind: str, choices):
+    def parse(text: str) -> list[str]:
+        values = [x.strip() for x in text.split(",") if x.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind}s ({', '.join(choices)}), got {text!r}")
+        for v in values:
+            if v not in choices:
+                raise argparse.ArgumentTypeError(f"unknown {kind} {v!r} (expected one of {', '.join(choices)})")
+        return values
+    return parse
+
+
+def _choice(kind: str, choices):
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"unknown {kind} {text!r} (expected one of {', '.join(choices)})")
+        return text
+    return parse
 
 
 def _percent(text: str) -> float:
     try:
-        return float(text.rstrip("%"))
+        value = float(text.strip().rstrip("%"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a percentage like 1% or 0.5, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive percentage like 1% or 0.5, got {text!r}")
+    return value
+
+
+# ---- checks of what the command line names, before any work starts ----
+
+def _check_out_dir(out: str) -> None:
+    """--out is (or can be made) a directory this process can write; a results.json in it is a study's."""
+    import tempfile
+
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    results = p / "results.json"
+    if results.exists():
+        try:
+            doc = json.loads(results.read_text())
+        except (OSError, ValueError, RecursionError) as e:
+            raise UsageError(f"--out {out}: its results.json cannot be read to resume ({e}); "
+                             "move it away or choose another --out") from None
+        cells = doc.get("cells", []) if isinstance(doc, dict) else None
+        if not (isinstance(cells, list) and all(isinstance(c, dict) and isinstance(c.get("key"), str) for c in cells)
+                and isinstance(doc.get("baseline") or {}, dict)):
+            raise UsageError(f"--out {out}: its results.json is not a sensitivity study's; "
+                             "move it away or choose another --out")
+
+
+def _check_out_file(out: str) -> None:
+    """--out is a file this process can create or replace."""
+    import tempfile
+
+    p = Path(out)
+    if p.is_dir():
+        raise UsageError(f"--out {out}: is a directory; give a file name")
+    parent = p.parent
+    if not parent.is_dir():
+        raise UsageError(f"--out {out}: the directory {parent} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+        if p.exists():
+            with open(p, "r+b"):
+                pass
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
+def _check_model(spec, flag: str = "--model"):
+    """`spec` ('default' or a checkpoint directory) is a causal LM with MoE layers; (model_dir, config).
+
+    Builds the model on the meta device (no weights, no memory) to find its experts as the study will."""
+    import torch
+
+    from moeoffload.errors import NoMoeLayersError
+    from moeoffload.models import tiny_moe
+    from moeoffload.sensitivity import ExpertGrid
+
+    if spec in (None, "default"):
+        model_dir = tiny_moe.DEFAULT_DIR
+    else:
+        model_dir = Path(spec)
+        if not model_dir.exists():
+            raise UsageError(f"{flag} {spec}: no such directory (give a Hugging Face checkpoint directory or 'default')")
+        if not model_dir.is_dir():
+            raise UsageError(f"{flag} {spec}: not a directory (give a Hugging Face checkpoint directory or 'default')")
+        if not (model_dir / "config.json").is_file():
+            raise UsageError(f"{flag} {spec}: not a model checkpoint (no config.json)")
+        if not any(model_dir.glob("*.safetensors")) and not any(model_dir.glob("*.bin")):
+            raise UsageError(f"{flag} {spec}: the checkpoint has no weights (no .safetensors or .bin files)")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # noqa: BLE001 - whatever transformers finds wrong with it
+        raise UsageError(f"{flag} {spec}: not a causal language model transformers can load "
+                         f"({type(e).__name__}: {e})") from None
+    try:
+        ExpertGrid(skeleton)
+    except NoMoeLayersError as e:
+        raise UsageError(f"{flag} {spec}: {e}; the study needs a Mixture-of-Experts model") from None
+    return model_dir, config
+
+
+def _check_text(data, max_bytes: int, seq: int, model_dir: Path, config, flag: str = "--data") -> None:
+    """The evaluation text exists and gives at least one window of `seq` tokens."""
+    from moeoffload import sensitivity
+
+    if data not in (None, "default"):
+        p = Path(data)
+        if not p.exists():
+            raise UsageError(f"{flag} {data}: no such file")
+        if not p.is_file():
+            raise UsageError(f"{flag} {data}: not a file")
+        try:
+            open(p, "rb").close()
+        except OSError as e:
+            raise UsageError(f"{flag} {data}: cannot read it ({e.strerror or e})") from None
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seq > limit:
+        raise UsageError(f"--seq {seq}: the model takes at most {limit} positions")
+    text = sensitivity.load_text(data, model_dir)[:max_bytes]
+    try:
+        ids = sensitivity.encode(model_dir, None, text)
+    except Exception as e:  # noqa: BLE001 - a broken tokenizer in the checkpoint
+        raise UsageError(f"--model {model_dir}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
+    bos = getattr(config, "bos_token_id", None)
+    try:
+        sensitivity.windows(ids, seq, bos)
+    except ValueError:
+        source = "the model's held-out sample" if data in (None, "default") else data
+        raise UsageError(f"--seq {seq} needs at least {seq - (bos is not None)} tokens of evaluation text; "
+                         f"{source} cut to --max-bytes {max_bytes} gives {len(ids)}: "
+                         "lower --seq or give more text") from None
+
+
+def _check_tasks(tasks) -> None:
+    import importlib.util
+
+    if tasks and importlib.util.find_spec("lm_eval") is None:
+        raise UsageError("--tasks needs lm-evaluation-harness, which is not installed (pip install lm-eval)")
+
+
+def _check_plots(no_plots: bool) -> None:
+    import importlib.util
+
+    if not no_plots and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("the plots need matplotlib, which is not installed: install it or pass --no-plots")
 
 
 def _cmd_sensitivity(args) -> int:
     from moeoffload import sensitivity
 
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
+    # Everything the study will need, checked before the first evaluation (so no result is lost at the end).
+    _check_tasks(tasks)
+    _check_plots(args.no_plots)
+    model_dir, config = _check_model(args.model)
+    _check_text(args.data, args.max_bytes, args.seq, model_dir, config)
+    _check_out_dir(args.out)
     study = sensitivity.Study(
         model_path=args.model, perturb=args.perturb, alphas=args.alpha, eb_mode=args.eb_mode, scopes=args.scope,
         data=args.data, max_bytes=args.max_bytes, seq=args.seq, seed=args.seed,
-        tasks=[t for t in args.tasks.split(",") if t] if args.tasks else [], task_limit=args.task_limit)
+        tasks=tasks, task_limit=args.task_limit)
     try:
         sensitivity.check_args(study.perturb, study.alphas, study.eb_mode, study.scopes)
     except ValueError as e:
@@ -139,14 +353,62 @@ def _cmd_sensitivity(args) -> int:
     return 0
 
 
+def _check_study_doc(doc, name: str) -> None:
+    """The fields of a study's results.json that `moeoffload policy` uses are there, of their types."""
+    from moeoffload.sensitivity import EB_MODES, PERTURBATIONS
+
+    def bad(what: str) -> UsageError:
+        return UsageError(f"--from {name}: not the results.json of `moeoffload sensitivity` ({what})")
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def integer(v, lo: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+    if not isinstance(doc, dict):
+        raise bad("not a JSON object")
+    st = doc.get("study")
+    if not isinstance(st, dict):
+        raise bad("no 'study' object")
+    for key in ("model_path", "data"):
+        if not isinstance(st.get(key), str):
+            raise bad(f"study.{key} is missing or not a string")
+    if st.get("perturb") not in PERTURBATIONS or st.get("eb_mode") not in EB_MODES:
+        raise bad("study.perturb or study.eb_mode is missing or unknown")
+    for key, lo in (("max_bytes", 1), ("seq", 2), ("seed", 0)):
+        if not integer(st.get(key), lo):
+            raise bad(f"study.{key} is missing or not an integer >= {lo}")
+    model = doc.get("model")
+    if not (isinstance(model, dict) and integer(model.get("moe_layers"), 1)):
+        raise bad("model.moe_layers is missing or not a positive integer")
+    base = doc.get("baseline")
+    if not (isinstance(base, dict) and number(base.get("ppl")) and base["ppl"] > 0):
+        raise bad("baseline.ppl is missing or not a positive number")
+    cells = doc.get("cells")
+    if not isinstance(cells, list):
+        raise bad("no 'cells' list")
+    for i, c in enumerate(cells):
+        if not (isinstance(c, dict) and isinstance(c.get("scope"), str) and number(c.get("alpha")) and c["alpha"] > 0
+                and number(c.get("dppl_pct")) and (c.get("bits_per_weight") is None or number(c["bits_per_weight"]))
+                and isinstance(c.get("layers"), list) and all(integer(l, 0) for l in c["layers"])):
+            raise bad(f"cells[{i}] lacks scope, alpha, dppl_pct, bits_per_weight or layers")
+
+
 def _cmd_policy(args) -> int:
     from moeoffload import sensitivity
 
     try:
         doc = json.loads(open(args.from_file).read())
-    except (OSError, ValueError) as e:
-        print(f"moeoffload policy: cannot read {args.from_file}: {e}", file=sys.stderr)
+    except (OSError, ValueError, RecursionError) as e:
+        print(f"moeoffload policy: cannot read {args.from_file}: {_one_line(e)}", file=sys.stderr)
         return 2
+    # Before the measurements: the study's model and text still load, and --out can be written.
+    _check_study_doc(doc, args.from_file)
+    st = doc["study"]
+    model_dir, config = _check_model(st["model_path"], flag="the study's model")
+    _check_text(st["data"], st["max_bytes"], st["seq"], model_dir, config, flag="the study's data")
+    _check_out_file(args.out)
     try:
         pol = sensitivity.policy_from_study(doc, args.max_dppl, progress=not args.quiet)
     except ValueError as e:
@@ -167,31 +429,37 @@ def _cmd_policy(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moeoffload", description=__doc__)
+    """Run the command line; a user's mistake ends in one line on stderr and exit status 2, never a traceback."""
+    from moeoffload.errors import MoeoffloadError
+    from moeoffload.sensitivity import EB_MODES, PERTURBATIONS, SCOPES
+
+    parser = _Parser(prog="moeoffload", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="compress the shipped tiny MoE's experts, serve them through the cache, measure")
-    p.add_argument("--alpha", type=float, default=None,
+    p.add_argument("--alpha", type=_alpha, default=None,
                    help="uniform bound (x mean|w|) instead of the shipped per-layer policy")
-    p.add_argument("--max-bytes", type=int, default=16384, help="held-out text to evaluate on")
-    p.add_argument("--sequences", type=int, default=64, help="routing-trace sequences to replay (half are history)")
-    p.add_argument("--repeats", type=int, default=3, help="decode timings: best of this many runs")
+    p.add_argument("--max-bytes", type=_positive_int, default=16384, help="held-out text to evaluate on")
+    p.add_argument("--sequences", type=_positive_int, default=64,
+                   help="routing-trace sequences to replay (half are history)")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="decode timings: best of this many runs")
     p.set_defaults(fn=_cmd_demo)
     p = sub.add_parser("info", help="print what the build holds and what the machine offers")
     p.set_defaults(fn=_cmd_info)
     p = sub.add_parser("sensitivity", help="perturb experts (noise or a real codec), evaluate, restore")
     p.add_argument("--model", default="default", help="checkpoint directory, or 'default' (the shipped tiny MoE)")
-    p.add_argument("--perturb", default="szp", help="gaussian | sz3 | szp")
+    p.add_argument("--perturb", type=_choice("perturbation", PERTURBATIONS), default="szp", help="gaussian | sz3 | szp")
     p.add_argument("--alpha", type=_floats, default=[0.1, 0.3, 0.5, 0.8],
                    help="bounds (noise std) as multiples of the unit of --eb-mode, comma-separated")
-    p.add_argument("--eb-mode", default="meanabs", help="meanabs (x mean|w|, the paper's) | abs | rel (x range)")
-    p.add_argument("--scope", type=lambda s: [x for x in s.split(",") if x], default=["layer"],
+    p.add_argument("--eb-mode", type=_choice("eb-mode", EB_MODES), default="meanabs",
+                   help="meanabs (x mean|w|, the paper's) | abs | rel (x range)")
+    p.add_argument("--scope", type=_choice_list("scope", SCOPES), default=["layer"],
                    help="expert | layer | group | all, comma-separated")
     p.add_argument("--data", default="default", help="held-out text file, or 'default' (the model's held-out sample)")
-    p.add_argument("--max-bytes", type=int, default=32768, help="evaluate on this much of the text")
-    p.add_argument("--seq", type=int, default=256, help="evaluation window in tokens")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-bytes", type=_positive_int, default=32768, help="evaluate on this much of the text")
+    p.add_argument("--seq", type=_positive_int, default=256, help="evaluation window in tokens")
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--tasks", default="", help="lm-eval task names, comma-separated (needs lm-eval installed)")
-    p.add_argument("--task-limit", type=int, default=None)
+    p.add_argument("--task-limit", type=_positive_int, default=None)
     p.add_argument("--out", default="sensitivity", help="output directory (a rerun resumes it)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true")
@@ -203,7 +471,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=_cmd_policy)
     args = parser.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        print("moeoffload: interrupted", file=sys.stderr)
+        return 130
+    except UsageError as e:
+        message = str(e)
+    except MoeoffloadError as e:  # the named errors: a table, a bound, a budget, a model without experts, ...
+        message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        message = f"{e.filename}: {e.strerror}" if e.filename else str(e)
+    print(f"moeoffload: error: {_one_line(message)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
