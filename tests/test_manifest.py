@@ -148,9 +148,9 @@ def test_field_errors_through_load(scratch):
     }
     for field, (key, value) in cases.items():
         doc = copy.deepcopy(good)
-        head, _, _ = field.rpartition(".")
-        parent = eval("doc" + "".join(f"[{p!r}]" if not p.isdigit() else f"[{p}]"
-                                      for p in re.findall(r"[^.\[\]]+", head)))
+        parent = doc
+        for part in re.findall(r"[^.\[\]]+", field)[:-1]:
+            parent = parent[int(part)] if isinstance(parent, list) else parent[part]
         parent[key] = value
         write(path, doc)
         with pytest.raises(TableError, match=re.escape(field)):
