@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include "moeoffload/szp_cuda.h"
+#include "warp_scan.cuh"
 
 namespace moeoffload {
 
@@ -51,12 +52,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) szp_decode_kernel(DecodeA
   for (uint32_t base = 0; base < nblocks; base += 32) {
     // lane j: width of block base + j, and the words before it in the group
     const uint32_t mine = base + lane < nblocks ? widths[base + lane] : 0;
-    uint32_t incl = mine;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const uint32_t t = __shfl_up_sync(full, incl, off);
-      if (lane >= static_cast<uint32_t>(off)) incl += t;
-    }
+    const uint32_t incl = warp_inclusive_sum(mine, lane);
     const uint32_t group = min(32u, nblocks - base);
     for (uint32_t j = 0; j < group; ++j) {  // the warp decodes block base + j, lane i value i
       const uint32_t w = __shfl_sync(full, mine, j);

@@ -17,6 +17,7 @@
 #include <cuda_runtime.h>
 
 #include "moeoffload/szp_cuda.h"
+#include "warp_scan.cuh"
 
 namespace moeoffload {
 
@@ -73,12 +74,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     const uint32_t b0 = c0 / 32, b1 = (c0 + ccount + 31) / 32;
     for (uint32_t base = b0; base < b1; base += 32) {
       const uint32_t mine = base + lane < b1 ? widths[base + lane] : 0;
-      uint32_t incl = mine;
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const uint32_t t = __shfl_up_sync(full, incl, off);
-        if (lane >= static_cast<uint32_t>(off)) incl += t;
-      }
+      const uint32_t incl = warp_inclusive_sum(mine, lane);
       const uint32_t group = min(32u, b1 - base);
       for (uint32_t j = 0; j < group; ++j) {
         const uint32_t w = __shfl_sync(full, mine, j);

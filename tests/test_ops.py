@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import DTYPES
 
 from moeoffload import ShapeError, UnsupportedDtypeError, codec, ops
-from moeoffload.errors import ClosedError, InvalidArgumentError
+from moeoffload.errors import InvalidArgumentError
 
 # (out, in): ragged last blocks, out not a multiple of any tile, 1-row and 1-column matrices
 SHAPES = [(96, 70), (1, 1), (1, 257), (257, 1), (13, 33), (130, 512)]
@@ -168,14 +168,11 @@ def test_expert_mlp_transposed_is_the_dense_variant():
     dn_t = codec.compress(torch.randn(I, H, generator=g) * 0.05, 1e-4)
     x = torch.randn(4, H)
     y = ops.expert_mlp(x, gu_t, dn_t, transposed=True, act="gptoss", layout="interleaved")
-    gu = gu_t.decompress().T
-    h = gu @ x.T
     gate, up = (x @ gu_t.decompress())[..., ::2], (x @ gu_t.decompress())[..., 1::2]
     gate = gate.clamp(max=7.0)
     up = up.clamp(-7.0, 7.0)
     ref = ((up + 1) * gate * torch.sigmoid(gate * 1.702)) @ dn_t.decompress()
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
-    assert h.shape == (2 * I, 4)
 
 
 # ---- custom op machinery ------------------------------------------------------------------------
@@ -240,4 +237,4 @@ def test_bad_input_is_named():
         ops.expert_mlp(torch.randn(2, 16), gu, dn, act="tanh")
     with pytest.raises(ShapeError):
         ops.expert_mlp(torch.randn(2, 16), gu, dn, gate_up_bias=torch.randn(3))
-    assert ClosedError  # the closed-runtime case is in test_runtime.py
+    # the closed-runtime case is in test_runtime.py

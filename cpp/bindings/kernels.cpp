@@ -43,12 +43,6 @@ void check_device(const MatrixUse& u, const Array& a, const char* what) {
                                                 " (where the compressed expert is)");
 }
 
-void check_matrix(const MatrixUse& u, const char* what) {
-  if (u.matrix.rows == 0 && u.matrix.view.ndim != 2)
-    throw Error(ErrorKind::Shape, std::string(what) + " is not a 2-D matrix compressed row by row");
-  szp_matrix(u.matrix.buf, u.matrix.view, what);  // throws Shape when not row-segmented
-}
-
 void check_2d(const Array& a, uint64_t rows, uint64_t cols, const char* what) {
   if (a.ndim() != 2 || a.shape(0) != rows || a.shape(1) != cols)
     throw Error(ErrorKind::Shape, std::string(what) + " must be [" + std::to_string(rows) + ", " +

@@ -142,6 +142,7 @@ void bind_runtime(nb::module_& m) {
         {
           nb::gil_scoped_release release;
           Payload p = s.payload(id);
+          s.check_file();
           buf->assign(p.data, p.data + p.bytes);
         }
         nb::capsule owner(buf, [](void* p) noexcept { delete static_cast<std::vector<uint8_t>*>(p); });

@@ -139,13 +139,11 @@ MOEOFFLOAD_TARGET_AVX512 void row_avx512(const Rows& a, uint64_t r, uint32_t t0)
 template <int kMax, template <int> class Row>
 inline void row_all_tokens(const Rows& a, uint64_t r) {
   uint32_t t0 = 0;
-  while (t0 < a.tokens) {
-    const uint32_t left = a.tokens - t0;
-    if (kMax >= 8 && left >= 8) Row<kMax >= 8 ? 8 : 1>::run(a, r, t0), t0 += kMax >= 8 ? 8 : 1;
-    else if (left >= 4) Row<4>::run(a, r, t0), t0 += 4;
-    else if (left >= 2) Row<2>::run(a, r, t0), t0 += 2;
-    else Row<1>::run(a, r, t0), t0 += 1;
-  }
+  if constexpr (kMax >= 8)
+    for (; a.tokens - t0 >= 8; t0 += 8) Row<8>::run(a, r, t0);
+  for (; a.tokens - t0 >= 4; t0 += 4) Row<4>::run(a, r, t0);
+  for (; a.tokens - t0 >= 2; t0 += 2) Row<2>::run(a, r, t0);
+  for (; t0 < a.tokens; ++t0) Row<1>::run(a, r, t0);
 }
 
 template <int TT>

@@ -56,6 +56,7 @@ Slot DeviceCache::acquire(uint32_t id, double timeout_s) {
     try {
       const uint64_t offset = index_.insert_demand(id, payload.bytes);
       try {
+        store_.check_file();
         in_flight_[id] = engine_.copy(payload.data, base_ + offset, payload.bytes, id);
       } catch (...) {
         index_.abort_loading(id);  // the copy never started: no entry, no budget held
@@ -102,6 +103,7 @@ bool DeviceCache::prefetch(uint32_t id, double priority) {
   auto offset = index_.insert_prefetch(id, payload.bytes, priority);
   if (!offset) return false;
   try {
+    store_.check_file();
     in_flight_[id] = engine_.copy(payload.data, base_ + *offset, payload.bytes, id);
   } catch (...) {
     index_.abort_loading(id);

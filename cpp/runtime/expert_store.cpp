@@ -107,8 +107,14 @@ void ExpertStore::check_file_locked() const {
                 "to the file do not matter");
 }
 
+void ExpertStore::check_file() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_file_locked();
+}
+
 void ExpertStore::set_matrices(uint32_t id, const std::vector<MatrixSpec>& specs) {
   const Payload p = payload(id);
+  check_file();
   std::vector<MatrixInfo> out;
   for (size_t i = 0; i < specs.size(); ++i) {
     const MatrixSpec& s = specs[i];
@@ -154,7 +160,6 @@ uint32_t ExpertStore::num_matrices(uint32_t id) const {
 Payload ExpertStore::payload(uint32_t id) const {
   std::lock_guard<std::mutex> lock(mu_);
   check_id(id);
-  check_file_locked();
   if (!payloads_[id].data)
     throw Error(ErrorKind::InvalidArgument, "expert " + std::to_string(id) + " (layer " +
                                                 std::to_string(id / experts_per_layer_) + ", expert " +

@@ -25,11 +25,6 @@ int64_t register_source(std::shared_ptr<MatrixSource> source) {
   return h;
 }
 
-void unregister_source(int64_t handle) {
-  std::lock_guard<std::mutex> lock(g_sources_mu);
-  sources().erase(handle);
-}
-
 std::shared_ptr<MatrixSource> find_source(int64_t handle) {
   std::lock_guard<std::mutex> lock(g_sources_mu);
   auto it = sources().find(handle);
@@ -51,11 +46,7 @@ uint32_t HostMatrices::add(const uint8_t* bytes, size_t len) {
   items_.emplace_back(std::move(copy), SzpMatrix{});
   auto& item = items_.back();
   item.second.buf = item.first.data();
-  item.second.view = v;
-  if (v.ndim == 2) {
-    item.second.rows = v.shape[0];
-    item.second.cols = v.shape[1];
-  }
+  item.second.view = v;  // rows and cols: szp_matrix() at the ops that need a matrix
   return static_cast<uint32_t>(items_.size() - 1);
 }
 

@@ -25,6 +25,7 @@ dispatcher (the eager decode loop), see the README for the measured overhead.
 from __future__ import annotations
 
 import atexit
+import functools
 import weakref
 
 import torch
@@ -79,7 +80,10 @@ def _stream(x: torch.Tensor) -> int:
     return torch.cuda.current_stream(x.device).cuda_stream if x.device.type == "cuda" else 0
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _rows(handle: int, expert: int, matrix: int) -> tuple[int, ...]:
+    """The matrix's shape; fixed for a (handle, expert, matrix) since handles and ids are never reused,
+    so asked of the native side once (failures are not cached)."""
     return tuple(_native.matrix_info(handle, expert, matrix)["shape"])
 
 

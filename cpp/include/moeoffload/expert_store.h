@@ -6,9 +6,9 @@
 // Each expert's matrices are parsed once, when they are added (set_matrices):
 // a kernel finds a matrix at payload offset + MatrixInfo::offset, in host
 // memory here or in a device cache slot, with its SzpView, and never parses
-// again. A mapped file is checked (size, mtime, inode) before every payload
-// hand-out: a table file changed on disk raises TableChanged instead of a
-// SIGBUS at the next read.
+// again. A mapped file is checked (size, mtime, inode) before its bytes are
+// read (check_file(): before each copy, parse and host read): a table file
+// changed on disk raises TableChanged instead of a SIGBUS at the next read.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -63,6 +63,8 @@ class ExpertStore {
   uint32_t num_matrices(uint32_t id) const;
 
   Payload payload(uint32_t id) const;  // throws InvalidArgument when absent
+  // TableChanged when the mapped file changed on disk since map_file().
+  void check_file() const;
   bool contains(uint32_t id) const;
   uint32_t num_layers() const { return num_layers_; }
   uint32_t experts_per_layer() const { return experts_per_layer_; }

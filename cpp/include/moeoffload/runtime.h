@@ -39,10 +39,9 @@ class MatrixSource : public std::enable_shared_from_this<MatrixSource> {
   virtual MatrixUse use(uint32_t expert, uint32_t index) = 0;
 };
 
-// Registered sources; handles are never reused. find() raises
-// InvalidArgument for an unknown handle and Closed for a closed source.
+// Registered sources (held weakly); handles are never reused. find() raises
+// InvalidArgument for an unknown handle and Closed for a closed or freed source.
 int64_t register_source(std::shared_ptr<MatrixSource> source);
-void unregister_source(int64_t handle);
 std::shared_ptr<MatrixSource> find_source(int64_t handle);
 
 // szp buffers in host memory, parsed once: CompressedTensors outside a runtime.
