@@ -20,7 +20,7 @@ def test_parse_budget():
 def test_expert_cache_serves_a_forward_pass(tmp_path):
     sd = mixtral_state_dict()
     table.build(sd, policy=0.3, mode="meanabs", progress=False).save(tmp_path / "t")
-    t = table.load(tmp_path / "t", backend="cpu")
+    t = table.load(tmp_path / "t")
     size = int(t.expert_bytes().max())
     with pytest.raises(BudgetError):
         ExpertCache(t, size - 1)

@@ -40,7 +40,7 @@ def write(path, doc) -> None:
 
 
 def load(path):
-    table.load(path, backend="cpu").close()
+    table.load(path).close()
 
 
 def paths(doc, prefix=""):
@@ -189,9 +189,9 @@ def test_a_file_instead_of_a_folder(saved, tmp_path):
     f = tmp_path / "table.json"
     f.write_text("{}")
     with pytest.raises(TableError, match="not a moeoffload table"):
-        table.load(f, backend="cpu")
+        table.load(f)
     with pytest.raises(TableError, match="not a moeoffload table"):
-        table.load(path / table.PAYLOAD_FILE, backend="cpu")
+        table.load(path / table.PAYLOAD_FILE)
 
 
 def test_a_folder_instead_of_manifest_json(scratch):
@@ -323,6 +323,6 @@ def test_payload_size_message_still_gives_both_sizes(scratch):
     doc = copy.deepcopy(good)
     doc["experts"][1]["bytes"] += table.ALIGN  # structurally fine (the last matrix ends inside), not the file's
     write(path, doc)
-    with pytest.raises(ChecksumError, match=rf"holds {good['experts'][1]['bytes']} bytes, the manifest says "
+    with pytest.raises(ChecksumError, match=rf"holds {good['experts'][1]['bytes']} bytes where the manifest says "
                                             rf"{good['experts'][1]['bytes'] + table.ALIGN}"):
         load(path)

@@ -36,7 +36,7 @@ def _prefetch_everything(cache, t):
 def test_table_closed_while_the_cache_copies(saved):
     # Once a segmentation fault: the store unmapped the file under the copy workers.
     path, _ = saved
-    t = table.load(path, backend="cpu")
+    t = table.load(path)
     cache = ExpertCache(t, _budget(t, 8), num_streams=1)
     _prefetch_everything(cache, t)
     t.close()
@@ -50,7 +50,7 @@ def test_table_closed_while_the_cache_copies(saved):
 @pytest.mark.parametrize("order", ["cache-table", "table-cache", "cache-twice"])
 def test_every_close_order(saved, order):
     path, _ = saved
-    t = table.load(path, backend="cpu")
+    t = table.load(path)
     cache = ExpertCache(t, _budget(t, 6))
     _prefetch_everything(cache, t)
     slot = cache.acquire(0, 3)
@@ -70,7 +70,7 @@ def test_every_close_order(saved, order):
 
 def test_slot_and_payload_outlive_their_owner(saved):
     path, _ = saved
-    t = table.load(path, backend="cpu")
+    t = table.load(path)
     view = t.payload(0, 0)
     expected = view.copy()
     cache = ExpertCache(t, _budget(t, 4))
@@ -88,7 +88,7 @@ def test_interpreter_exit_with_copies_in_flight(saved):
 import moeoffload
 from moeoffload import table
 from moeoffload.cache import ExpertCache
-t = table.load({str(path)!r}, backend="cpu")
+t = table.load({str(path)!r})
 c = ExpertCache(t, 10**7, num_streams=2)
 c.begin_sequence()
 for layer in range(t.num_layers):
@@ -109,7 +109,7 @@ import os, sys
 from moeoffload import table
 from moeoffload.cache import ExpertCache
 from moeoffload.errors import ForkedError
-t = table.load({str(path)!r}, backend="cpu")
+t = table.load({str(path)!r})
 c = ExpertCache(t, 10**7)
 slot = c.acquire(0, 0); slot.wait(); c.release(0, 0)
 pid = os.fork()
@@ -120,7 +120,7 @@ if pid == 0:
     except ForkedError:
         pass
     # and a new runtime works in the child
-    c2 = ExpertCache(table.load({str(path)!r}, backend="cpu"), 10**7)
+    c2 = ExpertCache(table.load({str(path)!r}), 10**7)
     s = c2.acquire(1, 1); s.wait(timeout=5); c2.release(1, 1); c2.close()
     os._exit(0)
 _, status = os.waitpid(pid, 0)
@@ -132,7 +132,7 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 def test_ids_are_range_checked(saved):
     path, _ = saved
-    t = table.load(path, backend="cpu")
+    t = table.load(path)
     with ExpertCache(t, _budget(t, 4)) as cache:
         for layer, expert in ((0, E), (L, 0), (-1, 0), (0, -1), (0, 1.5), (True, 0)):
             with pytest.raises(InvalidArgumentError):
@@ -148,7 +148,7 @@ def test_ids_are_range_checked(saved):
 
 def test_a_copy_that_cannot_start_rolls_back(saved):
     path, _ = saved
-    t = table.load(path, backend="cpu")
+    t = table.load(path)
     cache = ExpertCache(t, _budget(t, 4))
     cache.engine.close()  # the engine dies under the cache
     with pytest.raises(ClosedError):
@@ -164,7 +164,7 @@ def test_manifest_shape_against_buffer_is_checked(saved):
     m = json.loads((path / "manifest.json").read_text())
     m["experts"][2]["matrices"][0]["shape"] = m["experts"][2]["matrices"][0]["shape"][::-1]
     (path / "manifest.json").write_text(json.dumps(m))
-    t = table.load(path, backend="cpu")
+    t = table.load(path)
     from moeoffload.errors import TableError
 
     with pytest.raises(TableError, match="expert 2 matrix 0"):
@@ -175,7 +175,7 @@ def test_mapped_file_changed_on_disk_is_detected(saved):
     from moeoffload.errors import TableChangedError
 
     path, _ = saved
-    t = table.load(path, backend="cpu")
+    t = table.load(path)
     cache = ExpertCache(t, _budget(t, 4))
     f = path / "experts.safetensors"
     with open(f, "r+b") as fh:
@@ -185,12 +185,28 @@ def test_mapped_file_changed_on_disk_is_detected(saved):
     cache.close()
 
 
+def test_copy_mode_cache_survives_any_change_to_the_file(saved):
+    path, _ = saved
+    t = table.load(path, mode="copy")
+    expected = t.payload(2, 3).copy()
+    cache = ExpertCache(t, _budget(t, 4))
+    t.close()
+    f = path / "experts.safetensors"
+    with open(f, "r+b") as fh:
+        fh.truncate(0)
+    slot = cache.acquire(2, 3)
+    slot.wait(timeout=10)
+    np.testing.assert_array_equal(cache.cache.read(slot), expected)
+    cache.release(2, 3)
+    cache.close()
+
+
 # ---- ops through the runtime's handle ------------------------------------------------------------
 
 
 def test_ops_read_acquired_experts_through_the_handle(saved):
     path, sd = saved
-    t = table.load(path, backend="cpu")
+    t = table.load(path)
     names = t.matrix_names  # w1 (gate) [I, H], w2 (down) [H, I], w3 (up) [I, H]
     with ExpertCache(t, _budget(t, 3)) as cache:
         x = torch.randn(5, H).to(torch.bfloat16)

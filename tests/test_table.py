@@ -1,6 +1,8 @@
 """Expert table: build -> save -> load -> every payload equal; named errors."""
 
 import json
+import os
+import struct
 
 import numpy as np
 import pytest
@@ -8,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from moeoffload import table
-from moeoffload.errors import (ChecksumError, InvalidBoundError, MissingExpertError, NoMoeLayersError, TableError,
-                               TableMismatchError)
+from moeoffload.errors import (ChecksumError, ClosedError, InvalidArgumentError, InvalidBoundError, MissingExpertError,
+                               NoMoeLayersError, TableChangedError, TableError, TableMismatchError)
 
 from conftest import E, I, L, H, mixtral_state_dict  # noqa: E402
 
@@ -19,9 +21,8 @@ def test_build_save_load_every_payload_equal(tmp_path):
     built = table.build(sd, policy={0: 0.5, 1: 0.1, 2: 0.5}, mode="meanabs", progress=False)
     assert built.num_layers == L and built.experts_per_layer == E and built.matrix_names == ["w1", "w2", "w3"]
     built.save(tmp_path / "t")
-    with table.load(tmp_path / "t", backend="cpu", expect=sd) as loaded:
-        assert loaded.store.mapped_bytes > 0
-        assert loaded.pool.stats()["bytes_registered"] == loaded.store.mapped_bytes
+    with table.load(tmp_path / "t", expect=sd) as loaded:
+        assert loaded.mode == "map"
         for l in range(L):
             for e in range(E):
                 np.testing.assert_array_equal(built.payload(l, e), loaded.payload(l, e))
@@ -57,11 +58,11 @@ def test_named_errors(tmp_path):
     t = table.build(sd, policy=lambda layer: 0.01, progress=False)
     t.save(tmp_path / "t")
     with pytest.raises(TableMismatchError, match="another model"):
-        table.load(tmp_path / "t", backend="cpu", expect=mixtral_state_dict(layers=2))
+        table.load(tmp_path / "t", expect=mixtral_state_dict(layers=2))
     other = dict(sd)
     other["model.layers.0.block_sparse_moe.experts.0.w1.weight"] = torch.zeros(I + 1, H, dtype=torch.bfloat16)
     with pytest.raises(TableMismatchError):
-        table.load(tmp_path / "t", backend="cpu", expect=other)
+        table.load(tmp_path / "t", expect=other)
 
     broken = dict(sd)
     del broken["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
@@ -80,15 +81,15 @@ def test_named_errors(tmp_path):
     raw[-100] ^= 0x40
     f.write_bytes(bytes(raw))
     with pytest.raises(ChecksumError):
-        table.load(tmp_path / "t", backend="cpu")
-    table.load(tmp_path / "t", backend="cpu", verify=False).close()
+        table.load(tmp_path / "t")
+    table.load(tmp_path / "t", verify=False).close()
 
     # An expert missing from the manifest.
     m = json.loads((tmp_path / "t" / table.MANIFEST_FILE).read_text())
     m["experts"] = m["experts"][:-1]
     (tmp_path / "t" / table.MANIFEST_FILE).write_text(json.dumps(m))
     with pytest.raises(MissingExpertError):
-        table.load(tmp_path / "t", backend="cpu")
+        table.load(tmp_path / "t")
     with pytest.raises(TableError, match="not a moeoffload table"):
         table.load(tmp_path / "nowhere")
 
@@ -101,3 +102,81 @@ def test_activation_history_round_trip_deduplicated(tmp_path):
     hist = table.load_history(tmp_path / "t")
     assert len(hist) == 5
     np.testing.assert_array_equal(hist.flat().reshape(5, L, E), mats)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    sd = mixtral_state_dict()
+    built = table.build(sd, policy=0.3, mode="meanabs", progress=False)
+    built.save(tmp_path / "t")
+    return tmp_path / "t", built
+
+
+def _overwrite_payloads(path):
+    f = path / table.PAYLOAD_FILE
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2:] = bytes(len(raw) - len(raw) // 2)
+    f.write_bytes(bytes(raw))
+
+
+def test_copy_mode_is_independent_of_the_files(saved):
+    path, built = saved
+    t = table.load(path, mode="copy")
+    _overwrite_payloads(path)
+    (path / table.PAYLOAD_FILE).unlink()
+    for l in range(L):
+        for e in range(E):
+            np.testing.assert_array_equal(t.payload(l, e), built.payload(l, e))
+    t.close()
+    with pytest.raises(ClosedError):
+        t.payload(0, 0)
+
+
+@pytest.mark.parametrize("change", ["truncate", "overwrite"])
+def test_map_mode_detects_a_changed_file(saved, change):
+    path, built = saved
+    t = table.load(path)
+    np.testing.assert_array_equal(t.payload(1, 1), built.payload(1, 1))
+    f = path / table.PAYLOAD_FILE
+    if change == "truncate":  # once a SIGBUS at the next read
+        with open(f, "r+b") as fh:
+            fh.truncate(f.stat().st_size // 3)
+    elif change == "overwrite":
+        _overwrite_payloads(path)
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))  # a coarse clock still sees it
+    with pytest.raises(TableChangedError, match="load it again"):
+        t.payload(L - 1, E - 1)
+    t.close()
+
+
+def test_map_mode_keeps_reading_the_file_it_loaded_when_the_path_is_replaced(saved):
+    path, built = saved
+    t = table.load(path)
+    other = path / "other"  # a new file (a new inode) under the same name: the open one is untouched
+    other.write_bytes(bytes(100))
+    other.replace(path / table.PAYLOAD_FILE)
+    np.testing.assert_array_equal(t.payload(L - 1, E - 1), built.payload(L - 1, E - 1))
+    t.close()
+
+
+def test_unknown_load_mode(saved):
+    with pytest.raises(InvalidArgumentError, match="load mode"):
+        table.load(saved[0], mode="mmap")
+
+
+@pytest.mark.parametrize("header", [
+    b"[]", b"null", b"3", b'{"0.0": 5}', b'{"0.0": {"dtype": "U8"}}',
+    b'{"0.0": {"dtype": "U8", "shape": [4], "data_offsets": [0]}}',
+    b'{"0.0": {"dtype": "U8", "shape": [4], "data_offsets": ["0", 4]}}',
+    b'{"0.0": {"dtype": "U8", "shape": [4], "data_offsets": [4, 0]}}',
+    b'{"0.0": {"dtype": "U8", "shape": [4], "data_offsets": [0, 1000000]}}',
+    b'{"0.0": {"dtype": 7, "shape": [4], "data_offsets": [0, 4]}}',
+    b'{"0.0": {"dtype": "U8", "shape": [-4], "data_offsets": [0, 4]}}',
+    b'{"0.0": {"dtype": "U8", "shape": [4], "data_offsets": [0, true]}}',
+    b'[[[[[[[[[[' * 20000,
+])
+def test_malformed_safetensors_headers_are_table_errors(saved, header):
+    path, _ = saved
+    (path / table.PAYLOAD_FILE).write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
+    with pytest.raises(TableError, match="safetensors"):
+        table.load(path)

@@ -25,8 +25,9 @@ import re
 import numpy as np
 
 from . import _native
-from .errors import BudgetError, InvalidArgumentError
+from .errors import BudgetError, ClosedError, InvalidArgumentError
 from .prefetch import ActivationPredictor, PrefetchConfig, plan
+from .table import PAYLOAD_FILE
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -79,8 +80,9 @@ class ExpertCache:
                  num_streams: int = 2, history=None, backend: str | None = None):
         self.table = table
         L, E = table.num_layers, table.experts_per_layer
-        backend = backend or (table.pool.backend if table.pool is not None else "auto")
-        self.runtime = _native.Runtime(backend, L, E, num_streams)
+        if table.closed:
+            raise ClosedError("the table is closed: make the cache before closing it")
+        self.runtime = _native.Runtime(backend or "auto", L, E, num_streams)
         try:
             self._fill_store(table)
             self.runtime.start(parse_budget(budget), policy)
@@ -97,13 +99,13 @@ class ExpertCache:
     def _fill_store(self, table) -> None:
         store = self.runtime.store
         codes = {"float32": 1, "bfloat16": 2, "float16": 3}
-        spans = getattr(table, "spans", None)
-        if spans is not None:  # loaded from disk: map the file (pinned in place), parsed once below
-            store.map_file(str(table.path / "experts.safetensors"))
+        mapped = table.mode == "map"
+        if mapped:  # the payloads stay in the file: map it (pinned in place), parsed once below
+            store.map_file(str(table.path / PAYLOAD_FILE))
         for x in table.manifest["experts"]:
             eid = table.expert_id(x["layer"], x["expert"])
-            if spans is not None:
-                begin, _ = spans[x["tensor"]]
+            if mapped:
+                begin, _ = table.spans[x["tensor"]]
                 store.add_mapped(eid, begin, x["bytes"])
             else:
                 store.add_copy(eid, np.ascontiguousarray(table.payload(x["layer"], x["expert"])))

@@ -69,10 +69,9 @@ def _cmd_demo(args) -> int:
     built = table.build(bf16, policy, progress=False, model_id="tiny-moe")
     with tempfile.TemporaryDirectory() as tmp:
         built.save(Path(tmp) / "tiny-moe.table")
-        loaded = table.load(Path(tmp) / "tiny-moe.table", backend="cpu", expect=bf16)
+        loaded = table.load(Path(tmp) / "tiny-moe.table", expect=bf16)
         print(f"   {loaded.bits_per_weight():.3f} bits/weight ({16 / loaded.bits_per_weight():.2f}x smaller than bf16); "
-              f"table mapped {'and pinned in place' if loaded.store.pinned else '(the backend could not pin it)'}: "
-              f"{loaded.store.mapped_bytes / 2**20:.2f} MiB, CRC32 of every payload checked")
+              f"table saved and loaded: {int(loaded.expert_bytes().sum()) / 2**20:.2f} MiB, CRC32 of every payload checked")
 
         print("\n2. Perplexity on held-out stdlib source, experts decompressed from the table:")
         text_all = tiny_moe.default_heldout()

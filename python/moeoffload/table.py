@@ -1,8 +1,8 @@
-"""The compressed expert table: build from a checkpoint, save, load (mapped and pinned).
+"""The compressed expert table: build from a checkpoint, save, load.
 
     table = moeoffload.table.build("path/to/hf-checkpoint", policy=0.02, mode="meanabs")
     table.save("experts.table")
-    table = moeoffload.table.load("experts.table")      # mmap + pin, no second copy
+    table = moeoffload.table.load("experts.table")      # payloads stay in the file (mode="copy" reads them in)
     w1 = table.decompress(layer=3, expert=5, matrix="w1")
 
 On disk a table is a directory: ``experts.safetensors`` holds one uint8 tensor
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import struct
 from collections import defaultdict
@@ -35,7 +36,8 @@ import torch
 from . import _native
 from . import manifest as _manifest
 from .codec import CompressedTensor, absolute_bound, compress
-from .errors import ChecksumError, MissingExpertError, TableError, TableMismatchError, NoMoeLayersError
+from .errors import (ChecksumError, ClosedError, InvalidArgumentError, MissingExpertError, NoMoeLayersError,
+                     TableChangedError, TableError, TableMismatchError)
 from .policy import BoundPolicy
 
 FORMAT = "moeoffload-table"
@@ -116,7 +118,9 @@ class _Source:
 
 
 def _safetensors_header(path: Path) -> tuple[dict[str, tuple[str, list[int]]], dict[str, tuple[int, int]], int]:
-    """(name -> (dtype, shape), name -> absolute (begin, end) in the file, data start)."""
+    """(name -> (dtype, shape), name -> absolute (begin, end) in the file, data start).
+
+    Any header that is not a safetensors header of tensors inside the file is a TableError naming what is wrong."""
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) != 8:
@@ -126,12 +130,29 @@ def _safetensors_header(path: Path) -> tuple[dict[str, tuple[str, list[int]]], d
             raise TableError(f"{path} has an implausible safetensors header of {n} bytes")
         try:
             header = json.loads(f.read(n))
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise TableError(f"{path} has a corrupt safetensors header: {e}") from e
+        size = os.fstat(f.fileno()).st_size
+    if not isinstance(header, dict):
+        raise TableError(f"{path} has a corrupt safetensors header: a JSON {type(header).__name__}, not an object")
     header.pop("__metadata__", None)
-    meta = {k: (v["dtype"], v["shape"]) for k, v in header.items()}
-    spans = {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1]) for k, v in header.items()}
+    meta, spans = {}, {}
+    for k, v in header.items():
+        offsets = v.get("data_offsets") if isinstance(v, dict) else None
+        ok = (isinstance(v, dict) and isinstance(v.get("dtype"), str) and isinstance(v.get("shape"), list)
+              and all(_is_int(d) and d >= 0 for d in v["shape"])
+              and isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+              and 0 <= offsets[0] <= offsets[1] <= size - 8 - n)
+        if not ok:
+            raise TableError(f"{path} has a corrupt safetensors header: tensor {k!r} needs a dtype, a shape and "
+                             f"data_offsets [begin, end] inside the file's {max(size - 8 - n, 0)} data bytes, got {v!r:.200}")
+        meta[k] = (v["dtype"], v["shape"])
+        spans[k] = (8 + n + offsets[0], 8 + n + offsets[1])
     return meta, spans, 8 + n
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def fingerprint(grid: dict[tuple[int, int], list[MatrixRef]]) -> str:
@@ -162,17 +183,42 @@ def _grid_of(source: _Source) -> tuple[dict, list[int], int]:
 
 
 class ExpertTable:
-    """A compressed expert table, in memory (after build) or mapped and pinned (after load)."""
+    """A compressed expert table: plain data, a manifest and its payload bytes.
 
-    def __init__(self, manifest: dict, payloads: dict[str, np.ndarray] | None = None,
-                 store=None, pool=None, path: Path | None = None):
+    ``mode`` says where the payloads are: "memory" (built, not saved yet), "copy"
+    (read into private host memory at load: later changes to the files do not
+    matter), or "map" (left in the file and read on demand, checked each time:
+    a file changed on disk raises TableChangedError). The table builds no runtime
+    objects: an ExpertCache makes its own pinned store from it (mapping the file
+    in place for "map", copying the bytes otherwise)."""
+
+    def __init__(self, manifest: dict, payloads: dict[str, np.ndarray] | None = None, path: Path | None = None,
+                 spans: dict[str, tuple[int, int]] | None = None, mode: str = "memory"):
         self.manifest = manifest
         self._payloads = payloads
-        self.store = store
-        self.pool = pool
         self.path = path
-        self.spans = None
+        self.spans = spans  # where each payload lies in the payload file (loaded tables)
+        self.mode = mode
+        self._file = None
+        self._file_id = None
+        self._closed = False
         self._by_key = {(x["layer"], x["expert"]): x for x in manifest["experts"]}
+
+    def _open_file(self) -> None:
+        """Open the payload file for on-demand reads ("map" mode), remembering what it was."""
+        self._file = open(self.path / PAYLOAD_FILE, "rb")
+        self._file_id = _file_id(os.fstat(self._file.fileno()))
+
+    def _read(self, begin: int, n: int) -> np.ndarray:
+        """n bytes of the payload file at begin, private to the caller; TableChangedError when the file changed."""
+        fd = self._file.fileno()
+        if _file_id(os.fstat(fd)) != self._file_id:
+            raise TableChangedError(f"{self.path / PAYLOAD_FILE} changed on disk since the table was loaded: "
+                                    "load it again (or load with mode='copy' to be independent of the file)")
+        data = os.pread(fd, n, begin)
+        if len(data) != n:
+            raise TableChangedError(f"{self.path / PAYLOAD_FILE} is shorter than when it was loaded: load it again")
+        return np.frombuffer(data, dtype=np.uint8)
 
     # ---- what is in it ----
     @property
@@ -208,10 +254,14 @@ class ExpertTable:
         return 8.0 * sum(x["bytes"] for x in self.manifest["experts"]) / weights
 
     def payload(self, layer: int, expert: int) -> np.ndarray:
+        """The expert's compressed bytes (read-only; for a mapped table a private copy read now)."""
         x = self.entry(layer, expert)
+        if self._closed:
+            raise ClosedError("the table is closed")
         if self._payloads is not None:
             return self._payloads[x["tensor"]]
-        return self.store.payload(self.expert_id(layer, expert))
+        begin, end = self.spans[x["tensor"]]
+        return self._read(begin, end - begin)
 
     def compressed(self, layer: int, expert: int, matrix: str) -> CompressedTensor:
         x = self.entry(layer, expert)
@@ -247,7 +297,7 @@ class ExpertTable:
         """Write the table directory (and, when given, an ActivationHistory or [N, L, E] array of past matrices)."""
         from safetensors.numpy import save_file
 
-        if self._payloads is None:
+        if self.mode != "memory":
             raise TableError("this table is loaded from disk already; copy its directory instead")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -260,11 +310,18 @@ class ExpertTable:
         self.path = path
         return path
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
-        if self.store is not None:
-            self.store.close()
-        if self.pool is not None:
-            self.pool.close()
+        """Drop the payloads (copy mode) or the open file (map mode). Caches made from the table keep their own."""
+        self._closed = True
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.mode != "memory":
+            self._payloads = None
 
     def __enter__(self):
         return self
@@ -274,7 +331,7 @@ class ExpertTable:
 
     def __repr__(self) -> str:
         m = self.manifest
-        return (f"ExpertTable(model={m['model']['id']!r}, layers={m['num_layers']}, experts={m['experts_per_layer']}, "
+        return (f"ExpertTable(mode={self.mode!r}, model={m['model']['id']!r}, layers={m['num_layers']}, experts={m['experts_per_layer']}, "
                 f"codec={m['codec']!r}, bits/weight={self.bits_per_weight():.3f})")
 
 
@@ -329,12 +386,22 @@ def build(source, policy, codec: str = "szp", *, mode: str | None = None, model_
     return ExpertTable(manifest, payloads)
 
 
-def load(path, *, backend: str = "auto", verify: bool = True, expect=None) -> ExpertTable:
-    """Map a saved table read-only and pin it in place (no second copy).
+LOAD_MODES = ("map", "copy")
 
+
+def load(path, *, mode: str = "map", verify: bool = True, expect=None) -> ExpertTable:
+    """Load a saved table.
+
+    mode: "map" leaves the payloads in the file (no memory held; read on demand,
+    and an ExpertCache maps the file and pins it in place: no second copy); a
+    change to the file on disk is detected before each read and raises
+    TableChangedError. "copy" reads every payload into private memory now: the
+    table (and caches made from it) no longer depend on the files.
     verify: check every payload's CRC32 (ChecksumError). expect: a state_dict
     or checkpoint directory the table must have been built from (TableMismatchError).
     """
+    if mode not in LOAD_MODES:
+        raise InvalidArgumentError(f"unknown load mode {mode!r}: use one of {LOAD_MODES}")
     path = Path(path)
     try:
         manifest = json.loads((path / MANIFEST_FILE).read_text())
@@ -352,25 +419,29 @@ def load(path, *, backend: str = "auto", verify: bool = True, expect=None) -> Ex
             if (l, e) not in have:
                 raise MissingExpertError(f"the table manifest lists no layer {l} expert {e}")
     payload_file = path / PAYLOAD_FILE
-    if not payload_file.exists():
+    if not payload_file.is_file():
         raise TableError(f"{payload_file} is missing")
     meta, spans, _ = _safetensors_header(payload_file)
-    pool = _native.PinnedPool(backend)
-    store = _native.ExpertStore(pool, L, E)
-    table = ExpertTable(manifest, None, store, pool, path)
-    table.spans = spans  # where each payload lies in the file: an ExpertCache maps it itself
+    for x in manifest["experts"]:
+        if x["tensor"] not in spans:
+            raise MissingExpertError(f"{payload_file} has no tensor {x['tensor']!r} (layer {x['layer']} expert {x['expert']})")
+        begin, end = spans[x["tensor"]]
+        if meta[x["tensor"]][0] != "U8":
+            raise ChecksumError(f"tensor {x['tensor']!r} in {payload_file} has dtype {meta[x['tensor']][0]}, "
+                                "expected U8 (the compressed bytes)")
+        if end - begin != x["bytes"]:
+            raise ChecksumError(f"tensor {x['tensor']!r} in {payload_file} holds {end - begin} bytes where the "
+                                f"manifest says {x['bytes']}: the table's files do not belong together")
+    table = ExpertTable(manifest, None, path, spans, mode)
     try:
-        store.map_file(str(payload_file))
-        for x in manifest["experts"]:
-            if x["tensor"] not in spans:
-                raise MissingExpertError(f"{payload_file} has no tensor {x['tensor']!r} (layer {x['layer']} expert {x['expert']})")
-            begin, end = spans[x["tensor"]]
-            if meta[x["tensor"]][0] != "U8":
-                raise ChecksumError(f"tensor {x['tensor']!r} in {payload_file} has dtype {meta[x['tensor']][0]}, "
-                                    "expected U8 (the compressed bytes)")
-            if end - begin != x["bytes"]:
-                raise ChecksumError(f"tensor {x['tensor']!r} holds {end - begin} bytes, the manifest says {x['bytes']}")
-            store.add_mapped(x["layer"] * E + x["expert"], begin, x["bytes"])
+        if mode == "copy":
+            with open(payload_file, "rb") as f:
+                data = np.frombuffer(f.read(), dtype=np.uint8)
+            if data.size < max(end for _, end in spans.values()):
+                raise TableChangedError(f"{payload_file} became shorter while it was read: load it again")
+            table._payloads = {x["tensor"]: data[spans[x["tensor"]][0]:spans[x["tensor"]][1]] for x in manifest["experts"]}
+        else:
+            table._open_file()
         if verify:
             table.verify()
         if expect is not None:
@@ -379,6 +450,10 @@ def load(path, *, backend: str = "auto", verify: bool = True, expect=None) -> Ex
         table.close()
         raise
     return table
+
+
+def _file_id(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def save_history(path, history, num_layers: int, experts_per_layer: int) -> None:
