@@ -208,7 +208,7 @@ def test_format_and_version(scratch):
         write(path, dict(good, format=value))
         with pytest.raises(TableError, match="not a moeoffload table manifest"):
             load(path)
-    for value in (2, 0, "1", 1.0, True, None, []):
+    for value in (1, 3, 0, "2", 2.0, True, None, []):
         write(path, dict(good, version=value))
         with pytest.raises(TableError, match="version"):
             load(path)

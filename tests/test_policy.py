@@ -1,6 +1,8 @@
 import json
 
+import numpy as np
 import pytest
+import torch
 
 from moeoffload import sensitivity
 from moeoffload.errors import InvalidBoundError
@@ -51,3 +53,18 @@ def test_policy_meets_its_budget_on_heldout_text(tmp_path):
         assert pol["policy"]["bits_per_weight"] <= pol["uniform"]["bits_per_weight"] + 1e-9
     with pytest.raises(ValueError, match="positive"):
         sensitivity.policy_from_study(doc, 0.0, progress=False)
+
+
+@pytest.mark.parametrize("bound", [np.float64(0.02), np.float32(0.02), torch.tensor(0.02), np.array(0.02)])
+def test_numpy_and_tensor_bounds_are_accepted(bound):
+    pol = BoundPolicy.from_any({0: bound, 1: 0.02})
+    assert pol.bound(0) == pytest.approx(0.02) and type(pol.bound(0)) is float
+    assert sensitivity.check_args("szp", [bound], "meanabs", ["layer"]) == [pytest.approx(0.02)]
+
+
+@pytest.mark.parametrize("bound", [True, torch.tensor([0.1, 0.2]), np.array([0.1]), "0.1", float("nan"), -1])
+def test_non_bounds_are_refused(bound):
+    with pytest.raises(InvalidBoundError):
+        BoundPolicy.from_any({0: bound})
+    with pytest.raises(InvalidBoundError):
+        sensitivity.check_args("szp", [bound], "meanabs", ["layer"])

@@ -180,3 +180,22 @@ def test_malformed_safetensors_headers_are_table_errors(saved, header):
     (path / table.PAYLOAD_FILE).write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
     with pytest.raises(TableError, match="safetensors"):
         table.load(path)
+
+
+def test_missing_expert_message_is_not_quoted(saved):
+    path, t = saved
+    with pytest.raises(MissingExpertError) as e:
+        t.entry(L, 0)
+    assert str(e.value) == f"the table has no layer {L} expert 0"
+
+
+def test_a_version_1_table_says_how_to_rebuild(saved):
+    from moeoffload.errors import FormatVersionError, TableVersionError
+
+    path, _ = saved
+    m = json.loads((path / table.MANIFEST_FILE).read_text())
+    m["version"] = 1  # its payloads hold szp v1 buffers
+    (path / table.MANIFEST_FILE).write_text(json.dumps(m))
+    with pytest.raises(TableVersionError, match=r"rebuild the table .*table\.build") as e:
+        table.load(path)
+    assert isinstance(e.value, TableError) and isinstance(e.value, FormatVersionError)

@@ -31,6 +31,7 @@ from . import _native
 from .errors import (
     CorruptDataError,
     CudaError,
+    FormatVersionError,
     InvalidBoundError,
     NonFiniteError,
     ShapeError,
@@ -90,7 +91,7 @@ def absolute_bound(t: torch.Tensor, eb: float, mode: str) -> float:
     A constant tensor has no range; "rel" then uses eb x |value| (or eb if 0);
     an all-zero tensor has no mean magnitude and "meanabs" uses eb.
     """
-    eb = _bound_value(eb)
+    eb = bound_value(eb)
     if mode == "abs":
         return eb
     if mode not in ("rel", "meanabs"):
@@ -116,8 +117,8 @@ def absolute_bound(t: torch.Tensor, eb: float, mode: str) -> float:
     return bound
 
 
-def _bound_value(eb) -> float:
-    """An error bound as a float: a Python or numpy real number, or a 0-d real tensor; never a bool."""
+def bound_value(eb) -> float:
+    """An error bound as a float (InvalidBoundError otherwise): a Python or numpy real number, or a 0-d real tensor; never a bool."""
     value = None
     if isinstance(eb, torch.Tensor):
         if eb.dim() == 0 and not eb.dtype.is_complex and eb.dtype != torch.bool:
@@ -354,7 +355,8 @@ def _parse_sz3(arr: np.ndarray) -> dict:
     if magic != _SZ3_MAGIC:
         raise corrupt("not an sz3 container (magic)")
     if version != _SZ3_VERSION:
-        raise CorruptDataError(f"sz3 container version {version} is not supported; upgrade moeoffload")
+        raise FormatVersionError(f"sz3 container version {version} is not supported (this build reads "
+                                 f"{_SZ3_VERSION}): compress the tensor again with this moeoffload")
     if code not in _CODE_DTYPES:
         raise corrupt(f"unknown dtype code {code}")
     if ndim > _SZ3_MAX_NDIM:

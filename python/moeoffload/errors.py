@@ -72,6 +72,9 @@ class TableMismatchError(TableError):
 class MissingExpertError(TableError, KeyError):
     """An expert (or one of its matrices) is missing from the table or checkpoint."""
 
+    def __str__(self) -> str:  # the message as written, not KeyError's quoted repr
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+
 
 class ChecksumError(TableError, CorruptDataError):
     """A table payload does not match the checksum in its manifest."""
@@ -87,3 +90,7 @@ class TableChangedError(TableError):
 
 class ForkedError(ClosedError):
     """A runtime object built before fork() was used in the child: its copy threads do not exist there."""
+
+
+class TableVersionError(TableError, FormatVersionError):
+    """A table written in a format version this build does not read; the message says how to rebuild it."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from .errors import MissingExpertError, TableError
+from .errors import MissingExpertError, TableError, TableVersionError
 
 DTYPES = ("float32", "bfloat16", "float16")
 MAX_VALUES = 2**62  # elements of one matrix: beyond this no index type holds them
@@ -83,7 +83,8 @@ def validate(manifest, path) -> None:
     version = c.key(m, "version", "")
     if not _is_int(version) or version != VERSION:
         raise c.fail("", f"table format version {_shown(version)} is not supported (this build reads {VERSION}); "
-                         "rebuild the table with this moeoffload")
+                         "rebuild the table with this moeoffload: moeoffload.table.build(checkpoint, policy).save(path)",
+                     cls=TableVersionError)
 
     model = c.obj(c.key(m, "model", ""), "model")
     c.str_(c.key(model, "id", "model"), "model.id")

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .codec import bound_value
 from .errors import InvalidBoundError
 
 MODES = ("abs", "rel", "meanabs")
@@ -23,9 +24,11 @@ POLICY_FORMAT = "moeoffload-bound-policy"
 
 
 def _check_bound(value, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise InvalidBoundError(f"{where}: a bound must be a positive finite number, got {value!r}")
-    return float(value)
+    """A bound as a float: a Python or numpy number or a 0-d tensor (codec.bound_value); InvalidBoundError naming where."""
+    try:
+        return bound_value(value)
+    except InvalidBoundError as e:
+        raise InvalidBoundError(f"{where}: {e}") from None
 
 
 @dataclass(frozen=True)

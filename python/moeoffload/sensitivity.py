@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .codec import absolute_bound, compress
+from .codec import absolute_bound, bound_value, compress
 from .errors import InvalidBoundError, NoMoeLayersError
 from .table import MatrixRef, find_expert_matrices
 
@@ -98,17 +98,20 @@ class Perturbation:
         return self.bits / self.weights if self.method != "gaussian" and self.weights else None
 
 
-def check_args(method: str, alphas, eb_mode: str, scopes) -> None:
+def check_args(method: str, alphas, eb_mode: str, scopes) -> list[float]:
+    """Raise a named error for an unknown method, eb-mode or scope or a bad alpha; returns the alphas as floats
+    (Python or numpy numbers and 0-d tensors are accepted, as everywhere a bound is)."""
     if method not in PERTURBATIONS:
         raise ValueError(f"unknown perturbation {method!r} (expected one of {', '.join(PERTURBATIONS)})")
     if eb_mode not in EB_MODES:
         raise ValueError(f"unknown eb-mode {eb_mode!r} (expected one of {', '.join(EB_MODES)})")
-    for a in alphas:
-        if not (isinstance(a, (int, float)) and math.isfinite(a) and a > 0):
-            raise InvalidBoundError(f"alpha must be a positive finite number, got {a!r}")
     for s in scopes:
         if s not in SCOPES:
             raise ValueError(f"unknown scope {s!r} (expected one of {', '.join(SCOPES)})")
+    try:
+        return [bound_value(a) for a in alphas]
+    except InvalidBoundError as e:
+        raise InvalidBoundError(f"alpha: {e}") from None
 
 
 @contextmanager
@@ -277,7 +280,7 @@ def run(study: Study, out_dir: Path, progress: bool = True) -> dict:
     """Run (or resume) the study; returns the results document also written to out_dir."""
     from tqdm.auto import tqdm
 
-    check_args(study.perturb, study.alphas, study.eb_mode, study.scopes)
+    study.alphas = check_args(study.perturb, study.alphas, study.eb_mode, study.scopes)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_file = out_dir / "results.json"

@@ -41,7 +41,7 @@ from .errors import (ChecksumError, ClosedError, InvalidArgumentError, MissingEx
 from .policy import BoundPolicy
 
 FORMAT = "moeoffload-table"
-VERSION = 1
+VERSION = 2  # 2: payloads in szp format v2 (version-1 tables hold szp v1 buffers: rebuild them)
 PAYLOAD_FILE = "experts.safetensors"
 MANIFEST_FILE = "manifest.json"
 HISTORY_FILE = "activations.npy"
