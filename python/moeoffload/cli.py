@@ -121,24 +121,22 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+def _int_in(lo: int, hi: int | None = None):
+    """An argparse type: an integer in [lo, hi) (no upper limit when hi is None), else a one-line error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < lo or (hi is not None and value >= hi):
+            want = "a positive integer" if (lo, hi) == (1, None) else f"an integer in [{lo}, {hi})"
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return value
+    return parse
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}")
-    return value
+_positive_int = _int_in(1)
+_seed = _int_in(0, 2**63)
 
 
 def _alpha(text: str) -> float:
