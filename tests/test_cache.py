@@ -4,7 +4,8 @@ import pytest
 from moeoffload import table
 from moeoffload.cache import ExpertCache, parse_budget
 from moeoffload.errors import BudgetError
-from conftest import mixtral_state_dict
+from moeoffload.prefetch import PrefetchConfig
+from conftest import E, mixtral_state_dict
 
 
 def test_parse_budget():
@@ -43,3 +44,22 @@ def test_expert_cache_serves_a_forward_pass(tmp_path):
         assert st["accesses"] == 3 * 8 * t.num_layers * 2 and st["used_bytes"] <= st["budget"]
         assert len(cache.predictor.history) == 3
     t.close()
+
+
+def test_prefetch_source_is_honoured(tmp_path):
+    from moeoffload.errors import InvalidArgumentError
+
+    t = table.build(mixtral_state_dict(), policy=0.3, mode="meanabs", progress=False)
+    size = -(-int(t.expert_bytes().max()) // 256) * 256
+    hidden = np.zeros(E, np.float32)
+    hidden[[1, 3]] = [0.7, 0.3]
+    with ExpertCache(t, 6 * size, prefetch=PrefetchConfig(source="hidden", depth=1, per_layer=2)) as cache:
+        cache.begin_sequence()
+        with pytest.raises(InvalidArgumentError, match="hidden"):
+            cache.record(0, [0, 2])  # "hidden" without the hidden-state prediction
+        started = cache.record(0, [0, 2], hidden_next=hidden)
+        assert sorted(started) == [1 * E + 1, 1 * E + 3]  # layer 1's experts the hidden state points at
+    with ExpertCache(t, 6 * size, prefetch=PrefetchConfig(source="activation", depth=1, per_layer=2)) as cache:
+        cache.begin_sequence()
+        started = cache.record(0, [0, 2], hidden_next=hidden)  # no history: layer 1 uniform, ties by index
+        assert sorted(started) == [1 * E + 0, 1 * E + 1]  # the activation prediction, not the hidden state

@@ -2,7 +2,7 @@
 # Runs the test suite against an AddressSanitizer + LeakSanitizer build of the
 # native module (CPU backend). Leaks inside Python, torch and OpenSSL's
 # allocations at interpreter exit are suppressed; anything else is reported
-# under $LOG. Usage: tools/asan_suite.sh [pytest args]
+# under $LOG. Usage: tools/asan_suite.sh [test files]   (default: every tests/test_*.py)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-$ROOT/.venv/bin/python}
@@ -20,12 +20,14 @@ printf 'leak:libpython\nleak:python3\nleak:libtorch\nleak:libc10\nleak:_PyObject
 rm -rf "$LOG" && mkdir -p "$LOG"
 cd "$PKG"
 status=0
-for t in "$ROOT"/tests/test_*.py; do
+if [ $# -eq 0 ]; then set -- "$ROOT"/tests/test_*.py; fi
+for t in "$@"; do
+  t=$(cd "$(dirname "$t")" && pwd)/$(basename "$t")
   OMP_NUM_THREADS=1 ASAN_OPTIONS=detect_leaks=1:log_path=$LOG/$(basename "$t" .py) \
   LSAN_OPTIONS=suppressions=$PKG/lsan.supp:print_suppressions=0 \
   LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" \
-  PYTHONPATH=$PKG "$PY" -m pytest -q -p no:cacheprovider "$t" "$@" || status=1
+  PYTHONPATH=$PKG "$PY" -m pytest -q -p no:cacheprovider "$t" || status=1
 done
-echo "sanitizer reports (empty means none):"
-grep -l -E "ERROR: AddressSanitizer|SUMMARY: AddressSanitizer" "$LOG"/* 2>/dev/null || true
+echo "sanitizer reports (none is good):"
+if grep -l -E "ERROR: (AddressSanitizer|LeakSanitizer)|SUMMARY: AddressSanitizer" "$LOG"/* 2>/dev/null; then status=1; fi
 exit $status

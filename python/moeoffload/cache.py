@@ -26,7 +26,7 @@ import numpy as np
 
 from . import _native
 from .errors import BudgetError, ClosedError, InvalidArgumentError
-from .prefetch import ActivationPredictor, PrefetchConfig, plan
+from .prefetch import ActivationPredictor, PrefetchConfig, plan, prefetch_source
 from .table import PAYLOAD_FILE
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -89,6 +89,8 @@ class ExpertCache:
         except BaseException:
             self.runtime.close()
             raise
+        self.policy = policy
+        self.shape = (L, E)
         self.cache = self.runtime.cache
         self.engine = self.runtime.engine
         self.prefetch_config = prefetch
@@ -132,18 +134,24 @@ class ExpertCache:
     def end_sequence(self) -> bool:
         return self.predictor.end_sequence()
 
-    def record(self, layer: int, experts) -> list[int]:
-        """The router chose `experts` at `layer`: update the prediction and prefetch ahead.
+    def record(self, layer: int, experts, hidden_next=None) -> list[int]:
+        """The router chose `experts` at `layer`: update the prediction and prefetch ahead, from the
+        source ``prefetch.source`` names (``hidden_next``: the next layer's router probabilities [E] on
+        the current hidden state, needed by "hidden" and "combined"; see prefetch.prefetch_source).
         Returns the expert ids whose fetch started."""
         for e in np.asarray(experts).reshape(-1):
             self.expert_id(layer, int(e))
         self.cache.set_current_layer(layer)
         self.predictor.record(layer, experts)
-        prediction = self.predictor.predict()
-        self.cache.set_activation(np.ascontiguousarray(prediction, dtype=np.float32).ravel())
+        cfg = self.prefetch_config
+        need_prediction = self.policy == "activation" or (cfg is not None and cfg.source != "hidden")
+        prediction = self.predictor.predict() if need_prediction else None
+        if prediction is not None:
+            self.cache.set_activation(np.ascontiguousarray(prediction, dtype=np.float32).ravel())
         started = []
-        if self.prefetch_config is not None:
-            for eid, priority in plan(prediction, layer, self.prefetch_config):
+        if cfg is not None:
+            source = prefetch_source(cfg, prediction, hidden_next, layer, self.shape)
+            for eid, priority in plan(source, layer, cfg):
                 if self.cache.prefetch(eid, priority):
                     started.append(eid)
         return started

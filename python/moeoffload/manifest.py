@@ -24,6 +24,7 @@ MAX_VALUES = 2**62  # elements of one matrix: beyond this no index type holds th
 class _Checker:
     def __init__(self, path):
         self.path = str(path)
+        self.lossless = False
 
     def fail(self, field: str, what: str, cls=TableError):
         where = f"{field} " if field else ""
@@ -57,6 +58,10 @@ class _Checker:
         return value
 
     def bound(self, value, field: str) -> float:
+        if self.lossless:  # codec "none": the bytes are the weights, the bound is 0
+            if not (_is_number(value) and value == 0):
+                raise self.fail(field, f"must be 0 (codec 'none' stores the weights exactly), got {_shown(value)}")
+            return 0.0
         if not (_is_number(value) and math.isfinite(value) and value > 0):
             raise self.fail(field, f"must be a positive finite number, got {_shown(value)}")
         return float(value)
@@ -70,9 +75,8 @@ class _Checker:
 def validate(manifest, path) -> None:
     """Raise TableError naming the first field of `manifest` (a parsed manifest.json) that is missing,
     of the wrong type, out of range or inconsistent; `path` names the file in the message."""
-    from .codec import CODECS
     from .policy import MODES
-    from .table import ALIGN, FORMAT, VERSION
+    from .table import ALIGN, FORMAT, TABLE_CODECS, VERSION
 
     c = _Checker(path)
     m = c.obj(manifest, "")
@@ -89,7 +93,7 @@ def validate(manifest, path) -> None:
     model = c.obj(c.key(m, "model", ""), "model")
     c.str_(c.key(model, "id", "model"), "model.id")
     c.str_(c.key(model, "fingerprint", "model"), "model.fingerprint")
-    c.str_(c.key(m, "codec", ""), "codec", CODECS)
+    c.lossless = c.str_(c.key(m, "codec", ""), "codec", TABLE_CODECS) == "none"
     L = c.int_(c.key(m, "num_layers", ""), "num_layers", lo=1)
     E = c.int_(c.key(m, "experts_per_layer", ""), "experts_per_layer", lo=1)
 

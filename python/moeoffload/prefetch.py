@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import _native
+from .errors import InvalidArgumentError
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,29 @@ def plan(prediction: np.ndarray, current_layer: int, config: PrefetchConfig) -> 
     L, E = prediction.shape
     return _native.plan_prefetch(np.ascontiguousarray(prediction, dtype=np.float32).ravel(), L, E, current_layer,
                                  config.depth, config.per_layer, config.min_probability)
+
+
+def prefetch_source(config: PrefetchConfig, prediction: np.ndarray | None, hidden_next: np.ndarray | None,
+                    layer: int, shape: tuple[int, int]) -> np.ndarray:
+    """The [L, E] matrix a prefetch plan is made from at `layer`, by ``config.source``: the activation
+    prediction, the next layer's router probabilities on the hidden state (``hidden_next`` [E]), or
+    "combined" (both averaged for the next layer, the activation prediction further ahead). One rule
+    for the live path (ExpertCache.record) and the simulator (sim.replay)."""
+    L, _ = shape
+    if config.source != "activation" and hidden_next is None:
+        raise InvalidArgumentError(f"prefetch source {config.source!r} needs the hidden-state prediction of the next layer")
+    if config.source != "hidden" and prediction is None:
+        raise InvalidArgumentError(f"prefetch source {config.source!r} needs the activation prediction")
+    if config.source == "activation":
+        return prediction
+    nxt = (layer + 1) % L
+    if config.source == "hidden":
+        out = np.zeros(shape, dtype=np.float32)
+        out[nxt] = hidden_next
+        return out
+    out = np.array(prediction, dtype=np.float32, copy=True)
+    out[nxt] = 0.5 * (out[nxt] + hidden_next)
+    return out
 
 
 class ActivationPredictor:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _native
-from .prefetch import ActivationPredictor, PrefetchConfig, plan
+from .prefetch import ActivationPredictor, PrefetchConfig, plan, prefetch_source
 
 SLOT_ALIGN = 256
 
@@ -142,14 +142,8 @@ def replay(trace, expert_bytes, budget: int, policy: str = "lru", prefetch: Pref
                 if prediction is not None:
                     cache.set_activation(prediction.ravel())
                 if prefetch is not None:
-                    if prefetch.source == "activation":
-                        source = prediction
-                    elif prefetch.source == "hidden":
-                        source = _hidden_rows(hidden_predictions[s, t, l], l, L, E)
-                    else:  # combined: both views of the next layer averaged, activation further ahead
-                        source = prediction.copy()
-                        nxt = (l + 1) % L
-                        source[nxt] = 0.5 * (prediction[nxt] + hidden_predictions[s, t, l])
+                    hidden_next = None if hidden_predictions is None else hidden_predictions[s, t, l]
+                    source = prefetch_source(prefetch, prediction, hidden_next, l, (L, E))
                     for eid, pri in plan(source, l, prefetch):
                         if eid not in cache and cache.insert_prefetch(eid, int(sizes[eid]), pri) is not None:
                             issue(eid)
@@ -179,12 +173,6 @@ def history_from_trace(trace, experts_per_layer: int, capacity: int | None = Non
             np.add.at(m[l], tr[s, :, l].ravel().astype(np.int64), 1)
         hist.add(m.ravel())
     return hist
-
-
-def _hidden_rows(next_layer_probs: np.ndarray, layer: int, L: int, E: int) -> np.ndarray:
-    out = np.zeros((L, E), dtype=np.float32)
-    out[(layer + 1) % L] = next_layer_probs
-    return out
 
 
 def belady(trace, expert_bytes, budget: int) -> dict:

@@ -20,6 +20,7 @@ per-expert keys (``...layers.N.block_sparse_moe.experts.E.w1.weight``,
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -36,8 +37,8 @@ import torch
 from . import _native
 from . import manifest as _manifest
 from .codec import CompressedTensor, absolute_bound, compress
-from .errors import (ChecksumError, ClosedError, InvalidArgumentError, MissingExpertError, NoMoeLayersError,
-                     TableChangedError, TableError, TableMismatchError)
+from .errors import (ChecksumError, ClosedError, InvalidArgumentError, InvalidBoundError, MissingExpertError,
+                     NoMoeLayersError, TableChangedError, TableError, TableMismatchError, UnsupportedDtypeError)
 from .policy import BoundPolicy
 
 FORMAT = "moeoffload-table"
@@ -46,6 +47,7 @@ PAYLOAD_FILE = "experts.safetensors"
 MANIFEST_FILE = "manifest.json"
 HISTORY_FILE = "activations.npy"
 ALIGN = 256
+TABLE_CODECS = ("szp", "sz3", "none")  # "none": the raw weights, the uncompressed baseline and the lossless check
 
 _PER_EXPERT = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\..*experts)\.(?P<expert>\d+)\.(?P<matrix>.+?)(?:\.weight)?$")
 _FUSED = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\..*experts)\.(?P<matrix>[A-Za-z_0-9]+?)(?:\.weight)?$")
@@ -250,6 +252,7 @@ class ExpertTable:
         return out
 
     def bits_per_weight(self) -> float:
+        """Payload bits per weight, padding included."""
         weights = sum(int(np.prod(m["shape"])) for x in self.manifest["experts"] for m in x["matrices"])
         return 8.0 * sum(x["bytes"] for x in self.manifest["experts"]) / weights
 
@@ -263,16 +266,28 @@ class ExpertTable:
         begin, end = self.spans[x["tensor"]]
         return self._read(begin, end - begin)
 
-    def compressed(self, layer: int, expert: int, matrix: str) -> CompressedTensor:
-        x = self.entry(layer, expert)
-        for m in x["matrices"]:
+    def matrix_entry(self, layer: int, expert: int, matrix: str) -> dict:
+        """The manifest's record of one matrix: offset and bytes in the payload, shape, dtype, eb."""
+        for m in self.entry(layer, expert)["matrices"]:
             if m["name"] == matrix:
-                blob = self.payload(layer, expert)
-                return CompressedTensor.from_bytes(blob[m["offset"] : m["offset"] + m["bytes"]])
+                return m
         raise MissingExpertError(f"layer {layer} expert {expert} has no matrix {matrix!r} (it has {self.matrix_names})")
 
+    def compressed(self, layer: int, expert: int, matrix: str) -> CompressedTensor:
+        if self.manifest["codec"] == "none":
+            raise UnsupportedDtypeError("this table stores raw weights (codec 'none'): use decompress()")
+        m = self.matrix_entry(layer, expert, matrix)
+        blob = self.payload(layer, expert)
+        return CompressedTensor.from_bytes(blob[m["offset"] : m["offset"] + m["bytes"]])
+
     def decompress(self, layer: int, expert: int, matrix: str, dtype=None, device=None) -> torch.Tensor:
-        return self.compressed(layer, expert, matrix).decompress(dtype=dtype, device=device)
+        """The matrix as stored ([out, in]; see the manifest's "transposed")."""
+        if self.manifest["codec"] != "none":
+            return self.compressed(layer, expert, matrix).decompress(dtype=dtype, device=device)
+        m = self.matrix_entry(layer, expert, matrix)
+        raw = self.payload(layer, expert)[m["offset"] : m["offset"] + m["bytes"]]
+        w = torch.frombuffer(bytearray(raw.tobytes()), dtype=getattr(torch, m["dtype"])).reshape(m["shape"])
+        return w.to(dtype=dtype or w.dtype, device=device)
 
     # ---- checks ----
     def check_matches(self, source) -> None:
@@ -335,21 +350,31 @@ class ExpertTable:
                 f"codec={m['codec']!r}, bits/weight={self.bits_per_weight():.3f})")
 
 
-def build(source, policy, codec: str = "szp", *, mode: str | None = None, model_id: str | None = None,
-          progress: bool = True) -> ExpertTable:
+def build(source, policy=None, codec: str = "szp", *, mode: str | None = None, model_id: str | None = None,
+          progress: bool = True, transpose: bool = False) -> ExpertTable:
     """Compress every expert matrix of a model into an in-memory ExpertTable.
 
     source: a state_dict or a Hugging Face checkpoint directory (read tensor by tensor).
     policy: the bound per MoE layer: a float, {layer: bound}, a callable, or a
         ``moeoffload policy`` JSON (see moeoffload.policy); layers are the MoE
         layer positions 0..L-1. mode: "abs", "rel" or "meanabs" (overrides the policy's).
+        Not used by codec "none" (the raw weights: the uncompressed baseline, bit-exact).
+    transpose: store each matrix transposed ([in, out] storage as GPT-OSS keeps it becomes the
+        [out, in] the fused kernels read); the manifest marks such matrices "transposed".
     """
+    if codec not in TABLE_CODECS:
+        raise UnsupportedDtypeError(f"codec must be one of {TABLE_CODECS}, got {codec!r}")
     from tqdm.auto import tqdm
 
     src = _Source(source)
     grid, model_layers, n_exp = _grid_of(src)
-    pol = BoundPolicy.from_any(policy, mode)
-    bounds = [pol.bound(i) for i in range(len(model_layers))]
+    if codec == "none":
+        pol, bounds = BoundPolicy(mode="abs"), [0.0] * len(model_layers)
+    else:
+        if policy is None:
+            raise InvalidBoundError(f"codec {codec!r} needs a policy: the error bound per MoE layer")
+        pol = BoundPolicy.from_any(policy, mode)
+        bounds = [pol.bound(i) for i in range(len(model_layers))]
     names = [r.name for r in grid[(model_layers[0], 0)]]
     payloads: dict[str, np.ndarray] = {}
     experts = []
@@ -359,14 +384,20 @@ def build(source, policy, codec: str = "szp", *, mode: str | None = None, model_
             parts, mats, offset = [], [], 0
             for ref in grid[(ml, e)]:
                 w = src.get(ref)
-                eb = absolute_bound(w, bounds[i], pol.mode)
-                ct = compress(w, eb, mode="abs", codec=codec)
-                buf = ct.buffer
+                if transpose and len(ref.shape) == 2:
+                    w, ref = w.T.contiguous(), dataclasses.replace(ref, shape=ref.shape[::-1])
+                if codec == "none":
+                    eb, n_exceptions, buf = 0.0, 0, w.contiguous().view(torch.uint8).reshape(-1).numpy()
+                else:
+                    eb = absolute_bound(w, bounds[i], pol.mode)
+                    ct = compress(w, eb, mode="abs", codec=codec)
+                    n_exceptions, buf = ct.n_exceptions, ct.buffer
                 pad = (-buf.size) % ALIGN
                 parts.extend([buf, np.zeros(pad, np.uint8)])
                 mats.append({"name": ref.name, "source": ref.key, "index": ref.index, "shape": list(ref.shape),
                              "dtype": str(ref.dtype).replace("torch.", ""), "eb": eb, "offset": offset,
-                             "bytes": int(buf.size), "n_exceptions": ct.n_exceptions})
+                             "bytes": int(buf.size), "n_exceptions": n_exceptions,
+                             **({"transposed": True} if transpose else {})})
                 offset += buf.size + pad
             blob = np.concatenate(parts)
             tensor = f"{i}.{e}"
