@@ -81,6 +81,14 @@ __all__ = [
     "UnsupportedDtypeError",
     "WaitTimeoutError",
     "backend_info",
+    "offload",
     "codec",
     "set_num_threads",
 ]
+
+
+def offload(model, *args, **kwargs):
+    """Serve a transformers 5 MoE model's experts from moeoffload (moeoffload.integrations.hf.offload)."""
+    from .integrations.hf import offload as _offload
+
+    return _offload(model, *args, **kwargs)

@@ -1,0 +1,344 @@
+"""Hugging Face transformers 5: the "moeoffload" experts implementation and offload().
+
+    model = AutoModelForCausalLM.from_pretrained(...)
+    off = moeoffload.offload(model, gpu_budget="6GiB", error_bound=0.3)   # 0.3 x mean|w| per matrix
+    model.generate(...)                                                   # experts compressed, cached, fused
+    off.stats(); off.close()
+
+offload() builds an expert table from the model's own experts (or takes one),
+frees the dense expert parameters (they become meta tensors), and sets the
+model's experts implementation to "moeoffload", registered once in
+transformers' ``ExpertsInterface``. Each experts module then calls
+``experts_forward``: it records the routing (tracer), prefetches ahead (the
+activation prediction, or the next layer's router on the current hidden state),
+acquires each routed expert's slot, runs the fused ``expert_mlp`` op on the
+compressed bytes, scatters the weighted outputs, and releases.
+
+Paths: fused (szp, a gate the kernel knows: models.adapters.gate_kind) or the
+family's own eager code on weights read from the slots (codec "none": views of
+the raw bytes, so the logits equal the original model's exactly; szp with a
+gate the kernel does not know: decoded weights). Sequence boundaries: a forward
+of more than one token at the first MoE layer (a prefill) starts a new
+sequence of the activation predictor; ``begin_sequence()`` says so explicitly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..cache import ExpertCache, parse_budget
+from ..errors import CacheFullError, ClosedError, InvalidArgumentError
+from ..models.adapters import UnsupportedModelError, expert_matrix_names, gate_kind, moe_layers, router_probabilities
+from ..prefetch import PrefetchConfig
+from .. import ops as _ops  # noqa: F401  (registers torch.ops.moeoffload.*)
+from .. import table as _table
+
+IMPLEMENTATION = "moeoffload"
+PREFETCH = ("hidden", "activation", "combined", None)
+_CODE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class NotOffloadedError(InvalidArgumentError):
+    """An experts module ran with experts_implementation="moeoffload" but belongs to no offload()."""
+
+
+def register() -> None:
+    """Register "moeoffload" in transformers' ExpertsInterface (idempotent)."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(IMPLEMENTATION, experts_forward)
+
+
+def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The "moeoffload" experts implementation (transformers calls it with the experts module)."""
+    bound = getattr(self, "_moeoffload", None)
+    if bound is None:
+        raise NotOffloadedError(f"{type(self).__name__} runs with experts_implementation='moeoffload' but was not "
+                                "offloaded: call moeoffload.offload(model) first")
+    off, layer = bound
+    return off._forward(layer, self, hidden_states, top_k_index, top_k_weights)
+
+
+def _source_state_dict(layers) -> dict[str, torch.Tensor]:
+    """The experts' parameters under names table.build reads ('layers.N.experts.<name>' [E, ...])."""
+    out = {}
+    for ml in layers:
+        for name in expert_matrix_names(ml.experts):
+            out[f"layers.{ml.index}.experts.{name}"] = getattr(ml.experts, name).detach()
+    return out
+
+
+class Offload:
+    """A model whose experts are served by moeoffload: ``stats()``, ``begin_sequence()``, ``close()``."""
+
+    def __init__(self, model: nn.Module, table=None, gpu_budget="6GiB", error_bound=0.3, codec: str = "szp",
+                 cache_policy: str = "activation", prefetch: str | None = "hidden", *, error_mode: str = "meanabs",
+                 progress: bool = False):
+        if prefetch not in PREFETCH:
+            raise InvalidArgumentError(f"prefetch must be one of {PREFETCH}, got {prefetch!r}")
+        self.model = model
+        self.layers = moe_layers(model)
+        first = self.layers[0].experts
+        self.device = first.down_proj.device if first.down_proj.device.type != "meta" else _device_of(model)
+        self.kinds = [gate_kind(ml.experts) for ml in self.layers]
+        E = first.down_proj.shape[0]
+        if any(ml.experts.down_proj.shape[0] != E for ml in self.layers):
+            raise UnsupportedModelError("the MoE layers have different numbers of experts")
+        if table is None:
+            transpose = codec != "none" and first.is_transposed  # fused kernels read [out, in]
+            table = _table.build(_source_state_dict(self.layers), error_bound, codec,
+                                 mode=error_mode, model_id=getattr(model.config, "name_or_path", None) or "model",
+                                 progress=progress, transpose=transpose)
+        if table.num_layers != len(self.layers) or table.experts_per_layer != E:
+            raise UnsupportedModelError(f"the table holds {table.num_layers} layers of {table.experts_per_layer} "
+                                        f"experts, the model {len(self.layers)} of {E}")
+        self.table = table
+        self.codec = table.manifest["codec"]
+        self.names = table.matrix_names
+        cfg = None
+        if prefetch is not None and not (prefetch != "activation" and any(ml.router is None for ml in self.layers)):
+            k = int(getattr(model.config, "num_experts_per_tok", 2) or 2)
+            cfg = PrefetchConfig(source=prefetch, depth=1 if prefetch == "hidden" else 2, per_layer=k,
+                                 min_probability=0.02)
+        backend = "cuda" if self.device.type == "cuda" else "cpu"
+        self.cache = ExpertCache(table, parse_budget(gpu_budget), policy=cache_policy, prefetch=cfg, backend=backend)
+        self.prefetch = None if cfg is None else cfg.source
+        self._residual: dict[int, torch.Tensor] = {}
+        self._hooks = []
+        self._in_sequence = False
+        self._tokens = 0
+        self.expert_bytes_freed = 0
+        try:
+            if cfg is not None and cfg.source != "activation":
+                for ml in self.layers:  # the residual stream in front of each MoE layer's router norm
+                    if ml.norm is not None:
+                        self._hooks.append(ml.norm.register_forward_pre_hook(
+                            lambda mod, args, i=ml.index: self._residual.__setitem__(i, args[0].detach())))
+            self._free_dense_experts()
+            register()
+            for ml in self.layers:
+                ml.experts._moeoffload = (self, ml.index)
+            model.set_experts_implementation(IMPLEMENTATION)
+        except BaseException:
+            self.close()
+            raise
+
+    def _free_dense_experts(self) -> None:
+        for ml in self.layers:
+            for name in expert_matrix_names(ml.experts):
+                p = getattr(ml.experts, name)
+                if p.device.type != "meta":
+                    self.expert_bytes_freed += p.numel() * p.element_size()
+                setattr(ml.experts, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                                       requires_grad=False))
+
+    # ---- the forward ----
+    def begin_sequence(self) -> None:
+        if self._in_sequence:
+            self.cache.end_sequence()
+        self.cache.begin_sequence()
+        self._in_sequence = True
+
+    def _hidden_next(self, layer: int) -> np.ndarray | None:
+        if self.prefetch in (None, "activation"):
+            return None
+        nxt = self.layers[(layer + 1) % len(self.layers)]
+        residual = self._residual.get(layer)
+        if residual is None or nxt.router is None:
+            return np.full(self.table.experts_per_layer, 1.0 / self.table.experts_per_layer, np.float32)
+        return router_probabilities(nxt, residual).mean(0).cpu().numpy()
+
+    def _forward(self, layer: int, module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.cache.closed:
+            raise ClosedError("this offload is closed: its experts are gone, load the model again")
+        if layer == 0:
+            if hidden.shape[0] > 1 or not self._in_sequence:
+                self.begin_sequence()
+            self._tokens += hidden.shape[0]
+        ids = top_k_index.reshape(-1).tolist()
+        self.cache.record(layer, ids, hidden_next=self._hidden_next(layer))
+        kind = self.kinds[layer]
+        if kind is None or self.codec != "szp":
+            return self._forward_eager(layer, module, hidden, top_k_index, top_k_weights)
+        return self._forward_fused(layer, module, kind, hidden, top_k_index, top_k_weights)
+
+    def _forward_fused(self, layer, module, kind, hidden, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden)
+        experts = sorted(set(top_k_index.reshape(-1).tolist()))
+        gu, down = (self.names.index(n) for n in expert_matrix_names(module))
+        E = self.table.experts_per_layer
+        handle = self.cache.handle
+
+        def run(e: int, slot) -> None:
+            token_idx, pos = torch.where(top_k_index == e)
+            slot.wait()
+            eid = layer * E + e
+            gu_bias = module.gate_up_proj_bias[e].to(hidden.dtype) if module.has_bias else None
+            down_bias = module.down_proj_bias[e].to(hidden.dtype) if module.has_bias else None
+            y = torch.ops.moeoffload.expert_mlp(hidden[token_idx], handle, eid, gu, handle, eid, down, gu_bias,
+                                                down_bias, kind.act, 1 if kind.layout == "interleaved" else 0,
+                                                kind.alpha, kind.limit)
+            y = y * top_k_weights[token_idx, pos, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+
+        self._each_acquired(layer, experts, run)
+        return out
+
+    def _each_acquired(self, layer: int, experts: list[int], fn) -> None:
+        """fn(expert, slot) for every expert, acquiring ahead (copies overlap compute) as far as the budget allows."""
+        held: list[tuple[int, object]] = []
+
+        def drain() -> None:
+            while held:
+                e, slot = held.pop(0)
+                try:
+                    fn(e, slot)
+                finally:
+                    self.cache.release(layer, e)
+
+        try:
+            for e in experts:
+                try:
+                    slot = self.cache.acquire(layer, e)
+                except CacheFullError:
+                    if not held:
+                        raise
+                    drain()
+                    slot = self.cache.acquire(layer, e)
+                held.append((e, slot))
+            drain()
+        finally:
+            for e, _ in held:
+                self.cache.release(layer, e)
+
+    def _forward_eager(self, layer, module, hidden, top_k_index, top_k_weights):
+        """The family's own eager forward, its expert weights read from the slots (views of raw bytes, or
+        decoded): exact for codec "none"; the unfused variant for gates the fused kernel does not know."""
+        weights = _SlotWeights(self, layer, module)
+        proxy = _ExpertsView(module, weights)
+        try:
+            return type(module).forward.__wrapped__(proxy, hidden, top_k_index, top_k_weights)
+        finally:
+            weights.release()
+
+    def _matrix_tensor(self, layer: int, expert: int, slot, name: str, device) -> torch.Tensor:
+        m = self.table.matrix_entry(layer, expert, name)
+        eid = layer * self.table.experts_per_layer + expert
+        if self.codec == "none":
+            w = _view(slot.data_ptr + m["offset"], m["bytes"], device).view(_CODE_DTYPES[m["dtype"]]).reshape(m["shape"])
+        else:
+            w = torch.ops.moeoffload.szp_decode(self.cache.handle, eid, self.names.index(name), device)
+        return w.T if m.get("transposed") else w
+
+    # ---- the handle ----
+    def stats(self) -> dict:
+        """The cache's counters, the bytes the dense experts held, the table's coding, tokens seen."""
+        return {**self.cache.stats(), "codec": self.codec, "bits_per_weight": self.table.bits_per_weight(),
+                "expert_bytes_freed": self.expert_bytes_freed, "tokens": self._tokens, "prefetch": self.prefetch,
+                "fused_layers": sum(k is not None for k in self.kinds) if self.codec == "szp" else 0}
+
+    @property
+    def closed(self) -> bool:
+        return self.cache.closed if hasattr(self, "cache") else True
+
+    def close(self) -> None:
+        """Stop serving: the model's experts are gone (meta tensors); load the model again to use it."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        if hasattr(self, "cache"):
+            if self._in_sequence and not self.cache.closed:
+                self.cache.end_sequence()
+                self._in_sequence = False
+            self.cache.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _SlotWeights:
+    """gate_up_proj / down_proj / up_proj of one experts module as the eager code indexes them: [e] acquires
+    expert e (once per forward), returns the matrix read from its slot; all released at the end."""
+
+    def __init__(self, off: Offload, layer: int, module: nn.Module):
+        self.off, self.layer, self.device = off, layer, off.device
+        self.held: dict[int, object] = {}
+
+    def matrix(self, name: str, e) -> torch.Tensor:
+        e = int(e)
+        slot = self.held.get(e)
+        if slot is None:
+            try:
+                slot = self.off.cache.acquire(self.layer, e)
+            except CacheFullError:  # the eager code is done with the experts it indexed before
+                self.release()
+                slot = self.off.cache.acquire(self.layer, e)
+            self.held[e] = slot
+            slot.wait()
+        return self.off._matrix_tensor(self.layer, e, slot, name, self.device)
+
+    def release(self) -> None:
+        for e in list(self.held):
+            del self.held[e]
+            self.off.cache.release(self.layer, e)
+
+
+class _Matrices:
+    def __init__(self, weights: _SlotWeights, name: str):
+        self.weights, self.name = weights, name
+
+    def __getitem__(self, e) -> torch.Tensor:
+        return self.weights.matrix(self.name, e)
+
+
+class _ExpertsView:
+    """The experts module as its eager forward sees it, with the expert matrices served from the cache."""
+
+    def __init__(self, module: nn.Module, weights: _SlotWeights):
+        object.__setattr__(self, "_module", module)
+        for name in expert_matrix_names(module):
+            object.__setattr__(self, name, _Matrices(weights, name))
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def _view(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
+    """A uint8 tensor over `nbytes` at `ptr` (a slot of the cache), without a copy."""
+    if device.type == "cuda":
+        class _Iface:
+            __cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3}
+        return torch.as_tensor(_Iface(), device=device)
+    return torch.from_numpy(np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(ptr)))
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def offload(model: nn.Module, table=None, gpu_budget="6GiB", error_bound=0.3, codec: str = "szp",
+            cache_policy: str = "activation", prefetch: str | None = "hidden", *, error_mode: str = "meanabs",
+            progress: bool = False) -> Offload:
+    """Serve a transformers 5 MoE model's experts from moeoffload; returns the handle (stats(), close()).
+
+    table: an ExpertTable of this model (built from the model's experts when None, with codec and
+    error_bound: a float, {layer: bound}, a policy file, in error_mode units: "meanabs" = x mean|w|).
+    codec "none" keeps raw weights through the same cache and transfers (exact logits).
+    gpu_budget: device memory for the expert cache ("6GiB"; on the CPU backend, host memory).
+    cache_policy: "activation", "lru" or "lfu". prefetch: "hidden" (the next layer's router on the
+    current hidden state), "activation", "combined" or None.
+    """
+    return Offload(model, table, gpu_budget, error_bound, codec, cache_policy, prefetch, error_mode=error_mode,
+                   progress=progress)

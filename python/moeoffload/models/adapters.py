@@ -1,0 +1,118 @@
+"""What the offload path needs to know of an MoE model family, in one place.
+
+transformers 5 gives every ``@use_experts_implementation`` family the same
+experts module (fused [E, ...] parameters and the flags ``has_gate``,
+``has_bias``, ``is_transposed``, ``is_concatenated``), so most of what differs
+between families is found from the module tree, not listed per family:
+
+- the MoE layers: the experts modules, in model order (layer 0..L-1);
+- the router of each layer: the sibling ``gate`` / ``router`` of the experts
+  module, with a weight [E, H] (and a bias for GPT-OSS); families with an
+  ``e_score_correction_bias`` (DeepSeek-V3, GLM-4-MoE: sigmoid, grouped
+  routing) score with a sigmoid plus that bias, the others with a softmax;
+- the norm in front of the router: the decoder layer's
+  ``post_attention_layernorm``;
+- the gate of the expert MLP (``gate_kind``): the default gate with the
+  config's activation, or GPT-OSS's clamped gate on interleaved rows; anything
+  else (a custom ``_apply_gate``, a post-expert norm, no gate) is not fused
+  and runs the family's own eager code on decoded weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import MoeoffloadError
+
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu",
+                "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+
+
+class UnsupportedModelError(MoeoffloadError, ValueError):
+    """The model has no experts module the offload path can serve; the message says what is missing."""
+
+
+@dataclass
+class MoeLayer:
+    index: int                     # MoE layer position 0..L-1
+    name: str                      # the experts module's name in the model
+    experts: nn.Module             # the @use_experts_implementation module
+    router: nn.Module | None       # its sibling gate/router (None: no hidden-state prediction for this layer)
+    norm: nn.Module | None         # the norm the router's input went through
+
+
+@dataclass(frozen=True)
+class GateKind:
+    """How the fused expert_mlp op computes this family's gate (ops.expert_mlp's arguments)."""
+
+    act: str
+    layout: str = "concatenated"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    return hasattr(module, "has_gate") and hasattr(module, "is_transposed") and isinstance(
+        getattr(module, "down_proj", None), (torch.Tensor, nn.Parameter)) and module.down_proj.dim() == 3
+
+
+def moe_layers(model: nn.Module) -> list[MoeLayer]:
+    """Every experts module of the model, in order; UnsupportedModelError when there is none."""
+    modules = dict(model.named_modules())
+    layers = []
+    for name, module in modules.items():
+        if not is_experts_module(module):
+            continue
+        parent_name, _, _ = name.rpartition(".")
+        block = modules.get(parent_name)
+        router = next((r for r in (getattr(block, "gate", None), getattr(block, "router", None))
+                       if isinstance(getattr(r, "weight", None), torch.Tensor) and r.weight.dim() == 2), None)
+        layer_name = parent_name.rpartition(".")[0]
+        norm = getattr(modules.get(layer_name), "post_attention_layernorm", None)
+        layers.append(MoeLayer(len(layers), name, module, router, norm))
+    if not layers:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no experts module of the transformers 5 kind (fused [E, ...] expert "
+            "parameters under @use_experts_implementation); moeoffload serves only such MoE models")
+    return layers
+
+
+def expert_matrix_names(experts: nn.Module) -> list[str]:
+    """The expert parameters the table stores, by name: gate_up_proj (or up_proj) and down_proj."""
+    first = "gate_up_proj" if experts.has_gate else "up_proj"
+    return [first, "down_proj"]
+
+
+def gate_kind(experts: nn.Module) -> GateKind | None:
+    """The fused gate for this experts module, or None when it must run unfused (decode + eager code)."""
+    if not experts.has_gate or getattr(experts, "has_post_expert_norm", False):
+        return None
+    cls_gate = getattr(type(experts), "_apply_gate", None)
+    model_type = getattr(getattr(experts, "config", None), "model_type", "")
+    if model_type == "gpt_oss" and not experts.is_concatenated:
+        return GateKind("gptoss", "interleaved", float(experts.alpha), float(experts.limit))
+    from transformers.integrations.moe import _default_apply_gate
+
+    if cls_gate is not _default_apply_gate or not experts.is_concatenated:
+        return None
+    act = _ACTIVATIONS.get(getattr(experts.config, "hidden_act", None))
+    return None if act is None else GateKind(act)
+
+
+@torch.no_grad()
+def router_probabilities(layer: MoeLayer, residual: torch.Tensor) -> torch.Tensor:
+    """This layer's routing scores [tokens, E] for residual-stream states [..., H] (its norm, then its
+    router's logits; sigmoid + correction bias where the family routes so, else softmax)."""
+    h = residual.reshape(-1, residual.shape[-1])
+    if layer.norm is not None:
+        h = layer.norm(h)
+    r = layer.router
+    logits = F.linear(h.float(), r.weight.float(), None if getattr(r, "bias", None) is None else r.bias.float())
+    correction = getattr(r, "e_score_correction_bias", None)
+    if correction is not None:
+        return logits.sigmoid() + correction.float()
+    return torch.softmax(logits, dim=-1)
