@@ -1,0 +1,166 @@
+"""moeoffload.offload on tiny random models of eight transformers 5 MoE families (integrations/hf.py):
+codec "none" gives the original logits and greedy tokens exactly; szp runs the fused op and matches
+the model whose experts are the decoded weights; small budgets, closed handles, unsupported models."""
+
+import gc
+
+import pytest
+import torch
+
+import moeoffload
+from moeoffload.errors import ClosedError
+from moeoffload.integrations.hf import NotOffloadedError
+from moeoffload.models.adapters import UnsupportedModelError, expert_matrix_names, moe_layers
+
+transformers = pytest.importorskip("transformers")
+
+FAMILIES = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48, intermediate_size=64),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=64, head_dim=16),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, intermediate_size=32),
+    "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=64,
+                        n_group=2, topk_group=1, first_k_dense_replace=1, n_shared_experts=1, kv_lora_rank=16,
+                        q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, head_dim=16,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=8),
+    "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32),
+    "phimoe": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32),
+}
+
+
+def tiny(family: str, seed: int = 0):
+    cfg = transformers.AutoConfig.for_model(family, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                            num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
+                                            **FAMILIES[family])
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, experts_implementation="eager")
+    if family == "gpt_oss":  # biases start at zero: make them count
+        for ml in moe_layers(model):
+            torch.nn.init.normal_(ml.experts.gate_up_proj_bias, std=0.02)
+            torch.nn.init.normal_(ml.experts.down_proj_bias, std=0.02)
+    return model.to(torch.bfloat16).eval()
+
+
+def _prompt(seed=1):
+    return torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_codec_none_is_exact(family):
+    model = tiny(family)
+    ids = _prompt()
+    with torch.no_grad():
+        ref = model(ids).logits
+    ref_tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
+    dense = sum(getattr(ml.experts, n).numel() * 2 for ml in moe_layers(model) for n in expert_matrix_names(ml.experts))
+    with moeoffload.offload(model, codec="none", gpu_budget=10**8) as off:
+        assert all(getattr(ml.experts, n).is_meta for ml in moe_layers(model) for n in expert_matrix_names(ml.experts))
+        assert off.stats()["expert_bytes_freed"] == dense
+        with torch.no_grad():
+            got = model(ids).logits
+        tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
+        st = off.stats()
+    assert torch.equal(got, ref)
+    assert torch.equal(tokens, ref_tokens)
+    assert st["misses"] > 0 and st["hits"] > 0 and st["tokens"] >= 12 + 5
+
+
+def _decoded_reference(family, off):
+    """The original model with every expert matrix replaced by the table's decoded weights."""
+    model = tiny(family)
+    for ml in moe_layers(model):
+        for name in expert_matrix_names(ml.experts):
+            param = getattr(ml.experts, name)
+            for e in range(param.shape[0]):
+                w = off.table.decompress(ml.index, e, name).float()
+                if off.table.matrix_entry(ml.index, e, name).get("transposed"):
+                    w = w.T
+                param.data[e] = w.to(param.dtype)
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_szp_fused_matches_the_decoded_model(family):
+    model = tiny(family)
+    ids = _prompt()
+    with moeoffload.offload(model, codec="szp", error_bound=0.1, gpu_budget=10**8, prefetch="hidden") as off:
+        assert off.stats()["fused_layers"] == len(moe_layers(model))
+        with torch.no_grad():
+            got = model(ids).logits.float()
+        ref_model = _decoded_reference(family, off)
+        with torch.no_grad():
+            ref = ref_model(ids).logits.float()
+            original = tiny(family)(ids).logits.float()
+    torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)
+    assert (got - original).abs().max() > 0  # the bound is not zero: the weights really are the decoded ones
+
+
+@pytest.mark.parametrize("codec", ["none", "szp"])
+def test_a_budget_of_one_expert_still_serves_every_layer(codec):
+    model = tiny("mixtral")
+    ids = _prompt(3)
+    with torch.no_grad():
+        ref = model(ids).logits
+    probe = moeoffload.offload(tiny("mixtral"), codec=codec, gpu_budget=10**8, prefetch=None)
+    one = -(-int(probe.table.expert_bytes().max()) // 256) * 256
+    probe.close()
+    with moeoffload.offload(model, codec=codec, gpu_budget=one, prefetch=None) as off:
+        with torch.no_grad():
+            got = model(ids).logits
+        assert off.stats()["evictions"] > 0
+    if codec == "none":
+        assert torch.equal(got, ref)
+    else:
+        torch.testing.assert_close(got.float(), ref.float(), atol=0.1, rtol=0.1)
+
+
+@pytest.mark.parametrize("prefetch", ["hidden", "activation", "combined", None])
+@pytest.mark.parametrize("policy", ["activation", "lru"])
+def test_prefetch_sources_and_policies_give_the_same_logits(prefetch, policy):
+    model = tiny("qwen3_moe")
+    ids = _prompt(4)
+    with torch.no_grad():
+        ref = model(ids).logits
+    with moeoffload.offload(model, codec="none", gpu_budget=10**8, prefetch=prefetch, cache_policy=policy) as off:
+        with torch.no_grad():
+            got = model(ids).logits
+        st = off.stats()
+    assert torch.equal(got, ref)
+    assert (st["prefetches"] > 0) == (prefetch is not None)
+
+
+def test_closed_offload_and_unbound_modules_raise_named_errors():
+    model = tiny("mixtral")
+    ids = _prompt()
+    off = moeoffload.offload(model, codec="none", gpu_budget=10**8)
+    off.close()
+    off.close()
+    with pytest.raises(ClosedError):
+        with torch.no_grad():
+            model(ids)
+    other = tiny("mixtral")
+    other.set_experts_implementation("moeoffload")  # registered, but this model was never offloaded
+    with pytest.raises(NotOffloadedError, match="offload"):
+        with torch.no_grad():
+            other(ids)
+
+
+def test_a_dense_model_is_refused():
+    cfg = transformers.AutoConfig.for_model("llama", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                            num_key_value_heads=1, vocab_size=64, intermediate_size=32)
+    with pytest.raises(UnsupportedModelError, match="no experts module"):
+        moeoffload.offload(transformers.AutoModelForCausalLM.from_config(cfg))
+
+
+def test_bad_arguments():
+    from moeoffload.errors import BudgetError, InvalidArgumentError, UnsupportedDtypeError
+
+    with pytest.raises(InvalidArgumentError, match="prefetch"):
+        moeoffload.offload(tiny("mixtral"), prefetch="psychic")
+    with pytest.raises(BudgetError):
+        moeoffload.offload(tiny("mixtral"), gpu_budget="lots")
+    with pytest.raises(UnsupportedDtypeError, match="codec"):
+        moeoffload.offload(tiny("mixtral"), codec="zip")
+    gc.collect()
