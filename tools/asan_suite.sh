@@ -14,6 +14,10 @@ cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOEOFF
   -DPython_EXECUTABLE="$PY" "-DCMAKE_CXX_FLAGS=-fsanitize=address -fno-omit-frame-pointer" \
   "-DCMAKE_SHARED_LINKER_FLAGS=-fsanitize=address" > /dev/null
 cmake --build "$BUILD"
+if [ $# -eq 0 ]; then set -- "$ROOT"/tests/test_*.py; fi
+FILES=()
+for t in "$@"; do FILES+=("$(cd "$(dirname "$t")" && pwd)/$(basename "$t")"); done
+set -- "${FILES[@]}"
 PKG=$(mktemp -d)
 cp -r "$ROOT/python/moeoffload" "$PKG/"
 rm -f "$PKG"/moeoffload/_native*.so
@@ -22,9 +26,7 @@ printf 'leak:libpython\nleak:python3\nleak:libtorch\nleak:libc10\nleak:_PyObject
 rm -rf "$LOG" && mkdir -p "$LOG"
 cd "$PKG"
 status=0
-if [ $# -eq 0 ]; then set -- "$ROOT"/tests/test_*.py; fi
 for t in "$@"; do
-  t=$(cd "$(dirname "$t")" && pwd)/$(basename "$t")
   OMP_NUM_THREADS=1 ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=1:log_path=$LOG/$(basename "$t" .py) \
   LSAN_OPTIONS=suppressions=$PKG/lsan.supp:print_suppressions=0 \
   LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" \

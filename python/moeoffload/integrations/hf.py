@@ -31,10 +31,10 @@ import torch
 from torch import nn
 
 from ..cache import ExpertCache, parse_budget
-from ..errors import CacheFullError, ClosedError, InvalidArgumentError
+from ..errors import BudgetError, CacheFullError, ClosedError, InvalidArgumentError
 from ..models.adapters import UnsupportedModelError, expert_matrix_names, gate_kind, moe_layers, router_probabilities
 from ..prefetch import PrefetchConfig
-from .. import ops as _ops  # noqa: F401  (registers torch.ops.moeoffload.*)
+from .. import ops as _ops  # also registers torch.ops.moeoffload.*
 from .. import table as _table
 
 IMPLEMENTATION = "moeoffload"
@@ -103,10 +103,13 @@ class Offload:
         cfg = None
         if prefetch is not None and not (prefetch != "activation" and any(ml.router is None for ml in self.layers)):
             k = int(getattr(model.config, "num_experts_per_tok", 2) or 2)
-            cfg = PrefetchConfig(source=prefetch, depth=1 if prefetch == "hidden" else 2, per_layer=k,
-                                 min_probability=0.02)
+            # bench/cache_policies.py's tuned plan: twice top-k per layer, three layers ahead (the hidden
+            # state predicts the next layer only)
+            cfg = PrefetchConfig(source=prefetch, depth=1 if prefetch == "hidden" else 3, per_layer=2 * k,
+                                 min_probability=0.02, recency=0.5)
         backend = "cuda" if self.device.type == "cuda" else "cpu"
-        self.cache = ExpertCache(table, parse_budget(gpu_budget), policy=cache_policy, prefetch=cfg, backend=backend)
+        self.cache = ExpertCache(table, _budget_bytes(gpu_budget, table), policy=cache_policy, prefetch=cfg,
+                                 backend=backend)
         self.prefetch = None if cfg is None else cfg.source
         self._residual: dict[int, torch.Tensor] = {}
         self._hooks = []
@@ -182,7 +185,7 @@ class Offload:
             gu_bias = module.gate_up_proj_bias[e].to(hidden.dtype) if module.has_bias else None
             down_bias = module.down_proj_bias[e].to(hidden.dtype) if module.has_bias else None
             y = torch.ops.moeoffload.expert_mlp(hidden[token_idx], handle, eid, gu, handle, eid, down, gu_bias,
-                                                down_bias, kind.act, 1 if kind.layout == "interleaved" else 0,
+                                                down_bias, kind.act, _ops.GATE_LAYOUTS[kind.layout],
                                                 kind.alpha, kind.limit)
             y = y * top_k_weights[token_idx, pos, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
@@ -321,6 +324,21 @@ def _view(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(ptr)))
 
 
+def _budget_bytes(budget, table) -> int:
+    """A size (parse_budget), or a share of the experts: "25%" holds a quarter of them (at least one)."""
+    if isinstance(budget, str) and budget.strip().endswith("%"):
+        try:
+            share = float(budget.strip()[:-1]) / 100
+        except ValueError:
+            share = float("nan")
+        if not 0 < share <= 1:
+            raise BudgetError(f"a budget share must be in (0%, 100%], got {budget!r}")
+        sizes = table.expert_bytes()
+        slot = -(-int(sizes.max()) // 256) * 256  # the cache's slot: the largest expert, 256-byte aligned
+        return max(1, round(share * sizes.size)) * slot
+    return parse_budget(budget)
+
+
 def _device_of(model: nn.Module) -> torch.device:
     for p in model.parameters():
         if p.device.type != "meta":
@@ -336,7 +354,8 @@ def offload(model: nn.Module, table=None, gpu_budget="6GiB", error_bound=0.3, co
     table: an ExpertTable of this model (built from the model's experts when None, with codec and
     error_bound: a float, {layer: bound}, a policy file, in error_mode units: "meanabs" = x mean|w|).
     codec "none" keeps raw weights through the same cache and transfers (exact logits).
-    gpu_budget: device memory for the expert cache ("6GiB"; on the CPU backend, host memory).
+    gpu_budget: device memory for the expert cache ("6GiB"; on the CPU backend, host memory), or a share
+    of the experts it holds ("25%").
     cache_policy: "activation", "lru" or "lfu". prefetch: "hidden" (the next layer's router on the
     current hidden state), "activation", "combined" or None.
     """

@@ -1,4 +1,4 @@
-"""`moeoffload` command line: demo, info, sensitivity, policy."""
+"""`moeoffload` command line: demo, run, info, sensitivity, policy (one module per command as they move out)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,8 @@ def _cmd_demo(args) -> int:
     from moeoffload.models import tiny_moe
     from moeoffload.policy import BoundPolicy
     from moeoffload.prefetch import PrefetchConfig, mixtral_hidden_predictions
+
+    from .run import generate_timed
 
     heldout = tiny_moe.default_heldout()
     if len(heldout[: args.max_bytes]) < 255:
@@ -106,9 +108,32 @@ def _cmd_demo(args) -> int:
                                else f" + {r.prefetch} prefetch")
             print(f"   {name:34s} {r.hit_rate:8.3f} {r.demand_misses:13d}")
         print(f"   {'belady (optimal demand cache)':34s} {bel['hit_rate']:8.3f} {bel['demand_misses']:13d}")
+
+        print("\n4. Generate through the offload path (moeoffload.offload: experts served from the table above at a "
+              "25% budget,\n   fused kernels, hidden-state prefetch), beside the raw bf16 experts (codec none) and "
+              "the dense model:")
+        prompt = torch.tensor([[tiny_moe.BOS, *text_all[:120]]])
+        dense = generate_timed(tiny_moe.load(dtype=torch.bfloat16), prompt, args.new_tokens)
+        runs = {}
+        for name, kw in (("szp", {"table": loaded}), ("none", {"codec": "none"})):
+            m = tiny_moe.load(dtype=torch.bfloat16)
+            with moeoffload.offload(m, gpu_budget="25%", **kw) as off:
+                runs[name] = (generate_timed(m, prompt, args.new_tokens, off), off.stats())
+        print(f"   prompt: ...{bytes(text_all[90:120]).decode('utf-8', 'replace')!r}")
+        print(f"   {'experts':18s} {'decode tok/s':>12s} {'hit rate':>8s} {'KiB/token':>9s}  tokens vs dense  continuation")
+        for name, (gen, st) in (("dense bf16", (dense, None)), *[(f"offload {k}", v) for k, v in runs.items()]):
+            part = next((i for i, (a, b) in enumerate(zip(gen.tokens, dense.tokens)) if a != b), None)
+            same = "identical" if part is None else f"part at {part}"
+            hit = "" if st is None else f"{gen.stats['hits'] / max(gen.stats['accesses'], 1):.3f}"
+            kib = "" if st is None else f"{gen.stats['bytes_loaded'] / len(gen.tokens) / 2**10:.1f}"
+            text = bytes(t for t in gen.tokens if t < 256).decode("utf-8", "replace")
+            print(f"   {name:18s} {gen.decode_tokens_per_s:12.1f} {hit:>8s} {kib:>9s}  {same:15s}  {text[:40]!r}")
+        if runs["none"][0].tokens != dense.tokens:
+            print("\nOFFLOAD WITH RAW EXPERTS DIFFERS FROM THE DENSE MODEL", file=sys.stderr)
+            return 1
         loaded.close()
 
-    print("\n4. szp next to SZ3 on the same experts (bound 0.3 x mean|w|, every weight checked):")
+    print("\n5. szp next to SZ3 on the same experts (bound 0.3 x mean|w|, every weight checked):")
     mats = {f"L{l}E{e}.{r.name}": grid.view(r).detach().clone()
             for l in range(grid.num_layers) for e in range(2) for r in grid.matrices(l, e)}
     scale = float(np.mean([float(m.abs().mean() / m.std()) for m in mats.values()]))
@@ -439,7 +464,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sequences", type=_positive_int, default=64,
                    help="routing-trace sequences to replay (half are history)")
     p.add_argument("--repeats", type=_positive_int, default=3, help="decode timings: best of this many runs")
+    p.add_argument("--new-tokens", type=_positive_int, default=48, help="tokens to generate through the offload path")
     p.set_defaults(fn=_cmd_demo)
+    from . import run
+
+    run.add_parser(sub)
     p = sub.add_parser("info", help="print what the build holds and what the machine offers")
     p.set_defaults(fn=_cmd_info)
     p = sub.add_parser("sensitivity", help="perturb experts (noise or a real codec), evaluate, restore")
@@ -482,6 +511,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"moeoffload: error: {_one_line(message)}", file=sys.stderr)
     return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

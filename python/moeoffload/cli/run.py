@@ -1,0 +1,159 @@
+"""`moeoffload run`: generate with a model's experts compressed, cached within a budget, prefetched.
+
+    moeoffload run --model default --prompt "def parse_args(" --budget 25% --max-new-tokens 64
+    moeoffload run --model path/to/checkpoint --budget 6GiB --error-bound 0.3 --codec szp --compare
+
+Prints the continuation, prefill and decode speed separately, the cache's hit
+rate and the bytes its transfers moved per token; ``--compare`` also runs the
+model with its dense experts first (greedy, same prompt) and says where the
+tokens part.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Generation:
+    tokens: list[int]           # the new tokens only
+    prefill_s: float            # the forward of the prompt (and the first new token)
+    decode_s: float             # every later token
+    stats: dict | None          # the offload's counters after the run (None for the dense model)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        n = len(self.tokens) - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else float("nan")
+
+
+def generate_timed(model, input_ids, max_new_tokens: int, off=None) -> Generation:
+    """Greedy generate, timing the prefill (up to the first new token) and the decode steps apart."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    stamps: list[float] = []
+
+    class _Clock(LogitsProcessor):
+        def __call__(self, ids, scores):
+            stamps.append(time.perf_counter())
+            return scores
+
+    before = dict(off.stats()) if off is not None else None
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             logits_processor=LogitsProcessorList([_Clock()]),
+                             pad_token_id=getattr(model.config, "pad_token_id", None))
+    end = time.perf_counter()
+    stats = None
+    if off is not None:
+        after = off.stats()
+        stats = {k: (v - before[k] if isinstance(v, (int, float)) and k in before and k not in
+                     ("budget", "used_bytes", "bits_per_weight", "expert_bytes_freed", "fused_layers") else v)
+                 for k, v in after.items()}
+    first = stamps[0] if stamps else end
+    return Generation(out[0, input_ids.shape[1]:].tolist(), first - start, end - first, stats)
+
+
+def add_parser(sub) -> None:
+    from . import _positive_int
+
+    p = sub.add_parser("run", help="generate with the model's experts offloaded (compressed, cached, prefetched)")
+    p.add_argument("--model", default="default", help="a Hugging Face MoE checkpoint directory, or 'default'")
+    p.add_argument("--prompt", default=None, help="text to continue (default: the start of the model's held-out text)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    p.add_argument("--budget", default="25%", help="device memory for experts: a size ('6GiB') or a share of the "
+                                                  "experts ('25%%')")
+    p.add_argument("--codec", choices=("szp", "none"), default="szp")
+    p.add_argument("--error-bound", default=None,
+                   help="x mean|w| per matrix, or a policy JSON (default: the model's policy.json, else 0.3)")
+    p.add_argument("--cache-policy", choices=("activation", "lru", "lfu"), default="activation")
+    p.add_argument("--prefetch", choices=("hidden", "activation", "combined", "none"), default="hidden")
+    p.add_argument("--compare", action="store_true", help="also generate with the dense experts and compare")
+    p.set_defaults(fn=cmd)
+
+
+def _error_bound(args, model_dir: Path):
+    from . import UsageError, _alpha
+
+    if args.error_bound is None:
+        policy = model_dir / "policy.json"
+        return str(policy) if policy.exists() else 0.3
+    if Path(args.error_bound).is_file():
+        return args.error_bound
+    try:
+        return _alpha(args.error_bound)
+    except Exception:  # noqa: BLE001 - argparse's type error, one line
+        raise UsageError(f"--error-bound {args.error_bound!r}: give a positive number (x mean|w|) or a policy "
+                         "JSON file") from None
+
+
+def cmd(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import moeoffload
+    from moeoffload import sensitivity
+
+    from . import UsageError, _check_model
+
+    model_dir, config = _check_model(args.model)
+    bound = _error_bound(args, model_dir)
+    if args.prompt is not None:
+        text = args.prompt.encode()
+    else:
+        text = sensitivity.load_text(None, model_dir)[:200] if (model_dir / "heldout.txt").exists() else b"The"
+    ids = sensitivity.encode(model_dir, None, text)
+    bos = getattr(config, "bos_token_id", None)
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos, *ids]
+    if not ids:
+        raise UsageError("--prompt: the prompt gives no tokens")
+    input_ids = torch.tensor([ids])
+
+    def load():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+
+    dense = None
+    if args.compare:
+        dense = generate_timed(load(), input_ids, args.max_new_tokens)
+    model = load()
+    prefetch = None if args.prefetch == "none" else args.prefetch
+    with moeoffload.offload(model, gpu_budget=args.budget, error_bound=bound, codec=args.codec,
+                            cache_policy=args.cache_policy, prefetch=prefetch) as off:
+        gen = generate_timed(model, input_ids, args.max_new_tokens, off)
+        print(report(gen, off, dense, decode=lambda t: _decode(model_dir, t)))
+    return 0
+
+
+def _decode(model_dir: Path, tokens: list[int]) -> str:
+    if (model_dir / "tokenizer.json").exists() or (model_dir / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model_dir).decode(tokens)
+    return bytes(t for t in tokens if t < 256).decode("utf-8", "replace")  # the byte-level tiny model
+
+
+def report(gen: Generation, off, dense: Generation | None, decode) -> str:
+    st = gen.stats
+    n = max(len(gen.tokens), 1)
+    lines = [f"continuation: {decode(gen.tokens)!r}",
+             f"experts: {off.codec}, {off.table.bits_per_weight():.2f} bits/weight, budget {st['budget'] / 2**20:.2f} "
+             f"MiB of {off.table.expert_bytes().sum() / 2**20:.2f} MiB, {st['fused_layers']} of "
+             f"{len(off.layers)} MoE layers fused, prefetch {off.prefetch or 'off'}; dense experts freed: "
+             f"{st['expert_bytes_freed'] / 2**20:.2f} MiB",
+             f"prefill {gen.prefill_s * 1e3:.1f} ms; decode {gen.decode_tokens_per_s:.1f} tokens/s "
+             f"({len(gen.tokens)} tokens)",
+             f"cache: hit rate {st['hits'] / max(st['accesses'], 1):.3f} ({st['misses']} misses, {st['prefetches']} "
+             f"prefetches, {st['prefetch_hits']} used), {st['bytes_loaded'] / n / 2**10:.1f} KiB moved per token"]
+    if dense is not None:
+        same = next((i for i, (a, b) in enumerate(zip(gen.tokens, dense.tokens)) if a != b), None)
+        lines.append(f"dense experts: decode {dense.decode_tokens_per_s:.1f} tokens/s; tokens "
+                     + ("identical" if same is None else f"part at token {same}"))
+    return "\n".join(lines)
