@@ -54,3 +54,14 @@ def test_bad_arguments_give_clear_errors(tmp_path):
 def test_demo_runs_on_the_default_model():
     r = cli("demo", "--max-bytes", "510", "--sequences", "8", "--repeats", "1")
     assert "Perplexity" in r.stdout and "belady" in r.stdout and "BOUND VIOLATED" not in r.stderr
+
+
+def test_run_generates_with_raw_experts_identical_to_the_dense_model():
+    r = cli("run", "--codec", "none", "--max-new-tokens", "12", "--budget", "25%", "--compare")
+    assert "tokens identical" in r.stdout
+    assert "decode" in r.stdout and "hit rate" in r.stdout
+
+
+def test_run_with_szp_reports_the_fused_layers():
+    r = cli("run", "--max-new-tokens", "8", "--budget", "1MiB", "--prompt", "import os\n", "--prefetch", "activation")
+    assert "10 of 10 MoE layers fused" in r.stdout and "prefetch activation" in r.stdout

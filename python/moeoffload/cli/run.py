@@ -100,6 +100,13 @@ def cmd(args) -> int:
 
     from . import UsageError, _check_model
 
+    from moeoffload.errors import BudgetError
+    from moeoffload.integrations.hf import parse_budget_spec
+
+    try:
+        parse_budget_spec(args.budget)
+    except BudgetError as e:
+        raise UsageError(f"--budget {args.budget}: {e}") from None
     model_dir, config = _check_model(args.model)
     bound = _error_bound(args, model_dir)
     if args.prompt is not None:

@@ -324,8 +324,8 @@ def _view(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(ptr)))
 
 
-def _budget_bytes(budget, table) -> int:
-    """A size (parse_budget), or a share of the experts: "25%" holds a quarter of them (at least one)."""
+def parse_budget_spec(budget) -> tuple[str, float]:
+    """("share", fraction) for "25%", else ("bytes", n) (parse_budget); BudgetError otherwise."""
     if isinstance(budget, str) and budget.strip().endswith("%"):
         try:
             share = float(budget.strip()[:-1]) / 100
@@ -333,10 +333,18 @@ def _budget_bytes(budget, table) -> int:
             share = float("nan")
         if not 0 < share <= 1:
             raise BudgetError(f"a budget share must be in (0%, 100%], got {budget!r}")
-        sizes = table.expert_bytes()
-        slot = -(-int(sizes.max()) // 256) * 256  # the cache's slot: the largest expert, 256-byte aligned
-        return max(1, round(share * sizes.size)) * slot
-    return parse_budget(budget)
+        return "share", share
+    return "bytes", parse_budget(budget)
+
+
+def _budget_bytes(budget, table) -> int:
+    """A size, or a share of the experts: "25%" holds a quarter of them (at least one)."""
+    kind, value = parse_budget_spec(budget)
+    if kind == "bytes":
+        return int(value)
+    sizes = table.expert_bytes()
+    slot = -(-int(sizes.max()) // 256) * 256  # the cache's slot: the largest expert, 256-byte aligned
+    return max(1, round(value * sizes.size)) * slot
 
 
 def _device_of(model: nn.Module) -> torch.device:
