@@ -42,7 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 from moeoffload import sim  # noqa: E402
-from moeoffload.prefetch import PrefetchConfig, mixtral_hidden_predictions  # noqa: E402
+from moeoffload.prefetch import PrefetchConfig, hidden_predictions  # noqa: E402
 
 BUDGETS = (0.10, 0.25, 0.50)
 SYNTHETIC = dict(num_sequences=80, tokens=64, num_layers=24, experts=32, k=2, topics=6, concentration=0.3,
@@ -140,7 +140,7 @@ def main() -> None:
         expert_bytes = int(built.expert_bytes().max())
         half = real.shape[0] // 2
         ids = tiny_moe.windows(tiny_moe.default_heldout(), 256)[: real.shape[0]]
-        hidden = mixtral_hidden_predictions(model, ids)[half:]
+        hidden = hidden_predictions(model, ids)[half:]
         rows += run_trace("tiny-moe", real, E, expert_bytes, hidden, pf)
         real_info = {"file": str(trace_file.relative_to(Path(__file__).resolve().parents[1])), "shape": list(real.shape),
                      "expert_bytes": expert_bytes, "table_bound": "0.3 x mean|w| (szp)"}

@@ -38,3 +38,14 @@ def mixtral_state_dict(seed=0, dtype=torch.bfloat16, layers=L):
             sd[f"{p}.w2.weight"] = (0.02 * torch.randn(H, I, generator=g)).to(dtype)
             sd[f"{p}.w3.weight"] = (0.02 * torch.randn(I, H, generator=g)).to(dtype)
     return sd
+
+
+def mixtral_model(seed=0, layers=L):
+    """A tiny random transformers Mixtral (float32, eval) with L layers of E experts."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MixtralConfig(vocab_size=64, hidden_size=H, intermediate_size=I, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=E, num_experts_per_tok=2,
+                        max_position_embeddings=64)
+    return MixtralForCausalLM(cfg).eval()

@@ -3,7 +3,7 @@ import pytest
 
 from moeoffload import _native
 from moeoffload.errors import InvalidArgumentError, ShapeError
-from moeoffload.prefetch import ActivationPredictor, HiddenStatePredictor, PrefetchConfig, plan
+from moeoffload.prefetch import ActivationPredictor, PrefetchConfig, plan
 
 import torch
 
@@ -85,14 +85,27 @@ def test_plan_orders_by_priority_and_respects_limits():
     assert wrap == [(1 * E + 0, pytest.approx(0.3)), (0 * E + 0, pytest.approx(0.15))]
 
 
-def test_hidden_state_predictor_applies_the_next_router():
-    torch.manual_seed(0)
-    routers = [torch.randn(4, 8) for _ in range(3)]
-    pred = HiddenStatePredictor(routers)
-    h = torch.randn(8)
-    out = pred.predict(h, 0, depth=1)
-    np.testing.assert_allclose(out[1], torch.softmax(routers[1] @ h, -1).numpy(), rtol=1e-5)
-    assert out[0].sum() == 0 and out[2].sum() == 0
+def test_hidden_predictions_apply_the_next_layers_router():
+    from conftest import mixtral_model
+
+    from moeoffload.models.adapters import moe_layers
+    from moeoffload.prefetch import hidden_predictions
+
+    model = mixtral_model()
+    layers = moe_layers(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+    got = hidden_predictions(model, ids)
+    assert got.shape == (2, 5, len(layers), layers[0].experts.down_proj.shape[0])
+    seen = {}
+    hook = layers[0].norm.register_forward_pre_hook(lambda mod, args: seen.setdefault("h", args[0]))
+    with torch.no_grad():
+        model(input_ids=ids)
+    hook.remove()
+    nxt = layers[1]
+    with torch.no_grad():
+        want = torch.softmax(nxt.norm(seen["h"]).float() @ nxt.router.weight.float().T, -1)
+    np.testing.assert_allclose(got[:, :, 0], want.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got.sum(-1), 1.0, rtol=1e-4)
 
 
 def test_recency_weights_recent_tokens():

@@ -4,9 +4,10 @@ ActivationPredictor (MoE-Infinity): the sequence-level expert activation
 matrix of the sequence being served, matched against past matrices (cosine
 similarity over the layers seen so far; the best matches averaged).
 
-HiddenStatePredictor (mixtral-offloading, FloE): the next layers' routers
-applied to the current hidden state; residual streams change slowly, so the
-next layer's router guesses its experts well one or two layers ahead.
+Hidden state (mixtral-offloading, FloE): the next layer's router applied to
+the current residual stream, which changes slowly, so it guesses the next
+layer's experts well (models.adapters.router_probabilities; live in
+integrations/hf.py, offline in hidden_predictions for the simulator).
 
 Both give a [layers, experts] probability matrix; ``plan`` turns one into an
 ordered prefetch list (the native plan_prefetch), which the DeviceCache or the
@@ -111,60 +112,26 @@ class ActivationPredictor:
         return self.history.add(self.tracer.matrix().ravel())
 
 
-class HiddenStatePredictor:
-    """Routers of later layers applied to a hidden state.
-
-    routers: per MoE layer, the router weight [E, H]; norms: per layer, the
-    RMSNorm weight applied before that router (None for none), eps its epsilon.
-    """
-
-    def __init__(self, routers: list[torch.Tensor], norms: list[torch.Tensor | None] | None = None, eps: float = 1e-6):
-        self.routers = [r.detach().float() for r in routers]
-        self.norms = [None if n is None else n.detach().float() for n in (norms or [None] * len(routers))]
-        self.eps = eps
-
-    @classmethod
-    def from_mixtral(cls, model) -> "HiddenStatePredictor":
-        layers = model.model.layers
-        return cls([l.mlp.gate.weight for l in layers], [l.post_attention_layernorm.weight for l in layers],
-                   model.config.rms_norm_eps)
-
-    def probabilities(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
-        """Router probabilities of `layer` for hidden states [..., H]: [..., E]."""
-        h = hidden.float()
-        if self.norms[layer] is not None:
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * self.norms[layer]
-        return torch.softmax(h @ self.routers[layer].T, dim=-1)
-
-    def predict(self, hidden: torch.Tensor, current_layer: int, depth: int) -> np.ndarray:
-        """[layers, experts]: for each of the next `depth` layers, the top-k-free router
-        probabilities of one token's hidden state (other rows zero)."""
-        L = len(self.routers)
-        out = np.zeros((L, self.routers[0].shape[0]), dtype=np.float32)
-        for d in range(1, depth + 1):
-            l = (current_layer + d) % L
-            out[l] = self.probabilities(hidden, l).reshape(-1, out.shape[1]).mean(0).numpy()
-        return out
-
-
 @torch.no_grad()
-def mixtral_hidden_predictions(model, input_ids: torch.Tensor, batch: int = 16) -> np.ndarray:
-    """[sequences, tokens, layers, experts] for a Mixtral-style model: at each token and
-    layer l, layer l+1's router applied to the residual stream after l's attention
-    (what a hidden-state prefetcher sees when layer l starts its experts)."""
-    pred = HiddenStatePredictor.from_mixtral(model)
-    layers = model.model.layers
-    L, E = len(layers), model.config.num_local_experts
+def hidden_predictions(model, input_ids: torch.Tensor, batch: int = 16) -> np.ndarray:
+    """[sequences, tokens, layers, experts]: at each token and MoE layer l, layer l+1's routing scores
+    on the residual stream in front of l's router norm (what the live hidden-state prefetcher of
+    integrations/hf.py sees when layer l starts its experts). Any family models.adapters knows."""
+    from .models.adapters import moe_layers, router_probabilities
+
+    layers = moe_layers(model)
+    L, E = len(layers), layers[0].experts.down_proj.shape[0]
     captured = {}
-    hooks = [layers[l].post_attention_layernorm.register_forward_hook(
-        lambda mod, inp, out, l=l: captured.__setitem__(l, inp[0].detach())) for l in range(L)]
+    hooks = [ml.norm.register_forward_pre_hook(lambda mod, args, l=ml.index: captured.__setitem__(l, args[0].detach()))
+             for ml in layers]
     out = np.zeros((input_ids.shape[0], input_ids.shape[1], L, E), np.float32)
     try:
         for i in range(0, input_ids.shape[0], batch):
             captured.clear()
             model(input_ids=input_ids[i : i + batch])
             for l in range(L):
-                out[i : i + batch, :, l] = pred.probabilities(captured[l], (l + 1) % L).numpy()
+                probs = router_probabilities(layers[(l + 1) % L], captured[l])
+                out[i : i + batch, :, l] = probs.reshape(-1, input_ids.shape[1], E).numpy()
     finally:
         for h in hooks:
             h.remove()

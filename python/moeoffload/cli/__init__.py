@@ -44,7 +44,7 @@ def _cmd_demo(args) -> int:
     from moeoffload import codec_eval, sensitivity, sim, table
     from moeoffload.models import tiny_moe
     from moeoffload.policy import BoundPolicy
-    from moeoffload.prefetch import PrefetchConfig, mixtral_hidden_predictions
+    from moeoffload.prefetch import PrefetchConfig, hidden_predictions
 
     from .run import generate_timed
 
@@ -95,7 +95,7 @@ def _cmd_demo(args) -> int:
         size = int(loaded.expert_bytes().max())
         budget = int(round(0.25 * grid.num_layers * E)) * (-(-size // 256) * 256)
 
-        hidden = mixtral_hidden_predictions(model, tiny_moe.windows(text_all, 256)[: trace.shape[0]])[half:]
+        hidden = hidden_predictions(model, tiny_moe.windows(text_all, 256)[: trace.shape[0]])[half:]
         pf = PrefetchConfig(depth=3, per_layer=4, min_probability=0.02, recency=0.5)  # bench/cache_policies.py's
         rows = [sim.replay(trace[half:], size, budget, p, f, history=sim.history_from_trace(trace[:half], E),
                            hidden_predictions=hidden)
