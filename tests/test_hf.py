@@ -3,6 +3,7 @@ codec "none" gives the original logits and greedy tokens exactly; szp runs the f
 the model whose experts are the decoded weights; small budgets, closed handles, unsupported models."""
 
 import gc
+import weakref
 
 import pytest
 import torch
@@ -55,7 +56,10 @@ def test_codec_none_is_exact(family):
         ref = model(ids).logits
     ref_tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
     dense = sum(getattr(ml.experts, n).numel() * 2 for ml in moe_layers(model) for n in expert_matrix_names(ml.experts))
+    params = [weakref.ref(getattr(ml.experts, n)) for ml in moe_layers(model) for n in expert_matrix_names(ml.experts)]
     with moeoffload.offload(model, codec="none", gpu_budget=10**8) as off:
+        gc.collect()
+        assert all(r() is None for r in params)  # nothing holds the dense expert parameters any more
         assert all(getattr(ml.experts, n).is_meta for ml in moe_layers(model) for n in expert_matrix_names(ml.experts))
         assert off.stats()["expert_bytes_freed"] == dense
         with torch.no_grad():
