@@ -199,3 +199,31 @@ def test_a_version_1_table_says_how_to_rebuild(saved):
     with pytest.raises(TableVersionError, match=r"rebuild the table .*table\.build") as e:
         table.load(path)
     assert isinstance(e.value, TableError) and isinstance(e.value, FormatVersionError)
+
+
+def test_build_streams_to_disk_and_the_file_is_plain_safetensors(tmp_path):
+    from safetensors import safe_open
+
+    sd = mixtral_state_dict()
+    in_memory = table.build(sd, policy=0.3, mode="meanabs", progress=False)
+    streamed = table.build(sd, policy=0.3, mode="meanabs", progress=False, out=tmp_path / "s")
+    assert streamed.mode == "map" and not (tmp_path / "s" / (table.PAYLOAD_FILE + ".tmp")).exists()
+    assert streamed.manifest == in_memory.manifest
+    streamed.verify()
+    with safe_open(str(tmp_path / "s" / table.PAYLOAD_FILE), framework="np") as f:  # the reference reader agrees
+        for l in range(L):
+            for e in range(E):
+                np.testing.assert_array_equal(f.get_tensor(f"{l}.{e}"), in_memory.payload(l, e))
+                np.testing.assert_array_equal(streamed.payload(l, e), in_memory.payload(l, e))
+    streamed.close()
+
+
+def test_a_failed_streaming_build_leaves_no_partial_file(tmp_path):
+    sd = mixtral_state_dict()
+    sd["model.layers.2.block_sparse_moe.experts.3.w2.weight"] = torch.full((H, I), float("nan"), dtype=torch.bfloat16)
+    from moeoffload.errors import NonFiniteError
+
+    with pytest.raises(NonFiniteError):
+        table.build(sd, policy=0.3, mode="meanabs", progress=False, out=tmp_path / "s")
+    assert not (tmp_path / "s" / table.PAYLOAD_FILE).exists()
+    assert not (tmp_path / "s" / (table.PAYLOAD_FILE + ".tmp")).exists()

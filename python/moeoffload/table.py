@@ -310,18 +310,15 @@ class ExpertTable:
     # ---- persistence ----
     def save(self, path, history=None) -> Path:
         """Write the table directory (and, when given, an ActivationHistory or [N, L, E] array of past matrices)."""
-        from safetensors.numpy import save_file
-
         if self.mode != "memory":
             raise TableError("this table is loaded from disk already; copy its directory instead")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tmp = path / (PAYLOAD_FILE + ".tmp")
-        save_file({k: v for k, v in self._payloads.items()}, str(tmp))
-        tmp.replace(path / PAYLOAD_FILE)
-        (path / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=1) + "\n")
-        if history is not None:
-            save_history(path, history, self.num_layers, self.experts_per_layer)
+        writer = _PayloadWriter(path / PAYLOAD_FILE, list(self._payloads))
+        for name, blob in self._payloads.items():
+            writer.add(name, blob)
+        writer.finish()
+        _write_manifest(path, self.manifest, history)
         self.path = path
         return path
 
@@ -350,9 +347,46 @@ class ExpertTable:
                 f"codec={m['codec']!r}, bits/weight={self.bits_per_weight():.3f})")
 
 
+class _PayloadWriter:
+    """Writes experts.safetensors one payload at a time (a safetensors file of U8 tensors, readable by the
+    safetensors package too): room for the header is reserved first and the header written last, padded
+    with spaces as safetensors pads its own, so no payload stays in memory once written."""
+
+    def __init__(self, path: Path, names: list[str]):
+        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+        widest = 10**15  # offsets of up to 16 digits: a 1 PB file
+        self.reserve = len(self._header({n: (widest, widest) for n in names})) + 7 & ~7
+        self.file = open(self.tmp, "wb")
+        self.file.write(bytes(8 + self.reserve))
+        self.spans: dict[str, tuple[int, int]] = {}
+        self.offset = 0
+
+    @staticmethod
+    def _header(spans) -> bytes:
+        return json.dumps({n: {"dtype": "U8", "shape": [b - a], "data_offsets": [a, b]} for n, (a, b) in spans.items()},
+                          separators=(",", ":")).encode()
+
+    def add(self, name: str, blob: np.ndarray) -> None:
+        self.file.write(memoryview(np.ascontiguousarray(blob)))
+        self.spans[name] = (self.offset, self.offset + blob.size)
+        self.offset += blob.size
+
+    def finish(self) -> None:
+        header = self._header(self.spans)
+        self.file.seek(0)
+        self.file.write(struct.pack("<Q", self.reserve) + header.ljust(self.reserve, b" "))
+        self.file.close()
+        self.tmp.replace(self.path)
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 def build(source, policy=None, codec: str = "szp", *, mode: str | None = None, model_id: str | None = None,
-          progress: bool = True, transpose: bool = False) -> ExpertTable:
-    """Compress every expert matrix of a model into an in-memory ExpertTable.
+          progress: bool = True, transpose: bool = False, out=None, history=None) -> ExpertTable:
+    """Compress every expert matrix of a model into an ExpertTable: in memory, or with ``out`` a table
+    directory written as it goes (each payload streamed to disk, none held; returns it loaded, mode "map").
 
     source: a state_dict or a Hugging Face checkpoint directory (read tensor by tensor).
     policy: the bound per MoE layer: a float, {layer: bound}, a callable, or a
@@ -377,35 +411,49 @@ def build(source, policy=None, codec: str = "szp", *, mode: str | None = None, m
         bounds = [pol.bound(i) for i in range(len(model_layers))]
     names = [r.name for r in grid[(model_layers[0], 0)]]
     payloads: dict[str, np.ndarray] = {}
+    writer = None
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        writer = _PayloadWriter(Path(out) / PAYLOAD_FILE, [f"{i}.{e}" for i in range(len(model_layers))
+                                                           for e in range(n_exp)])
     experts = []
     bar = tqdm(total=len(grid), desc="compressing experts", unit="expert", disable=not progress)
-    for i, ml in enumerate(model_layers):
-        for e in range(n_exp):
-            parts, mats, offset = [], [], 0
-            for ref in grid[(ml, e)]:
-                w = src.get(ref)
-                if transpose and len(ref.shape) == 2:
-                    w, ref = w.T.contiguous(), dataclasses.replace(ref, shape=ref.shape[::-1])
-                if codec == "none":
-                    eb, n_exceptions, buf = 0.0, 0, w.contiguous().view(torch.uint8).reshape(-1).numpy()
+    try:
+        for i, ml in enumerate(model_layers):
+            for e in range(n_exp):
+                parts, mats, offset = [], [], 0
+                for ref in grid[(ml, e)]:
+                    w = src.get(ref)
+                    if transpose and len(ref.shape) == 2:
+                        w, ref = w.T.contiguous(), dataclasses.replace(ref, shape=ref.shape[::-1])
+                    if codec == "none":
+                        eb, n_exceptions, buf = 0.0, 0, w.contiguous().view(torch.uint8).reshape(-1).numpy()
+                    else:
+                        eb = absolute_bound(w, bounds[i], pol.mode)
+                        ct = compress(w, eb, mode="abs", codec=codec)
+                        n_exceptions, buf = ct.n_exceptions, ct.buffer
+                    pad = (-buf.size) % ALIGN
+                    parts.extend([buf, np.zeros(pad, np.uint8)])
+                    mats.append({"name": ref.name, "source": ref.key, "index": ref.index, "shape": list(ref.shape),
+                                 "dtype": str(ref.dtype).replace("torch.", ""), "eb": eb, "offset": offset,
+                                 "bytes": int(buf.size), "n_exceptions": n_exceptions,
+                                 **({"transposed": True} if transpose else {})})
+                    offset += buf.size + pad
+                blob = np.concatenate(parts)
+                tensor = f"{i}.{e}"
+                if writer is not None:
+                    writer.add(tensor, blob)
                 else:
-                    eb = absolute_bound(w, bounds[i], pol.mode)
-                    ct = compress(w, eb, mode="abs", codec=codec)
-                    n_exceptions, buf = ct.n_exceptions, ct.buffer
-                pad = (-buf.size) % ALIGN
-                parts.extend([buf, np.zeros(pad, np.uint8)])
-                mats.append({"name": ref.name, "source": ref.key, "index": ref.index, "shape": list(ref.shape),
-                             "dtype": str(ref.dtype).replace("torch.", ""), "eb": eb, "offset": offset,
-                             "bytes": int(buf.size), "n_exceptions": n_exceptions,
-                             **({"transposed": True} if transpose else {})})
-                offset += buf.size + pad
-            blob = np.concatenate(parts)
-            tensor = f"{i}.{e}"
-            payloads[tensor] = blob
-            experts.append({"layer": i, "expert": e, "tensor": tensor, "bytes": int(blob.size),
-                            "crc32": int(_native.crc32(blob)), "matrices": mats})
-            bar.update(1)
-    bar.close()
+                    payloads[tensor] = blob
+                experts.append({"layer": i, "expert": e, "tensor": tensor, "bytes": int(blob.size),
+                                "crc32": int(_native.crc32(blob)), "matrices": mats})
+                bar.update(1)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        bar.close()
     manifest = {
         "format": FORMAT, "version": VERSION,
         "model": {"id": model_id or src.model_id, "fingerprint": fingerprint(grid)},
@@ -414,7 +462,11 @@ def build(source, policy=None, codec: str = "szp", *, mode: str | None = None, m
         "bounds": {"mode": pol.mode, "per_layer": bounds},
         "experts": experts,
     }
-    return ExpertTable(manifest, payloads)
+    if writer is None:
+        return ExpertTable(manifest, payloads)
+    writer.finish()
+    _write_manifest(Path(out), manifest, history)
+    return load(out, verify=False)
 
 
 LOAD_MODES = ("map", "copy")
@@ -485,6 +537,14 @@ def load(path, *, mode: str = "map", verify: bool = True, expect=None) -> Expert
 
 def _file_id(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _write_manifest(path: Path, manifest: dict, history) -> None:
+    tmp = path / (MANIFEST_FILE + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.replace(path / MANIFEST_FILE)
+    if history is not None:
+        save_history(path, history, manifest["num_layers"], manifest["experts_per_layer"])
 
 
 def save_history(path, history, num_layers: int, experts_per_layer: int) -> None:
