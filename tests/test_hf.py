@@ -168,3 +168,29 @@ def test_bad_arguments():
     with pytest.raises(UnsupportedDtypeError, match="codec"):
         moeoffload.offload(tiny("mixtral"), codec="zip")
     gc.collect()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_from_pretrained_never_materialises_the_experts(family, tmp_path):
+    from moeoffload.integrations.hf import from_pretrained
+
+    tiny(family).save_pretrained(tmp_path / "ckpt")  # transformers writes its checkpoint layout (legacy keys for Mixtral)
+    original = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16,
+                                                                 experts_implementation="eager").eval()
+    ids = _prompt(5)
+    with torch.no_grad():
+        ref = original(ids).logits
+    model, off = from_pretrained(tmp_path / "ckpt", codec="none", gpu_budget="50%", table_dir=tmp_path / "table")
+    with off:
+        assert all(getattr(ml.experts, n).is_meta for ml in moe_layers(model) for n in expert_matrix_names(ml.experts))
+        assert off.table.mode == "map" and (tmp_path / "table" / "manifest.json").exists()  # streamed to disk
+        with torch.no_grad():
+            got = model(ids).logits
+    assert torch.equal(got, ref)
+    # and with a table built before, in szp: the fused path
+    model, off = from_pretrained(tmp_path / "ckpt", table=None, codec="szp", error_bound=0.1, gpu_budget="50%")
+    with off:
+        assert off.stats()["fused_layers"] == len(moe_layers(model))
+        with torch.no_grad():
+            got = model(ids).logits
+    torch.testing.assert_close(got.float(), ref.float(), atol=0.1, rtol=0.1)

@@ -81,6 +81,7 @@ __all__ = [
     "UnsupportedDtypeError",
     "WaitTimeoutError",
     "backend_info",
+    "from_pretrained",
     "offload",
     "codec",
     "set_num_threads",
@@ -92,3 +93,11 @@ def offload(model, *args, **kwargs):
     from .integrations.hf import offload as _offload
 
     return _offload(model, *args, **kwargs)
+
+
+def from_pretrained(checkpoint_dir, *args, **kwargs):
+    """Load a checkpoint's non-expert weights and serve its experts compressed; (model, Offload)
+    (moeoffload.integrations.hf.from_pretrained)."""
+    from .integrations.hf import from_pretrained as _from_pretrained
+
+    return _from_pretrained(checkpoint_dir, *args, **kwargs)

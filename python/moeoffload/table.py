@@ -347,6 +347,23 @@ class ExpertTable:
                 f"codec={m['codec']!r}, bits/weight={self.bits_per_weight():.3f})")
 
 
+# Per-expert checkpoint names -> the fused matrices transformers 5 experts modules hold (gate rows, then up).
+_FUSED_LAYOUTS = (
+    ({"w1", "w2", "w3"}, [("down_proj", ("w2",)), ("gate_up_proj", ("w1", "w3"))]),
+    ({"gate_proj", "up_proj", "down_proj"}, [("down_proj", ("down_proj",)), ("gate_up_proj", ("gate_proj", "up_proj"))]),
+)
+
+
+def _fused_matrices(refs: list[MatrixRef]) -> list[tuple[str, list[MatrixRef]]]:
+    """An expert's matrices as a transformers 5 experts module holds them: per-expert w1/w3 (or gate/up) become
+    one gate_up_proj [2I, H]; already fused or unknown layouts stay as they are."""
+    by_name = {r.name: r for r in refs}
+    for names, layout in _FUSED_LAYOUTS:
+        if set(by_name) == names:
+            return [(name, [by_name[n] for n in parts]) for name, parts in layout]
+    return [(r.name, [r]) for r in refs]
+
+
 class _PayloadWriter:
     """Writes experts.safetensors one payload at a time (a safetensors file of U8 tensors, readable by the
     safetensors package too): room for the header is reserved first and the header written last, padded
@@ -384,7 +401,7 @@ class _PayloadWriter:
 
 
 def build(source, policy=None, codec: str = "szp", *, mode: str | None = None, model_id: str | None = None,
-          progress: bool = True, transpose: bool = False, out=None, history=None) -> ExpertTable:
+          progress: bool = True, transpose: bool = False, fuse: bool = False, out=None, history=None) -> ExpertTable:
     """Compress every expert matrix of a model into an ExpertTable: in memory, or with ``out`` a table
     directory written as it goes (each payload streamed to disk, none held; returns it loaded, mode "map").
 
@@ -393,6 +410,8 @@ def build(source, policy=None, codec: str = "szp", *, mode: str | None = None, m
         ``moeoffload policy`` JSON (see moeoffload.policy); layers are the MoE
         layer positions 0..L-1. mode: "abs", "rel" or "meanabs" (overrides the policy's).
         Not used by codec "none" (the raw weights: the uncompressed baseline, bit-exact).
+    fuse: store per-expert w1/w3 (or gate_proj/up_proj) as one gate_up_proj [2I, H], the layout of the
+        transformers 5 experts modules that offload() serves (from_pretrained on older checkpoints).
     transpose: store each matrix transposed ([in, out] storage as GPT-OSS keeps it becomes the
         [out, in] the fused kernels read); the manifest marks such matrices "transposed".
     """
@@ -409,7 +428,8 @@ def build(source, policy=None, codec: str = "szp", *, mode: str | None = None, m
             raise InvalidBoundError(f"codec {codec!r} needs a policy: the error bound per MoE layer")
         pol = BoundPolicy.from_any(policy, mode)
         bounds = [pol.bound(i) for i in range(len(model_layers))]
-    names = [r.name for r in grid[(model_layers[0], 0)]]
+    first = grid[(model_layers[0], 0)]
+    names = [n for n, _ in _fused_matrices(first)] if fuse else [r.name for r in first]
     payloads: dict[str, np.ndarray] = {}
     writer = None
     if out is not None:
@@ -422,8 +442,9 @@ def build(source, policy=None, codec: str = "szp", *, mode: str | None = None, m
         for i, ml in enumerate(model_layers):
             for e in range(n_exp):
                 parts, mats, offset = [], [], 0
-                for ref in grid[(ml, e)]:
-                    w = src.get(ref)
+                for name, refs in (_fused_matrices(grid[(ml, e)]) if fuse else [(r.name, [r]) for r in grid[(ml, e)]]):
+                    w = torch.cat([src.get(r) for r in refs]) if len(refs) > 1 else src.get(refs[0])
+                    ref = dataclasses.replace(refs[0], name=name, shape=tuple(w.shape))
                     if transpose and len(ref.shape) == 2:
                         w, ref = w.T.contiguous(), dataclasses.replace(ref, shape=ref.shape[::-1])
                     if codec == "none":

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..cache import ExpertCache, parse_budget
-from ..errors import BudgetError, CacheFullError, ClosedError, InvalidArgumentError
+from ..errors import BudgetError, CacheFullError, ClosedError, InvalidArgumentError, TableError
 from ..models.adapters import UnsupportedModelError, expert_matrix_names, gate_kind, moe_layers, router_probabilities
 from ..prefetch import PrefetchConfig
 from .. import ops as _ops  # also registers torch.ops.moeoffload.*
@@ -369,3 +369,81 @@ def offload(model: nn.Module, table=None, gpu_budget="6GiB", error_bound=0.3, co
     """
     return Offload(model, table, gpu_budget, error_bound, codec, cache_policy, prefetch, error_mode=error_mode,
                    progress=progress)
+
+
+def from_pretrained(checkpoint_dir, table=None, gpu_budget="6GiB", device="cpu", dtype=torch.bfloat16, *,
+                    error_bound=0.3, codec: str = "szp", table_dir=None, **offload_kwargs):
+    """Load a checkpoint's non-expert weights only and serve its experts from a compressed table:
+    the dense experts are never materialised (they stay meta tensors), so a model whose bf16 experts
+    exceed host memory runs. Returns (model, Offload).
+
+    table: an ExpertTable (or a table directory) of this checkpoint; when None one is built from the
+    checkpoint tensor by tensor (error_bound, codec), streamed to ``table_dir`` when given.
+    Checkpoint names are mapped to the model's as transformers maps them (its conversion mapping:
+    legacy per-expert keys, renamed blocks)."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    from safetensors import safe_open
+
+    checkpoint_dir = Path(checkpoint_dir)
+    files = sorted(checkpoint_dir.glob("*.safetensors"))
+    if not files:
+        raise TableError(f"{checkpoint_dir} has no .safetensors files")
+    config = AutoConfig.from_pretrained(checkpoint_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    layers = moe_layers(model)
+    expert_keys = {f"{ml.name}.{n}" for ml in layers for n in expert_matrix_names(ml.experts)}
+    meta_state = model.state_dict()
+    device = torch.device(device)
+
+    # Every parameter and buffer but the experts' on the device; non-persistent buffers (rotary
+    # frequencies) initialised by the model's own rule, then the checkpoint's tensors loaded over them.
+    persistent = set(meta_state)
+    for mname, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        for pname, t in own:
+            key = f"{mname}.{pname}" if mname else pname
+            if key in expert_keys:
+                continue
+            fresh = torch.empty_like(t, device=device)
+            if isinstance(t, nn.Parameter):
+                setattr(module, pname, nn.Parameter(fresh, requires_grad=False))
+            else:
+                module._buffers[pname] = fresh
+        if any((f"{mname}.{b}" if mname else b) not in persistent for b, _ in module.named_buffers(recurse=False)):
+            model._init_weights(module)
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    loaded = set()
+    with torch.no_grad():
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    name, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
+                    if converter is not None or name in expert_keys or name not in meta_state:
+                        continue  # experts come from the table; unknown keys are not the model's
+                    target = model.get_parameter(name) if name in dict(model.named_parameters()) else model.get_buffer(name)
+                    target.copy_(st.get_tensor(key))
+                    loaded.add(name)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        loaded |= {k for k in meta_state if k.endswith("lm_head.weight")}
+    missing = sorted(k for k in meta_state if k not in loaded and k not in expert_keys)
+    if missing:
+        raise UnsupportedModelError(f"{checkpoint_dir}: the checkpoint lacks {len(missing)} non-expert tensors the model "
+                                    f"needs (first: {missing[:3]}); transformers' conversion of this family is not "
+                                    "a renaming moeoffload can follow")
+    model.eval()
+    if table is None:
+        table = _table.build(checkpoint_dir, error_bound, codec, mode=offload_kwargs.pop("error_mode", "meanabs"),
+                             fuse=True, transpose=codec != "none" and layers[0].experts.is_transposed,
+                             out=table_dir, progress=offload_kwargs.pop("progress", False))
+    elif not isinstance(table, _table.ExpertTable):
+        table = _table.load(table)
+    return model, Offload(model, table, gpu_budget, **offload_kwargs)
