@@ -65,3 +65,12 @@ def test_run_generates_with_raw_experts_identical_to_the_dense_model():
 def test_run_with_szp_reports_the_fused_layers():
     r = cli("run", "--max-new-tokens", "8", "--budget", "1MiB", "--prompt", "import os\n", "--prefetch", "activation")
     assert "10 of 10 MoE layers fused" in r.stdout and "prefetch activation" in r.stdout
+
+
+def test_compress_then_run_from_the_table(tmp_path):
+    r = cli("compress", "--model", "default", "--error-bound", "0.5", "--out", str(tmp_path / "t"), "--quiet")
+    assert "10 MoE layers x 8 experts" in r.stdout and (tmp_path / "t" / "manifest.json").exists()
+    r = cli("run", "--table", str(tmp_path / "t"), "--max-new-tokens", "6", "--prompt", "x = ")
+    assert "dense experts never loaded" in r.stdout and "stalled" in r.stdout
+    again = cli("compress", "--out", str(tmp_path / "t"), check=False)
+    assert again.returncode == 2 and "already" in again.stderr and "Traceback" not in again.stderr

@@ -77,7 +77,16 @@ CASES = {
     "seed-negative": (["sensitivity", "--seed", "-1", "--out", "{t}/o"], "--seed"),
     "task-limit-zero": (["sensitivity", "--task-limit", "0", "--out", "{t}/o"], "--task-limit"),
     "demo-alpha-zero": (["demo", "--alpha", "0"], "--alpha"),
+    # compress
+    "compress-no-out": (["compress"], "--out"),
+    "compress-model-missing": (["compress", "--model", "{t}/nowhere", "--out", "{t}/tab"], "--model"),
+    "compress-policy-missing": (["compress", "--policy", "{t}/nowhere.json", "--out", "{t}/tab"], "--policy"),
+    "compress-bound-zero": (["compress", "--error-bound", "0", "--out", "{t}/tab"], "--error-bound"),
+    "compress-out-is-a-file": (["compress", "--out", "{t}/afile"], "--out"),
+    "compress-both-bounds": (["compress", "--error-bound", "0.3", "--policy", "{t}/afile", "--out", "{t}/tab"],
+                             "not allowed"),
     # run
+    "run-table-missing": (["run", "--table", "{t}/nowhere"], "--table"),
     "run-model-missing": (["run", "--model", "{t}/nowhere"], "--model"),
     "run-model-dense": (["run", "--model", "{t}/dense"], "Mixture-of-Experts"),
     "run-budget-zero-share": (["run", "--budget", "0%"], "--budget"),

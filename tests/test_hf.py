@@ -194,3 +194,18 @@ def test_from_pretrained_never_materialises_the_experts(family, tmp_path):
         with torch.no_grad():
             got = model(ids).logits
     torch.testing.assert_close(got.float(), ref.float(), atol=0.1, rtol=0.1)
+
+
+def test_stats_add_up_and_the_budget_holds():
+    model = tiny("olmoe")
+    ids = _prompt(6)
+    with moeoffload.offload(model, codec="szp", error_bound=0.1, gpu_budget="25%") as off:
+        model.generate(ids, max_new_tokens=5, do_sample=False)
+        st = off.stats()
+        sizes = off.table.expert_bytes()
+    slot = -(-int(sizes.max()) // 256) * 256
+    assert st["hits"] + st["inflight_hits"] + st["misses"] == st["accesses"] > 0
+    assert st["peak_used"] <= st["budget"] and st["budget"] == round(0.25 * sizes.size) * slot
+    # every fetch moved one expert's payload: demand misses and prefetches, each between the smallest and largest
+    fetches = st["misses"] + st["prefetches"]
+    assert fetches * int(sizes.min()) <= st["bytes_loaded"] <= fetches * int(sizes.max())

@@ -213,19 +213,25 @@ def _percent(text: str) -> float:
 
 # ---- checks of what the command line names, before any work starts ----
 
-def _check_out_dir(out: str) -> None:
-    """--out is (or can be made) a directory this process can write; a results.json in it is a study's."""
+def _writable_dir(out, flag: str = "--out") -> Path:
+    """`out` is (or can be made) a directory this process can write."""
     import tempfile
 
     p = Path(out)
     if p.exists() and not p.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a directory")
+        raise UsageError(f"{flag} {out}: exists and is not a directory")
     try:
         p.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=p):
             pass
     except OSError as e:
-        raise UsageError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+        raise UsageError(f"{flag} {out}: cannot write there ({e.strerror or e})") from None
+    return p
+
+
+def _check_out_dir(out: str) -> None:
+    """--out is (or can be made) a directory this process can write; a results.json in it is a study's."""
+    p = _writable_dir(out)
     results = p / "results.json"
     if results.exists():
         try:
@@ -466,9 +472,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=_positive_int, default=3, help="decode timings: best of this many runs")
     p.add_argument("--new-tokens", type=_positive_int, default=48, help="tokens to generate through the offload path")
     p.set_defaults(fn=_cmd_demo)
-    from . import run
+    from . import compress, run
 
     run.add_parser(sub)
+    compress.add_parser(sub)
     p = sub.add_parser("info", help="print what the build holds and what the machine offers")
     p.set_defaults(fn=_cmd_info)
     p = sub.add_parser("sensitivity", help="perturb experts (noise or a real codec), evaluate, restore")

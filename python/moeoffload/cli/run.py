@@ -1,12 +1,14 @@
 """`moeoffload run`: generate with a model's experts compressed, cached within a budget, prefetched.
 
-    moeoffload run --model default --prompt "def parse_args(" --budget 25% --max-new-tokens 64
-    moeoffload run --model path/to/checkpoint --budget 6GiB --error-bound 0.3 --codec szp --compare
+    moeoffload run --model default --prompt "def parse_args(" --gpu-budget 25% --max-new-tokens 64
+    moeoffload run --model path/to/checkpoint --table experts.table --gpu-budget 6GiB --compare
 
-Prints the continuation, prefill and decode speed separately, the cache's hit
-rate and the bytes its transfers moved per token; ``--compare`` also runs the
-model with its dense experts first (greedy, same prompt) and says where the
-tokens part.
+The model is loaded with moeoffload.from_pretrained: its non-expert weights
+only, the experts served from the table (built from the checkpoint when no
+--table is given). Streams the continuation, then prints prefill and decode
+speed separately, the cache's hit rate, bytes over the bus per token, the stall
+time and bits per weight; ``--compare`` also runs the model with its dense
+experts (greedy, same prompt) and says where the tokens part.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class Generation:
         return n / self.decode_s if n > 0 and self.decode_s > 0 else float("nan")
 
 
-def generate_timed(model, input_ids, max_new_tokens: int, off=None) -> Generation:
+def generate_timed(model, input_ids, max_new_tokens: int, off=None, streamer=None) -> Generation:
     """Greedy generate, timing the prefill (up to the first new token) and the decode steps apart."""
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
@@ -45,7 +47,7 @@ def generate_timed(model, input_ids, max_new_tokens: int, off=None) -> Generatio
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             logits_processor=LogitsProcessorList([_Clock()]),
+                             logits_processor=LogitsProcessorList([_Clock()]), streamer=streamer,
                              pad_token_id=getattr(model.config, "pad_token_id", None))
     end = time.perf_counter()
     stats = None
@@ -65,8 +67,9 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="default", help="a Hugging Face MoE checkpoint directory, or 'default'")
     p.add_argument("--prompt", default=None, help="text to continue (default: the start of the model's held-out text)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=64)
-    p.add_argument("--budget", default="25%", help="device memory for experts: a size ('6GiB') or a share of the "
-                                                  "experts ('25%%')")
+    p.add_argument("--gpu-budget", "--budget", dest="budget", default="25%",
+                   help="device memory for experts: a size ('6GiB') or a share of the experts ('25%%')")
+    p.add_argument("--table", default=None, help="a table built by `moeoffload compress` (default: build one now)")
     p.add_argument("--codec", choices=("szp", "none"), default="szp")
     p.add_argument("--error-bound", default=None,
                    help="x mean|w| per matrix, or a policy JSON (default: the model's policy.json, else 0.3)")
@@ -121,44 +124,71 @@ def cmd(args) -> int:
         raise UsageError("--prompt: the prompt gives no tokens")
     input_ids = torch.tensor([ids])
 
-    def load():
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    if args.table is not None and not Path(args.table, "manifest.json").is_file():
+        raise UsageError(f"--table {args.table}: not a moeoffload table (no manifest.json); make one with "
+                         "`moeoffload compress`")
 
     dense = None
     if args.compare:
-        dense = generate_timed(load(), input_ids, args.max_new_tokens)
-    model = load()
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+        dense = generate_timed(reference, input_ids, args.max_new_tokens)
+        del reference
     prefetch = None if args.prefetch == "none" else args.prefetch
-    with moeoffload.offload(model, gpu_budget=args.budget, error_bound=bound, codec=args.codec,
-                            cache_policy=args.cache_policy, prefetch=prefetch) as off:
-        gen = generate_timed(model, input_ids, args.max_new_tokens, off)
-        print(report(gen, off, dense, decode=lambda t: _decode(model_dir, t)))
+    model, off = moeoffload.from_pretrained(model_dir, table=args.table, gpu_budget=args.budget, error_bound=bound,
+                                            codec=args.codec, cache_policy=args.cache_policy, prefetch=prefetch)
+    with off:
+        print("continuation: ", end="", flush=True)
+        gen = generate_timed(model, input_ids, args.max_new_tokens, off, streamer=_Streamer(model_dir))
+        print(report(gen, off, dense))
     return 0
 
 
-def _decode(model_dir: Path, tokens: list[int]) -> str:
-    if (model_dir / "tokenizer.json").exists() or (model_dir / "tokenizer_config.json").exists():
-        from transformers import AutoTokenizer
+class _Streamer:
+    """Prints the new tokens as generate() makes them (the model's tokenizer, or bytes for the tiny model)."""
 
-        return AutoTokenizer.from_pretrained(model_dir).decode(tokens)
-    return bytes(t for t in tokens if t < 256).decode("utf-8", "replace")  # the byte-level tiny model
+    def __init__(self, model_dir: Path):
+        self.tokenizer = None
+        if (model_dir / "tokenizer.json").exists() or (model_dir / "tokenizer_config.json").exists():
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokens: list[int] = []
+        self.shown = 0
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate() hands the prompt over first
+            self.prompt_seen = True
+            return
+        self.tokens.extend(int(t) for t in value.reshape(-1))
+        text = self.text()
+        print(text[self.shown:], end="", flush=True)
+        self.shown = len(text)
+
+    def text(self) -> str:
+        if self.tokenizer is not None:
+            return self.tokenizer.decode(self.tokens)
+        return bytes(t for t in self.tokens if t < 256).decode("utf-8", "replace")
+
+    def end(self) -> None:
+        print(flush=True)
 
 
-def report(gen: Generation, off, dense: Generation | None, decode) -> str:
+def report(gen: Generation, off, dense: Generation | None) -> str:
     st = gen.stats
     n = max(len(gen.tokens), 1)
-    lines = [f"continuation: {decode(gen.tokens)!r}",
-             f"experts: {off.codec}, {off.table.bits_per_weight():.2f} bits/weight, budget {st['budget'] / 2**20:.2f} "
+    lines = [f"experts: {off.codec}, {off.table.bits_per_weight():.2f} bits/weight, budget {st['budget'] / 2**20:.2f} "
              f"MiB of {off.table.expert_bytes().sum() / 2**20:.2f} MiB, {st['fused_layers']} of "
-             f"{len(off.layers)} MoE layers fused, prefetch {off.prefetch or 'off'}; dense experts freed: "
-             f"{st['expert_bytes_freed'] / 2**20:.2f} MiB",
+             f"{len(off.layers)} MoE layers fused, prefetch {off.prefetch or 'off'}; dense experts "
+             + (f"freed: {st['expert_bytes_freed'] / 2**20:.2f} MiB" if st["expert_bytes_freed"] else "never loaded"),
              f"prefill {gen.prefill_s * 1e3:.1f} ms; decode {gen.decode_tokens_per_s:.1f} tokens/s "
              f"({len(gen.tokens)} tokens)",
              f"cache: hit rate {st['hits'] / max(st['accesses'], 1):.3f} ({st['misses']} misses, {st['prefetches']} "
-             f"prefetches, {st['prefetch_hits']} used), {st['bytes_loaded'] / n / 2**10:.1f} KiB moved per token"]
+             f"prefetches, {st['prefetch_hits']} used), {st['bytes_loaded'] / n / 2**10:.1f} KiB over the bus per "
+             f"token, {st['stall_s'] * 1e3:.1f} ms stalled on copies"]
     if dense is not None:
         same = next((i for i, (a, b) in enumerate(zip(gen.tokens, dense.tokens)) if a != b), None)
         lines.append(f"dense experts: decode {dense.decode_tokens_per_s:.1f} tokens/s; tokens "

@@ -25,6 +25,7 @@ sequence of the activation predictor; ``begin_sequence()`` says so explicitly.
 from __future__ import annotations
 
 import ctypes
+import time
 
 import numpy as np
 import torch
@@ -115,6 +116,7 @@ class Offload:
         self._hooks = []
         self._in_sequence = False
         self._tokens = 0
+        self._stall_s = 0.0
         self.expert_bytes_freed = 0
         try:
             if cfg is not None and cfg.source != "activation":
@@ -180,7 +182,7 @@ class Offload:
 
         def run(e: int, slot) -> None:
             token_idx, pos = torch.where(top_k_index == e)
-            slot.wait()
+            self._wait(slot)
             eid = layer * E + e
             gu_bias = module.gate_up_proj_bias[e].to(hidden.dtype) if module.has_bias else None
             down_bias = module.down_proj_bias[e].to(hidden.dtype) if module.has_bias else None
@@ -239,11 +241,20 @@ class Offload:
             w = torch.ops.moeoffload.szp_decode(self.cache.handle, eid, self.names.index(name), device)
         return w.T if m.get("transposed") else w
 
+    def _wait(self, slot) -> None:
+        """Wait for a slot's copy; the time spent is the stall the cache did not hide."""
+        if slot.lookup == "hit":
+            return
+        start = time.perf_counter()
+        slot.wait()
+        self._stall_s += time.perf_counter() - start
+
     # ---- the handle ----
     def stats(self) -> dict:
         """The cache's counters, the bytes the dense experts held, the table's coding, tokens seen."""
         return {**self.cache.stats(), "codec": self.codec, "bits_per_weight": self.table.bits_per_weight(),
                 "expert_bytes_freed": self.expert_bytes_freed, "tokens": self._tokens, "prefetch": self.prefetch,
+                "stall_s": self._stall_s,
                 "fused_layers": sum(k is not None for k in self.kinds) if self.codec == "szp" else 0}
 
     @property
@@ -286,7 +297,7 @@ class _SlotWeights:
                 self.release()
                 slot = self.off.cache.acquire(self.layer, e)
             self.held[e] = slot
-            slot.wait()
+            self.off._wait(slot)
         return self.off._matrix_tensor(self.layer, e, slot, name, self.device)
 
     def release(self) -> None:
@@ -444,6 +455,8 @@ def from_pretrained(checkpoint_dir, table=None, gpu_budget="6GiB", device="cpu",
         table = _table.build(checkpoint_dir, error_bound, codec, mode=offload_kwargs.pop("error_mode", "meanabs"),
                              fuse=True, transpose=codec != "none" and layers[0].experts.is_transposed,
                              out=table_dir, progress=offload_kwargs.pop("progress", False))
-    elif not isinstance(table, _table.ExpertTable):
-        table = _table.load(table)
+    else:
+        if not isinstance(table, _table.ExpertTable):
+            table = _table.load(table)
+        table.check_matches(checkpoint_dir)  # TableMismatchError: built from another model
     return model, Offload(model, table, gpu_budget, **offload_kwargs)
