@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from moeoffload import _native
-from moeoffload.errors import BudgetError, ClosedError
+from moeoffload.errors import BudgetError, CacheFullError, ClosedError
 
 L, E = 4, 6
 
@@ -54,6 +54,27 @@ def test_budget_below_largest_expert_is_an_error(store):
     eng = _native.TransferEngine("cpu", 2)
     with pytest.raises(BudgetError, match="largest expert"):
         _native.DeviceCache(max(p.size for p in payloads.values()) - 1, "lru", s, eng)
+    eng.close()
+
+
+def test_a_full_cache_refuses_at_once_with_timeout_zero_and_counts_nothing(store):
+    s, payloads = store
+    eng = _native.TransferEngine("cpu", 2)
+    cache = _native.DeviceCache(6144, "lru", s, eng)  # room for one expert
+    cache.acquire(0).wait()
+    before = cache.stats()
+    start = time.monotonic()
+    with pytest.raises(CacheFullError):
+        cache.acquire(1, timeout=0.0)  # the only slot is pinned by this thread
+    assert time.monotonic() - start < 1.0
+    after = cache.stats()
+    assert (after["accesses"], after["misses"], after["bytes_loaded"]) == (
+        before["accesses"], before["misses"], before["bytes_loaded"])  # a failed acquire is not an access
+    assert 1 not in cache
+    cache.release(0)
+    cache.acquire(1).wait()  # room now
+    cache.release(1)
+    cache.close()
     eng.close()
 
 

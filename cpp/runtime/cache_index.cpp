@@ -74,6 +74,11 @@ Lookup CacheIndex::access(uint32_t id) {
   return Lookup::Hit;
 }
 
+void CacheIndex::uncount_miss() {
+  stats_.accesses -= 1;
+  stats_.misses -= 1;
+}
+
 double CacheIndex::activation_priority(uint32_t id) const {
   const uint32_t layer = id / experts_per_layer_;
   const uint32_t dist = (layer + num_layers_ - current_layer_) % num_layers_;

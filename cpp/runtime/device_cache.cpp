@@ -64,7 +64,11 @@ Slot DeviceCache::acquire(uint32_t id, double timeout_s) {
       }
       break;
     } catch (const Error& e) {
-      if (e.kind() != ErrorKind::CacheFull || std::chrono::steady_clock::now() >= deadline) throw;
+      if (e.kind() != ErrorKind::CacheFull) throw;
+      if (std::chrono::steady_clock::now() >= deadline) {
+        index_.uncount_miss();  // nothing was fetched: this acquire did not happen
+        throw;
+      }
     }
     // Every slot is pinned or loading: wait for a copy to land or a release.
     if (!in_flight_.empty()) {

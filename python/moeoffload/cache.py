@@ -156,8 +156,10 @@ class ExpertCache:
                     started.append(eid)
         return started
 
-    def acquire(self, layer: int, expert: int):
-        return self.cache.acquire(self.expert_id(layer, expert))
+    def acquire(self, layer: int, expert: int, timeout: float = 10.0):
+        """The expert's slot, pinned (fetched on a miss). When every slot is pinned or loading it waits
+        up to `timeout` seconds for room, then raises CacheFullError (0: at once)."""
+        return self.cache.acquire(self.expert_id(layer, expert), timeout)
 
     def release(self, layer: int, expert: int) -> None:
         self.cache.release(self.expert_id(layer, expert))

@@ -50,6 +50,9 @@ class CacheIndex {
 
   // A demand access: counts a hit, an in-flight hit or a miss, and marks use.
   Lookup access(uint32_t id);
+  // Takes back the counts of a miss whose fetch never happened (the cache was full until the caller
+  // gave up): an acquire that fails is not an access.
+  void uncount_miss();
   // Inserts `id` as loading and returns its slot offset, evicting by policy.
   // Raises CacheFull when pinned and loading entries leave no room.
   uint64_t insert_demand(uint32_t id, uint64_t bytes, std::vector<uint32_t>* evicted = nullptr);

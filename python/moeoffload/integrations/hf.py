@@ -209,8 +209,8 @@ class Offload:
 
         try:
             for e in experts:
-                try:
-                    slot = self.cache.acquire(layer, e)
+                try:  # while this thread holds pins, waiting for room would wait for itself
+                    slot = self.cache.acquire(layer, e, timeout=0.0 if held else 10.0)
                 except CacheFullError:
                     if not held:
                         raise
@@ -291,8 +291,8 @@ class _SlotWeights:
         e = int(e)
         slot = self.held.get(e)
         if slot is None:
-            try:
-                slot = self.off.cache.acquire(self.layer, e)
+            try:  # while this thread holds pins, waiting for room would wait for itself
+                slot = self.off.cache.acquire(self.layer, e, timeout=0.0 if self.held else 10.0)
             except CacheFullError:  # the eager code is done with the experts it indexed before
                 self.release()
                 slot = self.off.cache.acquire(self.layer, e)
