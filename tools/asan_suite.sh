@@ -10,6 +10,13 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 BUILD=$ROOT/build/asan
 LOG=${LOG:-/tmp/moeoffload-asan}
+# The build's own tools in the venv (pip builds the package in an isolated environment, so a fresh
+# venv has no nanobind; cmake and ninja may be missing from PATH on a bare machine).
+"$PY" -c "import nanobind" 2>/dev/null || "$PY" -m pip install -q nanobind
+if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then
+  "$PY" -m pip install -q cmake ninja
+  export PATH="$(dirname "$PY"):$PATH"
+fi
 cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOEOFFLOAD_CUDA=OFF -DMOEOFFLOAD_PYTHON=ON \
   -DPython_EXECUTABLE="$PY" "-DCMAKE_CXX_FLAGS=-fsanitize=address -fno-omit-frame-pointer" \
   "-DCMAKE_SHARED_LINKER_FLAGS=-fsanitize=address" > /dev/null
