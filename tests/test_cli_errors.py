@@ -87,6 +87,7 @@ CASES = {
                              "not allowed"),
     # run
     "run-table-missing": (["run", "--table", "{t}/nowhere"], "--table"),
+    "run-beyond-the-context": (["run", "--max-new-tokens", "5000"], "context"),
     "run-model-missing": (["run", "--model", "{t}/nowhere"], "--model"),
     "run-model-dense": (["run", "--model", "{t}/dense"], "Mixture-of-Experts"),
     "run-budget-zero-share": (["run", "--budget", "0%"], "--budget"),

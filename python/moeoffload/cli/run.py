@@ -122,6 +122,10 @@ def cmd(args) -> int:
         ids = [bos, *ids]
     if not ids:
         raise UsageError("--prompt: the prompt gives no tokens")
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and len(ids) + args.max_new_tokens > limit:
+        raise UsageError(f"--prompt and --max-new-tokens: {len(ids)} prompt tokens + {args.max_new_tokens} new "
+                         f"exceed the model's context of {limit} positions; shorten the prompt or generate fewer")
     input_ids = torch.tensor([ids])
 
     if args.table is not None and not Path(args.table, "manifest.json").is_file():
