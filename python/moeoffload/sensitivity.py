@@ -33,6 +33,7 @@ import torch
 
 from .codec import absolute_bound, bound_value, compress
 from .errors import InvalidBoundError, NoMoeLayersError
+from .evaluation import encode, evaluate, lm_eval_tasks, router_choices, windows
 from .table import MatrixRef, find_expert_matrices
 
 SCOPES = ("expert", "layer", "group", "all")
@@ -157,75 +158,11 @@ def perturbed(grid: ExpertGrid, experts: list[tuple[int, int]], pert: Perturbati
 
 # ---- evaluation -------------------------------------------------------------------------
 
-def encode(model_dir: Path, model, text: bytes) -> list[int]:
-    """Token ids: the model's tokenizer when it has one, else bytes (the tiny model's vocabulary)."""
-    if (Path(model_dir) / "tokenizer_config.json").exists() or (Path(model_dir) / "tokenizer.json").exists():
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(model_dir)(text.decode("utf-8", "replace"))["input_ids"]
-    return list(text)
-
-
-def windows(ids: list[int], seq: int, bos: int | None) -> torch.Tensor:
-    body = seq - (1 if bos is not None else 0)
-    n = len(ids) // body
-    if n == 0:
-        raise ValueError(f"need at least {body} tokens of evaluation text, got {len(ids)}")
-    x = torch.tensor(ids[: n * body], dtype=torch.long).view(n, body)
-    if bos is not None:
-        x = torch.cat([torch.full((n, 1), bos, dtype=torch.long), x], dim=1)
-    return x
-
-
-@torch.no_grad()
-def evaluate(model, batches: torch.Tensor, batch_size: int = 8) -> dict:
-    """Perplexity and next-token accuracy over windows [n, seq] (the first token is context only)."""
-    nll, correct, count = 0.0, 0, 0
-    for i in range(0, batches.shape[0], batch_size):
-        x = batches[i : i + batch_size]
-        logits = model(input_ids=x).logits[:, :-1].float()
-        target = x[:, 1:]
-        nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                       reduction="sum"))
-        correct += int((logits.argmax(-1) == target).sum())
-        count += target.numel()
-    return {"ppl": math.exp(nll / count), "nll": nll / count, "acc": correct / count, "tokens": count}
-
-
-@torch.no_grad()
-def router_choices(model, ids: torch.Tensor, batch_size: int = 16) -> np.ndarray:
-    """uint8 [windows, tokens, layers, k]: the experts each token chose at every MoE layer."""
-    k = getattr(model.config, "num_experts_per_tok", 2)
-    out = []
-    for i in range(0, ids.shape[0], batch_size):
-        x = ids[i : i + batch_size]
-        res = model(input_ids=x, output_router_logits=True)
-        per_layer = [lg.view(x.shape[0], x.shape[1], -1).topk(k, dim=-1).indices for lg in res.router_logits]
-        out.append(torch.stack(per_layer, dim=2).to(torch.uint8).numpy())
-    return np.concatenate(out, axis=0)
-
-
 def expert_usage(model, batches: torch.Tensor, grid: ExpertGrid) -> np.ndarray:
     """[layers, experts]: how often each expert is in a token's top-k on the eval text."""
     choices = router_choices(model, batches)
     return np.stack([np.bincount(choices[:, :, l].ravel(), minlength=grid.experts_per_layer)
                      for l in range(grid.num_layers)]).astype(np.int64)
-
-
-def lm_eval_tasks(model, tasks: list[str], limit: int | None = None) -> dict:
-    """Task accuracy through lm-evaluation-harness, on the same (perturbed) model object."""
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-    except ImportError as e:
-        raise RuntimeError("--tasks needs lm-evaluation-harness: pip install lm-eval") from e
-    res = lm_eval.simple_evaluate(model=HFLM(pretrained=model), tasks=tasks, limit=limit)
-    out = {}
-    for task, metrics in res["results"].items():
-        for name, value in metrics.items():
-            if isinstance(value, (int, float)) and not name.endswith("_stderr,none"):
-                out[f"{task}/{name}"] = float(value)
-    return out
 
 
 # ---- the study ----------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def _cmd_demo(args) -> int:
     import torch
 
     import moeoffload
-    from moeoffload import codec_eval, sensitivity, sim, table
+    from moeoffload import codec_eval, evaluation, sensitivity, sim, table
     from moeoffload.models import tiny_moe
     from moeoffload.policy import BoundPolicy
     from moeoffload.prefetch import PrefetchConfig, hidden_predictions
@@ -79,12 +79,12 @@ def _cmd_demo(args) -> int:
         text_all = tiny_moe.default_heldout()
         text = text_all[: args.max_bytes]
         batches = tiny_moe.windows(text, 256)
-        base = sensitivity.evaluate(model, batches)
+        base = evaluation.evaluate(model, batches)
         grid = sensitivity.ExpertGrid(model)
         every_expert = [(l, e) for l in range(grid.num_layers) for e in range(grid.experts_per_layer)]
         with sensitivity.replaced(grid, every_expert,
                                   lambda l, e, ref, w: loaded.decompress(l, e, ref.name, dtype=w.dtype)):
-            comp = sensitivity.evaluate(model, batches)
+            comp = evaluation.evaluate(model, batches)
         print(f"   original {base['ppl']:.4f} (accuracy {100 * base['acc']:.2f}%), compressed experts {comp['ppl']:.4f} "
               f"({100 * (comp['ppl'] / base['ppl'] - 1):+.2f}%, accuracy {100 * comp['acc']:.2f}%)")
 
@@ -306,7 +306,7 @@ def _check_model(spec, flag: str = "--model"):
 
 def _check_text(data, max_bytes: int, seq: int, model_dir: Path, config, flag: str = "--data") -> None:
     """The evaluation text exists and gives at least one window of `seq` tokens."""
-    from moeoffload import sensitivity
+    from moeoffload import evaluation, sensitivity
 
     if data not in (None, "default"):
         p = Path(data)
@@ -323,12 +323,12 @@ def _check_text(data, max_bytes: int, seq: int, model_dir: Path, config, flag: s
         raise UsageError(f"--seq {seq}: the model takes at most {limit} positions")
     text = sensitivity.load_text(data, model_dir)[:max_bytes]
     try:
-        ids = sensitivity.encode(model_dir, None, text)
+        ids = evaluation.encode(model_dir, None, text)
     except Exception as e:  # noqa: BLE001 - a broken tokenizer in the checkpoint
         raise UsageError(f"--model {model_dir}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
     bos = getattr(config, "bos_token_id", None)
     try:
-        sensitivity.windows(ids, seq, bos)
+        evaluation.windows(ids, seq, bos)
     except ValueError:
         source = "the model's held-out sample" if data in (None, "default") else data
         raise UsageError(f"--seq {seq} needs at least {seq - (bos is not None)} tokens of evaluation text; "
@@ -347,7 +347,8 @@ def _check_plots(no_plots: bool) -> None:
     import importlib.util
 
     if not no_plots and importlib.util.find_spec("matplotlib") is None:
-        raise UsageError("the plots need matplotlib, which is not installed: install it or pass --no-plots")
+        raise UsageError("the plots need matplotlib, which is not installed: pip install 'moeoffload[study]' "
+                         "(or pass --no-plots)")
 
 
 def _cmd_sensitivity(args) -> int:

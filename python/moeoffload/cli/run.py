@@ -99,7 +99,7 @@ def cmd(args) -> int:
     from transformers import AutoModelForCausalLM
 
     import moeoffload
-    from moeoffload import sensitivity
+    from moeoffload import evaluation, sensitivity
 
     from . import UsageError, _check_model
 
@@ -116,7 +116,7 @@ def cmd(args) -> int:
         text = args.prompt.encode()
     else:
         text = sensitivity.load_text(None, model_dir)[:200] if (model_dir / "heldout.txt").exists() else b"The"
-    ids = sensitivity.encode(model_dir, None, text)
+    ids = evaluation.encode(model_dir, None, text)
     bos = getattr(config, "bos_token_id", None)
     if bos is not None and (not ids or ids[0] != bos):
         ids = [bos, *ids]

@@ -12,6 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..evaluation import evaluate, router_choices
+from ..evaluation import windows as token_windows
+
 DEFAULT_DIR = Path(__file__).resolve().parent / "tiny-moe"
 BOS, EOS, PAD = 256, 257, 258
 VOCAB = 259
@@ -66,21 +69,15 @@ def with_bos(tokens: torch.Tensor) -> torch.Tensor:
 
 def windows(data: bytes, seq: int) -> torch.Tensor:
     """Non-overlapping windows of ``seq - 1`` bytes, each prefixed with BOS."""
-    from ..sensitivity import windows as token_windows
-
     return token_windows(list(data), seq, BOS)
 
 
 def bits_per_byte(model, data: bytes, seq: int = 256) -> float:
-    from ..sensitivity import evaluate
-
     return evaluate(model, windows(data, seq))["nll"] / float(np.log(2))
 
 
 def routing_traces(model, data: bytes, seq: int = 256) -> np.ndarray:
     """uint8 [sequence, token, layer, k]: the experts each token chose."""
-    from ..sensitivity import router_choices
-
     return router_choices(model, windows(data, seq))
 
 
