@@ -143,7 +143,12 @@ def test_ids_are_range_checked(saved):
             cache.record(0, [-1])
         with pytest.raises(InvalidArgumentError):
             cache.record(0, [E])
+        with pytest.raises(InvalidArgumentError):
+            cache.record(0, [1.5])  # not an expert id (once silently truncated to 1)
+        with pytest.raises(InvalidArgumentError):
+            cache.record(L, [0])
         assert cache.cache.resident() == []
+        cache.record(0, np.array([0, 1, 1, 3], dtype=np.int64))  # a whole prefill's choices at once
 
 
 def test_a_copy_that_cannot_start_rolls_back(saved):

@@ -139,10 +139,15 @@ class ExpertCache:
         source ``prefetch.source`` names (``hidden_next``: the next layer's router probabilities [E] on
         the current hidden state, needed by "hidden" and "combined"; see prefetch.prefetch_source).
         Returns the expert ids whose fetch started."""
-        for e in np.asarray(experts).reshape(-1):
-            self.expert_id(layer, int(e))
+        ids = np.asarray(experts).reshape(-1)
+        self.expert_id(layer, 0)  # the layer's range check
+        E = self.table.experts_per_layer
+        if ids.dtype.kind not in "iu" or (ids.size and (int(ids.min()) < 0 or int(ids.max()) >= E)):
+            bad = next((e for e in ids.tolist() if not isinstance(e, int) or not 0 <= e < E), ids.dtype)
+            raise InvalidArgumentError(f"expert {bad!r} is out of range: the table has {E} experts per layer "
+                                       "(integers 0..E-1)")
         self.cache.set_current_layer(layer)
-        self.predictor.record(layer, experts)
+        self.predictor.record(layer, ids)
         cfg = self.prefetch_config
         need_prediction = self.policy == "activation" or (cfg is not None and cfg.source != "hidden")
         prediction = self.predictor.predict() if need_prediction else None
