@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from moeoffload import table
-from moeoffload.cache import ExpertCache, parse_budget
+from moeoffload.cache import ExpertCache, parse_budget, slot_bytes
 from moeoffload.errors import BudgetError
 from moeoffload.prefetch import PrefetchConfig
 from conftest import E, mixtral_state_dict
@@ -50,7 +50,7 @@ def test_prefetch_source_is_honoured(tmp_path):
     from moeoffload.errors import InvalidArgumentError
 
     t = table.build(mixtral_state_dict(), policy=0.3, mode="meanabs", progress=False)
-    size = -(-int(t.expert_bytes().max()) // 256) * 256
+    size = slot_bytes(t)
     hidden = np.zeros(E, np.float32)
     hidden[[1, 3]] = [0.7, 0.3]
     with ExpertCache(t, 6 * size, prefetch=PrefetchConfig(source="hidden", depth=1, per_layer=2)) as cache:

@@ -12,7 +12,7 @@ import torch
 from conftest import E, H, I, L, mixtral_state_dict
 
 from moeoffload import ClosedError, codec, ops, table
-from moeoffload.cache import ExpertCache
+from moeoffload.cache import ExpertCache, slot_bytes
 from moeoffload.errors import InvalidArgumentError
 
 
@@ -24,7 +24,7 @@ def saved(tmp_path):
 
 
 def _budget(t, n):
-    return n * (-(-int(t.expert_bytes().max()) // 256) * 256)
+    return n * slot_bytes(t)
 
 
 def _prefetch_everything(cache, t):

@@ -69,6 +69,14 @@ def parse_budget(budget) -> int:
     return int(value)
 
 
+SLOT_ALIGN = 256  # the device cache's arena rounds every slot up to this (cpp/include/moeoffload/arena.h)
+
+
+def slot_bytes(table) -> int:
+    """The cache slot the table's largest expert takes: budgets of n slots hold at least n experts."""
+    return -(-int(table.expert_bytes().max()) // SLOT_ALIGN) * SLOT_ALIGN
+
+
 class ExpertCache:
     """The Python face of the native Runtime: it owns the pinned store of the table's experts (its
     own mapping or copy, so closing the table never pulls bytes from under a copy), the transfer

@@ -286,7 +286,7 @@ class ExpertTable:
             return self.compressed(layer, expert, matrix).decompress(dtype=dtype, device=device)
         m = self.matrix_entry(layer, expert, matrix)
         raw = self.payload(layer, expert)[m["offset"] : m["offset"] + m["bytes"]]
-        w = torch.frombuffer(bytearray(raw.tobytes()), dtype=getattr(torch, m["dtype"])).reshape(m["shape"])
+        w = torch.from_numpy(np.array(raw)).view(getattr(torch, m["dtype"])).reshape(m["shape"])  # one copy
         return w.to(dtype=dtype or w.dtype, device=device)
 
     # ---- checks ----
@@ -354,11 +354,12 @@ _FUSED_LAYOUTS = (
 )
 
 
-def _fused_matrices(refs: list[MatrixRef]) -> list[tuple[str, list[MatrixRef]]]:
-    """An expert's matrices as a transformers 5 experts module holds them: per-expert w1/w3 (or gate/up) become
-    one gate_up_proj [2I, H]; already fused or unknown layouts stay as they are."""
+def _stored_matrices(refs: list[MatrixRef], fuse: bool) -> list[tuple[str, list[MatrixRef]]]:
+    """(name, source matrices) of each matrix the table stores for one expert. With fuse, as a transformers 5
+    experts module holds them: per-expert w1/w3 (or gate/up) become one gate_up_proj [2I, H]; already fused
+    or unknown layouts stay as they are."""
     by_name = {r.name: r for r in refs}
-    for names, layout in _FUSED_LAYOUTS:
+    for names, layout in _FUSED_LAYOUTS if fuse else ():
         if set(by_name) == names:
             return [(name, [by_name[n] for n in parts]) for name, parts in layout]
     return [(r.name, [r]) for r in refs]
@@ -429,7 +430,7 @@ def build(source, policy=None, codec: str = "szp", *, mode: str | None = None, m
         pol = BoundPolicy.from_any(policy, mode)
         bounds = [pol.bound(i) for i in range(len(model_layers))]
     first = grid[(model_layers[0], 0)]
-    names = [n for n, _ in _fused_matrices(first)] if fuse else [r.name for r in first]
+    names = [n for n, _ in _stored_matrices(first, fuse)]
     payloads: dict[str, np.ndarray] = {}
     writer = None
     if out is not None:
@@ -442,7 +443,7 @@ def build(source, policy=None, codec: str = "szp", *, mode: str | None = None, m
         for i, ml in enumerate(model_layers):
             for e in range(n_exp):
                 parts, mats, offset = [], [], 0
-                for name, refs in (_fused_matrices(grid[(ml, e)]) if fuse else [(r.name, [r]) for r in grid[(ml, e)]]):
+                for name, refs in _stored_matrices(grid[(ml, e)], fuse):
                     w = torch.cat([src.get(r) for r in refs]) if len(refs) > 1 else src.get(refs[0])
                     ref = dataclasses.replace(refs[0], name=name, shape=tuple(w.shape))
                     if transpose and len(ref.shape) == 2:

@@ -46,6 +46,8 @@ def _cmd_demo(args) -> int:
     from moeoffload.policy import BoundPolicy
     from moeoffload.prefetch import PrefetchConfig, hidden_predictions
 
+    from moeoffload.cache import slot_bytes
+
     from .run import generate_timed
 
     heldout = tiny_moe.default_heldout()
@@ -93,7 +95,7 @@ def _cmd_demo(args) -> int:
         half = trace.shape[0] // 2
         E = cfg.num_local_experts
         size = int(loaded.expert_bytes().max())
-        budget = int(round(0.25 * grid.num_layers * E)) * (-(-size // 256) * 256)
+        budget = int(round(0.25 * grid.num_layers * E)) * slot_bytes(loaded)
 
         hidden = hidden_predictions(model, tiny_moe.windows(text_all, 256)[: trace.shape[0]])[half:]
         pf = PrefetchConfig(depth=3, per_layer=4, min_probability=0.02, recency=0.5)  # bench/cache_policies.py's

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..cache import ExpertCache, parse_budget
+from ..cache import ExpertCache, parse_budget, slot_bytes
 from ..errors import BudgetError, CacheFullError, ClosedError, InvalidArgumentError, TableError
 from ..models.adapters import UnsupportedModelError, expert_matrix_names, gate_kind, moe_layers, router_probabilities
 from ..prefetch import PrefetchConfig
@@ -154,7 +154,7 @@ class Offload:
             return None
         nxt = self.layers[(layer + 1) % len(self.layers)]
         residual = self._residual.get(layer)
-        if residual is None or nxt.router is None:
+        if residual is None:  # no norm to hook in front of this layer's router
             return np.full(self.table.experts_per_layer, 1.0 / self.table.experts_per_layer, np.float32)
         return router_probabilities(nxt, residual).mean(0).cpu().numpy()
 
@@ -166,24 +166,22 @@ class Offload:
             if hidden.shape[0] > 1 or not self._in_sequence:
                 self.begin_sequence()
             self._tokens += hidden.shape[0]
-        ids = top_k_index.reshape(-1).tolist()
+        ids = top_k_index.reshape(-1).cpu().numpy()
         self.cache.record(layer, ids, hidden_next=self._hidden_next(layer))
         kind = self.kinds[layer]
         if kind is None or self.codec != "szp":
             return self._forward_eager(layer, module, hidden, top_k_index, top_k_weights)
-        return self._forward_fused(layer, module, kind, hidden, top_k_index, top_k_weights)
+        return self._forward_fused(layer, module, kind, np.unique(ids).tolist(), hidden, top_k_index, top_k_weights)
 
-    def _forward_fused(self, layer, module, kind, hidden, top_k_index, top_k_weights):
+    def _forward_fused(self, layer, module, kind, experts, hidden, top_k_index, top_k_weights):
         out = torch.zeros_like(hidden)
-        experts = sorted(set(top_k_index.reshape(-1).tolist()))
         gu, down = (self.names.index(n) for n in expert_matrix_names(module))
-        E = self.table.experts_per_layer
         handle = self.cache.handle
 
         def run(e: int, slot) -> None:
             token_idx, pos = torch.where(top_k_index == e)
             self._wait(slot)
-            eid = layer * E + e
+            eid = self.table.expert_id(layer, e)
             gu_bias = module.gate_up_proj_bias[e].to(hidden.dtype) if module.has_bias else None
             down_bias = module.down_proj_bias[e].to(hidden.dtype) if module.has_bias else None
             y = torch.ops.moeoffload.expert_mlp(hidden[token_idx], handle, eid, gu, handle, eid, down, gu_bias,
@@ -225,7 +223,7 @@ class Offload:
     def _forward_eager(self, layer, module, hidden, top_k_index, top_k_weights):
         """The family's own eager forward, its expert weights read from the slots (views of raw bytes, or
         decoded): exact for codec "none"; the unfused variant for gates the fused kernel does not know."""
-        weights = _SlotWeights(self, layer, module)
+        weights = _SlotWeights(self, layer)
         proxy = _ExpertsView(module, weights)
         try:
             return type(module).forward.__wrapped__(proxy, hidden, top_k_index, top_k_weights)
@@ -234,7 +232,7 @@ class Offload:
 
     def _matrix_tensor(self, layer: int, expert: int, slot, name: str, device) -> torch.Tensor:
         m = self.table.matrix_entry(layer, expert, name)
-        eid = layer * self.table.experts_per_layer + expert
+        eid = self.table.expert_id(layer, expert)
         if self.codec == "none":
             w = _view(slot.data_ptr + m["offset"], m["bytes"], device).view(_CODE_DTYPES[m["dtype"]]).reshape(m["shape"])
         else:
@@ -283,7 +281,7 @@ class _SlotWeights:
     """gate_up_proj / down_proj / up_proj of one experts module as the eager code indexes them: [e] acquires
     expert e (once per forward), returns the matrix read from its slot; all released at the end."""
 
-    def __init__(self, off: Offload, layer: int, module: nn.Module):
+    def __init__(self, off: Offload, layer: int):
         self.off, self.layer, self.device = off, layer, off.device
         self.held: dict[int, object] = {}
 
@@ -353,9 +351,7 @@ def _budget_bytes(budget, table) -> int:
     kind, value = parse_budget_spec(budget)
     if kind == "bytes":
         return int(value)
-    sizes = table.expert_bytes()
-    slot = -(-int(sizes.max()) // 256) * 256  # the cache's slot: the largest expert, 256-byte aligned
-    return max(1, round(value * sizes.size)) * slot
+    return max(1, round(value * table.num_layers * table.experts_per_layer)) * slot_bytes(table)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -432,6 +428,7 @@ def from_pretrained(checkpoint_dir, table=None, gpu_budget="6GiB", device="cpu",
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     loaded = set()
+    params = dict(model.named_parameters())  # the device tensors allocated above
     with torch.no_grad():
         for f in files:
             with safe_open(str(f), framework="pt") as st:
@@ -439,7 +436,7 @@ def from_pretrained(checkpoint_dir, table=None, gpu_budget="6GiB", device="cpu",
                     name, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
                     if converter is not None or name in expert_keys or name not in meta_state:
                         continue  # experts come from the table; unknown keys are not the model's
-                    target = model.get_parameter(name) if name in dict(model.named_parameters()) else model.get_buffer(name)
+                    target = params[name] if name in params else model.get_buffer(name)
                     target.copy_(st.get_tensor(key))
                     loaded.add(name)
     if getattr(config, "tie_word_embeddings", False):
