@@ -3,7 +3,7 @@ import pytest
 
 from moeoffload import _native
 from moeoffload.errors import InvalidArgumentError, ShapeError
-from moeoffload.prefetch import ActivationPredictor, PrefetchConfig, plan
+from moeoffload.prefetch import PrefetchConfig, decision_step, plan
 
 import torch
 
@@ -55,16 +55,16 @@ def test_predictor_learns_a_repeated_sequence():
     rng = np.random.default_rng(0)
     L, E = 4, 8
     seq = rng.integers(0, E, (20, L, 2))
-    p = ActivationPredictor(L, E, top_matches=1, self_weight=0.0)
+    p = decision_step(L, E, None, "activation", self_weight=0.0)
     for _ in range(2):
         p.begin_sequence()
         for t in range(seq.shape[0]):
             for l in range(L):
-                p.record(l, seq[t, l])
+                assert p.step(l, seq[t, l].astype(np.uint32)) == []  # no prefetch config: no plan
         p.end_sequence()
     p.begin_sequence()
-    p.record(0, seq[0, 0])
-    pred = p.predict()
+    p.step(0, seq[0, 0].astype(np.uint32))
+    pred = p.prediction()
     truth = np.stack([np.bincount(seq[:, l].ravel(), minlength=E) for l in range(L)]).astype(np.float32)
     np.testing.assert_allclose(pred, truth / truth.sum(1, keepdims=True), rtol=1e-6)
 
@@ -108,18 +108,91 @@ def test_hidden_predictions_apply_the_next_layers_router():
     np.testing.assert_allclose(got.sum(-1), 1.0, rtol=1e-4)
 
 
+def step_all(p, layer, experts):
+    for e in experts:
+        p.step(layer, np.array([e], np.uint32))
+    return p.prediction()
+
+
 def test_recency_weights_recent_tokens():
-    p = ActivationPredictor(1, 4, self_weight=1e6, recency=0.5)  # own counts dominate
+    p = decision_step(1, 4, PrefetchConfig(recency=0.5), "lru", self_weight=1e6)  # own counts dominate
     p.begin_sequence()
-    for e in [0, 0, 0, 1]:
-        p.record(0, [e])
-    pred = p.predict()[0]
+    pred = step_all(p, 0, [0, 0, 0, 1])[0]
     # counts decayed: e0 = 0.5^3 + 0.5^2 + 0.5 = 0.875, e1 = 1
     assert pred[1] > pred[0]
-    plain = ActivationPredictor(1, 4, self_weight=1e6, recency=1.0)
+    plain = decision_step(1, 4, PrefetchConfig(recency=1.0), "lru", self_weight=1e6)
     plain.begin_sequence()
-    for e in [0, 0, 0, 1]:
-        plain.record(0, [e])
-    assert plain.predict()[0][0] > plain.predict()[0][1]
-    with pytest.raises(ValueError):
-        ActivationPredictor(1, 4, recency=0.0)
+    assert step_all(plain, 0, [0, 0, 0, 1])[0][0] > plain.prediction()[0][1]
+    with pytest.raises(InvalidArgumentError, match="recency"):
+        decision_step(1, 4, PrefetchConfig(recency=0.0), "lru")
+
+
+def test_decision_step_equals_its_parts_on_a_random_trace():
+    """One native step = record, the history's match blended with the sequence's own decayed rows, the
+    source by config, plan_prefetch: checked against that recipe written out in numpy."""
+    rng = np.random.default_rng(3)
+    L, E, k = 5, 8, 2
+    hist = _native.ActivationHistory(L, E, 16)
+    for _ in range(6):
+        hist.add(rng.integers(0, 4, (L, E)).astype(np.uint32).ravel())
+    for source in ("activation", "hidden", "combined"):
+        cfg = PrefetchConfig(source=source, depth=2, per_layer=3, min_probability=0.02, top_matches=2, recency=0.7)
+        step = decision_step(L, E, cfg, "activation", history=hist, self_weight=0.5)
+        tracer = _native.ActivationTracer(L, E)
+        own = np.zeros((L, E), np.float32)
+        step.begin_sequence()
+        for t in range(3):
+            for l in range(L):
+                ids = rng.choice(E, k, replace=False).astype(np.uint32)
+                hidden = rng.dirichlet(np.ones(E)).astype(np.float32)
+                got = step.step(l, ids, hidden)
+                tracer.record(l, ids)
+                own[l] *= np.float32(0.7)
+                own[l][ids] += 1
+                matched = hist.predict(tracer.matrix().ravel(), tracer.layers_seen, 2).reshape(L, E)
+                rows = own.sum(1, keepdims=True)
+                w = np.where(rows > 0, 0.5, 0.0).astype(np.float32)
+                want = (matched + w * np.divide(own, rows, out=np.zeros_like(own), where=rows > 0)) / (1 + w)
+                np.testing.assert_allclose(step.prediction(), want, rtol=1e-5, atol=1e-7)
+                src = step.prediction().copy()
+                if source == "hidden":
+                    src[:] = 0
+                    src[(l + 1) % L] = hidden
+                elif source == "combined":
+                    src[(l + 1) % L] = 0.5 * (src[(l + 1) % L] + hidden)
+                assert got == plan(src, l, cfg)
+        np.testing.assert_array_equal(step.matrix(), tracer.matrix())
+        assert step.end_sequence()
+
+
+def test_decision_step_refuses_bad_input_and_changes_nothing():
+    step = decision_step(2, 4, PrefetchConfig(source="hidden"), "lru")
+    assert step.needs_hidden and not step.predicts
+    step.begin_sequence()
+    with pytest.raises(InvalidArgumentError, match="router probabilities"):
+        step.step(0, np.array([1], np.uint32))
+    with pytest.raises(ShapeError):
+        step.step(0, np.array([1], np.uint32), np.ones(3, np.float32))
+    with pytest.raises(InvalidArgumentError, match="non-finite"):
+        step.step(0, np.array([1], np.uint32), np.array([np.nan, 0, 0, 0], np.float32))
+    with pytest.raises(InvalidArgumentError, match="out of range"):
+        step.step(0, np.array([4], np.uint32), np.ones(4, np.float32))
+    with pytest.raises(InvalidArgumentError, match="out of range"):
+        step.step(2, np.array([0], np.uint32), np.ones(4, np.float32))
+    assert step.matrix().sum() == 0  # nothing recorded by the refused steps
+    with pytest.raises(ShapeError):
+        decision_step(2, 4, None, "lru", history=_native.ActivationHistory(3, 4, 8))
+    with pytest.raises(InvalidArgumentError, match="prefetch source"):
+        _native.DecisionStep(2, 4, None, "sometimes", False)
+
+
+def test_decision_step_sets_the_cache_index_priorities():
+    L, E = 3, 4
+    idx = _native.CacheIndex(1 << 20, "activation", L, E, 1000)
+    step = decision_step(L, E, PrefetchConfig(depth=1, per_layer=1, min_probability=0.0), "activation")
+    step.begin_sequence()
+    step.step(1, np.array([2], np.uint32), None, idx)
+    pred = step.prediction()
+    for eid in range(L * E):  # the index took the prediction, distances counted from layer 1
+        layer, e = divmod(eid, E)
+        assert idx.activation_priority(eid) == pytest.approx(pred[layer, e] * (1 - ((layer - 1) % L) / L))

@@ -42,7 +42,7 @@ def test_expert_cache_serves_a_forward_pass(tmp_path):
             cache.end_sequence()
         st = cache.stats()
         assert st["accesses"] == 3 * 8 * t.num_layers * 2 and st["used_bytes"] <= st["budget"]
-        assert len(cache.predictor.history) == 3
+        assert len(cache.history) == 3
     t.close()
 
 

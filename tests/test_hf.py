@@ -210,3 +210,27 @@ def test_stats_add_up_and_the_budget_holds():
     # every fetch moved one expert's payload: demand misses and prefetches, each between the smallest and largest
     fetches = st["misses"] + st["prefetches"]
     assert fetches * int(sizes.min()) <= st["bytes_loaded"] <= fetches * int(sizes.max())
+
+
+def test_hidden_prefetch_without_a_router_warns_and_falls_back(monkeypatch):
+    import moeoffload.integrations.hf as hf
+
+    real = hf.moe_layers
+
+    def routerless(model):  # a family whose layer 1 router moeoffload cannot find
+        layers = real(model)
+        layers[1].router = None
+        return layers
+
+    monkeypatch.setattr(hf, "moe_layers", routerless)
+    model = tiny("mixtral")
+    ids = _prompt(4)
+    with torch.no_grad():
+        ref = model(ids).logits
+    with pytest.warns(UserWarning, match="no router or norm.*activation history"):
+        off = moeoffload.offload(model, codec="none", gpu_budget="50%", prefetch="hidden")
+    with off:
+        assert off.prefetch == "activation"
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, ref)
+        assert off.stats()["prefetch"] == "activation"

@@ -3,6 +3,7 @@
 // Python callbacks run on the copy worker with the GIL taken.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
@@ -11,6 +12,7 @@
 #include <cstring>
 
 #include "moeoffload/activation.h"
+#include "moeoffload/decision.h"
 #include "moeoffload/device_cache.h"
 #include "moeoffload/errors.h"
 #include "moeoffload/expert_store.h"
@@ -260,6 +262,11 @@ void bind_runtime(nb::module_& m) {
       .def("prefetch", &DeviceCache::prefetch, nb::arg("id"), nb::arg("priority"),
            nb::call_guard<nb::gil_scoped_release>())
       .def("set_current_layer", &DeviceCache::set_current_layer, nb::arg("layer"))
+      .def("decide", [](DeviceCache& c, DecisionStep& d, uint32_t layer, Counts experts, std::optional<Floats> hidden) {
+        nb::gil_scoped_release release;
+        return c.apply(d.step(layer, experts.data(), experts.size(), hidden ? hidden->data() : nullptr,
+                              hidden ? hidden->size() : 0));
+      }, nb::arg("step"), nb::arg("layer"), nb::arg("experts"), nb::arg("hidden_next").none() = nb::none())
       .def("set_activation", [](DeviceCache& c, Floats a) { c.set_activation(a.data(), a.size()); }, nb::arg("activation"))
       .def("__contains__", &DeviceCache::contains)
       .def("ready", &DeviceCache::ready, nb::arg("id"))
@@ -337,6 +344,42 @@ void bind_runtime(nb::module_& m) {
         nb::capsule owner(v, [](void* p) noexcept { delete static_cast<std::vector<float>*>(p); });
         return nb::ndarray<nb::numpy, float, nb::ndim<1>>(v->data(), {v->size()}, owner);
       }, nb::arg("current"), nb::arg("layers_seen"), nb::arg("top_matches") = 4);
+
+  nb::class_<DecisionStep>(m, "DecisionStep")
+      .def("__init__", [](DecisionStep* d, uint32_t layers, uint32_t experts, std::shared_ptr<ActivationHistory> history,
+                          const std::string& source, bool activation_priorities, uint32_t depth, uint32_t per_layer,
+                          double min_probability, uint32_t top_matches, double recency, double self_weight) {
+        DecisionConfig cfg{parse_prefetch_source(source), activation_priorities,
+                           PrefetchConfig{depth, per_layer, min_probability}, top_matches, recency, self_weight};
+        new (d) DecisionStep(layers, experts, std::move(history), cfg);
+      }, nb::arg("num_layers"), nb::arg("experts_per_layer"), nb::arg("history").none(), nb::arg("source"),
+         nb::arg("activation_priorities"), nb::arg("depth") = 2, nb::arg("per_layer") = 3,
+         nb::arg("min_probability") = 0.05, nb::arg("top_matches") = 4, nb::arg("recency") = 1.0,
+         nb::arg("self_weight") = 1.0)
+      .def("begin_sequence", &DecisionStep::begin_sequence)
+      .def("end_sequence", &DecisionStep::end_sequence)
+      .def("step", [](DecisionStep& d, uint32_t layer, Counts experts, std::optional<Floats> hidden, CacheIndex* index) {
+        const Decision& dec = d.step(layer, experts.data(), experts.size(), hidden ? hidden->data() : nullptr,
+                                     hidden ? hidden->size() : 0);
+        if (index) apply_priorities(dec, *index);
+        return plan_list(dec.plan);
+      }, nb::arg("layer"), nb::arg("experts"), nb::arg("hidden_next").none() = nb::none(),
+         nb::arg("index").none() = nb::none())
+      .def("prediction", [](const DecisionStep& d) -> nb::object {
+        // The last step's [layers, experts] prediction (a copy), None when that step made none.
+        if (d.tracer().layers_seen() == 0 || !d.predicts()) return nb::none();
+        auto* v = new std::vector<float>(d.last().activation, d.last().activation + d.last().activation_size);
+        nb::capsule owner(v, [](void* p) noexcept { delete static_cast<std::vector<float>*>(p); });
+        return nb::cast(nb::ndarray<nb::numpy, float, nb::ndim<2>>(v->data(), {d.num_layers(), d.experts_per_layer()}, owner));
+      })
+      .def("matrix", [](const DecisionStep& d) {
+        auto* v = new std::vector<uint32_t>(d.tracer().matrix());
+        nb::capsule owner(v, [](void* p) noexcept { delete static_cast<std::vector<uint32_t>*>(p); });
+        return nb::ndarray<nb::numpy, uint32_t, nb::ndim<2>>(v->data(), {d.num_layers(), d.experts_per_layer()}, owner);
+      })
+      .def_prop_ro("history", &DecisionStep::history)
+      .def_prop_ro("needs_hidden", &DecisionStep::needs_hidden)
+      .def_prop_ro("predicts", &DecisionStep::predicts);
 
   m.def("plan_prefetch", [](Floats prediction, uint32_t layers, uint32_t experts, uint32_t current, uint32_t depth,
                             uint32_t per_layer, double min_probability) {

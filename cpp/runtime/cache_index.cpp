@@ -55,6 +55,7 @@ const CacheIndex::Entry& CacheIndex::entry(uint32_t id) const { return const_cas
 
 Lookup CacheIndex::access(uint32_t id) {
   check_id(id);
+  current_layer_ = id / experts_per_layer_;  // a demand access names the layer that runs now
   stats_.accesses += 1;
   auto it = entries_.find(id);
   if (it == entries_.end()) {

@@ -116,6 +116,18 @@ bool DeviceCache::prefetch(uint32_t id, double priority) {
   return true;
 }
 
+std::vector<uint32_t> DeviceCache::apply(const Decision& decision) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    check_open();
+    apply_priorities(decision, index_);
+  }
+  std::vector<uint32_t> started;
+  for (const auto& item : decision.plan)
+    if (prefetch(item.id, item.priority)) started.push_back(item.id);
+  return started;
+}
+
 void DeviceCache::set_current_layer(uint32_t layer) {
   std::lock_guard<std::mutex> lock(mu_);
   index_.set_current_layer(layer);

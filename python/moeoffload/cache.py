@@ -13,7 +13,8 @@
     cache.end_sequence()                          # the sequence's matrix joins the history
 
 It ties together a loaded ExpertTable (pinned payloads), a TransferEngine, a
-DeviceCache and an ActivationPredictor with its prefetch plan.
+DeviceCache and the per-layer decision step (prefetch.decision_step): one
+native call per layer records, predicts, plans and starts the prefetches.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 
 from . import _native
 from .errors import BudgetError, ClosedError, InvalidArgumentError
-from .prefetch import ActivationPredictor, PrefetchConfig, plan, prefetch_source
+from .prefetch import PrefetchConfig, decision_step
 from .table import PAYLOAD_FILE
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -90,6 +91,7 @@ class ExpertCache:
         L, E = table.num_layers, table.experts_per_layer
         if table.closed:
             raise ClosedError("the table is closed: make the cache before closing it")
+        self.decisions = decision_step(L, E, prefetch, policy, history)  # checks the config before anything opens
         self.runtime = _native.Runtime(backend or "auto", L, E, num_streams)
         try:
             self._fill_store(table)
@@ -102,9 +104,6 @@ class ExpertCache:
         self.cache = self.runtime.cache
         self.engine = self.runtime.engine
         self.prefetch_config = prefetch
-        self.predictor = ActivationPredictor(L, E, history=history,
-                                             recency=prefetch.recency if prefetch else 1.0,
-                                             top_matches=prefetch.top_matches if prefetch else 4)
 
     def _fill_store(self, table) -> None:
         store = self.runtime.store
@@ -136,16 +135,22 @@ class ExpertCache:
                 raise InvalidArgumentError(f"{name} {v!r} is out of range: the table has {L} layers of {E} experts")
         return int(layer) * E + int(expert)
 
+    @property
+    def history(self):
+        """The ActivationHistory the predictions match against; each ended sequence joins it."""
+        return self.decisions.history
+
     def begin_sequence(self) -> None:
-        self.predictor.begin_sequence()
+        self.decisions.begin_sequence()
 
     def end_sequence(self) -> bool:
-        return self.predictor.end_sequence()
+        return self.decisions.end_sequence()
 
     def record(self, layer: int, experts, hidden_next=None) -> list[int]:
-        """The router chose `experts` at `layer`: update the prediction and prefetch ahead, from the
-        source ``prefetch.source`` names (``hidden_next``: the next layer's router probabilities [E] on
-        the current hidden state, needed by "hidden" and "combined"; see prefetch.prefetch_source).
+        """The router chose `experts` at `layer`: one native decision step (record, predict, plan from
+        the source ``prefetch.source`` names, prefetch; prefetch.decision_step). ``hidden_next``: the
+        next layer's router probabilities [E] on the current hidden state, needed by "hidden" and
+        "combined". Call it after acquiring the layer's experts, so a prefetch cannot evict them.
         Returns the expert ids whose fetch started."""
         ids = np.asarray(experts).reshape(-1)
         self.expert_id(layer, 0)  # the layer's range check
@@ -154,20 +159,8 @@ class ExpertCache:
             bad = next((e for e in ids.tolist() if not isinstance(e, int) or not 0 <= e < E), ids.dtype)
             raise InvalidArgumentError(f"expert {bad!r} is out of range: the table has {E} experts per layer "
                                        "(integers 0..E-1)")
-        self.cache.set_current_layer(layer)
-        self.predictor.record(layer, ids)
-        cfg = self.prefetch_config
-        need_prediction = self.policy == "activation" or (cfg is not None and cfg.source != "hidden")
-        prediction = self.predictor.predict() if need_prediction else None
-        if prediction is not None:
-            self.cache.set_activation(np.ascontiguousarray(prediction, dtype=np.float32).ravel())
-        started = []
-        if cfg is not None:
-            source = prefetch_source(cfg, prediction, hidden_next, layer, self.shape)
-            for eid, priority in plan(source, layer, cfg):
-                if self.cache.prefetch(eid, priority):
-                    started.append(eid)
-        return started
+        hidden = None if hidden_next is None else np.ascontiguousarray(hidden_next, dtype=np.float32).reshape(-1)
+        return self.cache.decide(self.decisions, layer, ids.astype(np.uint32), hidden)
 
     def acquire(self, layer: int, expert: int, timeout: float = 10.0):
         """The expert's slot, pinned (fetched on a miss). When every slot is pinned or loading it waits

@@ -1,6 +1,6 @@
 """Predicting which experts come next, two ways.
 
-ActivationPredictor (MoE-Infinity): the sequence-level expert activation
+Activation matching (MoE-Infinity): the sequence-level expert activation
 matrix of the sequence being served, matched against past matrices (cosine
 similarity over the layers seen so far; the best matches averaged).
 
@@ -10,8 +10,10 @@ layer's experts well (models.adapters.router_probabilities; live in
 integrations/hf.py, offline in hidden_predictions for the simulator).
 
 Both give a [layers, experts] probability matrix; ``plan`` turns one into an
-ordered prefetch list (the native plan_prefetch), which the DeviceCache or the
-simulator (moeoffload.sim) fetches without evicting what runs now.
+ordered prefetch list (the native plan_prefetch). The live path and the
+simulator run all of it per layer as one native call, ``decision_step``:
+record -> predict -> source -> plan, then the DeviceCache (or the simulator,
+moeoffload.sim) fetches the plan without evicting what runs now.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import numpy as np
 import torch
 
 from . import _native
-from .errors import InvalidArgumentError
 
 
 @dataclass(frozen=True)
@@ -48,68 +49,19 @@ def plan(prediction: np.ndarray, current_layer: int, config: PrefetchConfig) -> 
                                  config.depth, config.per_layer, config.min_probability)
 
 
-def prefetch_source(config: PrefetchConfig, prediction: np.ndarray | None, hidden_next: np.ndarray | None,
-                    layer: int, shape: tuple[int, int]) -> np.ndarray:
-    """The [L, E] matrix a prefetch plan is made from at `layer`, by ``config.source``: the activation
-    prediction, the next layer's router probabilities on the hidden state (``hidden_next`` [E]), or
-    "combined" (both averaged for the next layer, the activation prediction further ahead). One rule
-    for the live path (ExpertCache.record) and the simulator (sim.replay)."""
-    L, _ = shape
-    if config.source != "activation" and hidden_next is None:
-        raise InvalidArgumentError(f"prefetch source {config.source!r} needs the hidden-state prediction of the next layer")
-    if config.source != "hidden" and prediction is None:
-        raise InvalidArgumentError(f"prefetch source {config.source!r} needs the activation prediction")
-    if config.source == "activation":
-        return prediction
-    nxt = (layer + 1) % L
-    if config.source == "hidden":
-        out = np.zeros(shape, dtype=np.float32)
-        out[nxt] = hidden_next
-        return out
-    out = np.array(prediction, dtype=np.float32, copy=True)
-    out[nxt] = 0.5 * (out[nxt] + hidden_next)
-    return out
-
-
-class ActivationPredictor:
-    def __init__(self, num_layers: int, experts_per_layer: int, capacity: int = 512, top_matches: int = 4,
-                 history=None, self_weight: float = 1.0, recency: float = 1.0):
-        self.num_layers, self.experts_per_layer = num_layers, experts_per_layer
-        self.tracer = _native.ActivationTracer(num_layers, experts_per_layer)
-        self.history = history if history is not None else _native.ActivationHistory(num_layers, experts_per_layer, capacity)
-        self.top_matches = top_matches
-        self.self_weight = self_weight
-        if not 0.0 < recency <= 1.0:
-            raise ValueError(f"recency must be in (0, 1], got {recency}")
-        self.recency = recency
-        self._own = np.zeros((num_layers, experts_per_layer), np.float32)
-
-    def begin_sequence(self) -> None:
-        self.tracer.begin_sequence()
-        self._own[:] = 0
-
-    def record(self, layer: int, experts) -> None:
-        ids = np.ascontiguousarray(experts, dtype=np.uint32).ravel()
-        self.tracer.record(layer, ids)
-        self._own[layer] *= self.recency
-        np.add.at(self._own[layer], ids.astype(np.int64), 1.0)
-
-    def predict(self) -> np.ndarray:
-        # During the first token only rows 0..current have counts; after it, all rows.
-        m = self.tracer.matrix()
-        seen = self.tracer.layers_seen
-        matched = self.history.predict(m.ravel(), seen, self.top_matches).reshape(self.num_layers, self.experts_per_layer)
-        if self.self_weight <= 0:
-            return matched
-        # The sequence's own rows so far are one more match, weighted self_weight;
-        # with recency < 1 each token's count decays by that factor per later token.
-        rows = self._own.sum(axis=1, keepdims=True)
-        own = np.divide(self._own, rows, out=np.zeros(m.shape, np.float32), where=rows > 0)
-        w = np.where(rows > 0, self.self_weight, 0.0).astype(np.float32)
-        return (matched + w * own) / (1.0 + w)
-
-    def end_sequence(self) -> bool:
-        return self.history.add(self.tracer.matrix().ravel())
+def decision_step(num_layers: int, experts_per_layer: int, config: PrefetchConfig | None, policy: str,
+                  history=None, self_weight: float = 1.0):
+    """The native per-layer decision step (cpp/include/moeoffload/decision.h) that ExpertCache.record and
+    sim.replay both run: record the router's choices, predict, make the plan's source by ``config.source``
+    ("activation"; "hidden": the next layer's router on the current hidden state; "combined": both
+    averaged on the next layer), plan. ``config`` None plans nothing; the prediction is still made when
+    ``policy`` is "activation" (its eviction priorities)."""
+    cfg = config if config is not None else PrefetchConfig()
+    return _native.DecisionStep(num_layers, experts_per_layer, history,
+                                source="none" if config is None else config.source,
+                                activation_priorities=policy == "activation", depth=cfg.depth,
+                                per_layer=cfg.per_layer, min_probability=cfg.min_probability,
+                                top_matches=cfg.top_matches, recency=cfg.recency, self_weight=self_weight)
 
 
 @torch.no_grad()

@@ -7,8 +7,9 @@ routing trace, without weights.
 A trace is uint8/int [sequences, tokens, layers, k]: the experts each token
 chose at each MoE layer. Sequences are served one after another, each token
 through every layer in order (decode order), on one cache that persists
-across sequences. The cache is the native CacheIndex the DeviceCache uses;
-the predictor and the prefetch planner are the ones of moeoffload.prefetch.
+across sequences. The cache is the native CacheIndex the DeviceCache uses, and
+each layer's record -> predict -> plan is the native decision step the live
+path runs (prefetch.decision_step); only the copies are modelled here.
 
 Time is modelled, not measured: each layer computes for ``layer_seconds``;
 copies go over one link of ``link_bytes_per_s`` in the order issued (a demand
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _native
-from .prefetch import ActivationPredictor, PrefetchConfig, plan, prefetch_source
+from .prefetch import PrefetchConfig, decision_step
 
 SLOT_ALIGN = 256
 
@@ -90,11 +91,11 @@ def replay(trace, expert_bytes, budget: int, policy: str = "lru", prefetch: Pref
     if (sizes <= 0).any():
         raise ValueError("expert_bytes must be positive")
     cache = _native.CacheIndex(int(budget), policy, L, E, int(sizes.max()))
-    predictor = ActivationPredictor(L, E, capacity=512, top_matches=prefetch.top_matches if prefetch else 4,
-                                    history=history, recency=prefetch.recency if prefetch else 1.0)
-    if prefetch is not None and prefetch.source in ("hidden", "combined") and hidden_predictions is None:
+    decisions = decision_step(L, E, prefetch, policy, history)
+    if decisions.needs_hidden and hidden_predictions is None:
         raise ValueError(f"prefetch source {prefetch.source!r} needs hidden_predictions")
-    need_prediction = policy == "activation" or (prefetch is not None and prefetch.source != "hidden")
+    if hidden_predictions is not None:
+        hidden_predictions = np.ascontiguousarray(hidden_predictions, dtype=np.float32)
 
     now = 0.0
     link_free = 0.0
@@ -117,11 +118,11 @@ def replay(trace, expert_bytes, budget: int, policy: str = "lru", prefetch: Pref
                 cache.mark_ready(eid)
 
     for s in range(S):
-        predictor.begin_sequence()
+        routed = np.ascontiguousarray(tr[s], dtype=np.uint32)
+        decisions.begin_sequence()
         for t in range(T):
             for l in range(L):
                 retire(now)
-                cache.set_current_layer(l)
                 needed = [int(e) + l * E for e in dict.fromkeys(tr[s, t, l].tolist())]
                 wait_until = now
                 for eid in needed:
@@ -137,22 +138,16 @@ def replay(trace, expert_bytes, budget: int, policy: str = "lru", prefetch: Pref
                     stall_seconds += wait_until - now
                     now = wait_until
                 retire(now)
-                predictor.record(l, tr[s, t, l])
-                prediction = predictor.predict() if need_prediction else None
-                if prediction is not None:
-                    cache.set_activation(prediction.ravel())
-                if prefetch is not None:
-                    hidden_next = None if hidden_predictions is None else hidden_predictions[s, t, l]
-                    source = prefetch_source(prefetch, prediction, hidden_next, l, (L, E))
-                    for eid, pri in plan(source, l, prefetch):
-                        if eid not in cache and cache.insert_prefetch(eid, int(sizes[eid]), pri) is not None:
-                            issue(eid)
+                hidden_next = None if hidden_predictions is None else hidden_predictions[s, t, l]
+                for eid, pri in decisions.step(l, routed[t, l], hidden_next, cache):
+                    if cache.insert_prefetch(eid, int(sizes[eid]), pri) is not None:
+                        issue(eid)
                 if check_invariants:
                     cache.check_invariants()
                 now += layer_seconds
                 for eid in needed:
                     cache.unpin(eid)
-        predictor.end_sequence()
+        decisions.end_sequence()
     st = cache.stats()
     return ReplayStats(
         policy=policy, prefetch="none" if prefetch is None else prefetch.source, budget=int(budget),

@@ -48,7 +48,8 @@ class CacheIndex {
   CacheIndex(uint64_t budget, EvictionPolicy policy, uint32_t num_layers, uint32_t experts_per_layer,
              uint64_t max_expert_bytes);
 
-  // A demand access: counts a hit, an in-flight hit or a miss, and marks use.
+  // A demand access: counts a hit, an in-flight hit or a miss, and marks use. Its layer becomes
+  // the current layer (the activation policy's distances are counted from it).
   Lookup access(uint32_t id);
   // Takes back the counts of a miss whose fetch never happened (the cache was full until the caller
   // gave up): an acquire that fails is not an access.

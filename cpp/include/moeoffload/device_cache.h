@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "moeoffload/cache_index.h"
+#include "moeoffload/decision.h"
 #include "moeoffload/expert_store.h"
 #include "moeoffload/transfer_engine.h"
 
@@ -47,6 +48,9 @@ class DeviceCache {
   std::optional<Slot> pinned_slot(uint32_t id);
   bool closed() const { return closed_; }
   bool prefetch(uint32_t id, double priority);
+  // A decision step's outcome: the layer now running, the activation priorities, then the
+  // plan's prefetches in order. Returns the ids whose fetch started.
+  std::vector<uint32_t> apply(const Decision& decision);
   void set_current_layer(uint32_t layer);
   void set_activation(const float* a, size_t n);
 

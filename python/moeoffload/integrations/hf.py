@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -102,7 +103,13 @@ class Offload:
         self.codec = table.manifest["codec"]
         self.names = table.matrix_names
         cfg = None
-        if prefetch is not None and not (prefetch != "activation" and any(ml.router is None for ml in self.layers)):
+        lacking = [ml.name for ml in self.layers if ml.router is None or ml.norm is None]
+        if prefetch in ("hidden", "combined") and lacking:
+            warnings.warn(f"prefetch={prefetch!r} applies each MoE layer's router to the residual stream in front "
+                          f"of its norm, and {lacking[0]} has no router or norm moeoffload can find "
+                          "(models/adapters.py): prefetching from the activation history instead", stacklevel=3)
+            prefetch = "activation"
+        if prefetch is not None:
             k = int(getattr(model.config, "num_experts_per_tok", 2) or 2)
             # bench/cache_policies.py's tuned plan: twice top-k per layer, three layers ahead (the hidden
             # state predicts the next layer only)
@@ -167,13 +174,21 @@ class Offload:
                 self.begin_sequence()
             self._tokens += hidden.shape[0]
         ids = top_k_index.reshape(-1).cpu().numpy()
-        self.cache.record(layer, ids, hidden_next=self._hidden_next(layer))
-        kind = self.kinds[layer]
-        if kind is None or self.codec != "szp":
-            return self._forward_eager(layer, module, hidden, top_k_index, top_k_weights)
-        return self._forward_fused(layer, module, kind, np.unique(ids).tolist(), hidden, top_k_index, top_k_weights)
+        experts = np.unique(ids).tolist()
+        held: dict[int, object] = {}
+        try:
+            self._acquire_ahead(layer, experts, held)  # the layer's own fetches go first, and stay pinned
+            self.cache.record(layer, ids, hidden_next=self._hidden_next(layer))  # then the decision step prefetches
+            kind = self.kinds[layer]
+            if kind is None or self.codec != "szp":
+                return self._forward_eager(layer, module, held, hidden, top_k_index, top_k_weights)
+            return self._forward_fused(layer, module, kind, experts, held, hidden, top_k_index, top_k_weights)
+        finally:
+            for e in list(held):
+                del held[e]
+                self.cache.release(layer, e)
 
-    def _forward_fused(self, layer, module, kind, experts, hidden, top_k_index, top_k_weights):
+    def _forward_fused(self, layer, module, kind, experts, held, hidden, top_k_index, top_k_weights):
         out = torch.zeros_like(hidden)
         gu, down = (self.names.index(n) for n in expert_matrix_names(module))
         handle = self.cache.handle
@@ -190,40 +205,40 @@ class Offload:
             y = y * top_k_weights[token_idx, pos, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
 
-        self._each_acquired(layer, experts, run)
+        self._each_acquired(layer, experts, held, run)
         return out
 
-    def _each_acquired(self, layer: int, experts: list[int], fn) -> None:
-        """fn(expert, slot) for every expert, acquiring ahead (copies overlap compute) as far as the budget allows."""
-        held: list[tuple[int, object]] = []
+    def _acquire_ahead(self, layer: int, experts: list[int], held: dict) -> None:
+        """Pins `experts` in order into `held` (their copies start now and overlap compute) until the budget
+        has no free slot; only the first acquire may wait for room (while this thread holds pins, waiting
+        would wait for itself)."""
+        for e in experts:
+            if e in held:
+                continue
+            try:
+                held[e] = self.cache.acquire(layer, e, timeout=0.0 if held else 10.0)
+            except CacheFullError:
+                if not held:
+                    raise
+                return
 
-        def drain() -> None:
-            while held:
-                e, slot = held.pop(0)
-                try:
-                    fn(e, slot)
-                finally:
-                    self.cache.release(layer, e)
-
-        try:
-            for e in experts:
-                try:  # while this thread holds pins, waiting for room would wait for itself
-                    slot = self.cache.acquire(layer, e, timeout=0.0 if held else 10.0)
-                except CacheFullError:
-                    if not held:
-                        raise
-                    drain()
-                    slot = self.cache.acquire(layer, e)
-                held.append((e, slot))
-            drain()
-        finally:
-            for e, _ in held:
+    def _each_acquired(self, layer: int, experts: list[int], held: dict, fn) -> None:
+        """fn(expert, slot) for every expert in order, releasing each after its fn; the slots `held` holds
+        were acquired ahead, the rest as room frees up (held is always a run of `experts` from the current)."""
+        for i, e in enumerate(experts):
+            if e not in held:
+                self._acquire_ahead(layer, experts[i:], held)
+            slot = held[e]
+            try:
+                fn(e, slot)
+            finally:
+                del held[e]
                 self.cache.release(layer, e)
 
-    def _forward_eager(self, layer, module, hidden, top_k_index, top_k_weights):
+    def _forward_eager(self, layer, module, held, hidden, top_k_index, top_k_weights):
         """The family's own eager forward, its expert weights read from the slots (views of raw bytes, or
         decoded): exact for codec "none"; the unfused variant for gates the fused kernel does not know."""
-        weights = _SlotWeights(self, layer)
+        weights = _SlotWeights(self, layer, held)
         proxy = _ExpertsView(module, weights)
         try:
             return type(module).forward.__wrapped__(proxy, hidden, top_k_index, top_k_weights)
@@ -278,12 +293,14 @@ class Offload:
 
 
 class _SlotWeights:
-    """gate_up_proj / down_proj / up_proj of one experts module as the eager code indexes them: [e] acquires
-    expert e (once per forward), returns the matrix read from its slot; all released at the end."""
+    """gate_up_proj / down_proj / up_proj of one experts module as the eager code indexes them: [e] reads
+    expert e's matrix from its slot (`held`: the slots acquired ahead; others are acquired here, once per
+    forward); all released at the end."""
 
-    def __init__(self, off: Offload, layer: int):
+    def __init__(self, off: Offload, layer: int, held: dict):
         self.off, self.layer, self.device = off, layer, off.device
-        self.held: dict[int, object] = {}
+        self.held = held
+        self.landed: set[int] = set()
 
     def matrix(self, name: str, e) -> torch.Tensor:
         e = int(e)
@@ -295,12 +312,15 @@ class _SlotWeights:
                 self.release()
                 slot = self.off.cache.acquire(self.layer, e)
             self.held[e] = slot
+        if e not in self.landed:
             self.off._wait(slot)
+            self.landed.add(e)
         return self.off._matrix_tensor(self.layer, e, slot, name, self.device)
 
     def release(self) -> None:
         for e in list(self.held):
             del self.held[e]
+            self.landed.discard(e)
             self.off.cache.release(self.layer, e)
 
 
