@@ -196,3 +196,28 @@ def test_decision_step_sets_the_cache_index_priorities():
     for eid in range(L * E):  # the index took the prediction, distances counted from layer 1
         layer, e = divmod(eid, E)
         assert idx.activation_priority(eid) == pytest.approx(pred[layer, e] * (1 - ((layer - 1) % L) / L))
+
+
+def test_incremental_matching_gives_the_history_predict_bits():
+    """The decision step's incremental matcher equals ActivationHistory.predict exactly, also after the
+    history changes under it (another sequence added, the oldest dropped)."""
+    rng = np.random.default_rng(5)
+    L, E = 6, 16
+    hist = _native.ActivationHistory(L, E, 8)
+    for _ in range(8):
+        hist.add(rng.integers(0, 5, (L, E)).astype(np.uint32).ravel())
+    step = decision_step(L, E, PrefetchConfig(top_matches=3), "activation", history=hist, self_weight=0.0)
+    tracer = _native.ActivationTracer(L, E)
+    for s in range(3):
+        step.begin_sequence()
+        tracer.begin_sequence()
+        for t in range(4):
+            for l in range(L):
+                ids = rng.choice(E, 3, replace=False).astype(np.uint32)
+                step.step(l, ids)
+                tracer.record(l, ids)
+                want = hist.predict(tracer.matrix().ravel(), tracer.layers_seen, 3).reshape(L, E)
+                np.testing.assert_array_equal(step.prediction(), want)
+                if t == 1 and l == 2:  # the history changes mid-sequence
+                    hist.add(rng.integers(0, 5, (L, E)).astype(np.uint32).ravel())
+        step.end_sequence()

@@ -132,3 +132,119 @@ def test_budget_holds_on_every_step_of_a_random_workload():
                 c.mark_ready(loading.pop(0))
             assert c.used_bytes <= c.budget
             c.check_invariants()
+
+
+class _ReferenceIndex:
+    """The eviction rules of CacheIndex written plainly (equal-size slots): the victim is the evictable
+    (ready, unpinned) entry of the smallest key, ties to the smaller id; a prefetch displaces only
+    entries of lower activation priority."""
+
+    def __init__(self, slots, policy, L, E):
+        self.slots, self.policy, self.L, self.E = slots, policy, L, E
+        self.entries, self.clock, self.layer = {}, 0, 0
+        self.act = np.full(L * E, 1.0 / E, np.float32)
+
+    def priority(self, i):
+        d = (i // self.E - self.layer) % self.L
+        return float(self.act[i]) * (1.0 - d / self.L)
+
+    def key(self, i):
+        e = self.entries[i]
+        return {"lru": (e["last"], 0), "lfu": (e["uses"], e["last"]),
+                "activation": (self.priority(i), e["last"])}[self.policy]
+
+    def victims(self, below=None):
+        ok = [i for i, e in self.entries.items() if not e["pins"] and not e["loading"]
+              and (below is None or self.priority(i) < below)]
+        return sorted(ok, key=lambda i: (self.key(i), i))
+
+    def access(self, i):
+        self.layer = i // self.E
+        e = self.entries.get(i)
+        if e is None:
+            return MISS
+        self.clock += 1
+        e["last"], e["uses"] = self.clock, e["uses"] + 1
+        return IN_FLIGHT if e["loading"] else HIT
+
+    def place(self, i, prefetched):
+        self.clock += 1
+        self.entries[i] = {"last": self.clock, "uses": 0 if prefetched else 1, "pins": 0, "loading": True}
+
+    def insert_demand(self, i):
+        evicted = []
+        while len(self.entries) >= self.slots:
+            v = self.victims()
+            if not v:
+                raise CacheFullError("full")
+            evicted.append(v[0])
+            del self.entries[v[0]]
+        self.place(i, False)
+        return evicted
+
+    def insert_prefetch(self, i, p):
+        if i in self.entries:
+            return None
+        evicted = []
+        if len(self.entries) >= self.slots:
+            v = self.victims(below=p)
+            if not v:
+                return None
+            evicted.append(v[0])
+            del self.entries[v[0]]
+        self.place(i, True)
+        return evicted
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "activation"])
+def test_victims_match_the_plain_rules_on_a_random_workload(policy):
+    """The victim list CacheIndex keeps between priority changes picks what a full scan would, on a
+    random mix of accesses, demand and prefetch inserts, pins, landings and priority changes."""
+    rng = np.random.default_rng({"lru": 1, "lfu": 2, "activation": 3}[policy])
+    L, E, slots = 4, 24, 20
+    c = _native.CacheIndex(slots * SLOT, policy, L, E, 1000)
+    ref = _ReferenceIndex(slots, policy, L, E)
+    pinned = []
+    for step in range(4000):
+        op = rng.random()
+        if op < 0.05:
+            a = rng.random(L * E).astype(np.float32)
+            a[rng.random(L * E) < 0.3] = 0.25  # ties, so the id order matters
+            c.set_activation(a)
+            ref.act = a
+        elif op < 0.08:
+            layer = int(rng.integers(L))
+            c.set_current_layer(layer)
+            ref.layer = layer
+        elif op < 0.55:
+            i = int(rng.integers(L * E))
+            r = c.access(i)
+            assert r == ref.access(i)
+            if r == MISS:
+                try:
+                    want = ref.insert_demand(i)
+                except CacheFullError:
+                    with pytest.raises(CacheFullError):
+                        c.insert_demand(i, 1000)
+                    continue
+                assert c.insert_demand(i, 1000)[1] == want
+            if rng.random() < 0.3:
+                c.pin(i)
+                ref.entries[i]["pins"] += 1
+                pinned.append(i)
+        elif op < 0.8:
+            i, p = int(rng.integers(L * E)), float(rng.random())
+            got, want = c.insert_prefetch(i, 1000, p), ref.insert_prefetch(i, p)
+            assert (got is None) == (want is None) and (got is None or got[1] == want)
+        elif op < 0.92:
+            loading = [i for i, e in ref.entries.items() if e["loading"]]
+            if loading:
+                i = loading[int(rng.integers(len(loading)))]
+                c.mark_ready(i)
+                ref.entries[i]["loading"] = False
+        elif pinned:
+            i = pinned.pop(int(rng.integers(len(pinned))))
+            c.unpin(i)
+            ref.entries[i]["pins"] -= 1
+        assert c.resident() == sorted(ref.entries)
+    c.check_invariants()

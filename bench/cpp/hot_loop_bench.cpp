@@ -30,7 +30,7 @@ constexpr uint64_t kExpertBytes = 1'600'000;  // about a szp Qwen3-30B-A3B exper
 void BM_decision_step(benchmark::State& state) {
   const auto source = static_cast<PrefetchSource>(state.range(0));
   std::mt19937 gen(7);
-  auto history = std::make_shared<ActivationHistory>(kLayers, kExperts, 512);
+  auto history = std::make_shared<ActivationHistory>(kLayers, kExperts, 64);  // full: steady state
   std::vector<uint32_t> counts(static_cast<size_t>(kLayers) * kExperts);
   for (int s = 0; s < 64; ++s) {
     for (auto& c : counts) c = gen() % 4;

@@ -44,76 +44,89 @@ void ActivationHistory::check_size(size_t n) const {
 
 bool ActivationHistory::add(const uint32_t* counts, size_t n) {
   check_size(n);
-  std::vector<uint32_t> m(counts, counts + n);
-  if (std::all_of(m.begin(), m.end(), [](uint32_t c) { return c == 0; })) return false;
+  Stored st;
+  st.counts.assign(counts, counts + n);
+  if (std::all_of(st.counts.begin(), st.counts.end(), [](uint32_t c) { return c == 0; })) return false;
   std::lock_guard<std::mutex> lock(mu_);
-  if (std::find(counts_.begin(), counts_.end(), m) != counts_.end()) return false;
-  std::vector<float> norm(n, 0.0f);
+  for (const auto& other : stored_)
+    if (other.counts == st.counts) return false;
+  st.normalised.assign(n, 0.0f);
+  st.prefix_sq.assign(num_layers_ + 1, 0.0);
   for (uint32_t l = 0; l < num_layers_; ++l) {
     const uint32_t* row = counts + static_cast<size_t>(l) * experts_per_layer_;
+    float* out = st.normalised.data() + static_cast<size_t>(l) * experts_per_layer_;
     const double sum = std::accumulate(row, row + experts_per_layer_, 0.0);
+    double sq = 0.0;
     if (sum > 0)
-      for (uint32_t e = 0; e < experts_per_layer_; ++e)
-        norm[static_cast<size_t>(l) * experts_per_layer_ + e] = static_cast<float>(row[e] / sum);
+      for (uint32_t e = 0; e < experts_per_layer_; ++e) {
+        out[e] = static_cast<float>(row[e] / sum);
+        sq += static_cast<double>(out[e]) * out[e];
+      }
+    st.prefix_sq[l + 1] = st.prefix_sq[l] + sq;
   }
-  counts_.push_back(std::move(m));
-  normalised_.push_back(std::move(norm));
-  while (counts_.size() > capacity_) {
-    counts_.pop_front();
-    normalised_.pop_front();
-  }
+  stored_.push_back(std::move(st));
+  while (stored_.size() > capacity_) stored_.pop_front();
+  version_ += 1;
   return true;
 }
 
 size_t ActivationHistory::size() const {
   std::lock_guard<std::mutex> lock(mu_);
-  return counts_.size();
+  return stored_.size();
 }
 
 std::vector<uint32_t> ActivationHistory::flat() const {
   std::lock_guard<std::mutex> lock(mu_);
   std::vector<uint32_t> out;
-  for (auto& m : counts_) out.insert(out.end(), m.begin(), m.end());
+  for (auto& m : stored_) out.insert(out.end(), m.counts.begin(), m.counts.end());
   return out;
 }
 
 void ActivationHistory::clear() {
   std::lock_guard<std::mutex> lock(mu_);
-  counts_.clear();
-  normalised_.clear();
+  stored_.clear();
+  version_ += 1;
 }
 
-void ActivationHistory::predict(const uint32_t* current, size_t n, uint32_t layers_seen, uint32_t top_matches,
-                                float* out) const {
-  check_size(n);
-  if (layers_seen > num_layers_) layers_seen = num_layers_;
-  std::lock_guard<std::mutex> lock(mu_);
+double ActivationHistory::normalise_row(const uint32_t* current, uint32_t layer, double* row) const {
+  const uint32_t* c = current + static_cast<size_t>(layer) * experts_per_layer_;
+  const double sum = std::accumulate(c, c + experts_per_layer_, 0.0);
+  double sq = 0.0;
+  for (uint32_t e = 0; e < experts_per_layer_; ++e) {
+    row[e] = sum > 0 ? c[e] / sum : 0.0;
+    sq += row[e] * row[e];
+  }
+  return sq;
+}
+
+double ActivationHistory::row_dot(const double* row, const Stored& s, uint32_t layer) const {
+  const float* v = s.normalised.data() + static_cast<size_t>(layer) * experts_per_layer_;
+  double dot = 0.0;
+  for (uint32_t e = 0; e < experts_per_layer_; ++e) dot += row[e] * v[e];
+  return dot;
+}
+
+// Cosine similarity of the current rows [0, layers_seen) with the same rows of
+// each stored matrix; stored matrices are compared row-normalised so a long
+// sequence does not outweigh a short one. Sums run row by row in order, the
+// same in predict() and in ActivationMatcher, so both give the same bits.
+void ActivationHistory::average_best(const std::vector<double>& dots, const std::vector<double>& cur_sq,
+                                     uint32_t layers_seen, uint32_t top_matches, float* out) const {
+  const size_t n = static_cast<size_t>(num_layers_) * experts_per_layer_;
   std::fill(out, out + n, 0.0f);
-  if (counts_.empty()) {
+  if (stored_.empty()) {
     std::fill(out, out + n, 1.0f / experts_per_layer_);
     return;
   }
-  // Cosine similarity of the current rows [0, layers_seen) with the same rows
-  // of each stored matrix; stored matrices are compared row-normalised so a
-  // long sequence does not outweigh a short one.
-  const size_t m = static_cast<size_t>(layers_seen) * experts_per_layer_;
-  std::vector<double> cur(m);
-  for (uint32_t l = 0; l < layers_seen; ++l) {
-    const uint32_t* row = current + static_cast<size_t>(l) * experts_per_layer_;
-    const double sum = std::accumulate(row, row + experts_per_layer_, 0.0);
-    for (uint32_t e = 0; e < experts_per_layer_; ++e)
-      cur[static_cast<size_t>(l) * experts_per_layer_ + e] = sum > 0 ? row[e] / sum : 0.0;
-  }
-  const double cur_norm = std::sqrt(std::inner_product(cur.begin(), cur.end(), cur.begin(), 0.0));
+  double cur_sq_sum = 0.0;
+  for (uint32_t l = 0; l < layers_seen; ++l) cur_sq_sum += cur_sq[l];
+  const double cur_norm = std::sqrt(cur_sq_sum);
   std::vector<std::pair<double, size_t>> sims;
-  sims.reserve(normalised_.size());
-  for (size_t i = 0; i < normalised_.size(); ++i) {
-    const auto& s = normalised_[i];
-    double dot = 0, nn = 0;
-    for (size_t j = 0; j < m; ++j) {
-      dot += cur[j] * s[j];
-      nn += static_cast<double>(s[j]) * s[j];
-    }
+  sims.reserve(stored_.size());
+  for (size_t i = 0; i < stored_.size(); ++i) {
+    double dot = 0.0;
+    for (uint32_t l = 0; l < layers_seen; ++l) dot += dots[i * num_layers_ + l];
+    const double nn = stored_[i].prefix_sq[layers_seen];
     const double sim = (cur_norm > 0 && nn > 0) ? dot / (cur_norm * std::sqrt(nn)) : 0.0;
     sims.emplace_back(sim, i);
   }
@@ -121,9 +134,61 @@ void ActivationHistory::predict(const uint32_t* current, size_t n, uint32_t laye
   std::partial_sort(sims.begin(), sims.begin() + k, sims.end(),
                     [](auto& a, auto& b) { return a.first > b.first || (a.first == b.first && a.second > b.second); });
   for (size_t r = 0; r < k; ++r) {
-    const auto& s = normalised_[sims[r].second];
+    const auto& s = stored_[sims[r].second].normalised;
     for (size_t j = 0; j < n; ++j) out[j] += s[j] / static_cast<float>(k);
   }
+}
+
+void ActivationHistory::predict(const uint32_t* current, size_t n, uint32_t layers_seen, uint32_t top_matches,
+                                float* out) const {
+  check_size(n);
+  if (layers_seen > num_layers_) layers_seen = num_layers_;
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<double> row(experts_per_layer_), cur_sq(num_layers_, 0.0);
+  std::vector<double> dots(stored_.size() * num_layers_, 0.0);
+  for (uint32_t l = 0; l < layers_seen; ++l) {
+    cur_sq[l] = normalise_row(current, l, row.data());
+    for (size_t i = 0; i < stored_.size(); ++i) dots[i * num_layers_ + l] = row_dot(row.data(), stored_[i], l);
+  }
+  average_best(dots, cur_sq, layers_seen, top_matches, out);
+}
+
+ActivationMatcher::ActivationMatcher(const ActivationHistory& history) : history_(history) {
+  const uint32_t L = history.num_layers();
+  cur_.assign(static_cast<size_t>(L) * history.experts_per_layer(), 0.0);
+  cur_sq_.assign(L, 0.0);
+  stale_.assign(L, 1);
+}
+
+void ActivationMatcher::begin_sequence() {
+  std::fill(cur_.begin(), cur_.end(), 0.0);
+  std::fill(cur_sq_.begin(), cur_sq_.end(), 0.0);
+  std::fill(stale_.begin(), stale_.end(), 1);
+}
+
+void ActivationMatcher::update(const uint32_t* counts, uint32_t layer) {
+  const uint32_t E = history_.experts_per_layer();
+  cur_sq_[layer] = history_.normalise_row(counts, layer, cur_.data() + static_cast<size_t>(layer) * E);
+  stale_[layer] = 1;
+}
+
+void ActivationMatcher::predict(uint32_t layers_seen, uint32_t top_matches, float* out) {
+  const uint32_t L = history_.num_layers(), E = history_.experts_per_layer();
+  if (layers_seen > L) layers_seen = L;
+  std::lock_guard<std::mutex> lock(history_.mu_);
+  const size_t H = history_.stored_.size();
+  if (history_.version_ != version_ || dots_.size() != H * L) {
+    dots_.assign(H * L, 0.0);
+    std::fill(stale_.begin(), stale_.end(), 1);
+    version_ = history_.version_;
+  }
+  for (uint32_t l = 0; l < layers_seen; ++l) {
+    if (!stale_[l]) continue;
+    const double* row = cur_.data() + static_cast<size_t>(l) * E;
+    for (size_t i = 0; i < H; ++i) dots_[i * L + l] = history_.row_dot(row, history_.stored_[i], l);
+    stale_[l] = 0;
+  }
+  history_.average_best(dots_, cur_sq_, layers_seen, top_matches, out);
 }
 
 }  // namespace moeoffload

@@ -25,7 +25,8 @@ const char* eviction_policy_name(EvictionPolicy p) {
 
 CacheIndex::CacheIndex(uint64_t budget, EvictionPolicy policy, uint32_t num_layers, uint32_t experts_per_layer,
                        uint64_t max_expert_bytes)
-    : budget_(budget), policy_(policy), num_layers_(num_layers), experts_per_layer_(experts_per_layer), arena_(budget) {
+    : budget_(budget), policy_(policy), num_layers_(num_layers), experts_per_layer_(experts_per_layer), arena_(budget),
+      entries_(static_cast<size_t>(num_layers) * experts_per_layer) {
   if (num_layers == 0 || experts_per_layer == 0)
     throw Error(ErrorKind::InvalidArgument, "a cache needs at least one layer and one expert");
   if (max_expert_bytes == 0) throw Error(ErrorKind::InvalidArgument, "max_expert_bytes must be positive");
@@ -36,6 +37,7 @@ CacheIndex::CacheIndex(uint64_t budget, EvictionPolicy policy, uint32_t num_laye
                                        "): raise the budget");
   // Until a prediction arrives every expert is equally likely.
   activation_.assign(static_cast<size_t>(num_layers) * experts_per_layer, 1.0f / experts_per_layer);
+  set_layer(0);
 }
 
 void CacheIndex::check_id(uint32_t id) const {
@@ -46,27 +48,28 @@ void CacheIndex::check_id(uint32_t id) const {
 }
 
 CacheIndex::Entry& CacheIndex::entry(uint32_t id) {
-  auto it = entries_.find(id);
-  if (it == entries_.end()) throw Error(ErrorKind::InvalidArgument, "expert " + std::to_string(id) + " is not cached");
-  return it->second;
+  Entry* e = entries_.find(id);
+  if (!e) throw Error(ErrorKind::InvalidArgument, "expert " + std::to_string(id) + " is not cached");
+  return *e;
 }
 
 const CacheIndex::Entry& CacheIndex::entry(uint32_t id) const { return const_cast<CacheIndex*>(this)->entry(id); }
 
 Lookup CacheIndex::access(uint32_t id) {
   check_id(id);
-  current_layer_ = id / experts_per_layer_;  // a demand access names the layer that runs now
+  set_layer(id / experts_per_layer_);  // a demand access names the layer that runs now
   stats_.accesses += 1;
-  auto it = entries_.find(id);
-  if (it == entries_.end()) {
+  Entry* found = entries_.find(id);
+  if (!found) {
     stats_.misses += 1;
     return Lookup::Miss;
   }
-  Entry& e = it->second;
+  Entry& e = *found;
   if (e.prefetched && !e.used) stats_.prefetch_hits += 1;
   e.used = true;
   e.last_use = ++clock_;
   e.uses += 1;
+  note_victim(id, e);  // its key grew
   if (e.loading) {
     stats_.inflight_hits += 1;
     return Lookup::InFlight;
@@ -81,26 +84,61 @@ void CacheIndex::uncount_miss() {
 }
 
 double CacheIndex::activation_priority(uint32_t id) const {
-  const uint32_t layer = id / experts_per_layer_;
-  const uint32_t dist = (layer + num_layers_ - current_layer_) % num_layers_;
-  return activation_[id] * (1.0 - static_cast<double>(dist) / num_layers_);
+  check_id(id);
+  return activation_[id] * distance_weight_[id / experts_per_layer_];
+}
+
+void CacheIndex::set_layer(uint32_t layer) {
+  if (layer == current_layer_ && !distance_weight_.empty()) return;
+  current_layer_ = layer;
+  if (policy_ == EvictionPolicy::Activation) order_epoch_ += 1;  // the keys of lru and lfu do not change
+  distance_weight_.resize(num_layers_);
+  for (uint32_t l = 0; l < num_layers_; ++l) {
+    const uint32_t dist = (l + num_layers_ - layer) % num_layers_;
+    distance_weight_[l] = 1.0 - static_cast<double>(dist) / num_layers_;
+  }
 }
 
 CacheIndex::Key CacheIndex::victim_key(uint32_t id, const Entry& e) const {
   switch (policy_) {
     case EvictionPolicy::Lru: return {static_cast<double>(e.last_use), 0.0};
     case EvictionPolicy::Lfu: return {static_cast<double>(e.uses), static_cast<double>(e.last_use)};
-    case EvictionPolicy::Activation: return {activation_priority(id), static_cast<double>(e.last_use)};
+    case EvictionPolicy::Activation: return {priority_of(id, e), static_cast<double>(e.last_use)};
   }
   return {0.0, 0.0};
 }
 
-std::optional<uint32_t> CacheIndex::pick_victim(std::optional<double> below_activation) const {
+std::optional<uint32_t> CacheIndex::pick_victim(std::optional<double> below_activation) {
+  // Victims come from one sorted list of the smallest keys (victims_), made once per change of the
+  // activation priorities or the layer (order_epoch_) and kept in order as entries change: every
+  // evictable entry outside it has a key no smaller than its last. A full scan only when the list
+  // is used up while entries remain outside it.
+  if (victims_epoch_ != order_epoch_) {
+    victims_.clear();
+    for (const auto& [id, e] : entries_)
+      if (e.pins == 0 && !e.loading) victims_.emplace_back(victim_key(id, e), id);
+    victims_complete_ = victims_.size() <= kVictimList;
+    if (!victims_complete_) {
+      std::nth_element(victims_.begin(), victims_.begin() + kVictimList, victims_.end());
+      victims_.resize(kVictimList);
+    }
+    std::sort(victims_.begin(), victims_.end());
+    victims_epoch_ = order_epoch_;
+  }
+  if (victims_epoch_ == order_epoch_) {
+    for (const auto& [key, id] : victims_) {
+      const Entry* e = entries_.find(id);
+      if (!e || e->pins > 0 || e->loading) continue;  // evicted since (or evicted and placed again)
+      if (below_activation && !(priority_of(id, *e) < *below_activation)) continue;
+      return id;
+    }
+    if (victims_complete_) return std::nullopt;
+  }
   std::optional<uint32_t> best;
   Key best_key{std::numeric_limits<double>::infinity(), 0.0};
   for (const auto& [id, e] : entries_) {
     if (e.pins > 0 || e.loading) continue;
-    if (below_activation && !(activation_priority(id) < *below_activation)) continue;
+    if (below_activation && !(priority_of(id, e) < *below_activation)) continue;
     Key k = victim_key(id, e);
     if (!best || k < best_key || (k == best_key && id < *best)) {
       best = id;
@@ -110,7 +148,23 @@ std::optional<uint32_t> CacheIndex::pick_victim(std::optional<double> below_acti
   return best;
 }
 
+void CacheIndex::drop_victim(uint32_t id) {
+  if (victims_epoch_ != order_epoch_) return;
+  victims_.erase(std::remove_if(victims_.begin(), victims_.end(), [id](const auto& v) { return v.second == id; }),
+                 victims_.end());
+}
+
+void CacheIndex::note_victim(uint32_t id, const Entry& e) {
+  if (victims_epoch_ != order_epoch_) return;
+  drop_victim(id);
+  if (e.pins > 0 || e.loading) return;
+  const std::pair<Key, uint32_t> item{victim_key(id, e), id};
+  if (!victims_complete_ && (victims_.empty() || !(item < victims_.back()))) return;  // stays outside
+  victims_.insert(std::upper_bound(victims_.begin(), victims_.end(), item), item);
+}
+
 void CacheIndex::evict(uint32_t id, std::vector<uint32_t>* evicted) {
+  drop_victim(id);
   Entry& e = entry(id);
   if (e.prefetched && !e.used) stats_.prefetch_unused += 1;
   arena_.free(e.offset);
@@ -120,7 +174,7 @@ void CacheIndex::evict(uint32_t id, std::vector<uint32_t>* evicted) {
 }
 
 uint64_t CacheIndex::place(uint32_t id, uint64_t bytes, bool prefetched, uint64_t offset) {
-  Entry e{bytes, offset};
+  Entry e{bytes, offset, id / experts_per_layer_};
   e.prefetched = prefetched;
   // A demand fetch is used at once; its access was counted already.
   e.used = !prefetched;
@@ -158,42 +212,51 @@ std::optional<uint64_t> CacheIndex::insert_prefetch(uint32_t id, uint64_t bytes,
   // Evict only when the victims free enough bytes, so a refused prefetch changes nothing.
   const uint64_t need = Arena::slot_size(bytes);
   if (need > arena_.capacity()) return std::nullopt;
-  if (arena_.capacity() - arena_.used() < need) {
-    uint64_t reclaimable = arena_.capacity() - arena_.used();
-    for (const auto& [other, e] : entries_)
-      if (e.pins == 0 && !e.loading && activation_priority(other) < priority) reclaimable += Arena::slot_size(e.bytes);
-    if (reclaimable < need) return std::nullopt;
-  }
+  if (auto off = arena_.allocate(bytes)) return place(id, bytes, true, *off);
+  // Evict only when the entries it may displace (ready, unpinned, of lower activation priority)
+  // free enough bytes, so a refused prefetch changes nothing; the scan stops once they do.
+  uint64_t reclaimable = arena_.capacity() - arena_.used();
+  for (auto it = entries_.begin(); it != entries_.end() && reclaimable < need; ++it)
+    if (it->second.pins == 0 && !it->second.loading && priority_of(it->first, it->second) < priority)
+      reclaimable += Arena::slot_size(it->second.bytes);
+  if (reclaimable < need) return std::nullopt;
   for (;;) {
-    if (auto off = arena_.allocate(bytes)) return place(id, bytes, true, *off);
     auto victim = pick_victim(priority);
-    if (!victim) return std::nullopt;  // fragmentation: enough bytes, no contiguous range
+    if (!victim) break;
     evict(*victim, evicted);
+    if (auto off = arena_.allocate(bytes)) return place(id, bytes, true, *off);
   }
+  return std::nullopt;  // fragmentation: enough bytes, no contiguous range
 }
 
-void CacheIndex::mark_ready(uint32_t id) { entry(id).loading = false; }
+void CacheIndex::mark_ready(uint32_t id) {
+  Entry& e = entry(id);
+  e.loading = false;
+  note_victim(id, e);
+}
 
 void CacheIndex::abort_loading(uint32_t id) {
   Entry& e = entry(id);
   if (!e.loading) throw Error(ErrorKind::InvalidArgument, "expert " + std::to_string(id) + " is not loading");
+  drop_victim(id);
   arena_.free(e.offset);
   entries_.erase(id);
 }
 
-void CacheIndex::pin(uint32_t id) { entry(id).pins += 1; }
+void CacheIndex::pin(uint32_t id) { entry(id).pins += 1; }  // victims_ skips pinned entries
 
 void CacheIndex::unpin(uint32_t id) {
   Entry& e = entry(id);
   if (e.pins <= 0) throw Error(ErrorKind::InvalidArgument, "expert " + std::to_string(id) + " is not in use");
   e.pins -= 1;
+  note_victim(id, e);
 }
 
 void CacheIndex::set_current_layer(uint32_t layer) {
   if (layer >= num_layers_)
     throw Error(ErrorKind::InvalidArgument, "layer " + std::to_string(layer) + " out of range (" +
                                                 std::to_string(num_layers_) + " layers)");
-  current_layer_ = layer;
+  set_layer(layer);
 }
 
 void CacheIndex::set_activation(const float* a, size_t n) {
@@ -201,21 +264,22 @@ void CacheIndex::set_activation(const float* a, size_t n) {
     throw Error(ErrorKind::Shape, "activation needs " + std::to_string(activation_.size()) + " values (layers x experts), got " +
                                       std::to_string(n));
   activation_.assign(a, a + n);
+  if (policy_ == EvictionPolicy::Activation) order_epoch_ += 1;
 }
 
 bool CacheIndex::ready(uint32_t id) const {
-  auto it = entries_.find(id);
-  return it != entries_.end() && !it->second.loading;
+  const Entry* e = entries_.find(id);
+  return e && !e->loading;
 }
 
 bool CacheIndex::loading(uint32_t id) const {
-  auto it = entries_.find(id);
-  return it != entries_.end() && it->second.loading;
+  const Entry* e = entries_.find(id);
+  return e && e->loading;
 }
 
 int CacheIndex::pins(uint32_t id) const {
-  auto it = entries_.find(id);
-  return it == entries_.end() ? 0 : it->second.pins;
+  const Entry* e = entries_.find(id);
+  return e ? e->pins : 0;
 }
 
 uint64_t CacheIndex::offset(uint32_t id) const { return entry(id).offset; }

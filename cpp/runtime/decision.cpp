@@ -17,15 +17,24 @@ PrefetchSource parse_prefetch_source(const std::string& name) {
               "prefetch source must be 'none', 'activation', 'hidden' or 'combined', got '" + name + "'");
 }
 
+namespace {
+
+const ActivationHistory& checked(std::shared_ptr<ActivationHistory>& history, uint32_t num_layers,
+                                 uint32_t experts_per_layer) {
+  if (!history) history = std::make_shared<ActivationHistory>(num_layers, experts_per_layer, 512);
+  if (history->num_layers() != num_layers || history->experts_per_layer() != experts_per_layer)
+    throw Error(ErrorKind::Shape, "the activation history is " + std::to_string(history->num_layers()) + " x " +
+                                      std::to_string(history->experts_per_layer()) + ", the decision step " +
+                                      std::to_string(num_layers) + " x " + std::to_string(experts_per_layer));
+  return *history;
+}
+
+}  // namespace
+
 DecisionStep::DecisionStep(uint32_t num_layers, uint32_t experts_per_layer, std::shared_ptr<ActivationHistory> history,
                            const DecisionConfig& config)
     : num_layers_(num_layers), experts_per_layer_(experts_per_layer), history_(std::move(history)), config_(config),
-      tracer_(num_layers, experts_per_layer) {
-  if (!history_) history_ = std::make_shared<ActivationHistory>(num_layers, experts_per_layer, 512);
-  if (history_->num_layers() != num_layers || history_->experts_per_layer() != experts_per_layer)
-    throw Error(ErrorKind::Shape, "the activation history is " + std::to_string(history_->num_layers()) + " x " +
-                                      std::to_string(history_->experts_per_layer()) + ", the decision step " +
-                                      std::to_string(num_layers) + " x " + std::to_string(experts_per_layer));
+      tracer_(num_layers, experts_per_layer), matcher_(checked(history_, num_layers, experts_per_layer)) {
   if (!(config.recency > 0.0 && config.recency <= 1.0))
     throw Error(ErrorKind::InvalidArgument, "recency must be in (0, 1], got " + std::to_string(config.recency));
   if (!(config.self_weight >= 0.0) || !std::isfinite(config.self_weight))
@@ -44,6 +53,7 @@ bool DecisionStep::predicts() const {
 
 void DecisionStep::begin_sequence() {
   tracer_.begin_sequence();
+  matcher_.begin_sequence();
   std::fill(own_.begin(), own_.end(), 0.0f);
 }
 
@@ -53,8 +63,7 @@ bool DecisionStep::end_sequence() {
 }
 
 void DecisionStep::predict() {
-  const auto& m = tracer_.matrix();
-  history_->predict(m.data(), m.size(), tracer_.layers_seen(), config_.top_matches, prediction_.data());
+  matcher_.predict(tracer_.layers_seen(), config_.top_matches, prediction_.data());
   if (config_.self_weight <= 0.0) return;
   // The sequence's own rows so far are one more match, weighted self_weight.
   const float w = static_cast<float>(config_.self_weight);
@@ -85,6 +94,7 @@ const Decision& DecisionStep::step(uint32_t layer, const uint32_t* experts, size
         throw Error(ErrorKind::InvalidArgument, "the next layer's router probabilities hold a non-finite value");
   }
   tracer_.record(layer, experts, n);  // checks the ids before anything changes
+  matcher_.update(tracer_.matrix().data(), layer);
   float* own = own_.data() + static_cast<size_t>(layer) * experts_per_layer_;
   if (config_.recency != 1.0)
     for (uint32_t e = 0; e < experts_per_layer_; ++e) own[e] *= static_cast<float>(config_.recency);

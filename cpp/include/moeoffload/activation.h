@@ -52,12 +52,46 @@ class ActivationHistory {
   void predict(const uint32_t* current, size_t n, uint32_t layers_seen, uint32_t top_matches, float* out) const;
 
  private:
+  friend class ActivationMatcher;
+  struct Stored {
+    std::vector<uint32_t> counts;
+    std::vector<float> normalised;  // rows sum to 1 (zero rows stay 0)
+    std::vector<double> prefix_sq;  // [layers + 1]: sum of squared normalised values of the rows before
+  };
   void check_size(size_t n) const;
+  // Row l of `current` normalised into `row` (double); returns its sum of squares.
+  double normalise_row(const uint32_t* current, uint32_t layer, double* row) const;
+  double row_dot(const double* row, const Stored& s, uint32_t layer) const;
+  // Cosine similarities from per-row dot products (dots[i * layers + l]), then the best matches averaged.
+  void average_best(const std::vector<double>& dots, const std::vector<double>& cur_sq, uint32_t layers_seen,
+                    uint32_t top_matches, float* out) const;
   uint32_t num_layers_, experts_per_layer_;
   size_t capacity_;
   mutable std::mutex mu_;
-  std::deque<std::vector<uint32_t>> counts_;
-  std::deque<std::vector<float>> normalised_;  // rows sum to 1 (zero rows stay 0)
+  std::deque<Stored> stored_;
+  uint64_t version_ = 0;  // bumped by every change of stored_
+};
+
+// ActivationHistory::predict for one sequence as it grows, giving the same
+// values bit for bit: it keeps each stored matrix's dot product with each of
+// the sequence's normalised rows, so a step that changes one layer costs
+// O(history x experts), not O(history x layers x experts). Recomputes them all
+// when the history changes. One sequence, one thread.
+class ActivationMatcher {
+ public:
+  explicit ActivationMatcher(const ActivationHistory& history);
+  void begin_sequence();
+  // Layer `layer` of the sequence's counts (`counts`: the whole layers x experts matrix) changed.
+  void update(const uint32_t* counts, uint32_t layer);
+  void predict(uint32_t layers_seen, uint32_t top_matches, float* out);
+
+ private:
+  const ActivationHistory& history_;
+  std::vector<double> cur_;     // [layers * experts], rows normalised
+  std::vector<double> cur_sq_;  // [layers]
+  std::vector<uint8_t> stale_;  // [layers]: dots of this row need recomputing
+  std::vector<double> dots_;    // [stored * layers]
+  uint64_t version_ = ~0ull;
 };
 
 }  // namespace moeoffload

@@ -16,7 +16,6 @@
 #include <cstdint>
 #include <optional>
 #include <string>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -93,13 +92,45 @@ class CacheIndex {
  private:
   struct Entry {
     uint64_t bytes, offset;
+    uint32_t layer = 0;
     bool loading = true, prefetched = false, used = false;
     int pins = 0;
     uint64_t last_use = 0, uses = 0;
   };
+  // id -> Entry: a dense list the victim scans walk, and a position per id to find one in O(1).
+  class Entries {
+   public:
+    explicit Entries(size_t ids) : where_(ids, -1) {}
+    Entry* find(uint32_t id) { return id < where_.size() && where_[id] >= 0 ? &items_[where_[id]].second : nullptr; }
+    const Entry* find(uint32_t id) const { return const_cast<Entries*>(this)->find(id); }
+    bool count(uint32_t id) const { return find(id) != nullptr; }
+    void emplace(uint32_t id, const Entry& e) {
+      where_[id] = static_cast<int64_t>(items_.size());
+      items_.emplace_back(id, e);
+    }
+    void erase(uint32_t id) {
+      const int64_t w = where_[id];
+      if (w < 0) return;
+      items_[w] = items_.back();
+      where_[items_[w].first] = w;
+      items_.pop_back();
+      where_[id] = -1;
+    }
+    size_t size() const { return items_.size(); }
+    auto begin() const { return items_.begin(); }
+    auto end() const { return items_.end(); }
+
+   private:
+    std::vector<int64_t> where_;
+    std::vector<std::pair<uint32_t, Entry>> items_;
+  };
   using Key = std::pair<double, double>;
   Key victim_key(uint32_t id, const Entry& e) const;
-  std::optional<uint32_t> pick_victim(std::optional<double> below_activation) const;
+  double priority_of(uint32_t id, const Entry& e) const { return activation_[id] * distance_weight_[e.layer]; }
+  void set_layer(uint32_t layer);  // current_layer_ and distance_weight_
+  void drop_victim(uint32_t id);
+  void note_victim(uint32_t id, const Entry& e);  // e became evictable, or its key grew
+  std::optional<uint32_t> pick_victim(std::optional<double> below_activation);
   void evict(uint32_t id, std::vector<uint32_t>* evicted);
   uint64_t place(uint32_t id, uint64_t bytes, bool prefetched, uint64_t offset);
   void check_id(uint32_t id) const;
@@ -110,10 +141,16 @@ class CacheIndex {
   EvictionPolicy policy_;
   uint32_t num_layers_, experts_per_layer_;
   Arena arena_;
-  std::unordered_map<uint32_t, Entry> entries_;
+  Entries entries_;
   std::vector<float> activation_;
   uint32_t current_layer_ = 0;
+  std::vector<double> distance_weight_;  // [layers]: 1 - d / L, d = layers ahead of the current one
   uint64_t clock_ = 0;
+  static constexpr size_t kVictimList = 64;
+  uint64_t order_epoch_ = 0;             // bumped when the activation priorities or the layer change
+  uint64_t victims_epoch_ = ~0ull;       // the epoch victims_ was sorted at
+  bool victims_complete_ = false;        // victims_ held every evictable entry then
+  std::vector<std::pair<Key, uint32_t>> victims_;
   CacheStats stats_;
 };
 

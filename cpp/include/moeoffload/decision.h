@@ -75,6 +75,7 @@ class DecisionStep {
   std::shared_ptr<ActivationHistory> history_;
   DecisionConfig config_;
   ActivationTracer tracer_;
+  ActivationMatcher matcher_;
   std::vector<float> own_;         // the sequence's decayed counts
   std::vector<float> prediction_;  // [layers * experts]
   std::vector<float> source_;      // the plan's input when it differs from the prediction

@@ -23,7 +23,8 @@ class Generation:
     tokens: list[int]           # the new tokens only
     prefill_s: float            # the forward of the prompt (and the first new token)
     decode_s: float             # every later token
-    stats: dict | None          # the offload's counters after the run (None for the dense model)
+    stats: dict | None          # the offload's counters over the run (None for the dense model)
+    decode_stats: dict | None = None  # the same over the decode steps only
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -37,10 +38,13 @@ def generate_timed(model, input_ids, max_new_tokens: int, off=None, streamer=Non
     from transformers import LogitsProcessor, LogitsProcessorList
 
     stamps: list[float] = []
+    at_first: list[dict] = []
 
     class _Clock(LogitsProcessor):
         def __call__(self, ids, scores):
             stamps.append(time.perf_counter())
+            if off is not None and not at_first:
+                at_first.append(dict(off.stats()))
             return scores
 
     before = dict(off.stats()) if off is not None else None
@@ -50,14 +54,20 @@ def generate_timed(model, input_ids, max_new_tokens: int, off=None, streamer=Non
                              logits_processor=LogitsProcessorList([_Clock()]), streamer=streamer,
                              pad_token_id=getattr(model.config, "pad_token_id", None))
     end = time.perf_counter()
-    stats = None
+    stats = decode_stats = None
     if off is not None:
         after = off.stats()
-        stats = {k: (v - before[k] if isinstance(v, (int, float)) and k in before and k not in
-                     ("budget", "used_bytes", "bits_per_weight", "expert_bytes_freed", "fused_layers") else v)
-                 for k, v in after.items()}
+        stats = _difference(after, before)
+        decode_stats = _difference(after, at_first[0] if at_first else after)
     first = stamps[0] if stamps else end
-    return Generation(out[0, input_ids.shape[1]:].tolist(), first - start, end - first, stats)
+    return Generation(out[0, input_ids.shape[1]:].tolist(), first - start, end - first, stats, decode_stats)
+
+
+def _difference(after: dict, before: dict) -> dict:
+    """The counters of `after` less those of `before`; sizes and settings as they are."""
+    keep = ("budget", "used_bytes", "peak_used", "bits_per_weight", "expert_bytes_freed", "fused_layers")
+    return {k: (v - before[k] if isinstance(v, (int, float)) and not isinstance(v, bool) and k in before
+                and k not in keep else v) for k, v in after.items()}
 
 
 def add_parser(sub) -> None:

@@ -1,0 +1,322 @@
+"""End-to-end offloaded decoding against the systems a user would pick instead, in one run.
+
+    python bench/e2e.py                                   # the shipped model, budgets 10/25/50%
+    python bench/e2e.py --mixtral-layers 2 --budgets 25 50 --new-tokens 8 --prompts 2
+    python bench/e2e.py --model path/to/checkpoint --budgets 25 50
+
+Systems, same prompts, same budget (bytes of device memory for experts: a share of the experts'
+bf16 bytes, so compression buys room), same run:
+  resident      the uncompressed model, every expert in device memory: the ceiling and the quality
+                reference;
+  accelerate    the `accelerate` package's device_map offload with max_memory = the budget (on a
+                CUDA device only: on the cpu backend device memory is host memory);
+  naive         bf16 experts fetched when routed, no cache (a budget of top-k slots, lru, no prefetch);
+  lru-bf16      bf16 expert cache with LRU, pinned host copies (mixtral-offloading's design without
+                its quantisation): codec none, lru, no prefetch;
+  moeoffload    szp experts, fused kernels, activation cache policy, hidden-state prefetch;
+  moeoffload-noprefetch   the same without prefetch, so each part's share shows.
+
+Per system: prefill and decode tokens/s (and s/token), bytes over the bus per decode token, decode
+hit rate, stall fraction of decode time, peak device bytes (model weights on the device + the
+cache's peak), and the perplexity of each generated continuation under the resident model (a
+faster system cannot win by being wrong). Writes <out>.json, <out>.md and <out>-*.png.
+
+On the cpu backend (this machine) the "device" is host memory and the bus a memcpy: the table shows
+what the kernels and the cache decisions cost, not what PCIe costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "python"))
+
+import moeoffload  # noqa: E402
+from moeoffload.cache import slot_bytes  # noqa: E402
+from moeoffload.cli.run import generate_timed  # noqa: E402
+from moeoffload.models.adapters import moe_layers  # noqa: E402
+
+SYSTEMS = ("resident", "accelerate", "naive", "lru-bf16", "moeoffload", "moeoffload-noprefetch")
+OFFLOADED = {  # offload() settings of the systems this project's runtime serves
+    "naive": dict(codec="none", cache_policy="lru", prefetch=None),
+    "lru-bf16": dict(codec="none", cache_policy="lru", prefetch=None),
+    "moeoffload": dict(codec="szp", cache_policy="activation", prefetch="hidden"),
+    "moeoffload-noprefetch": dict(codec="szp", cache_policy="activation", prefetch=None),
+}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def mixtral_stack(layers: int, out: Path) -> Path:
+    """A Mixtral-8x7B-shaped checkpoint (hidden 4096, expert intermediate 14336, 8 experts, top-2) of
+    `layers` layers and a 1024-token vocabulary, random weights (transformers' init: normal, std 0.02,
+    near the per-matrix std of the real experts), saved as bf16 safetensors."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    if (out / "config.json").exists():
+        return out
+    config = MixtralConfig(vocab_size=1024, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                           num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                           num_experts_per_tok=2, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    del model
+    return out
+
+
+def prompts_for(model_dir: Path, config, count: int, length: int) -> list[torch.Tensor]:
+    """`count` prompts of `length` tokens: slices of the shipped model's held-out text, else random ids."""
+    held = model_dir / "heldout.txt"
+    bos = getattr(config, "bos_token_id", None)
+    if held.exists():
+        from moeoffload import evaluation
+
+        ids = evaluation.encode(model_dir, None, held.read_bytes()[: 64 * count * length])
+        step = max(len(ids) // count, length)
+        out = [ids[i * step : i * step + length] for i in range(count)]
+    else:
+        g = torch.Generator().manual_seed(1)
+        out = [torch.randint(0, config.vocab_size, (length,), generator=g).tolist() for _ in range(count)]
+    return [torch.tensor([([bos] if bos is not None else []) + p[: length - (bos is not None)]]) for p in out]
+
+
+@torch.no_grad()
+def continuation_perplexity(reference, prompt: torch.Tensor, tokens: list[int]) -> float:
+    """exp(mean NLL) of `tokens` after `prompt` under the reference model."""
+    if not tokens:
+        return float("nan")
+    ids = torch.cat([prompt, torch.tensor([tokens])], 1).to(next(reference.parameters()).device)
+    logits = reference(ids).logits[0, prompt.shape[1] - 1 : -1].float()
+    nll = torch.nn.functional.cross_entropy(logits, ids[0, prompt.shape[1]:])
+    return math.exp(nll.item())
+
+
+def device_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+
+
+def run_system(name, model_dir, prompts, new_tokens, budget, tables, device, dtype, reference, bound, top_k, tmp):
+    from transformers import AutoModelForCausalLM
+
+    off = None
+    if name == "resident":
+        model, gens_model = reference, reference
+    elif name == "accelerate":
+        if device.type != "cuda":
+            return {"system": name, "skipped": "needs a CUDA device: on the cpu backend device memory is host memory"}
+        model = accelerate_model(model_dir, budget, dtype)
+        gens_model = model
+    else:
+        cfg = OFFLOADED[name]
+        codec = cfg["codec"]
+        size = top_k * tables["slot"] if name == "naive" else budget
+        table = tables.get(codec)
+        model, off = moeoffload.from_pretrained(model_dir, table=table, gpu_budget=size, device=device, dtype=dtype,
+                                                error_bound=bound, codec=codec, cache_policy=cfg["cache_policy"],
+                                                prefetch=cfg["prefetch"],
+                                                table_dir=None if table else tmp / f"table-{codec}")
+        tables.setdefault(codec, str(tmp / f"table-{codec}"))
+        gens_model = model
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    prefill_tokens = prefill_s = decode_tokens = decode_s = 0.0
+    bytes_decode = accesses = hits = stall = 0.0
+    ppl = []
+    try:
+        for prompt in prompts:
+            if off is not None:
+                off.begin_sequence()
+            gen = generate_timed(gens_model, prompt.to(device), new_tokens, off)
+            prefill_tokens += prompt.shape[1]
+            prefill_s += gen.prefill_s
+            decode_tokens += max(len(gen.tokens) - 1, 0)
+            decode_s += gen.decode_s
+            if gen.decode_stats is not None:
+                st = gen.decode_stats
+                bytes_decode += st["bytes_loaded"]
+                accesses += st["accesses"]
+                hits += st["hits"] + st["inflight_hits"]
+                stall += st["stall_s"]
+            ppl.append(continuation_perplexity(reference, prompt.to(device), gen.tokens))
+        peak = device_bytes(model) + (off.stats()["peak_used"] if off is not None else 0)
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) + (off.stats()["peak_used"] if off is not None else 0)
+        row = {
+            "system": name,
+            "prefill_tokens_per_s": prefill_tokens / prefill_s if prefill_s else float("nan"),
+            "decode_tokens_per_s": decode_tokens / decode_s if decode_s else float("nan"),
+            "decode_s_per_token": decode_s / decode_tokens if decode_tokens else float("nan"),
+            "bus_bytes_per_token": bytes_decode / decode_tokens if off is not None and decode_tokens else 0.0,
+            "hit_rate": hits / accesses if accesses else (1.0 if off is None else float("nan")),
+            "stall_fraction": stall / decode_s if off is not None and decode_s else 0.0,
+            "peak_device_bytes": int(peak),
+            "perplexity": sum(ppl) / len(ppl),
+        }
+        if off is not None:
+            row["budget_bytes"] = off.stats()["budget"]
+            row["bits_per_weight"] = off.table.bits_per_weight()
+        return row
+    finally:
+        if off is not None:
+            off.close()
+        if model is not reference:
+            del model
+
+
+def accelerate_model(model_dir: Path, budget: int, dtype):
+    """`accelerate`'s offload as a user sets it up: device_map "auto" with max_memory = the non-expert
+    weights + the expert budget on the GPU, the rest in CPU memory (moved to the GPU per forward)."""
+    from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    experts = sum(p.numel() * p.element_size() for ml in moe_layers(empty)
+                  for p in ml.experts.parameters())
+    non_expert = sum(p.numel() * p.element_size() for p in empty.parameters()) - experts
+    no_split = list(getattr(empty, "_no_split_modules", None) or [])
+    device_map = infer_auto_device_map(empty, max_memory={0: non_expert + budget, "cpu": 2**40},
+                                       no_split_module_classes=no_split, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device_map).eval()
+    return dispatch_model(model, device_map=device_map) if not hasattr(model, "hf_device_map") else model
+
+
+def table_md(rows: list[dict], meta: dict) -> str:
+    out = [f"# End-to-end decode: {meta['model']} on {meta['device']}", "",
+           f"`{meta['command']}`", "",
+           f"{meta['prompts']} prompts of {meta['prompt_tokens']} tokens, {meta['new_tokens']} new tokens each "
+           "(greedy). Budget: the share of the experts' bf16 bytes given to the device cache.", "",
+           "| budget | system | prefill tok/s | decode tok/s | decode ms/token | KiB over the bus/token | hit rate "
+           "| stall | peak device MiB | ppl of continuation |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "skipped" in r:
+            out.append(f"| {r['budget']} | {r['system']} | skipped: {r['skipped']} |||||||| |")
+            continue
+        out.append(f"| {r['budget']} | {r['system']} | {r['prefill_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.2f} "
+                   f"| {r['decode_s_per_token'] * 1e3:.1f} | {r['bus_bytes_per_token'] / 2**10:.0f} "
+                   f"| {r['hit_rate']:.3f} | {r['stall_fraction']:.1%} | {r['peak_device_bytes'] / 2**20:.0f} "
+                   f"| {r['perplexity']:.3f} |")
+    return "\n".join(out) + "\n"
+
+
+def plots(rows: list[dict], out: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots skipped: pip install 'moeoffload[study]' for matplotlib")
+        return []
+    made = []
+    for key, label, suffix in (("decode_tokens_per_s", "decode tokens/s", "tokens"),
+                               ("bus_bytes_per_token", "bytes over the bus per token", "bytes")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for system in SYSTEMS:
+            pts = [(r["budget_share"], r[key]) for r in rows if r["system"] == system and key in r]
+            if pts:
+                ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], marker="o", label=system)
+        ax.set_xlabel("expert budget (% of bf16 expert bytes)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        path = out.with_name(out.name + f"-{suffix}.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        made.append(str(path))
+    return made
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="default", help="checkpoint directory, or 'default' (the shipped model)")
+    ap.add_argument("--mixtral-layers", type=int, default=0,
+                    help="instead: a random Mixtral-8x7B-shaped stack of this many layers")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[10, 25, 50], help="percent of the bf16 experts")
+    ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None, help="output path without suffix (default bench/results/e2e-<model>-<dev>)")
+    args = ap.parse_args(argv)
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from moeoffload.cli import _check_model
+
+    hf_logging.disable_progress_bar()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16
+    with tempfile.TemporaryDirectory(prefix="moeoffload-e2e-") as tmpname:
+        tmp = Path(tmpname)
+        if args.mixtral_layers:
+            model_dir, label = mixtral_stack(args.mixtral_layers, tmp / "mixtral"), f"mixtral-{args.mixtral_layers}l"
+            config = AutoConfig.from_pretrained(model_dir)
+        else:
+            model_dir, config = _check_model(args.model)
+            label = "tiny-moe" if args.model == "default" else Path(args.model).name
+        policy = model_dir / "policy.json"
+        bound = str(policy) if policy.exists() else 0.3
+        prompts = prompts_for(model_dir, config, args.prompts, args.prompt_tokens)
+        reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        layers = moe_layers(reference)
+        top_k = int(getattr(config, "num_experts_per_tok", 2))
+        n_experts = len(layers) * layers[0].experts.down_proj.shape[0]
+        start = time.perf_counter()  # the bf16 table (codec none), built once from the checkpoint
+        _, off = moeoffload.from_pretrained(model_dir, gpu_budget="1%", device=device, dtype=dtype, codec="none",
+                                            table_dir=tmp / "table-none", prefetch=None)
+        tables = {"none": str(tmp / "table-none"), "slot": slot_bytes(off.table)}
+        off.close()
+        print(f"{label}: {len(layers)} MoE layers x {n_experts // len(layers)} experts, bf16 slot "
+              f"{tables['slot'] / 2**20:.2f} MiB; bf16 table in {time.perf_counter() - start:.1f} s", flush=True)
+
+        rows = []
+        for share in args.budgets:
+            budget = max(1, round(share / 100 * n_experts)) * tables["slot"]
+            for system in args.systems:
+                if system in ("resident", "naive") and share != args.budgets[0]:
+                    continue  # budget-independent: measured once
+                t0 = time.perf_counter()
+                row = run_system(system, model_dir, prompts, args.new_tokens, budget, tables, device, dtype,
+                                 reference, bound, top_k, tmp)
+                row.update(budget=f"{share:g}%", budget_share=share / 100)
+                rows.append(row)
+                shown = "skipped" if "skipped" in row else f"decode {row['decode_tokens_per_s']:.2f} tok/s"
+                print(f"  {share:g}% {system:22s} {shown} ({time.perf_counter() - t0:.1f} s)", flush=True)
+
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"e2e-{label}-{device.type}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"model": label, "device": device_name(device), "command": "python " + " ".join(["bench/e2e.py", *(argv or sys.argv[1:])]),
+            "prompts": args.prompts, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+            "torch": torch.__version__, "backend_info": moeoffload.backend_info()}
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=float) + "\n")
+    md = table_md(rows, meta)
+    out.with_suffix(".md").write_text(md)
+    print(md)
+    for p in plots(rows, out):
+        print("plot:", p)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
