@@ -138,6 +138,7 @@ def run_system(name, model_dir, prompts, new_tokens, budget, tables, device, dty
     bytes_decode = accesses = hits = stall = 0.0
     ppl = []
     try:
+        generate_timed(gens_model, prompts[0][:, : max(2, prompts[0].shape[1] // 4)].to(device), 2, off)  # warm-up
         for prompt in prompts:
             if off is not None:
                 off.begin_sequence()
