@@ -111,8 +111,6 @@ def device_bytes(model) -> int:
 
 
 def run_system(name, model_dir, prompts, new_tokens, budget, tables, device, dtype, reference, bound, top_k, tmp):
-    from transformers import AutoModelForCausalLM
-
     off = None
     if name == "resident":
         model, gens_model = reference, reference
