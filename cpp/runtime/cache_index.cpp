@@ -125,15 +125,13 @@ std::optional<uint32_t> CacheIndex::pick_victim(std::optional<double> below_acti
     std::sort(victims_.begin(), victims_.end());
     victims_epoch_ = order_epoch_;
   }
-  if (victims_epoch_ == order_epoch_) {
-    for (const auto& [key, id] : victims_) {
-      const Entry* e = entries_.find(id);
-      if (!e || e->pins > 0 || e->loading) continue;  // evicted since (or evicted and placed again)
-      if (below_activation && !(priority_of(id, *e) < *below_activation)) continue;
-      return id;
-    }
-    if (victims_complete_) return std::nullopt;
+  for (const auto& [key, id] : victims_) {
+    const Entry* e = entries_.find(id);
+    if (!e || e->pins > 0 || e->loading) continue;  // pinned or loading since
+    if (below_activation && !(priority_of(id, *e) < *below_activation)) continue;
+    return id;
   }
+  if (victims_complete_) return std::nullopt;
   std::optional<uint32_t> best;
   Key best_key{std::numeric_limits<double>::infinity(), 0.0};
   for (const auto& [id, e] : entries_) {

@@ -100,10 +100,8 @@ class ExpertCache:
             self.runtime.close()
             raise
         self.policy = policy
-        self.shape = (L, E)
         self.cache = self.runtime.cache
         self.engine = self.runtime.engine
-        self.prefetch_config = prefetch
 
     def _fill_store(self, table) -> None:
         store = self.runtime.store

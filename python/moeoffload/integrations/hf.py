@@ -184,9 +184,7 @@ class Offload:
                 return self._forward_eager(layer, module, held, hidden, top_k_index, top_k_weights)
             return self._forward_fused(layer, module, kind, experts, held, hidden, top_k_index, top_k_weights)
         finally:
-            for e in list(held):
-                del held[e]
-                self.cache.release(layer, e)
+            self._release_all(layer, held)
 
     def _forward_fused(self, layer, module, kind, experts, held, hidden, top_k_index, top_k_weights):
         out = torch.zeros_like(hidden)
@@ -221,6 +219,11 @@ class Offload:
                 if not held:
                     raise
                 return
+
+    def _release_all(self, layer: int, held: dict) -> None:
+        for e in list(held):
+            del held[e]
+            self.cache.release(layer, e)
 
     def _each_acquired(self, layer: int, experts: list[int], held: dict, fn) -> None:
         """fn(expert, slot) for every expert in order, releasing each after its fn; the slots `held` holds
@@ -304,24 +307,20 @@ class _SlotWeights:
 
     def matrix(self, name: str, e) -> torch.Tensor:
         e = int(e)
-        slot = self.held.get(e)
-        if slot is None:
-            try:  # while this thread holds pins, waiting for room would wait for itself
-                slot = self.off.cache.acquire(self.layer, e, timeout=0.0 if self.held else 10.0)
-            except CacheFullError:  # the eager code is done with the experts it indexed before
+        if e not in self.held:
+            self.off._acquire_ahead(self.layer, [e], self.held)
+            if e not in self.held:  # no room: the eager code is done with the experts it indexed before
                 self.release()
-                slot = self.off.cache.acquire(self.layer, e)
-            self.held[e] = slot
+                self.off._acquire_ahead(self.layer, [e], self.held)
+        slot = self.held[e]
         if e not in self.landed:
             self.off._wait(slot)
             self.landed.add(e)
         return self.off._matrix_tensor(self.layer, e, slot, name, self.device)
 
     def release(self) -> None:
-        for e in list(self.held):
-            del self.held[e]
-            self.landed.discard(e)
-            self.off.cache.release(self.layer, e)
+        self.landed.clear()
+        self.off._release_all(self.layer, self.held)
 
 
 class _Matrices:
