@@ -1,7 +1,8 @@
 """End-to-end offloaded decoding against the systems a user would pick instead, in one run.
 
     python bench/e2e.py                                   # the shipped model, budgets 10/25/50%
-    python bench/e2e.py --mixtral-layers 2 --budgets 25 50 --new-tokens 8 --prompts 2
+    python bench/e2e.py --shape mixtral --layers 2 --budgets 25 50 --new-tokens 8 --prompts 2
+    python bench/e2e.py --shape qwen3 --layers 16 --budgets 25 50 --routing model trace   # the GPU run
     python bench/e2e.py --model path/to/checkpoint --budgets 25 50
 
 Systems, same prompts, same budget (bytes of device memory for experts: a share of the experts'
@@ -21,6 +22,13 @@ hit rate, stall fraction of decode time, peak device bytes (model weights on the
 cache's peak), and the perplexity of each generated continuation under the resident model (a
 faster system cannot win by being wrong). Writes <out>.json, <out>.md and <out>-*.png.
 
+Routing: "model" lets the routers route (random routers route nearly uniformly); "trace" drives every
+router from a synthetic trace with the locality of real models (TraceRouting; the generator is
+moeoffload.sim.synthetic_trace), whose first sequences are loaded as the recorded activation history;
+the moeoffload system then prefetches from that history (a trace is not a function of the hidden state).
+Shaped stacks (--shape) have random weights with the per-matrix statistics of trained FFN matrices
+(WEIGHT_STATS, checkpoint_like), no download.
+
 On the cpu backend (this machine) the "device" is host memory and the bus a memcpy: the table shows
 what the kernels and the cache decisions cost, not what PCIe costs.
 """
@@ -36,6 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +54,7 @@ import moeoffload  # noqa: E402
 from moeoffload.cache import slot_bytes  # noqa: E402
 from moeoffload.cli.run import generate_timed  # noqa: E402
 from moeoffload.models.adapters import moe_layers  # noqa: E402
+from moeoffload.sim import activation_matrices, synthetic_trace  # noqa: E402
 
 SYSTEMS = ("resident", "accelerate", "naive", "lru-bf16", "moeoffload", "moeoffload-noprefetch")
 OFFLOADED = {  # offload() settings of the systems this project's runtime serves
@@ -61,22 +71,97 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def mixtral_stack(layers: int, out: Path) -> Path:
-    """A Mixtral-8x7B-shaped checkpoint (hidden 4096, expert intermediate 14336, 8 experts, top-2) of
-    `layers` layers and a 1024-token vocabulary, random weights (transformers' init: normal, std 0.02,
-    near the per-matrix std of the real experts), saved as bf16 safetensors."""
-    from transformers import AutoModelForCausalLM, MixtralConfig
+SHAPES = {  # the published configs' MoE shapes; vocabulary cut to 1024 (no download, small embeddings)
+    "mixtral": ("MixtralConfig", dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                      num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2)),
+    "qwen3": ("Qwen3MoeConfig", dict(hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144,
+                                     num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                                     num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+                                     mlp_only_layers=[])),
+}
+
+# Per-matrix statistics of trained FFN weights, measured on the only trained FFN matrices this machine has
+# offline (all-MiniLM-L6-v2, moeoffload.samples): input-side matrices (up/gate) have std 1.1-1.4 / sqrt(fan_in)
+# and mild tails (excess kurtosis 0.3-1.8); output-side matrices (down) have std 1.5-1.9 / sqrt(fan_in) and
+# heavy tails (excess kurtosis 13-1600, single weights at 20-175 sigma). The generator: Tukey-h samples
+# z * exp(h z^2 / 2) (h = 0.06 in, excess kurtosis ~1; h = 0.15 out, ~7) scaled to c / sqrt(fan_in) with c
+# log-normal around 1.25 (in) / 1.7 (out), sigma 0.1 per matrix, and 4 outliers at 20-100 sigma per down matrix.
+WEIGHT_STATS = {"in": (0.06, 1.25), "out": (0.15, 1.7)}
+
+
+def checkpoint_like(shape: tuple[int, int], role: str, g: torch.Generator, outliers: int = 4) -> torch.Tensor:
+    """An [out, in] weight with the per-matrix statistics above, float32."""
+    h, c = WEIGHT_STATS[role]
+    fan_in = shape[-1]
+    z = torch.randn(shape, generator=g)
+    w = z * torch.exp(0.5 * h * z * z)
+    scale = c * math.exp(0.1 * torch.randn((), generator=g).item()) / math.sqrt(fan_in) * (1 - 2 * h) ** 0.75
+    w *= scale  # Tukey-h variance is (1 - 2h)^-1.5
+    if role == "out":
+        at = torch.randint(0, w.numel(), (outliers,), generator=g)
+        sign = torch.randint(0, 2, (outliers,), generator=g) * 2 - 1
+        w.view(-1)[at] = sign * (20 + 80 * torch.rand(outliers, generator=g)) * (c / math.sqrt(fan_in))
+    return w
+
+
+def shaped_stack(shape: str, layers: int, out: Path) -> Path:
+    """A checkpoint of `layers` decoder layers with the MoE shape of `shape` (SHAPES) and a 1024-token
+    vocabulary: non-expert weights from transformers' init, expert weights from checkpoint_like, bf16
+    safetensors. Qwen3-30B-A3B: 2048 hidden, 128 experts of intermediate 768, top-8 (1.13 GiB of bf16 experts
+    per layer); Mixtral-8x7B: 4096 hidden, 8 experts of intermediate 14336, top-2 (2.63 GiB per layer)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
 
     if (out / "config.json").exists():
         return out
-    config = MixtralConfig(vocab_size=1024, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                           num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
-                           num_experts_per_tok=2, max_position_embeddings=4096)
+    cls, kw = SHAPES[shape]
+    config = getattr(transformers, cls)(vocab_size=1024, num_hidden_layers=layers, max_position_embeddings=4096, **kw)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for ml in moe_layers(model):
+            for name, p in ml.experts.named_parameters():
+                role = "out" if "down" in name else "in"
+                for e in range(p.shape[0]):  # one expert at a time: float32 temporaries stay small
+                    p[e].copy_(checkpoint_like(tuple(p.shape[1:]), role, g))
     model.save_pretrained(out)
     del model
     return out
+
+
+class TraceRouting:
+    """Drives every MoE layer's routing from a trace [S, T, L, k] (moeoffload.sim.synthetic_trace): a
+    forward hook on each router replaces its top-k indices with the trace's and its weights with the
+    router's own softmax probabilities of those experts (renormalised), so the experts compute as usual
+    on the trace's choices. begin(s) starts sequence s at token 0; each router call consumes its tokens."""
+
+    def __init__(self, model, trace: np.ndarray):
+        self.trace, self.seq, self.hooks = trace, 0, []
+        self.pos = [0] * trace.shape[2]
+        for ml in moe_layers(model):
+            if ml.router is None:
+                raise SystemExit(f"--routing trace: {ml.name} has no router to drive")
+            self.hooks.append(ml.router.register_forward_hook(self._hook(ml.index)))
+
+    def begin(self, seq: int) -> None:
+        self.seq, self.pos = seq, [0] * len(self.pos)
+
+    def _hook(self, layer: int):
+        def hook(module, args, output):
+            logits, weights, index = output
+            n, start = index.shape[0], self.pos[layer]
+            if start + n > self.trace.shape[1]:
+                raise RuntimeError(f"the trace has {self.trace.shape[1]} tokens a sequence; this one ran past it")
+            self.pos[layer] = start + n
+            chosen = torch.from_numpy(self.trace[self.seq, start : start + n, layer].astype(np.int64)).to(index.device)
+            probs = torch.softmax(logits.float(), dim=-1).gather(1, chosen)
+            return logits, (probs / probs.sum(-1, keepdim=True)).to(weights.dtype), chosen.to(index.dtype)
+        return hook
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
 
 
 def prompts_for(model_dir: Path, config, count: int, length: int) -> list[torch.Tensor]:
@@ -110,7 +195,10 @@ def device_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
 
 
-def run_system(name, model_dir, prompts, new_tokens, budget, tables, device, dtype, reference, bound, top_k, tmp):
+def run_system(name, model_dir, prompts, new_tokens, budget, tables, device, dtype, reference, bound, top_k, tmp,
+               trace=None):
+    """One system's row. trace: (trace [S, T, L, k], history sequences H) drives the routing: sequences
+    0..H-1 are the recorded history (loaded into the activation predictor), H the warm-up, H+1+i prompt i."""
     off = None
     if name == "resident":
         model, gens_model = reference, reference
@@ -120,7 +208,9 @@ def run_system(name, model_dir, prompts, new_tokens, budget, tables, device, dty
         model = accelerate_model(model_dir, budget, dtype)
         gens_model = model
     else:
-        cfg = OFFLOADED[name]
+        cfg = dict(OFFLOADED[name])
+        if trace is not None and cfg["prefetch"] == "hidden":
+            cfg["prefetch"] = "activation"  # a trace is not a function of the hidden state: predict from history
         codec = cfg["codec"]
         size = top_k * tables["slot"] if name == "naive" else budget
         table = tables.get(codec)
@@ -130,16 +220,27 @@ def run_system(name, model_dir, prompts, new_tokens, budget, tables, device, dty
                                                 table_dir=None if table else tmp / f"table-{codec}")
         tables.setdefault(codec, str(tmp / f"table-{codec}"))
         gens_model = model
+        if trace is not None and off.cache.history is not None:
+            for m in activation_matrices(trace[0][: trace[1]], off.table.experts_per_layer):
+                off.cache.history.add(m)
+    routing = ref_routing = None
+    if trace is not None:
+        routing = TraceRouting(gens_model, trace[0])
+        ref_routing = routing if gens_model is reference else TraceRouting(reference, trace[0])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     prefill_tokens = prefill_s = decode_tokens = decode_s = 0.0
     bytes_decode = accesses = hits = stall = 0.0
     ppl = []
     try:
+        if routing is not None:
+            routing.begin(trace[1])
         generate_timed(gens_model, prompts[0][:, : max(2, prompts[0].shape[1] // 4)].to(device), 2, off)  # warm-up
-        for prompt in prompts:
+        for i, prompt in enumerate(prompts):
             if off is not None:
                 off.begin_sequence()
+            if routing is not None:
+                routing.begin(trace[1] + 1 + i)
             gen = generate_timed(gens_model, prompt.to(device), new_tokens, off)
             prefill_tokens += prompt.shape[1]
             prefill_s += gen.prefill_s
@@ -151,6 +252,8 @@ def run_system(name, model_dir, prompts, new_tokens, budget, tables, device, dty
                 accesses += st["accesses"]
                 hits += st["hits"] + st["inflight_hits"]
                 stall += st["stall_s"]
+            if ref_routing is not None:
+                ref_routing.begin(trace[1] + 1 + i)  # the reference routes the continuation as the system did
             ppl.append(continuation_perplexity(reference, prompt.to(device), gen.tokens))
         peak = device_bytes(model) + (off.stats()["peak_used"] if off is not None else 0)
         if device.type == "cuda":
@@ -167,10 +270,13 @@ def run_system(name, model_dir, prompts, new_tokens, budget, tables, device, dty
             "perplexity": sum(ppl) / len(ppl),
         }
         if off is not None:
+            row["prefetch"] = off.prefetch or "none"
             row["budget_bytes"] = off.stats()["budget"]
             row["bits_per_weight"] = off.table.bits_per_weight()
         return row
     finally:
+        for r in {id(r): r for r in (routing, ref_routing) if r is not None}.values():
+            r.remove()
         if off is not None:
             off.close()
         if model is not reference:
@@ -201,14 +307,14 @@ def table_md(rows: list[dict], meta: dict) -> str:
            f"`{meta['command']}`", "",
            f"{meta['prompts']} prompts of {meta['prompt_tokens']} tokens, {meta['new_tokens']} new tokens each "
            "(greedy). Budget: the share of the experts' bf16 bytes given to the device cache.", "",
-           "| budget | system | prefill tok/s | decode tok/s | decode ms/token | KiB over the bus/token | hit rate "
+           "| routing | budget | system | prefill tok/s | decode tok/s | decode ms/token | KiB over the bus/token | hit rate "
            "| stall | peak device MiB | ppl of continuation |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
-            out.append(f"| {r['budget']} | {r['system']} | skipped: {r['skipped']} |||||||| |")
+            out.append(f"| {r['routing']} | {r['budget']} | {r['system']} | skipped: {r['skipped']} |||||||| |")
             continue
-        out.append(f"| {r['budget']} | {r['system']} | {r['prefill_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.2f} "
+        out.append(f"| {r['routing']} | {r['budget']} | {r['system']} | {r['prefill_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.2f} "
                    f"| {r['decode_s_per_token'] * 1e3:.1f} | {r['bus_bytes_per_token'] / 2**10:.0f} "
                    f"| {r['hit_rate']:.3f} | {r['stall_fraction']:.1%} | {r['peak_device_bytes'] / 2**20:.0f} "
                    f"| {r['perplexity']:.3f} |")
@@ -228,10 +334,13 @@ def plots(rows: list[dict], out: Path) -> list[str]:
     for key, label, suffix in (("decode_tokens_per_s", "decode tokens/s", "tokens"),
                                ("bus_bytes_per_token", "bytes over the bus per token", "bytes")):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for system in SYSTEMS:
-            pts = [(r["budget_share"], r[key]) for r in rows if r["system"] == system and key in r]
-            if pts:
-                ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], marker="o", label=system)
+        for routing in dict.fromkeys(r["routing"] for r in rows):
+            for system in SYSTEMS:
+                pts = [(r["budget_share"], r[key]) for r in rows
+                       if r["system"] == system and r["routing"] == routing and key in r]
+                if pts:
+                    ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], marker="o" if routing == "model" else "s",
+                            linestyle="-" if routing == "model" else "--", label=f"{system} ({routing} routing)")
         ax.set_xlabel("expert budget (% of bf16 expert bytes)")
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
@@ -247,8 +356,16 @@ def plots(rows: list[dict], out: Path) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default", help="checkpoint directory, or 'default' (the shipped model)")
-    ap.add_argument("--mixtral-layers", type=int, default=0,
-                    help="instead: a random Mixtral-8x7B-shaped stack of this many layers")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                    help="instead: a stack with this model's MoE shape, random weights of checkpoint-like statistics")
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers of the --shape stack")
+    ap.add_argument("--mixtral-layers", type=int, default=0, help="same as --shape mixtral --layers N")
+    ap.add_argument("--routing", nargs="+", choices=("model", "trace"), default=["model"],
+                    help="model: the routers route; trace: a synthetic trace with real models' locality does "
+                         "(moeoffload.sim.synthetic_trace: 6 topics, Zipf(1) popularity, stickiness 0.4), its first "
+                         "--trace-history sequences loaded as the recorded activation history")
+    ap.add_argument("--trace-history", type=int, default=32)
+    ap.add_argument("--workdir", default=None, help="where the stack and the tables are written (default: a temp dir)")
     ap.add_argument("--budgets", type=float, nargs="+", default=[10, 25, 50], help="percent of the bf16 experts")
     ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     ap.add_argument("--prompts", type=int, default=4)
@@ -266,11 +383,15 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
     device = torch.device(args.device)
     dtype = torch.bfloat16
-    with tempfile.TemporaryDirectory(prefix="moeoffload-e2e-") as tmpname:
+    if args.mixtral_layers:
+        args.shape, args.layers = "mixtral", args.mixtral_layers
+    with tempfile.TemporaryDirectory(prefix="moeoffload-e2e-", dir=args.workdir) as tmpname:
         tmp = Path(tmpname)
-        if args.mixtral_layers:
-            model_dir, label = mixtral_stack(args.mixtral_layers, tmp / "mixtral"), f"mixtral-{args.mixtral_layers}l"
+        if args.shape:
+            start = time.perf_counter()
+            model_dir, label = shaped_stack(args.shape, args.layers, tmp / args.shape), f"{args.shape}-{args.layers}l"
             config = AutoConfig.from_pretrained(model_dir)
+            print(f"{label}: checkpoint written in {time.perf_counter() - start:.1f} s", flush=True)
         else:
             model_dir, config = _check_model(args.model)
             label = "tiny-moe" if args.model == "default" else Path(args.model).name
@@ -289,24 +410,34 @@ def main(argv=None) -> int:
         print(f"{label}: {len(layers)} MoE layers x {n_experts // len(layers)} experts, bf16 slot "
               f"{tables['slot'] / 2**20:.2f} MiB; bf16 table in {time.perf_counter() - start:.1f} s", flush=True)
 
+        trace = None
+        if "trace" in args.routing:  # sequences: the history, one warm-up, one per prompt
+            trace = synthetic_trace(args.trace_history + 1 + args.prompts, args.prompt_tokens + args.new_tokens,
+                                    len(layers), n_experts // len(layers), top_k, seed=0)
+
         rows = []
-        for share in args.budgets:
-            budget = max(1, round(share / 100 * n_experts)) * tables["slot"]
-            for system in args.systems:
-                if system in ("resident", "naive") and share != args.budgets[0]:
-                    continue  # budget-independent: measured once
-                t0 = time.perf_counter()
-                row = run_system(system, model_dir, prompts, args.new_tokens, budget, tables, device, dtype,
-                                 reference, bound, top_k, tmp)
-                row.update(budget=f"{share:g}%", budget_share=share / 100)
-                rows.append(row)
-                shown = "skipped" if "skipped" in row else f"decode {row['decode_tokens_per_s']:.2f} tok/s"
-                print(f"  {share:g}% {system:22s} {shown} ({time.perf_counter() - t0:.1f} s)", flush=True)
+        for routing in args.routing:
+            for share in args.budgets:
+                budget = max(1, round(share / 100 * n_experts)) * tables["slot"]
+                for system in args.systems:
+                    if system in ("resident", "naive") and share != args.budgets[0]:
+                        continue  # budget-independent: measured once
+                    t0 = time.perf_counter()
+                    row = run_system(system, model_dir, prompts, args.new_tokens, budget, tables, device, dtype,
+                                     reference, bound, top_k, tmp,
+                                     (trace, args.trace_history) if routing == "trace" else None)
+                    row.update(routing=routing, budget=f"{share:g}%", budget_share=share / 100)
+                    rows.append(row)
+                    shown = "skipped" if "skipped" in row else f"decode {row['decode_tokens_per_s']:.2f} tok/s"
+                    print(f"  {routing} {share:g}% {system:22s} {shown} ({time.perf_counter() - t0:.1f} s)", flush=True)
 
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"e2e-{label}-{device.type}"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": label, "device": device_name(device), "command": "python " + " ".join(["bench/e2e.py", *(argv or sys.argv[1:])]),
             "prompts": args.prompts, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+            "routing": args.routing, "trace": {"generator": "moeoffload.sim.synthetic_trace", "seed": 0,
+                                               "history_sequences": args.trace_history} if trace is not None else None,
+            "weights": WEIGHT_STATS if args.shape else "checkpoint",
             "torch": torch.__version__, "backend_info": moeoffload.backend_info()}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=float) + "\n")
     md = table_md(rows, meta)

@@ -157,16 +157,26 @@ def replay(trace, expert_bytes, budget: int, policy: str = "lru", prefetch: Pref
         compute_seconds=S * T * L * layer_seconds)
 
 
-def history_from_trace(trace, experts_per_layer: int, capacity: int | None = None):
-    """An ActivationHistory holding each sequence's activation matrix of `trace` [S, T, L, k]."""
+def activation_matrices(trace, experts_per_layer: int) -> list[np.ndarray]:
+    """Each sequence's activation matrix of `trace` [S, T, L, k]: uint32 counts [L * experts_per_layer]."""
     tr = _check_trace(trace)
     S, T, L, K = tr.shape
-    hist = _native.ActivationHistory(L, experts_per_layer, capacity or max(S, 1))
+    out = []
     for s in range(S):
         m = np.zeros((L, experts_per_layer), np.uint32)
         for l in range(L):
             np.add.at(m[l], tr[s, :, l].ravel().astype(np.int64), 1)
-        hist.add(m.ravel())
+        out.append(m.ravel())
+    return out
+
+
+def history_from_trace(trace, experts_per_layer: int, capacity: int | None = None):
+    """An ActivationHistory holding each sequence's activation matrix of `trace` [S, T, L, k]."""
+    matrices = activation_matrices(trace, experts_per_layer)
+    L = _check_trace(trace).shape[2]
+    hist = _native.ActivationHistory(L, experts_per_layer, capacity or max(len(matrices), 1))
+    for m in matrices:
+        hist.add(m)
     return hist
 
 
