@@ -19,6 +19,7 @@ using namespace moeoffload;
 
 void bind_runtime(nb::module_& m);  // runtime.cpp
 void bind_kernels(nb::module_& m);  // kernels.cpp
+void bind_szpe(nb::module_& m);     // szpe.cpp
 
 using HostBytes = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using HostArray = nb::ndarray<nb::c_contig, nb::device::cpu>;
@@ -172,6 +173,7 @@ NB_MODULE(_native, m) {
 
   bind_runtime(m);
   bind_kernels(m);
+  bind_szpe(m);
 
   m.def("crc32", [](HostBytes buf) {
     nb::gil_scoped_release release;

@@ -17,23 +17,13 @@
 #include "moeoffload/errors.h"
 #include "moeoffload/parallel.h"
 #include "moeoffload/szp.h"
+#include "szp_layout.h"
 
 namespace moeoffload {
 
 namespace {
 
-struct Exception {
-  uint32_t pos;
-  uint32_t raw;
-};
-
-// What one worker produces for a run of consecutive segments.
-struct Chunk {
-  std::vector<uint8_t> bytes;
-  std::vector<uint64_t> seg_sizes;
-  std::vector<uint64_t> exc_counts;
-  std::vector<Exception> exceptions;
-};
+using szp_layout::Chunk;
 
 inline uint32_t read_raw(const void* data, DType t, uint64_t i) {
   if (t == DType::F32) {
@@ -133,12 +123,12 @@ float choose_step(const void* data, DType t, uint64_t numel, double eb, float ma
 
 void encode_segments(const void* data, DType t, const SzpView& h, uint64_t s0, uint64_t s1, Chunk& out) {
   BlockQ bq;
+  std::vector<int32_t> q;
   for (uint64_t s = s0; s < s1; ++s) {
     const uint64_t first = s * h.segment_len;
     const uint64_t len = std::min(h.segment_len, h.numel - first);
     const uint64_t nblocks = szp_blocks_in(len);
-    const size_t seg_start = out.bytes.size();
-    out.bytes.resize(seg_start + szp_widths_bytes(nblocks), 0);
+    q.resize(nblocks * kSzpBlock);
     uint64_t n_exc = 0;
     for (uint64_t k = 0; k < nblocks; ++k) {
       const uint64_t b0 = k * kSzpBlock;
@@ -147,28 +137,13 @@ void encode_segments(const void* data, DType t, const SzpView& h, uint64_t s0, u
         out.exceptions.push_back({static_cast<uint32_t>(b0 + i), raw});
       });
       n_exc += bq.n_exceptions;
-      const uint32_t w = bq.width();
-      out.bytes[seg_start + k] = static_cast<uint8_t>(w);
-      if (!w) continue;
-      uint32_t words[kSzpMaxWidth + 1] = {};  // one spare word: a spill past the last is always 0
-      const uint32_t mask = (w == 32) ? ~0u : (1u << w) - 1u;
-      for (uint32_t i = 0; i < kSzpBlock; ++i) {  // field i at bits [i*w, i*w + w), two's complement
-        const uint64_t field = static_cast<uint64_t>(static_cast<uint32_t>(bq.q[i]) & mask) << ((i * w) & 31u);
-        words[(i * w) >> 5] |= static_cast<uint32_t>(field);
-        words[((i * w) >> 5) + 1] |= static_cast<uint32_t>(field >> 32);
-      }
-      const size_t at = out.bytes.size();
-      out.bytes.resize(at + szp_block_bytes(w));
-      memcpy(out.bytes.data() + at, words, szp_block_bytes(w));
+      memcpy(q.data() + b0, bq.q, sizeof bq.q);
     }
+    const size_t seg_start = out.bytes.size();
+    szp_layout::pack_segment(q.data(), len, out.bytes);
     out.seg_sizes.push_back(out.bytes.size() - seg_start);
     out.exc_counts.push_back(n_exc);
   }
-}
-
-template <typename T>
-void store(std::vector<uint8_t>& buf, uint64_t at, T v) {
-  memcpy(buf.data() + at, &v, sizeof(T));
 }
 
 // The step for bound eb: the largest float <= 2 eb (clamped to the float range).
@@ -268,68 +243,7 @@ SzpEncodeResult szp_encode(const void* data, DType t, const std::vector<uint64_t
       encode_segments(data, t, h, c * seg_per_chunk, std::min(h.n_segments, (c + 1) * seg_per_chunk), chunks[c]);
   });
 
-  // Lay out: header, shape, segment offsets, [exception offsets, entries], payload, CRC.
-  std::vector<uint64_t> chunk_at(n_chunks + 1, 0);
-  for (uint64_t c = 0; c < n_chunks; ++c) {
-    chunk_at[c + 1] = chunk_at[c] + chunks[c].bytes.size();
-    h.n_exceptions += chunks[c].exceptions.size();
-  }
-  h.payload_bytes = chunk_at[n_chunks];
-  const uint64_t offsets_count = numel ? h.n_segments + 1 : 0;
-  uint64_t at = kSzpHeaderBytes + 8ull * h.ndim;
-  h.seg_offsets_at = at;
-  at += 8 * offsets_count;
-  if (h.n_exceptions) {
-    h.exc_offsets_at = at;
-    at += 8 * offsets_count;
-    h.exc_entries_at = at;
-    at += 8 * h.n_exceptions;
-  }
-  h.payload_at = at;
-  h.total_bytes = at + h.payload_bytes + 4;
-
-  SzpEncodeResult result;
-  result.n_exceptions = h.n_exceptions;
-  std::vector<uint8_t>& buf = result.bytes;
-  buf.assign(h.total_bytes, 0);
-  store<uint32_t>(buf, 0, kSzpMagic);
-  store<uint16_t>(buf, 4, kSzpVersion);
-  buf[6] = static_cast<uint8_t>(t);
-  buf[7] = static_cast<uint8_t>(h.ndim);
-  store<uint32_t>(buf, 8, kSzpBlock);
-  store<uint32_t>(buf, 12, h.n_exceptions ? kSzpFlagExceptions : 0u);
-  store<double>(buf, 16, eb);
-  store<float>(buf, 24, step);
-  store<uint64_t>(buf, 32, numel);
-  store<uint64_t>(buf, 40, segment_len);
-  store<uint64_t>(buf, 48, h.n_exceptions);
-  store<uint64_t>(buf, 56, h.payload_bytes);
-  for (uint32_t i = 0; i < h.ndim; ++i) store<uint64_t>(buf, kSzpHeaderBytes + 8ull * i, shape[i]);
-
-  uint64_t seg = 0, seg_off = 0, exc = 0;
-  for (const Chunk& ch : chunks) {
-    for (size_t j = 0; j < ch.exceptions.size(); ++j) {
-      store<uint32_t>(buf, h.exc_entries_at + 8 * (exc + j), ch.exceptions[j].pos);
-      store<uint32_t>(buf, h.exc_entries_at + 8 * (exc + j) + 4, ch.exceptions[j].raw);
-    }
-    for (size_t i = 0; i < ch.seg_sizes.size(); ++i, ++seg) {
-      store<uint64_t>(buf, h.seg_offsets_at + 8 * seg, seg_off);
-      if (h.n_exceptions) store<uint64_t>(buf, h.exc_offsets_at + 8 * seg, exc);
-      seg_off += ch.seg_sizes[i];
-      exc += ch.exc_counts[i];
-    }
-  }
-  if (numel) {
-    store<uint64_t>(buf, h.seg_offsets_at + 8 * seg, seg_off);
-    if (h.n_exceptions) store<uint64_t>(buf, h.exc_offsets_at + 8 * seg, exc);
-  }
-  parallel_for(n_chunks, 1, [&](uint64_t c0, uint64_t c1) {
-    for (uint64_t c = c0; c < c1; ++c)
-      if (!chunks[c].bytes.empty())
-        memcpy(buf.data() + h.payload_at + chunk_at[c], chunks[c].bytes.data(), chunks[c].bytes.size());
-  });
-  store<uint32_t>(buf, h.total_bytes - 4, crc32(buf.data(), h.total_bytes - 4));
-  return result;
+  return szp_layout::assemble(h, shape, chunks);
 }
 
 }  // namespace moeoffload

@@ -10,6 +10,7 @@
 #include "moeoffload/errors.h"
 #include "moeoffload/parallel.h"
 #include "moeoffload/szp.h"
+#include "szp_layout.h"
 
 namespace moeoffload {
 
@@ -205,28 +206,8 @@ SzpView szp_parse(const uint8_t* buf, size_t len, bool verify_checksum) {
                           fmt_number(v.step) + ")");
   if (bad) corrupt("segment table or block widths are inconsistent");
   v.max_width = max_width.load();
-  if (v.n_exceptions) {
-    const uint8_t* exc_off = buf + v.exc_offsets_at;
-    const uint8_t* entries = buf + v.exc_entries_at;
-    if (load<uint64_t>(exc_off) != 0 || load<uint64_t>(exc_off + 8 * v.n_segments) != v.n_exceptions)
-      corrupt("exception table does not cover the exceptions");
-    uint64_t prev_end = 0;
-    for (uint64_t s = 0; s < v.n_segments; ++s) {
-      uint64_t a = load<uint64_t>(exc_off + 8 * s), b = load<uint64_t>(exc_off + 8 * (s + 1));
-      if (a != prev_end || b < a || b > v.n_exceptions) corrupt("exception offsets are inconsistent");
-      prev_end = b;
-      uint64_t seg_len = std::min(v.segment_len, v.numel - s * v.segment_len);
-      int64_t last = -1;
-      for (uint64_t e = a; e < b; ++e) {
-        uint32_t pos = load<uint32_t>(entries + 8 * e);
-        uint32_t raw = load<uint32_t>(entries + 8 * e + 4);
-        if (pos >= seg_len || static_cast<int64_t>(pos) <= last) corrupt("exception position out of order or range");
-        last = pos;
-        if (v.dtype != DType::F32 && raw > 0xFFFFu) corrupt("exception value does not fit the dtype");
-        if (!std::isfinite(raw_to_f32(raw, v.dtype))) corrupt("exception value is not finite");
-      }
-    }
-  }
+  if (v.n_exceptions)
+    if (const char* why = szp_layout::check_exceptions(buf + v.exc_offsets_at, buf + v.exc_entries_at, v)) corrupt(why);
   return v;
 }
 

@@ -1,0 +1,103 @@
+// Bindings of the szpe codec (szpe.h): argument checks, GIL release, nothing else.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+
+#include <string>
+#include <vector>
+
+#include "moeoffload/errors.h"
+#include "moeoffload/szpe.h"
+
+namespace nb = nanobind;
+using namespace moeoffload;
+
+namespace {
+
+using HostBytes = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using HostArray = nb::ndarray<nb::c_contig, nb::device::cpu>;
+
+nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>> owned(std::vector<uint8_t>* bytes) {
+  nb::capsule owner(bytes, [](void* p) noexcept { delete static_cast<std::vector<uint8_t>*>(p); });
+  return nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>>(bytes->data(), {bytes->size()}, owner);
+}
+
+template <typename Fn>
+nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>> make_bytes(Fn&& fn) {
+  auto* bytes = new std::vector<uint8_t>();
+  try {
+    nb::gil_scoped_release release;
+    *bytes = fn();
+  } catch (...) {
+    delete bytes;
+    throw;
+  }
+  return owned(bytes);
+}
+
+SzpeView parse_released(const HostBytes& buf, bool verify) {
+  nb::gil_scoped_release release;
+  return szpe_parse(buf.data(), buf.shape(0), verify);
+}
+
+}  // namespace
+
+void bind_szpe(nb::module_& m) {
+  m.def(
+      "szpe_from_szp",
+      [](HostBytes szp, uint64_t stream_segments) {
+        SzpView v;
+        {
+          nb::gil_scoped_release release;
+          v = szp_parse(szp.data(), szp.shape(0), true);
+        }
+        return make_bytes([&] { return szpe_from_szp(szp.data(), v, stream_segments); });
+      },
+      nb::arg("szp"), nb::arg("stream_segments") = 0,
+      "Entropy-code an szp buffer's quantised values (rANS streams of stream_segments rows; 0: ~16K values).");
+
+  m.def(
+      "szpe_inspect",
+      [](HostBytes buf, bool verify) {
+        const SzpeView e = parse_released(buf, verify);
+        nb::dict d;
+        nb::list shape;
+        for (uint32_t i = 0; i < e.szp.ndim; ++i) shape.append(e.szp.shape[i]);
+        d["dtype"] = static_cast<int>(e.szp.dtype);
+        d["shape"] = nb::tuple(shape);
+        d["eb"] = e.szp.eb;
+        d["step"] = e.szp.step;
+        d["numel"] = e.szp.numel;
+        d["segment_len"] = e.szp.segment_len;
+        d["n_exceptions"] = e.szp.n_exceptions;
+        d["alphabet"] = e.alphabet;
+        d["n_streams"] = e.n_streams;
+        d["stream_segments"] = e.stream_segments;
+        d["n_escapes"] = e.n_escapes;
+        d["payload_bytes"] = e.payload_bytes;
+        d["total_bytes"] = e.total_bytes;
+        return d;
+      },
+      nb::arg("buf"), nb::arg("verify_checksum") = true, "Validate an szpe buffer and return its header as a dict.");
+
+  m.def(
+      "szpe_decode",
+      [](HostBytes buf, HostArray out, bool verify) {
+        const SzpeView e = parse_released(buf, verify);
+        if (out.nbytes() != e.szp.numel * static_cast<uint64_t>(dtype_size(e.szp.dtype)))
+          throw Error(ErrorKind::Shape, "output holds " + std::to_string(out.nbytes()) +
+                                            " bytes, the buffer decodes to " + std::to_string(e.szp.numel) + " " +
+                                            dtype_name(e.szp.dtype) + " values");
+        nb::gil_scoped_release release;
+        szpe_decode_cpu(buf.data(), e, out.data());
+      },
+      nb::arg("buf"), nb::arg("out"), nb::arg("verify_checksum") = true,
+      "Decode into a host array of the stored dtype (CPU, multithreaded): szp's values bit for bit.");
+
+  m.def(
+      "szpe_to_szp",
+      [](HostBytes buf, bool verify) {
+        const SzpeView e = parse_released(buf, verify);
+        return make_bytes([&] { return szpe_to_szp(buf.data(), e); });
+      },
+      nb::arg("buf"), nb::arg("verify_checksum") = true, "The szp buffer an szpe buffer was made from.");
+}

@@ -1,0 +1,38 @@
+// The szp byte layout, shared by the szp encoder and the szpe transcoder (szpe -> szp on arrival):
+// packing quantised values into a segment, assembling header + tables + payload + CRC, and checking
+// the exception table. Internal to the codec: both writers call the same code, so a transcoded buffer
+// is the encoder's buffer byte for byte.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "moeoffload/szp.h"
+
+namespace moeoffload::szp_layout {
+
+struct Exception {
+  uint32_t pos;  // position in its segment
+  uint32_t raw;  // the exact value's bits
+};
+
+// What one worker produces for a run of consecutive segments.
+struct Chunk {
+  std::vector<uint8_t> bytes;
+  std::vector<uint64_t> seg_sizes;
+  std::vector<uint64_t> exc_counts;
+  std::vector<Exception> exceptions;
+};
+
+// Appends a segment of `len` quantised values to `bytes`: widths, padding to 4, then each block's
+// w-bit fields (szp_block.h). The last block's missing values are 0.
+void pack_segment(const int32_t* q, uint64_t len, std::vector<uint8_t>& bytes);
+
+// The whole buffer for header fields h (dtype, ndim, eb, step, numel, segment_len, n_segments) and
+// chunks covering segments 0..n_segments-1 in order.
+SzpEncodeResult assemble(SzpView h, const std::vector<uint64_t>& shape, const std::vector<Chunk>& chunks);
+
+// Checks an exception table (u64 offsets[n_segments + 1] at exc_offsets, entries {u32 pos, u32 raw}) of
+// n_exceptions entries against segment lengths and the dtype. Returns why it is invalid, or nullptr.
+const char* check_exceptions(const uint8_t* exc_offsets, const uint8_t* entries, const SzpView& v);
+
+}  // namespace moeoffload::szp_layout

@@ -1,0 +1,233 @@
+// szpe encoder: an szp buffer's quantised values, rANS coded (szpe.h, docs/format.md).
+//
+// Two passes over the szp blocks: a histogram of the zigzag symbols picks the alphabet (the escape
+// threshold) and the frequencies, then each stream is coded on its own (in parallel), backwards.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "moeoffload/errors.h"
+#include "moeoffload/parallel.h"
+#include "moeoffload/szpe.h"
+
+namespace moeoffload {
+
+namespace {
+
+template <typename T>
+T load(const uint8_t* p) {
+  T v;
+  memcpy(&v, p, sizeof(T));
+  return v;
+}
+
+template <typename T>
+void store(std::vector<uint8_t>& buf, uint64_t at, T v) {
+  memcpy(buf.data() + at, &v, sizeof(T));
+}
+
+uint32_t zigzag(int32_t q) { return (static_cast<uint32_t>(q) << 1) ^ static_cast<uint32_t>(q >> 31); }
+
+// The q values of szp segment s, appended to q.
+void append_segment_q(const uint8_t* szp, const SzpView& v, uint64_t s, std::vector<int32_t>& q) {
+  const uint8_t* payload = szp + v.payload_at;
+  const uint64_t a = load<uint64_t>(szp + v.seg_offsets_at + 8 * s);
+  const uint64_t len = std::min(v.segment_len, v.numel - s * v.segment_len);
+  const uint64_t nblocks = szp_blocks_in(len);
+  uint64_t at = a + szp_widths_bytes(nblocks);
+  const size_t base = q.size();
+  q.resize(base + nblocks * kSzpBlock);
+  for (uint64_t k = 0; k < nblocks; ++k) {
+    const uint32_t w = payload[a + k];
+    uint32_t words[kSzpMaxWidth + 1] = {};
+    memcpy(words, payload + at, szp_block_bytes(w));
+    szp_unpack_block(words, w, q.data() + base + k * kSzpBlock);
+    at += szp_block_bytes(w);
+  }
+  q.resize(base + len);
+}
+
+// Frequencies summing to kRansTotal, >= 1 for every symbol that occurs, moved one unit at a time to
+// where the coded size (sum of count * log2(total / freq)) gains most.
+std::vector<uint32_t> normalise(const std::vector<uint64_t>& counts) {
+  const uint64_t n = [&] {
+    uint64_t t = 0;
+    for (uint64_t c : counts) t += c;
+    return t;
+  }();
+  std::vector<uint32_t> f(counts.size(), 0);
+  if (n == 0) {
+    f.back() = kRansTotal;
+    return f;
+  }
+  int64_t sum = 0;
+  for (size_t i = 0; i < counts.size(); ++i) {
+    if (!counts[i]) continue;
+    f[i] = static_cast<uint32_t>(std::max<uint64_t>(1, counts[i] * kRansTotal / n));
+    sum += f[i];
+  }
+  while (sum != static_cast<int64_t>(kRansTotal)) {
+    size_t best = counts.size();
+    double best_cost = 0;
+    for (size_t i = 0; i < counts.size(); ++i) {
+      if (!counts[i]) continue;
+      double cost;  // change of the coded size, in bits
+      if (sum < static_cast<int64_t>(kRansTotal)) cost = -static_cast<double>(counts[i]) * std::log2((f[i] + 1.0) / f[i]);
+      else if (f[i] > 1) cost = static_cast<double>(counts[i]) * std::log2(f[i] / (f[i] - 1.0));
+      else continue;
+      if (best == counts.size() || cost < best_cost) {
+        best = i;
+        best_cost = cost;
+      }
+    }
+    if (sum < static_cast<int64_t>(kRansTotal)) ++f[best], ++sum;
+    else --f[best], --sum;
+  }
+  return f;
+}
+
+// The alphabet A (2..256; 1 only for an empty tensor) whose estimated size is smallest: literal
+// symbols 0..A-2 at their entropy, the rest escaped at their entropy + 32 bits, plus the table.
+uint32_t choose_alphabet(const std::vector<uint64_t>& hist /* kSzpeMaxAlphabet + 1 bins, the last: >= 256 */) {
+  uint64_t n = 0;
+  for (uint64_t c : hist) n += c;
+  if (n == 0) return 1;
+  auto bits = [&](uint64_t c) { return c ? static_cast<double>(c) * std::log2(static_cast<double>(n) / c) : 0.0; };
+  uint32_t best = 2;
+  double best_cost = 0;
+  double literal = 0;
+  uint64_t escaped = n;
+  for (uint32_t a = 2; a <= kSzpeMaxAlphabet; ++a) {
+    literal += bits(hist[a - 2]);
+    escaped -= hist[a - 2];
+    const double cost = literal + bits(escaped) + 32.0 * escaped + 16.0 * a;
+    if (a == 2 || cost < best_cost) {
+      best = a;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
+struct Stream {
+  std::vector<uint8_t> bytes;
+  std::vector<uint32_t> escapes;
+};
+
+void encode_stream(const std::vector<int32_t>& q, uint32_t alphabet, const std::vector<uint32_t>& freq,
+                   const std::vector<uint32_t>& cum, Stream& out) {
+  const size_t n = q.size();
+  std::vector<uint8_t> buf(2 * n + 4 * kRansWays + 8);
+  uint8_t* const end = buf.data() + buf.size();
+  uint8_t* ptr = end;
+  uint32_t x[kRansWays];
+  for (uint32_t& s : x) s = kRansLow;
+  const uint32_t esc = alphabet - 1;
+  for (size_t i = n; i-- > 0;) {
+    const uint32_t z = zigzag(q[i]);
+    const uint32_t sym = std::min(z, esc);
+    rans_put(x[i % kRansWays], ptr, cum[sym], freq[sym]);
+  }
+  for (uint32_t j = kRansWays; j-- > 0;) {
+    ptr -= 4;
+    memcpy(ptr, &x[j], 4);
+  }
+  out.bytes.assign(ptr, end);
+  for (size_t i = 0; i < n; ++i)
+    if (zigzag(q[i]) >= esc) out.escapes.push_back(zigzag(q[i]));
+}
+
+}  // namespace
+
+std::vector<uint8_t> szpe_from_szp(const uint8_t* szp, const SzpView& v, uint64_t stream_segments) {
+  const uint64_t S = v.n_segments;
+  const uint64_t G = stream_segments ? stream_segments : std::max<uint64_t>(1, 16384 / v.segment_len);
+  const uint64_t NS = S ? (S - 1) / G + 1 : 0;
+
+  // Pass 1: the symbol histogram (bins 0..255, then everything above).
+  std::vector<std::vector<uint64_t>> part(NS);
+  parallel_for(NS, 1, [&](uint64_t s0, uint64_t s1) {
+    std::vector<int32_t> q;
+    for (uint64_t s = s0; s < s1; ++s) {
+      part[s].assign(kSzpeMaxAlphabet + 1, 0);
+      q.clear();
+      for (uint64_t g = s * G; g < std::min(S, (s + 1) * G); ++g) append_segment_q(szp, v, g, q);
+      for (int32_t x : q) ++part[s][std::min<uint32_t>(zigzag(x), kSzpeMaxAlphabet)];
+    }
+  });
+  std::vector<uint64_t> hist(kSzpeMaxAlphabet + 1, 0);
+  for (const auto& p : part)
+    for (size_t i = 0; i < hist.size(); ++i) hist[i] += p[i];
+  const uint32_t A = choose_alphabet(hist);
+  std::vector<uint64_t> counts(A, 0);
+  for (uint32_t i = 0; i < kSzpeMaxAlphabet + 1; ++i) counts[std::min(i, A - 1)] += hist[i];
+  const std::vector<uint32_t> freq = normalise(counts);
+  std::vector<uint32_t> cum(A + 1, 0);
+  for (uint32_t i = 0; i < A; ++i) cum[i + 1] = cum[i] + freq[i];
+
+  // Pass 2: the streams.
+  std::vector<Stream> streams(NS);
+  parallel_for(NS, 1, [&](uint64_t s0, uint64_t s1) {
+    std::vector<int32_t> q;
+    for (uint64_t s = s0; s < s1; ++s) {
+      q.clear();
+      for (uint64_t g = s * G; g < std::min(S, (s + 1) * G); ++g) append_segment_q(szp, v, g, q);
+      encode_stream(q, A, freq, cum, streams[s]);
+    }
+  });
+
+  uint64_t payload = 0, n_escapes = 0;
+  for (const Stream& st : streams) payload += st.bytes.size(), n_escapes += st.escapes.size();
+  uint64_t at = kSzpeHeaderBytes + 8ull * v.ndim;
+  const uint64_t freq_at = at;
+  at += 2ull * A;
+  const uint64_t stream_offsets_at = at;
+  at += 8 * (NS + 1);
+  const uint64_t escape_index_at = at;
+  at += 8 * (NS + 1);
+  const uint64_t exc_table = v.n_exceptions ? 8 * (S + 1) + 8 * v.n_exceptions : 0;
+  const uint64_t exc_at = at;
+  at += exc_table;
+  const uint64_t escapes_at = at;
+  at += 4 * n_escapes;
+  const uint64_t payload_at = at;
+  const uint64_t total = at + payload + 4;
+
+  std::vector<uint8_t> buf(total, 0);
+  store<uint32_t>(buf, 0, kSzpeMagic);
+  store<uint16_t>(buf, 4, kSzpeVersion);
+  buf[6] = static_cast<uint8_t>(v.dtype);
+  buf[7] = static_cast<uint8_t>(v.ndim);
+  store<uint32_t>(buf, 8, A);
+  store<uint32_t>(buf, 12, v.n_exceptions ? kSzpFlagExceptions : 0u);
+  store<double>(buf, 16, v.eb);
+  store<float>(buf, 24, v.step);
+  store<uint32_t>(buf, 28, kRansScaleBits);
+  store<uint64_t>(buf, 32, v.numel);
+  store<uint64_t>(buf, 40, v.segment_len);
+  store<uint64_t>(buf, 48, v.n_exceptions);
+  store<uint64_t>(buf, 56, n_escapes);
+  store<uint64_t>(buf, 64, payload);
+  store<uint64_t>(buf, 72, G);
+  for (uint32_t i = 0; i < v.ndim; ++i) store<uint64_t>(buf, kSzpeHeaderBytes + 8ull * i, v.shape[i]);
+  for (uint32_t i = 0; i < A; ++i) store<uint16_t>(buf, freq_at + 2ull * i, static_cast<uint16_t>(freq[i]));
+  uint64_t off = 0, esc = 0;
+  for (uint64_t s = 0; s <= NS; ++s) {
+    store<uint64_t>(buf, stream_offsets_at + 8 * s, off);
+    store<uint64_t>(buf, escape_index_at + 8 * s, esc);
+    if (s == NS) break;
+    memcpy(buf.data() + payload_at + off, streams[s].bytes.data(), streams[s].bytes.size());
+    if (!streams[s].escapes.empty())
+      memcpy(buf.data() + escapes_at + 4 * esc, streams[s].escapes.data(), 4 * streams[s].escapes.size());
+    off += streams[s].bytes.size();
+    esc += streams[s].escapes.size();
+  }
+  if (exc_table) {  // szp's exception table as it is: offsets per segment, then the entries
+    memcpy(buf.data() + exc_at, szp + v.exc_offsets_at, 8 * (S + 1));
+    memcpy(buf.data() + exc_at + 8 * (S + 1), szp + v.exc_entries_at, 8 * v.n_exceptions);
+  }
+  store<uint32_t>(buf, total - 4, crc32(buf.data(), total - 4));
+  return buf;
+}
+
+}  // namespace moeoffload

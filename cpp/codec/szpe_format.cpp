@@ -1,0 +1,141 @@
+// Parsing and validation of szpe buffers. Everything the decoders later trust is checked here with
+// overflow-safe arithmetic; what only decoding can check (each stream's bytes and escapes are used up
+// exactly and its states end where the encoder started) the decoders check and report as corrupt.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "moeoffload/errors.h"
+#include "moeoffload/szpe.h"
+#include "szp_layout.h"
+
+namespace moeoffload {
+
+namespace {
+
+[[noreturn]] void corrupt(const std::string& why) {
+  throw Error(ErrorKind::CorruptData,
+              "szpe buffer is corrupt or truncated: " + why +
+                  ". Re-create it from the original weights (moeoffload.codec.compress) or re-copy the file.");
+}
+
+template <typename T>
+T load(const uint8_t* p) {
+  T v;
+  memcpy(&v, p, sizeof(T));
+  return v;
+}
+
+uint64_t add(uint64_t a, uint64_t b) {
+  if (b > UINT64_MAX - a) corrupt("size overflow");
+  return a + b;
+}
+uint64_t mul(uint64_t a, uint64_t b) {
+  if (a && b > UINT64_MAX / a) corrupt("size overflow");
+  return a * b;
+}
+
+constexpr uint32_t kMaxZigzag = (1u << kSzpMaxWidth) - 2;  // |q| <= 2^24 - 1
+
+}  // namespace
+
+SzpeView szpe_parse(const uint8_t* buf, size_t len, bool verify_checksum) {
+  if (len < kSzpeHeaderBytes + 4) corrupt("shorter than the 84-byte minimum (" + std::to_string(len) + " bytes)");
+  if (load<uint32_t>(buf) != kSzpeMagic) corrupt("bad magic (not an szpe buffer)");
+  const uint16_t version = load<uint16_t>(buf + 4);
+  if (version != kSzpeVersion)
+    throw Error(ErrorKind::FormatVersion, "szpe format version " + std::to_string(version) +
+                                              " is not supported by this build (it reads version " +
+                                              std::to_string(kSzpeVersion) + "); upgrade moeoffload");
+  if (verify_checksum && crc32(buf, len - 4) != load<uint32_t>(buf + len - 4)) corrupt("CRC32 mismatch");
+  SzpeView e{};
+  SzpView& v = e.szp;
+  if (!dtype_is_valid(buf[6])) corrupt("unknown dtype code " + std::to_string(buf[6]));
+  v.dtype = static_cast<DType>(buf[6]);
+  v.ndim = buf[7];
+  if (v.ndim > kSzpMaxNdim) corrupt("ndim " + std::to_string(v.ndim) + " > 8");
+  e.alphabet = load<uint32_t>(buf + 8);
+  const uint32_t flags = load<uint32_t>(buf + 12);
+  v.eb = load<double>(buf + 16);
+  v.step = load<float>(buf + 24);
+  if (load<uint32_t>(buf + 28) != kRansScaleBits) corrupt("frequency scale is not 12 bits");
+  v.numel = load<uint64_t>(buf + 32);
+  v.segment_len = load<uint64_t>(buf + 40);
+  v.n_exceptions = load<uint64_t>(buf + 48);
+  e.n_escapes = load<uint64_t>(buf + 56);
+  e.payload_bytes = load<uint64_t>(buf + 64);
+  e.stream_segments = load<uint64_t>(buf + 72);
+  if (e.alphabet < 1 || e.alphabet > kSzpeMaxAlphabet) corrupt("alphabet size out of range");
+  if (!(std::isfinite(v.eb) && v.eb > 0)) corrupt("error bound is not a positive finite number");
+  if (!(std::isfinite(v.step) && v.step > 0)) corrupt("step is not a positive finite number");
+  if ((flags & ~kSzpFlagExceptions) != 0 || ((flags & kSzpFlagExceptions) != 0) != (v.n_exceptions != 0))
+    corrupt("unknown flags");
+  if (v.segment_len == 0 || v.segment_len > kSzpMaxSegment) corrupt("segment length out of range");
+  if (e.stream_segments == 0) corrupt("a stream of no segments");
+
+  uint64_t at = kSzpeHeaderBytes;
+  const uint64_t body = len - 4;
+  auto region = [&](uint64_t bytes) {
+    const uint64_t start = at;
+    at = add(at, bytes);
+    if (at > body) corrupt("truncated");
+    return start;
+  };
+  region(mul(8, v.ndim));
+  uint64_t numel = 1;
+  for (uint32_t i = 0; i < v.ndim; ++i) {
+    v.shape[i] = load<uint64_t>(buf + kSzpeHeaderBytes + 8ull * i);
+    numel = mul(numel, v.shape[i]);
+  }
+  if (numel != v.numel) corrupt("numel does not match the shape");
+  v.n_segments = v.numel ? (v.numel - 1) / v.segment_len + 1 : 0;
+  e.n_streams = v.n_segments ? (v.n_segments - 1) / e.stream_segments + 1 : 0;
+  if (v.n_exceptions > v.numel || e.n_escapes > v.numel) corrupt("more exceptions or escapes than values");
+
+  e.freq_at = region(mul(2, e.alphabet));
+  e.stream_offsets_at = region(mul(add(e.n_streams, 1), 8));
+  e.escape_index_at = region(mul(add(e.n_streams, 1), 8));
+  if (v.n_exceptions) {
+    v.exc_offsets_at = region(mul(add(v.n_segments, 1), 8));
+    v.exc_entries_at = region(mul(v.n_exceptions, 8));
+  }
+  e.escapes_at = region(mul(e.n_escapes, 4));
+  e.payload_at = region(e.payload_bytes);
+  if (at != body) corrupt("length does not match the header (" + std::to_string(len) + " bytes)");
+  e.total_bytes = len;
+
+  // Frequencies: sum to 2^12.
+  uint64_t sum = 0;
+  for (uint32_t i = 0; i < e.alphabet; ++i) sum += load<uint16_t>(buf + e.freq_at + 2ull * i);
+  if (sum != kRansTotal) corrupt("symbol frequencies do not sum to 4096");
+  // Streams: offsets from 0 to the payload size, each stream with values at least its states long;
+  // escape indices from 0 to n_escapes, never decreasing.
+  const uint8_t* so = buf + e.stream_offsets_at;
+  const uint8_t* ei = buf + e.escape_index_at;
+  if (load<uint64_t>(so) != 0 || load<uint64_t>(so + 8 * e.n_streams) != e.payload_bytes)
+    corrupt("stream offsets do not cover the payload");
+  if (load<uint64_t>(ei) != 0 || load<uint64_t>(ei + 8 * e.n_streams) != e.n_escapes)
+    corrupt("escape index does not cover the escapes");
+  for (uint64_t s = 0; s < e.n_streams; ++s) {
+    if (load<uint64_t>(so + 8 * (s + 1)) < add(load<uint64_t>(so + 8 * s), 4 * kRansWays))
+      corrupt("stream " + std::to_string(s) + " is shorter than its states");
+    if (load<uint64_t>(ei + 8 * (s + 1)) < load<uint64_t>(ei + 8 * s)) corrupt("escape index decreases");
+  }
+  // Escapes: above the literals, within szp's q range, and every q decodes to a finite value.
+  uint32_t widest = e.alphabet >= 2 ? e.alphabet - 2 : 0;  // the largest literal zigzag value
+  for (uint64_t i = 0; i < e.n_escapes; ++i) {
+    const uint32_t z = load<uint32_t>(buf + e.escapes_at + 4 * i);
+    if (z < e.alphabet - 1 || z > kMaxZigzag) corrupt("escape value out of range");
+    widest = std::max(widest, z);
+  }
+  const float qmax = static_cast<float>((widest + 1) >> 1);  // the largest |q| of any symbol
+  if (!std::isfinite(raw_to_f32(stored_bits(qmax * v.step, v.dtype), v.dtype)))
+    corrupt("a value decodes beyond the range of " + std::string(dtype_name(v.dtype)) + " (step " +
+            fmt_number(v.step) + ")");
+  if (v.n_exceptions)
+    if (const char* why = szp_layout::check_exceptions(buf + v.exc_offsets_at, buf + v.exc_entries_at, v)) corrupt(why);
+  return e;
+}
+
+}  // namespace moeoffload

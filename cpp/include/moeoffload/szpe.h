@@ -1,0 +1,59 @@
+// szpe: szp's quantised values, entropy coded. The same q (and the same exceptions) as the szp buffer
+// it was made from, so decoding gives szp's values bit for bit and the bound is szp's; the bytes are
+// rANS streams (rans.h) of the q values, near their order-0 entropy instead of szp's fixed-width
+// blocks. docs/format.md is the byte-level specification.
+//
+// q is mapped to a symbol by zigzag (0, -1, 1, -2, ... -> 0, 1, 2, 3, ...); symbols 0..A-2 are coded
+// directly and every larger one as the escape symbol A-1, its zigzag value stored apart (u32, in
+// order). One frequency table per tensor (alphabet A picked per tensor to minimise the size).
+// Independent streams of `stream_segments` szp segments (rows) each, with byte offsets and escape
+// indices stored, so a thread (or a warp) starts at any stream without a scan.
+//
+// Two decoders: values (szpe_decode_cpu, what szp_decode_cpu gives), and the szp buffer itself
+// (szpe_to_szp: the transcode a device cache of fixed-width szp would run on arrival).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "moeoffload/rans.h"
+#include "moeoffload/szp.h"
+
+namespace moeoffload {
+
+constexpr uint32_t kSzpeMagic = 0x455A534Du;  // "MSZE" little-endian
+constexpr uint16_t kSzpeVersion = 1;
+constexpr uint64_t kSzpeHeaderBytes = 80;
+constexpr uint32_t kSzpeMaxAlphabet = 256;
+
+struct SzpeView {
+  SzpView szp;  // dtype, ndim, shape, eb, step, numel, segment_len, n_segments, n_exceptions and the
+                // exception table (exc_offsets_at, exc_entries_at: szp's layout, in this buffer)
+  uint32_t alphabet;         // A: symbols 0..A-2 literal, A-1 escape
+  uint64_t stream_segments;  // szp segments per stream
+  uint64_t n_streams;
+  uint64_t n_escapes;
+  uint64_t freq_at;            // u16[A]
+  uint64_t stream_offsets_at;  // u64[n_streams + 1], relative to payload_at
+  uint64_t escape_index_at;    // u64[n_streams + 1]: the escapes before each stream
+  uint64_t escapes_at;         // u32[n_escapes]: zigzag values
+  uint64_t payload_at;
+  uint64_t payload_bytes;
+  uint64_t total_bytes;
+};
+
+// Entropy-codes a valid szp buffer (szp_parse). stream_segments 0 picks about 16384 values a stream.
+std::vector<uint8_t> szpe_from_szp(const uint8_t* szp, const SzpView& view, uint64_t stream_segments = 0);
+
+// Validates the structure (and the CRC32 when verify_checksum); never reads outside [buf, buf + len).
+// Throws Error(CorruptData) with the reason, Error(FormatVersion) for another version.
+SzpeView szpe_parse(const uint8_t* buf, size_t len, bool verify_checksum = true);
+
+// Values of view.szp.dtype, bit for bit those of szp_decode_cpu on the szp buffer it came from
+// (multithreaded over streams). A stream that does not decode cleanly throws Error(CorruptData).
+void szpe_decode_cpu(const uint8_t* buf, const SzpeView& view, void* out);
+
+// The szp buffer it was made from, byte for byte.
+std::vector<uint8_t> szpe_to_szp(const uint8_t* buf, const SzpeView& view);
+
+}  // namespace moeoffload

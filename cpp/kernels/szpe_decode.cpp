@@ -1,0 +1,173 @@
+// szpe CPU decoders: to values (the cpu backend's decode; bit for bit what szp_decode_cpu gives on
+// the szp buffer the szpe came from) and back to that szp buffer (the transcode a fixed-width device
+// cache would run on arrival). Streams decode in parallel; within a stream kRansWays interleaved rANS
+// states give the core independent chains. Every stream must use up exactly its bytes and escapes and
+// end in the encoder's initial states, or the buffer is corrupt.
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include "../codec/szp_layout.h"
+#include "moeoffload/errors.h"
+#include "moeoffload/parallel.h"
+#include "moeoffload/szpe.h"
+
+namespace moeoffload {
+
+namespace {
+
+template <typename T>
+T load(const uint8_t* p) {
+  T v;
+  memcpy(&v, p, sizeof(T));
+  return v;
+}
+
+[[noreturn]] void corrupt_stream(uint64_t s) {
+  throw Error(ErrorKind::CorruptData, "szpe buffer is corrupt: stream " + std::to_string(s) +
+                                          " does not decode to its values. Re-create it from the original weights "
+                                          "(moeoffload.codec.compress) or re-copy the file.");
+}
+
+struct SlotTable {
+  RansSlot slot[kRansTotal];
+  explicit SlotTable(const uint8_t* buf, const SzpeView& e) {
+    uint32_t cum = 0;
+    for (uint32_t s = 0; s < e.alphabet; ++s) {
+      const uint32_t f = load<uint16_t>(buf + e.freq_at + 2ull * s);
+      for (uint32_t i = 0; i < f; ++i)
+        slot[cum + i] = {static_cast<uint16_t>(f), static_cast<uint16_t>(i), static_cast<uint16_t>(s), 0};
+      cum += f;
+    }
+  }
+};
+
+int32_t unzigzag(uint32_t z) { return static_cast<int32_t>(z >> 1) ^ -static_cast<int32_t>(z & 1); }
+
+struct StreamSpan {
+  uint64_t first_segment, end_segment, first_value, n_values;
+};
+
+StreamSpan span_of(const SzpeView& e, uint64_t s) {
+  const SzpView& v = e.szp;
+  const uint64_t g0 = s * e.stream_segments, g1 = std::min(v.n_segments, g0 + e.stream_segments);
+  const uint64_t first = g0 * v.segment_len;
+  return {g0, g1, first, std::min(v.numel, g1 * v.segment_len) - first};
+}
+
+// The q values of stream s into q[0 .. n_values).
+void decode_stream(const uint8_t* buf, const SzpeView& e, const SlotTable& table, uint64_t s, int32_t* q) {
+  const StreamSpan sp = span_of(e, s);
+  const uint8_t* payload = buf + e.payload_at;
+  const uint8_t* p = payload + load<uint64_t>(buf + e.stream_offsets_at + 8 * s);
+  const uint8_t* end = payload + load<uint64_t>(buf + e.stream_offsets_at + 8 * (s + 1));
+  const uint8_t* esc = buf + e.escapes_at + 4 * load<uint64_t>(buf + e.escape_index_at + 8 * s);
+  const uint8_t* esc_end = buf + e.escapes_at + 4 * load<uint64_t>(buf + e.escape_index_at + 8 * (s + 1));
+  uint32_t x[kRansWays];
+  memcpy(x, p, sizeof x);  // parse checked every stream holds its states
+  p += sizeof x;
+  const uint32_t escape = e.alphabet - 1;
+  bool ok = true;
+  uint64_t i = 0;
+  for (; i + kRansWays <= sp.n_values; i += kRansWays) {
+    uint32_t sym[kRansWays];
+    for (uint32_t j = 0; j < kRansWays; ++j) {
+      sym[j] = rans_get(x[j], table.slot);
+      ok &= rans_renorm(x[j], p, end);
+    }
+    for (uint32_t j = 0; j < kRansWays; ++j) {
+      uint32_t z = sym[j];
+      if (z == escape) {
+        if (esc == esc_end) corrupt_stream(s);
+        z = load<uint32_t>(esc);
+        esc += 4;
+      }
+      q[i + j] = unzigzag(z);
+    }
+  }
+  for (uint32_t j = 0; i < sp.n_values; ++i, ++j) {
+    uint32_t z = rans_get(x[j], table.slot);
+    ok &= rans_renorm(x[j], p, end);
+    if (z == escape) {
+      if (esc == esc_end) corrupt_stream(s);
+      z = load<uint32_t>(esc);
+      esc += 4;
+    }
+    q[i] = unzigzag(z);
+  }
+  for (uint32_t j = 0; j < kRansWays; ++j) ok &= x[j] == kRansLow;
+  if (!ok || p != end || esc != esc_end) corrupt_stream(s);
+}
+
+template <DType T>
+void decode_values(const uint8_t* buf, const SzpeView& e, void* out_ptr) {
+  using O = typename Stored<T>::type;
+  O* out = static_cast<O*>(out_ptr);
+  const SzpView& v = e.szp;
+  if (v.numel == 0) return;
+  const SlotTable table(buf, e);
+  parallel_for(e.n_streams, 1, [&](uint64_t s0, uint64_t s1) {
+    std::vector<int32_t> q;
+    for (uint64_t s = s0; s < s1; ++s) {
+      const StreamSpan sp = span_of(e, s);
+      q.resize(sp.n_values);
+      decode_stream(buf, e, table, s, q.data());
+      O* dst = out + sp.first_value;
+      for (uint64_t i = 0; i < sp.n_values; ++i) dst[i] = szp_value<T>(q[i], v.step);
+      if (!v.n_exceptions) continue;
+      for (uint64_t g = sp.first_segment; g < sp.end_segment; ++g) {  // the values kept exactly
+        const uint64_t a = load<uint64_t>(buf + v.exc_offsets_at + 8 * g);
+        const uint64_t b = load<uint64_t>(buf + v.exc_offsets_at + 8 * (g + 1));
+        for (uint64_t k = a; k < b; ++k)
+          out[g * v.segment_len + load<uint32_t>(buf + v.exc_entries_at + 8 * k)] =
+              static_cast<O>(load<uint32_t>(buf + v.exc_entries_at + 8 * k + 4));
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void szpe_decode_cpu(const uint8_t* buf, const SzpeView& e, void* out) {
+  switch (e.szp.dtype) {
+    case DType::F32: return decode_values<DType::F32>(buf, e, out);
+    case DType::BF16: return decode_values<DType::BF16>(buf, e, out);
+    case DType::F16: return decode_values<DType::F16>(buf, e, out);
+  }
+}
+
+std::vector<uint8_t> szpe_to_szp(const uint8_t* buf, const SzpeView& e) {
+  const SzpView& v = e.szp;
+  std::vector<szp_layout::Chunk> chunks(e.n_streams);
+  if (e.n_streams) {
+    const SlotTable table(buf, e);
+    parallel_for(e.n_streams, 1, [&](uint64_t s0, uint64_t s1) {
+      std::vector<int32_t> q;
+      for (uint64_t s = s0; s < s1; ++s) {
+        const StreamSpan sp = span_of(e, s);
+        q.resize(sp.n_values);
+        decode_stream(buf, e, table, s, q.data());
+        szp_layout::Chunk& ch = chunks[s];
+        for (uint64_t g = sp.first_segment; g < sp.end_segment; ++g) {
+          const uint64_t first = g * v.segment_len - sp.first_value;
+          const size_t at = ch.bytes.size();
+          szp_layout::pack_segment(q.data() + first, std::min(v.segment_len, v.numel - g * v.segment_len), ch.bytes);
+          ch.seg_sizes.push_back(ch.bytes.size() - at);
+          uint64_t a = 0, b = 0;
+          if (v.n_exceptions) {
+            a = load<uint64_t>(buf + v.exc_offsets_at + 8 * g);
+            b = load<uint64_t>(buf + v.exc_offsets_at + 8 * (g + 1));
+          }
+          ch.exc_counts.push_back(b - a);
+          for (uint64_t k = a; k < b; ++k)
+            ch.exceptions.push_back({load<uint32_t>(buf + v.exc_entries_at + 8 * k),
+                                     load<uint32_t>(buf + v.exc_entries_at + 8 * k + 4)});
+        }
+      }
+    });
+  }
+  std::vector<uint64_t> shape(v.shape, v.shape + v.ndim);
+  return szp_layout::assemble(v, shape, chunks).bytes;
+}
+
+}  // namespace moeoffload
