@@ -141,6 +141,9 @@ void encode_stream(const std::vector<int32_t>& q, uint32_t alphabet, const std::
 
 std::vector<uint8_t> szpe_from_szp(const uint8_t* szp, const SzpView& v, uint64_t stream_segments) {
   const uint64_t S = v.n_segments;
+  if (stream_segments && stream_segments > std::max<uint64_t>(1, kSzpMaxSegment / v.segment_len))
+    throw Error(ErrorKind::Shape, "a stream of " + std::to_string(stream_segments) + " segments of " +
+                                      std::to_string(v.segment_len) + " values exceeds 2^24 values");
   const uint64_t G = stream_segments ? stream_segments : std::max<uint64_t>(1, 16384 / v.segment_len);
   const uint64_t NS = S ? (S - 1) / G + 1 : 0;
 

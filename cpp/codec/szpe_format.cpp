@@ -72,7 +72,8 @@ SzpeView szpe_parse(const uint8_t* buf, size_t len, bool verify_checksum) {
   if ((flags & ~kSzpFlagExceptions) != 0 || ((flags & kSzpFlagExceptions) != 0) != (v.n_exceptions != 0))
     corrupt("unknown flags");
   if (v.segment_len == 0 || v.segment_len > kSzpMaxSegment) corrupt("segment length out of range");
-  if (e.stream_segments == 0) corrupt("a stream of no segments");
+  if (e.stream_segments == 0 || e.stream_segments > std::max<uint64_t>(1, kSzpMaxSegment / v.segment_len))
+    corrupt("stream length out of range");
 
   uint64_t at = kSzpeHeaderBytes;
   const uint64_t body = len - 4;

@@ -11,6 +11,10 @@ narrower dtype (float32 input to bfloat16, say) adds that dtype's rounding.
 - "szp": the native block codec (the GPU format, docs/format.md): fixed-length
   blocks of 32 along the last dimension, per-row offsets, decodable on CPU and
   GPU. Fast, a little larger.
+- "szpe": szp's quantised values entropy coded (rANS, docs/format.md): the same
+  values bit for bit as "szp" at the same bound, near the order-0 entropy of
+  the quantised values in size; decodes on the CPU, and back into the szp
+  buffer (to_szp()) for the GPU and the fused kernels.
 - "sz3": the SZ3 compressor (package `pysz`, by the SZ3 authors): higher ratio,
   CPU only, slower; values SZ3 returns outside the bound after rounding to the
   stored dtype are kept exactly as exceptions, so the same guarantee holds.
@@ -41,7 +45,7 @@ from .errors import (
 # Join the codec's CPU threads before the interpreter goes away.
 atexit.register(_native.stop_threads)
 
-CODECS = ("szp", "sz3")
+CODECS = ("szp", "szpe", "sz3")
 SZ3_ALGORITHMS = ("nopred", "interp_lorenzo", "lorenzo_reg", "interp")
 
 _DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
@@ -49,6 +53,7 @@ _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
 _RAW_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 _SZP_MAGIC = b"MSZP"
+_SZPE_MAGIC = b"MSZE"
 _SZ3_MAGIC = b"MSZ3"
 _SZ3_VERSION = 1
 _SZ3_HEADER = struct.Struct("<4sHBBdQQQ")  # magic, version, dtype, ndim, eb, numel, n_exceptions, sz3 bytes
@@ -195,6 +200,9 @@ class CompressedTensor:
         if magic == _SZP_MAGIC:
             info = _native.szp_inspect(arr, True)
             return cls("szp", _CODE_DTYPES[info["dtype"]], info["shape"], info["eb"], info["n_exceptions"], arr)
+        if magic == _SZPE_MAGIC:
+            info = _native.szpe_inspect(arr, True)
+            return cls("szpe", _CODE_DTYPES[info["dtype"]], info["shape"], info["eb"], info["n_exceptions"], arr)
         if magic == _SZ3_MAGIC:
             head = _parse_sz3(arr)
             return cls("sz3", head["dtype"], head["shape"], head["eb"], head["n_exceptions"], arr)
@@ -215,22 +223,34 @@ class CompressedTensor:
         device = torch.device(device) if device is not None else torch.device("cpu")
         if self.codec == "szp" and device.type == "cuda":
             out = self._decode_szp_cuda(device)
-        elif self.codec == "szp":
+        elif self.codec == "szpe" and device.type == "cuda":  # the GPU reads fixed-width szp
+            return self.to_szp().decompress(dtype, device)
+        elif self.codec in ("szp", "szpe"):
             out = torch.empty(self.shape, dtype=self.dtype)
-            _native.szp_decode(self._buf, out, False)
+            (_native.szp_decode if self.codec == "szp" else _native.szpe_decode)(self._buf, out, False)
         else:
             out = _decode_sz3(self._buf)
         return out.to(device=device, dtype=dtype or self.dtype)
 
+    def to_szp(self) -> "CompressedTensor":
+        """The fixed-width szp form of an szp or szpe tensor (for szpe: the buffer it was made from,
+        byte for byte)."""
+        if self.codec == "szp":
+            return self
+        if self.codec != "szpe":
+            raise UnsupportedDtypeError(f"to_szp() converts szpe tensors; this one is {self.codec!r}")
+        return CompressedTensor("szp", self.dtype, self.shape, self.eb, self.n_exceptions,
+                                _native.szpe_to_szp(self._buf, False))
+
     def _decode_szp_into(self, out: torch.Tensor) -> torch.Tensor:
-        if self.codec != "szp":
-            raise UnsupportedDtypeError("decompress(out=...) is available for the szp codec only")
+        if self.codec not in ("szp", "szpe"):
+            raise UnsupportedDtypeError("decompress(out=...) is available for the szp and szpe codecs only")
         if out.dtype != self.dtype or out.shape != self.shape or out.device.type != "cpu" or not out.is_contiguous():
             raise ShapeError(
                 f"out must be a contiguous CPU tensor of dtype {self.dtype} and shape {tuple(self.shape)}, "
                 f"got {out.dtype} {tuple(out.shape)} on {out.device}"
             )
-        _native.szp_decode(self._buf, out, False)
+        (_native.szp_decode if self.codec == "szp" else _native.szpe_decode)(self._buf, out, False)
         return out
 
     def _decode_szp_cuda(self, device: torch.device) -> torch.Tensor:
@@ -256,16 +276,19 @@ def compress(x, eb: float, mode: str = "abs", codec: str = "szp", *, sz3_algorit
     """Compress `x` (torch.Tensor or numpy array; float32, bfloat16 or float16) within bound `eb`.
 
     mode: "abs" (eb is absolute), "rel" (eb x (max - min) of x) or "meanabs" (eb x mean |x|).
-    codec: "szp" (native, GPU-decodable) or "sz3" (pysz; `sz3_algorithm` picks
-    its predictor: "nopred" suits weights, which have no spatial correlation).
+    codec: "szp" (native, GPU-decodable), "szpe" (szp's values entropy coded: the same values, fewer
+    bytes) or "sz3" (pysz; `sz3_algorithm` picks its predictor: "nopred" suits weights, which have no
+    spatial correlation).
     """
     if codec not in CODECS:
         raise UnsupportedDtypeError(f"codec must be one of {CODECS}, got {codec!r}")
     t = _as_tensor(x)
     eb_abs = absolute_bound(t, eb, mode)
-    if codec == "szp":
+    if codec in ("szp", "szpe"):
         buf, n_exc = _native.szp_encode(t, _DTYPE_CODES[t.dtype], list(t.shape), eb_abs, 0)
-        return CompressedTensor("szp", t.dtype, t.shape, eb_abs, n_exc, buf)
+        if codec == "szpe":
+            buf = _native.szpe_from_szp(buf, 0)
+        return CompressedTensor(codec, t.dtype, t.shape, eb_abs, n_exc, buf)
     return _compress_sz3(t, eb_abs, sz3_algorithm)
 
 

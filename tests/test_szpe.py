@@ -1,0 +1,102 @@
+"""szpe (cpp/codec/szpe_encode.cpp, cpp/kernels/szpe_decode.cpp): szp's quantised values entropy coded.
+It must decode to szp's values bit for bit, give back the szp buffer byte for byte, keep the bound, and
+come near the order-0 entropy of the quantised values."""
+
+import numpy as np
+import pytest
+import torch
+
+from moeoffload import ShapeError, _native, codec
+
+from conftest import DTYPES, max_error
+
+
+def adversarial(dtype):
+    g = torch.Generator().manual_seed(5)
+    yield "gaussian", torch.randn(33, 257, generator=g) * 0.02
+    yield "constant", torch.full((9, 64), 0.37)
+    yield "zeros", torch.zeros(4, 96)
+    t = torch.distributions.StudentT(2.0).sample((40, 128)) * 0.01
+    yield "heavy-tailed", t
+    x = torch.randn(16, 200, generator=g) * 0.01
+    x[3, 17] = 40.0
+    yield "single outlier", x
+    yield "tiny", torch.tensor([0.5])
+    yield "ragged", torch.randn(3, 5, 7, generator=g)
+    yield "one row", torch.randn(1, 100003, generator=g) * 0.05
+    yield "empty", torch.zeros(0, 8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("eb", [1e-3, 0.02])
+def test_decodes_to_szp_bit_for_bit(dtype, eb):
+    for name, x in adversarial(dtype):
+        x = x.to(dtype)
+        fixed = codec.compress(x, eb)
+        coded = codec.compress(x, eb, codec="szpe")
+        assert coded.n_exceptions == fixed.n_exceptions, name
+        a, b = fixed.decompress(), coded.decompress()
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
+        assert np.array_equal(coded.to_szp().buffer, fixed.buffer), name
+        if x.numel():
+            assert max_error(x, b) <= coded.eb, name
+
+
+def test_exceptions_survive_both_ways():
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0)).half()
+    x[0, 5], x[9, 60] = 65504, -65504  # no q*step within eb rounds to a finite half: kept exactly
+    fixed = codec.compress(x, 20000.0)
+    coded = codec.compress(x, 20000.0, codec="szpe")
+    assert fixed.n_exceptions > 0 and coded.n_exceptions == fixed.n_exceptions
+    assert np.array_equal(coded.to_szp().buffer, fixed.buffer)
+    assert torch.equal(coded.decompress(), fixed.decompress())
+
+
+@pytest.mark.parametrize("stream_segments", [1, 2, 7, 300])
+def test_any_stream_length_gives_the_same_values(stream_segments):
+    x = (torch.randn(301, 96, generator=torch.Generator().manual_seed(2)) * 0.05).to(torch.bfloat16)
+    fixed = codec.compress(x, 2e-3)
+    buf = _native.szpe_from_szp(fixed.buffer, stream_segments)
+    info = _native.szpe_inspect(buf)
+    assert info["n_streams"] == -(-301 // stream_segments)
+    assert np.array_equal(_native.szpe_to_szp(buf), fixed.buffer)
+    with pytest.raises(ShapeError, match="2\\^24"):
+        _native.szpe_from_szp(fixed.buffer, 2**24)
+
+
+def order0_bits(ct) -> float:
+    """H0 of the szp tensor's quantised values, in bits (q recovered as round(decoded / step))."""
+    info = _native.szp_inspect(ct.buffer)
+    q = np.rint(ct.decompress().double().numpy().ravel() / info["step"]).astype(np.int64)
+    _, counts = np.unique(q, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(counts * np.log2(p)).sum())
+
+
+@pytest.mark.parametrize("k", [0.2, 0.5, 1.0])
+def test_size_is_near_the_order0_entropy_and_below_szp(k):
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(512, 1024, generator=g) * 0.02).to(torch.bfloat16)
+    eb = k * 0.02
+    fixed, coded = codec.compress(x, eb), codec.compress(x, eb, codec="szpe")
+    h0 = order0_bits(fixed)
+    assert coded.nbytes * 8 <= 1.08 * h0
+    assert coded.nbytes < 0.8 * fixed.nbytes
+
+
+def test_escapes_code_rare_large_values():
+    x = torch.randn(64, 512, generator=torch.Generator().manual_seed(4)) * 0.01
+    x.view(-1)[::997] = 5.0  # a few values far outside the alphabet
+    coded = codec.compress(x, 1e-3, codec="szpe")
+    info = _native.szpe_inspect(coded.buffer)
+    assert info["n_escapes"] >= x.numel() // 997 and info["alphabet"] < 256
+    assert torch.equal(coded.decompress(), codec.compress(x, 1e-3).decompress())
+
+
+def test_from_bytes_and_decompress_into():
+    x = torch.randn(20, 40, generator=torch.Generator().manual_seed(6)).to(torch.float16)
+    coded = codec.compress(x, 0.01, codec="szpe")
+    again = codec.CompressedTensor.from_bytes(coded.to_bytes())
+    assert again.codec == "szpe" and again.shape == x.shape
+    out = torch.empty_like(x)
+    assert torch.equal(again.decompress(out=out), codec.compress(x, 0.01).decompress())

@@ -1,0 +1,134 @@
+"""Parsing and validation of szpe buffers (cpp/codec/szpe_format.cpp, the stream checks of
+cpp/kernels/szpe_decode.cpp): the corruption fuzz, over every section (header, frequency table, stream
+offsets, escape index, exception table, escapes, rANS streams). Each buffer is mutated and, in half the
+cases, its CRC recomputed so the checks behind the checksum run too: decoding to values and back to
+szp must raise CorruptDataError or succeed (and then give a valid szp buffer), never crash."""
+
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from moeoffload import CorruptDataError, FormatVersionError, _native, codec
+
+
+def _valid_buffers():
+    g = torch.Generator().manual_seed(0)
+    yield codec.compress(torch.randn(7, 70, generator=g), 0.01, codec="szpe").buffer
+    x = torch.randn(300, generator=g).to(torch.bfloat16)
+    x[::37] = 30.0  # escapes
+    yield codec.compress(x, 1e-3, codec="szpe").buffer
+    x = torch.randn(16, 64, generator=g).half()
+    x[0, 5], x[9, 60] = 65504, -65504  # exceptions
+    yield codec.compress(x, 20000.0, codec="szpe").buffer
+    yield np.asarray(_native.szpe_from_szp(codec.compress(torch.randn(3, 4, 5, generator=g).half(), 0.1).buffer, 1))
+    yield codec.compress(torch.zeros(0, 5), 0.1, codec="szpe").buffer
+    yield codec.compress(torch.zeros(6, 33), 0.1, codec="szpe").buffer
+
+
+def _fix_crc(buf: np.ndarray) -> np.ndarray:
+    buf = buf.copy()
+    if buf.size >= 4:
+        buf[-4:] = np.frombuffer(np.uint32(zlib.crc32(buf[:-4].tobytes())).tobytes(), np.uint8)
+    return buf
+
+
+def _decode(buf: np.ndarray):
+    try:
+        info = _native.szpe_inspect(buf, True)
+    except CorruptDataError:
+        return
+    if info["numel"] > 10**6:
+        return  # a valid szpe of a constant tensor is tiny for its size: nothing to learn from decoding it
+    dtype = {1: torch.float32, 2: torch.bfloat16, 3: torch.float16}[info["dtype"]]
+    out = torch.empty(info["numel"], dtype=dtype)
+    try:
+        _native.szpe_decode(buf, out, True)
+    except CorruptDataError:
+        pass
+    try:
+        szp = _native.szpe_to_szp(buf, True)
+    except CorruptDataError:
+        return
+    _native.szp_inspect(szp, True)  # what the transcoder writes is always a valid szp buffer
+
+
+def test_sections_are_present():
+    infos = [_native.szpe_inspect(b) for b in _valid_buffers()]
+    assert infos[1]["n_escapes"] > 0 and infos[2]["n_exceptions"] > 0
+    assert infos[3]["n_streams"] == 12 and infos[4]["numel"] == 0
+
+
+def test_bit_flips_never_crash():
+    rng = np.random.default_rng(7)
+    cases = 0
+    for buf in _valid_buffers():
+        for _ in range(700):
+            mutated = buf.copy()
+            for _ in range(rng.integers(1, 4)):
+                pos = rng.integers(0, mutated.size)
+                mutated[pos] ^= np.uint8(1 << rng.integers(0, 8))
+            if rng.random() < 0.5 and not np.array_equal(mutated, buf):
+                with pytest.raises(CorruptDataError):
+                    _native.szpe_inspect(mutated, True)
+                mutated = _fix_crc(mutated)
+            _decode(mutated)
+            cases += 1
+    assert cases >= 4000
+
+
+def test_every_word_set_to_edge_values_never_crashes():
+    rng = np.random.default_rng(11)
+    edge = [0, 1, 2**12, 2**31, 2**32 - 1, 2**63, 2**64 - 1]
+    for buf in _valid_buffers():
+        for at in range(0, buf.size - 4, 2):
+            for value in edge + [int(rng.integers(0, 2**63))]:
+                mutated = buf.copy()
+                word = np.frombuffer(np.uint64(value).tobytes(), np.uint8)
+                n = min(8, mutated.size - 4 - at)
+                mutated[at : at + n] = word[:n]
+                _decode(_fix_crc(mutated))
+
+
+def test_stream_bytes_that_do_not_decode_are_corrupt():
+    # A changed rANS byte shows when its stream does not use up exactly its bytes and escapes, or does
+    # not end in the encoder's initial states. A few changes decode to other valid values; those the
+    # CRC catches (here recomputed on purpose).
+    buf = next(_valid_buffers())
+    info = _native.szpe_inspect(buf)
+    payload_at = buf.size - 4 - info["payload_bytes"]
+    caught = total = 0
+    for pos in range(payload_at, buf.size - 4):
+        mutated = buf.copy()
+        mutated[pos] ^= 0x5A
+        with pytest.raises(CorruptDataError, match="CRC32"):
+            _native.szpe_to_szp(mutated, True)
+        try:
+            _native.szp_inspect(_native.szpe_to_szp(_fix_crc(mutated), True), True)
+        except CorruptDataError as e:
+            assert "stream 0" in str(e)
+            caught += 1
+        total += 1
+    assert total > 100 and caught >= 0.95 * total
+
+
+def test_random_bytes_and_truncations_raise_corrupt_data():
+    rng = np.random.default_rng(3)
+    for _ in range(1000):
+        junk = rng.integers(0, 256, rng.integers(0, 300), dtype=np.uint8)
+        junk[:4] = np.frombuffer(b"MSZE", np.uint8)[: min(4, junk.size)]
+        with pytest.raises(CorruptDataError):
+            _native.szpe_inspect(junk, True)
+    for buf in _valid_buffers():
+        for cut in range(0, buf.size, max(1, buf.size // 150)):
+            with pytest.raises(CorruptDataError):
+                codec.CompressedTensor.from_bytes(buf[:cut].tobytes())
+            _decode(_fix_crc(buf[:cut]))
+
+
+def test_another_version_is_named():
+    buf = next(_valid_buffers()).copy()
+    buf[4] = 9
+    with pytest.raises(FormatVersionError, match="version 9"):
+        _native.szpe_inspect(_fix_crc(buf), True)
