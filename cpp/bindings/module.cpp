@@ -139,6 +139,20 @@ NB_MODULE(_native, m) {
       nb::arg("buf"), "Blocks of each width 0..25 in a buffer.");
 
   m.def(
+      "szp_quantised",
+      [](HostBytes buf) {
+        const SzpView v = parse_released(buf, true);
+        auto* q = new std::vector<int32_t>(v.numel);
+        {
+          nb::gil_scoped_release release;
+          for (uint64_t s = 0; s < v.n_segments; ++s) szp_segment_q(buf.data(), v, s, q->data() + s * v.segment_len);
+        }
+        nb::capsule owner(q, [](void* p) noexcept { delete static_cast<std::vector<int32_t>*>(p); });
+        return nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>(q->data(), {q->size()}, owner);
+      },
+      nb::arg("buf"), "The quantised values q of every element (exceptions read 0), int32.");
+
+  m.def(
       "szp_decode",
       [](HostBytes buf, HostArray out, bool verify) {
         SzpView v = parse_released(buf, verify);

@@ -211,6 +211,24 @@ SzpView szp_parse(const uint8_t* buf, size_t len, bool verify_checksum) {
   return v;
 }
 
+void szp_segment_q(const uint8_t* buf, const SzpView& v, uint64_t s, int32_t* q) {
+  const uint8_t* payload = buf + v.payload_at;
+  const uint64_t a = load<uint64_t>(buf + v.seg_offsets_at + 8 * s);
+  const uint64_t len = std::min(v.segment_len, v.numel - s * v.segment_len);
+  const uint64_t nblocks = szp_blocks_in(len);
+  uint64_t at = a + szp_widths_bytes(nblocks);
+  for (uint64_t k = 0; k < nblocks; ++k) {
+    const uint32_t w = payload[a + k];
+    uint32_t words[kSzpMaxWidth + 1] = {};
+    memcpy(words, payload + at, szp_block_bytes(w));
+    int32_t block[kSzpBlock];
+    szp_unpack_block(words, w, block);
+    const uint64_t cnt = std::min<uint64_t>(kSzpBlock, len - k * kSzpBlock);
+    memcpy(q + k * kSzpBlock, block, cnt * sizeof(int32_t));
+    at += szp_block_bytes(w);
+  }
+}
+
 void szp_width_histogram(const uint8_t* buf, const SzpView& v, uint64_t* hist) {
   for (uint32_t w = 0; w <= kSzpMaxWidth; ++w) hist[w] = 0;
   const uint8_t* payload = buf + v.payload_at;

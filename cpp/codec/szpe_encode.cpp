@@ -30,21 +30,9 @@ uint32_t zigzag(int32_t q) { return (static_cast<uint32_t>(q) << 1) ^ static_cas
 
 // The q values of szp segment s, appended to q.
 void append_segment_q(const uint8_t* szp, const SzpView& v, uint64_t s, std::vector<int32_t>& q) {
-  const uint8_t* payload = szp + v.payload_at;
-  const uint64_t a = load<uint64_t>(szp + v.seg_offsets_at + 8 * s);
-  const uint64_t len = std::min(v.segment_len, v.numel - s * v.segment_len);
-  const uint64_t nblocks = szp_blocks_in(len);
-  uint64_t at = a + szp_widths_bytes(nblocks);
   const size_t base = q.size();
-  q.resize(base + nblocks * kSzpBlock);
-  for (uint64_t k = 0; k < nblocks; ++k) {
-    const uint32_t w = payload[a + k];
-    uint32_t words[kSzpMaxWidth + 1] = {};
-    memcpy(words, payload + at, szp_block_bytes(w));
-    szp_unpack_block(words, w, q.data() + base + k * kSzpBlock);
-    at += szp_block_bytes(w);
-  }
-  q.resize(base + len);
+  q.resize(base + std::min(v.segment_len, v.numel - s * v.segment_len));
+  szp_segment_q(szp, v, s, q.data() + base);
 }
 
 // Frequencies summing to kRansTotal, >= 1 for every symbol that occurs, moved one unit at a time to
@@ -117,7 +105,7 @@ struct Stream {
 void encode_stream(const std::vector<int32_t>& q, uint32_t alphabet, const std::vector<uint32_t>& freq,
                    const std::vector<uint32_t>& cum, Stream& out) {
   const size_t n = q.size();
-  std::vector<uint8_t> buf(2 * n + 4 * kRansWays + 8);
+  std::vector<uint8_t> buf(2 * n + 4 * kRansWays + 8);  // at most one u16 a value
   uint8_t* const end = buf.data() + buf.size();
   uint8_t* ptr = end;
   uint32_t x[kRansWays];

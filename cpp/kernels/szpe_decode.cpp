@@ -4,6 +4,7 @@
 // states give the core independent chains. Every stream must use up exactly its bytes and escapes and
 // end in the encoder's initial states, or the buffer is corrupt.
 #include <algorithm>
+#include <cstddef>
 #include <cstring>
 #include <string>
 
@@ -35,8 +36,7 @@ struct SlotTable {
     uint32_t cum = 0;
     for (uint32_t s = 0; s < e.alphabet; ++s) {
       const uint32_t f = load<uint16_t>(buf + e.freq_at + 2ull * s);
-      for (uint32_t i = 0; i < f; ++i)
-        slot[cum + i] = {static_cast<uint16_t>(f), static_cast<uint16_t>(i), static_cast<uint16_t>(s), 0};
+      for (uint32_t i = 0; i < f; ++i) slot[cum + i] = rans_slot(f, i, s);
       cum += f;
     }
   }
@@ -69,11 +69,20 @@ void decode_stream(const uint8_t* buf, const SzpeView& e, const SlotTable& table
   const uint32_t escape = e.alphabet - 1;
   bool ok = true;
   uint64_t i = 0;
+  // Fast path: a group of kRansWays values reads at most one word a state, so while that many remain
+  // no read needs its own end check.
   for (; i + kRansWays <= sp.n_values; i += kRansWays) {
     uint32_t sym[kRansWays];
-    for (uint32_t j = 0; j < kRansWays; ++j) {
-      sym[j] = rans_get(x[j], table.slot);
-      ok &= rans_renorm(x[j], p, end);
+    if (end - p >= static_cast<ptrdiff_t>(2 * kRansWays)) {
+      for (uint32_t j = 0; j < kRansWays; ++j) {
+        sym[j] = rans_get(x[j], table.slot);
+        rans_renorm_unchecked(x[j], p);
+      }
+    } else {
+      for (uint32_t j = 0; j < kRansWays; ++j) {
+        sym[j] = rans_get(x[j], table.slot);
+        ok &= rans_renorm(x[j], p, end);
+      }
     }
     for (uint32_t j = 0; j < kRansWays; ++j) {
       uint32_t z = sym[j];

@@ -77,6 +77,10 @@ SzpView szp_parse(const uint8_t* buf, size_t len, bool verify_checksum = true);
 // CPU decoder (multithreaded): writes view.numel values of view.dtype to out.
 void szp_decode_cpu(const uint8_t* buf, const SzpView& view, void* out);
 
+// The quantised values q of segment s (min(segment_len, numel - s * segment_len) of them) into q;
+// exceptions read 0, as they are stored.
+void szp_segment_q(const uint8_t* buf, const SzpView& view, uint64_t s, int32_t* q);
+
 // Counts the blocks of each width: hist[0..kSzpMaxWidth].
 void szp_width_histogram(const uint8_t* buf, const SzpView& view, uint64_t* hist);
 
