@@ -17,6 +17,38 @@ def max_error(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x.double() - y.double()).abs().max())
 
 
+def fix_crc(buf: np.ndarray) -> np.ndarray:
+    """A copy of a codec buffer with its trailing CRC32 recomputed (so the checks behind it run)."""
+    import zlib
+
+    buf = buf.copy()
+    if buf.size >= 4:
+        buf[-4:] = np.frombuffer(np.uint32(zlib.crc32(buf[:-4].tobytes())).tobytes(), np.uint8)
+    return buf
+
+
+def bit_flips(buf: np.ndarray, rng, count: int):
+    """`count` copies of buf with 1-3 random bits flipped each."""
+    for _ in range(count):
+        mutated = buf.copy()
+        for _ in range(rng.integers(1, 4)):
+            pos = rng.integers(0, mutated.size)
+            mutated[pos] ^= np.uint8(1 << rng.integers(0, 8))
+        yield mutated
+
+
+def word_mutations(buf: np.ndarray, rng, step: int, limit: int, edge):
+    """Copies of buf (CRC fixed) with the word at each `step`-th offset below `limit` set to each edge
+    value and one random value."""
+    for at in range(0, min(buf.size - 4, limit), step):
+        for value in list(edge) + [int(rng.integers(0, 2**63))]:
+            mutated = buf.copy()
+            word = np.frombuffer(np.uint64(value).tobytes(), np.uint8)
+            n = min(8, mutated.size - 4 - at)
+            mutated[at : at + n] = word[:n]
+            yield fix_crc(mutated)
+
+
 def cuda_available() -> bool:
     import moeoffload
 

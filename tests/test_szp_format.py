@@ -6,12 +6,11 @@ behind the checksum are exercised too: decoding must raise CorruptDataError or
 succeed, never crash.
 """
 
-import zlib
-
 import numpy as np
 import pytest
 import torch
 
+from conftest import bit_flips, fix_crc, word_mutations
 from moeoffload import CorruptDataError, _native, codec
 
 
@@ -24,13 +23,6 @@ def _valid_buffers():
     yield codec.compress(x, 20000.0).buffer
     yield codec.compress(torch.randn(3, 4, 5, generator=g).half(), 0.1).buffer
     yield codec.compress(torch.zeros(0, 5), 0.1).buffer
-
-
-def _fix_crc(buf: np.ndarray) -> np.ndarray:
-    buf = buf.copy()
-    if buf.size >= 4:
-        buf[-4:] = np.frombuffer(np.uint32(zlib.crc32(buf[:-4].tobytes())).tobytes(), np.uint8)
-    return buf
 
 
 def _decode(buf: np.ndarray):
@@ -55,15 +47,11 @@ def test_bit_flips_never_crash():
     rng = np.random.default_rng(7)
     cases = 0
     for buf in _valid_buffers():
-        for _ in range(800):
-            mutated = buf.copy()
-            for _ in range(rng.integers(1, 4)):
-                pos = rng.integers(0, mutated.size)
-                mutated[pos] ^= np.uint8(1 << rng.integers(0, 8))
+        for mutated in bit_flips(buf, rng, 800):
             if rng.random() < 0.5 and not np.array_equal(mutated, buf):
                 with pytest.raises(CorruptDataError):
                     _native.szp_inspect(mutated, True)
-                mutated = _fix_crc(mutated)
+                mutated = fix_crc(mutated)
             _decode(mutated)
             cases += 1
     assert cases >= 4000
@@ -74,13 +62,8 @@ def test_header_field_mutations_never_crash():
     rng = np.random.default_rng(11)
     edge = [0, 1, 2**31, 2**32 - 1, 2**63, 2**64 - 1]
     for buf in _valid_buffers():
-        for at in range(0, min(buf.size - 4, 256), 4):
-            for value in edge + [int(rng.integers(0, 2**63))]:
-                mutated = buf.copy()
-                word = np.frombuffer(np.uint64(value).tobytes(), np.uint8)
-                n = min(8, mutated.size - 4 - at)
-                mutated[at : at + n] = word[:n]
-                _decode(_fix_crc(mutated))
+        for mutated in word_mutations(buf, rng, 4, 256, edge):
+            _decode(mutated)
 
 
 def test_random_bytes_and_truncations_raise_corrupt_data():
@@ -95,14 +78,14 @@ def test_random_bytes_and_truncations_raise_corrupt_data():
         for cut in range(0, buf.size, max(1, buf.size // 200)):
             with pytest.raises(CorruptDataError):
                 codec.CompressedTensor.from_bytes(buf[:cut].tobytes())
-            _decode(_fix_crc(buf[:cut]))
+            _decode(fix_crc(buf[:cut]))
 
 
 def test_future_version_is_named():
     buf = next(_valid_buffers()).copy()
     buf[4] = 9
     with pytest.raises(CorruptDataError, match="version"):
-        _native.szp_inspect(_fix_crc(buf), True)
+        _native.szp_inspect(fix_crc(buf), True)
 
 
 def test_decode_rejects_wrong_output_size():

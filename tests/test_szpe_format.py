@@ -4,12 +4,11 @@ offsets, escape index, exception table, escapes, rANS streams). Each buffer is m
 cases, its CRC recomputed so the checks behind the checksum run too: decoding to values and back to
 szp must raise CorruptDataError or succeed (and then give a valid szp buffer), never crash."""
 
-import zlib
-
 import numpy as np
 import pytest
 import torch
 
+from conftest import bit_flips, fix_crc, word_mutations
 from moeoffload import CorruptDataError, FormatVersionError, _native, codec
 
 
@@ -25,13 +24,6 @@ def _valid_buffers():
     yield np.asarray(_native.szpe_from_szp(codec.compress(torch.randn(3, 4, 5, generator=g).half(), 0.1).buffer, 1))
     yield codec.compress(torch.zeros(0, 5), 0.1, codec="szpe").buffer
     yield codec.compress(torch.zeros(6, 33), 0.1, codec="szpe").buffer
-
-
-def _fix_crc(buf: np.ndarray) -> np.ndarray:
-    buf = buf.copy()
-    if buf.size >= 4:
-        buf[-4:] = np.frombuffer(np.uint32(zlib.crc32(buf[:-4].tobytes())).tobytes(), np.uint8)
-    return buf
 
 
 def _decode(buf: np.ndarray):
@@ -64,15 +56,11 @@ def test_bit_flips_never_crash():
     rng = np.random.default_rng(7)
     cases = 0
     for buf in _valid_buffers():
-        for _ in range(700):
-            mutated = buf.copy()
-            for _ in range(rng.integers(1, 4)):
-                pos = rng.integers(0, mutated.size)
-                mutated[pos] ^= np.uint8(1 << rng.integers(0, 8))
+        for mutated in bit_flips(buf, rng, 700):
             if rng.random() < 0.5 and not np.array_equal(mutated, buf):
                 with pytest.raises(CorruptDataError):
                     _native.szpe_inspect(mutated, True)
-                mutated = _fix_crc(mutated)
+                mutated = fix_crc(mutated)
             _decode(mutated)
             cases += 1
     assert cases >= 4000
@@ -82,13 +70,8 @@ def test_every_word_set_to_edge_values_never_crashes():
     rng = np.random.default_rng(11)
     edge = [0, 1, 2**12, 2**31, 2**32 - 1, 2**63, 2**64 - 1]
     for buf in _valid_buffers():
-        for at in range(0, buf.size - 4, 2):
-            for value in edge + [int(rng.integers(0, 2**63))]:
-                mutated = buf.copy()
-                word = np.frombuffer(np.uint64(value).tobytes(), np.uint8)
-                n = min(8, mutated.size - 4 - at)
-                mutated[at : at + n] = word[:n]
-                _decode(_fix_crc(mutated))
+        for mutated in word_mutations(buf, rng, 2, buf.size, edge):
+            _decode(mutated)
 
 
 def test_stream_bytes_that_do_not_decode_are_corrupt():
@@ -105,7 +88,7 @@ def test_stream_bytes_that_do_not_decode_are_corrupt():
         with pytest.raises(CorruptDataError, match="CRC32"):
             _native.szpe_to_szp(mutated, True)
         try:
-            _native.szp_inspect(_native.szpe_to_szp(_fix_crc(mutated), True), True)
+            _native.szp_inspect(_native.szpe_to_szp(fix_crc(mutated), True), True)
         except CorruptDataError as e:
             assert "stream 0" in str(e)
             caught += 1
@@ -124,11 +107,11 @@ def test_random_bytes_and_truncations_raise_corrupt_data():
         for cut in range(0, buf.size, max(1, buf.size // 150)):
             with pytest.raises(CorruptDataError):
                 codec.CompressedTensor.from_bytes(buf[:cut].tobytes())
-            _decode(_fix_crc(buf[:cut]))
+            _decode(fix_crc(buf[:cut]))
 
 
 def test_another_version_is_named():
     buf = next(_valid_buffers()).copy()
     buf[4] = 9
     with pytest.raises(FormatVersionError, match="version 9"):
-        _native.szpe_inspect(_fix_crc(buf), True)
+        _native.szpe_inspect(fix_crc(buf), True)

@@ -11,10 +11,13 @@
 #include "moeoffload/parallel.h"
 #include "moeoffload/szp.h"
 #include "szp_layout.h"
+#include "bytes.h"
 
 namespace moeoffload {
 
 namespace {
+
+using bytes::load;
 
 struct Crc32Tables {
   uint32_t t[8][256];
@@ -36,21 +39,16 @@ const Crc32Tables kCrc;
                   ". Re-create it from the original weights (moeoffload.codec.compress) or re-copy the file.");
 }
 
-template <typename T>
-T load(const uint8_t* p) {
-  T v;
-  memcpy(&v, p, sizeof(T));
-  return v;
-}
-
 // a + b, or corrupt() on overflow
 uint64_t add(uint64_t a, uint64_t b) {
-  if (b > UINT64_MAX - a) corrupt("size overflow");
-  return a + b;
+  uint64_t r;
+  if (!bytes::add(a, b, r)) corrupt("size overflow");
+  return r;
 }
 uint64_t mul(uint64_t a, uint64_t b) {
-  if (a && b > UINT64_MAX / a) corrupt("size overflow");
-  return a * b;
+  uint64_t r;
+  if (!bytes::mul(a, b, r)) corrupt("size overflow");
+  return r;
 }
 
 }  // namespace

@@ -6,22 +6,14 @@
 #include <cstring>
 
 #include "moeoffload/parallel.h"
+#include "bytes.h"
 
 namespace moeoffload::szp_layout {
 
 namespace {
 
-template <typename T>
-void store(std::vector<uint8_t>& buf, uint64_t at, T v) {
-  memcpy(buf.data() + at, &v, sizeof(T));
-}
-
-template <typename T>
-T load(const uint8_t* p) {
-  T v;
-  memcpy(&v, p, sizeof(T));
-  return v;
-}
+using bytes::load;
+using bytes::store;
 
 }  // namespace
 

@@ -9,22 +9,14 @@
 #include "moeoffload/errors.h"
 #include "moeoffload/parallel.h"
 #include "moeoffload/szpe.h"
+#include "bytes.h"
 
 namespace moeoffload {
 
 namespace {
 
-template <typename T>
-T load(const uint8_t* p) {
-  T v;
-  memcpy(&v, p, sizeof(T));
-  return v;
-}
-
-template <typename T>
-void store(std::vector<uint8_t>& buf, uint64_t at, T v) {
-  memcpy(buf.data() + at, &v, sizeof(T));
-}
+using bytes::load;
+using bytes::store;
 
 uint32_t zigzag(int32_t q) { return (static_cast<uint32_t>(q) << 1) ^ static_cast<uint32_t>(q >> 31); }
 

@@ -9,10 +9,13 @@
 #include "moeoffload/errors.h"
 #include "moeoffload/szpe.h"
 #include "szp_layout.h"
+#include "bytes.h"
 
 namespace moeoffload {
 
 namespace {
+
+using bytes::load;
 
 [[noreturn]] void corrupt(const std::string& why) {
   throw Error(ErrorKind::CorruptData,
@@ -20,20 +23,15 @@ namespace {
                   ". Re-create it from the original weights (moeoffload.codec.compress) or re-copy the file.");
 }
 
-template <typename T>
-T load(const uint8_t* p) {
-  T v;
-  memcpy(&v, p, sizeof(T));
-  return v;
-}
-
 uint64_t add(uint64_t a, uint64_t b) {
-  if (b > UINT64_MAX - a) corrupt("size overflow");
-  return a + b;
+  uint64_t r;
+  if (!bytes::add(a, b, r)) corrupt("size overflow");
+  return r;
 }
 uint64_t mul(uint64_t a, uint64_t b) {
-  if (a && b > UINT64_MAX / a) corrupt("size overflow");
-  return a * b;
+  uint64_t r;
+  if (!bytes::mul(a, b, r)) corrupt("size overflow");
+  return r;
 }
 
 constexpr uint32_t kMaxZigzag = (1u << kSzpMaxWidth) - 2;  // |q| <= 2^24 - 1

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <string>
 
+#include "../codec/bytes.h"
 #include "../codec/szp_layout.h"
 #include "moeoffload/errors.h"
 #include "moeoffload/parallel.h"
@@ -17,12 +18,7 @@ namespace moeoffload {
 
 namespace {
 
-template <typename T>
-T load(const uint8_t* p) {
-  T v;
-  memcpy(&v, p, sizeof(T));
-  return v;
-}
+using bytes::load;
 
 [[noreturn]] void corrupt_stream(uint64_t s) {
   throw Error(ErrorKind::CorruptData, "szpe buffer is corrupt: stream " + std::to_string(s) +
