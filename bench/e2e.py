@@ -220,7 +220,7 @@ def run_system(name, model_dir, prompts, new_tokens, budget, tables, device, dty
                                                 table_dir=None if table else tmp / f"table-{codec}")
         tables.setdefault(codec, str(tmp / f"table-{codec}"))
         gens_model = model
-        if trace is not None and off.cache.history is not None:
+        if trace is not None:  # the recorded history the activation predictor matches against
             for m in activation_matrices(trace[0][: trace[1]], off.table.experts_per_layer):
                 off.cache.history.add(m)
     routing = ref_routing = None

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from moeoffload import ShapeError, _native, codec
+from moeoffload.codec_eval import order0_bits
 
 from conftest import DTYPES, max_error
 
@@ -62,15 +63,6 @@ def test_any_stream_length_gives_the_same_values(stream_segments):
     assert np.array_equal(_native.szpe_to_szp(buf), fixed.buffer)
     with pytest.raises(ShapeError, match="2\\^24"):
         _native.szpe_from_szp(fixed.buffer, 2**24)
-
-
-def order0_bits(ct) -> float:
-    """H0 of the szp tensor's quantised values, in bits (q recovered as round(decoded / step))."""
-    info = _native.szp_inspect(ct.buffer)
-    q = np.rint(ct.decompress().double().numpy().ravel() / info["step"]).astype(np.int64)
-    _, counts = np.unique(q, return_counts=True)
-    p = counts / counts.sum()
-    return float(-(counts * np.log2(p)).sum())
 
 
 @pytest.mark.parametrize("k", [0.2, 0.5, 1.0])

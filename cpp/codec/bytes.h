@@ -1,9 +1,13 @@
-// Unaligned little-endian loads and stores of the codec formats, and size arithmetic that reports
-// overflow instead of wrapping. Internal to the codecs (the host is little-endian: cpu_isa.h).
+// Unaligned little-endian loads and stores of the codec formats, the CorruptData error their
+// parsers and decoders raise, and size arithmetic that raises it on overflow instead of wrapping.
+// Internal to the codecs (the host is little-endian: cpu_isa.h).
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
+
+#include "moeoffload/errors.h"
 
 namespace moeoffload::bytes {
 
@@ -19,16 +23,21 @@ void store(std::vector<uint8_t>& buf, uint64_t at, T v) {
   memcpy(buf.data() + at, &v, sizeof(T));
 }
 
-// a + b and a * b; false on overflow.
-inline bool add(uint64_t a, uint64_t b, uint64_t& out) {
-  if (b > UINT64_MAX - a) return false;
-  out = a + b;
-  return true;
+// Error(CorruptData) for a buffer of `format` ("szp", "szpe"), saying why and what to do.
+[[noreturn]] inline void corrupt(const char* format, const std::string& why) {
+  throw Error(ErrorKind::CorruptData,
+              std::string(format) + " buffer is corrupt or truncated: " + why +
+                  ". Re-create it from the original weights (moeoffload.codec.compress) or re-copy the file.");
 }
-inline bool mul(uint64_t a, uint64_t b, uint64_t& out) {
-  if (a && b > UINT64_MAX / a) return false;
-  out = a * b;
-  return true;
+
+// a + b and a * b, or corrupt() on overflow.
+inline uint64_t add(uint64_t a, uint64_t b, const char* format) {
+  if (b > UINT64_MAX - a) corrupt(format, "size overflow");
+  return a + b;
+}
+inline uint64_t mul(uint64_t a, uint64_t b, const char* format) {
+  if (a && b > UINT64_MAX / a) corrupt(format, "size overflow");
+  return a * b;
 }
 
 }  // namespace moeoffload::bytes

@@ -33,23 +33,11 @@ struct Crc32Tables {
 };
 const Crc32Tables kCrc;
 
-[[noreturn]] void corrupt(const std::string& why) {
-  throw Error(ErrorKind::CorruptData,
-              "szp buffer is corrupt or truncated: " + why +
-                  ". Re-create it from the original weights (moeoffload.codec.compress) or re-copy the file.");
-}
+[[noreturn]] void corrupt(const std::string& why) { bytes::corrupt("szp", why); }
 
 // a + b, or corrupt() on overflow
-uint64_t add(uint64_t a, uint64_t b) {
-  uint64_t r;
-  if (!bytes::add(a, b, r)) corrupt("size overflow");
-  return r;
-}
-uint64_t mul(uint64_t a, uint64_t b) {
-  uint64_t r;
-  if (!bytes::mul(a, b, r)) corrupt("size overflow");
-  return r;
-}
+uint64_t add(uint64_t a, uint64_t b) { return bytes::add(a, b, "szp"); }
+uint64_t mul(uint64_t a, uint64_t b) { return bytes::mul(a, b, "szp"); }
 
 }  // namespace
 

@@ -4,6 +4,7 @@
 // is the encoder's buffer byte for byte.
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "moeoffload/szp.h"
@@ -30,6 +31,20 @@ void pack_segment(const int32_t* q, uint64_t len, std::vector<uint8_t>& bytes);
 // The whole buffer for header fields h (dtype, ndim, eb, step, numel, segment_len, n_segments) and
 // chunks covering segments 0..n_segments-1 in order.
 SzpEncodeResult assemble(SzpView h, const std::vector<uint64_t>& shape, const std::vector<Chunk>& chunks);
+
+// Calls fn(position in segment, raw bits) for each exception of segment s, in order, from an
+// exception table (u64 offsets[n_segments + 1], then {u32 pos, u32 raw} entries) already checked.
+template <typename Fn>
+void for_each_exception(const uint8_t* exc_offsets, const uint8_t* entries, uint64_t s, Fn&& fn) {
+  uint64_t a, b;
+  memcpy(&a, exc_offsets + 8 * s, 8);
+  memcpy(&b, exc_offsets + 8 * (s + 1), 8);
+  for (uint64_t e = a; e < b; ++e) {
+    uint32_t entry[2];
+    memcpy(entry, entries + 8 * e, 8);
+    fn(entry[0], entry[1]);
+  }
+}
 
 // Checks an exception table (u64 offsets[n_segments + 1] at exc_offsets, entries {u32 pos, u32 raw}) of
 // n_exceptions entries against segment lengths and the dtype. Returns why it is invalid, or nullptr.

@@ -15,16 +15,16 @@ namespace moeoffload {
 
 namespace {
 
-using bytes::load;
 using bytes::store;
 
 uint32_t zigzag(int32_t q) { return (static_cast<uint32_t>(q) << 1) ^ static_cast<uint32_t>(q >> 31); }
 
-// The q values of szp segment s, appended to q.
-void append_segment_q(const uint8_t* szp, const SzpView& v, uint64_t s, std::vector<int32_t>& q) {
-  const size_t base = q.size();
-  q.resize(base + std::min(v.segment_len, v.numel - s * v.segment_len));
-  szp_segment_q(szp, v, s, q.data() + base);
+// The q values of stream s (szp segments s*G .. min(S, (s+1)*G)) into q.
+void stream_q(const uint8_t* szp, const SzpView& v, uint64_t G, uint64_t s, std::vector<int32_t>& q) {
+  const uint64_t first = s * G * v.segment_len;
+  q.resize(std::min(v.numel, (s + 1) * G * v.segment_len) - first);
+  for (uint64_t g = s * G; g < std::min(v.n_segments, (s + 1) * G); ++g)
+    szp_segment_q(szp, v, g, q.data() + (g * v.segment_len - first));
 }
 
 // Frequencies summing to kRansTotal, >= 1 for every symbol that occurs, moved one unit at a time to
@@ -107,14 +107,14 @@ void encode_stream(const std::vector<int32_t>& q, uint32_t alphabet, const std::
     const uint32_t z = zigzag(q[i]);
     const uint32_t sym = std::min(z, esc);
     rans_put(x[i % kRansWays], ptr, cum[sym], freq[sym]);
+    if (sym == esc) out.escapes.push_back(z);
   }
+  std::reverse(out.escapes.begin(), out.escapes.end());  // the decoder reads them forwards
   for (uint32_t j = kRansWays; j-- > 0;) {
     ptr -= 4;
     memcpy(ptr, &x[j], 4);
   }
   out.bytes.assign(ptr, end);
-  for (size_t i = 0; i < n; ++i)
-    if (zigzag(q[i]) >= esc) out.escapes.push_back(zigzag(q[i]));
 }
 
 }  // namespace
@@ -133,8 +133,7 @@ std::vector<uint8_t> szpe_from_szp(const uint8_t* szp, const SzpView& v, uint64_
     std::vector<int32_t> q;
     for (uint64_t s = s0; s < s1; ++s) {
       part[s].assign(kSzpeMaxAlphabet + 1, 0);
-      q.clear();
-      for (uint64_t g = s * G; g < std::min(S, (s + 1) * G); ++g) append_segment_q(szp, v, g, q);
+      stream_q(szp, v, G, s, q);
       for (int32_t x : q) ++part[s][std::min<uint32_t>(zigzag(x), kSzpeMaxAlphabet)];
     }
   });
@@ -153,8 +152,7 @@ std::vector<uint8_t> szpe_from_szp(const uint8_t* szp, const SzpView& v, uint64_
   parallel_for(NS, 1, [&](uint64_t s0, uint64_t s1) {
     std::vector<int32_t> q;
     for (uint64_t s = s0; s < s1; ++s) {
-      q.clear();
-      for (uint64_t g = s * G; g < std::min(S, (s + 1) * G); ++g) append_segment_q(szp, v, g, q);
+      stream_q(szp, v, G, s, q);
       encode_stream(q, A, freq, cum, streams[s]);
     }
   });

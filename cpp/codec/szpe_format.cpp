@@ -17,22 +17,10 @@ namespace {
 
 using bytes::load;
 
-[[noreturn]] void corrupt(const std::string& why) {
-  throw Error(ErrorKind::CorruptData,
-              "szpe buffer is corrupt or truncated: " + why +
-                  ". Re-create it from the original weights (moeoffload.codec.compress) or re-copy the file.");
-}
+[[noreturn]] void corrupt(const std::string& why) { bytes::corrupt("szpe", why); }
 
-uint64_t add(uint64_t a, uint64_t b) {
-  uint64_t r;
-  if (!bytes::add(a, b, r)) corrupt("size overflow");
-  return r;
-}
-uint64_t mul(uint64_t a, uint64_t b) {
-  uint64_t r;
-  if (!bytes::mul(a, b, r)) corrupt("size overflow");
-  return r;
-}
+uint64_t add(uint64_t a, uint64_t b) { return bytes::add(a, b, "szpe"); }
+uint64_t mul(uint64_t a, uint64_t b) { return bytes::mul(a, b, "szpe"); }
 
 constexpr uint32_t kMaxZigzag = (1u << kSzpMaxWidth) - 2;  // |q| <= 2^24 - 1
 

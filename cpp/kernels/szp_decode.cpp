@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "../codec/szp_layout.h"
 #include "block_unpack.h"
 #include "moeoffload/cpu_isa.h"
 #include "moeoffload/parallel.h"
@@ -150,16 +151,9 @@ void decode_all(const uint8_t* buf, const SzpView& v, void* out_ptr) {
 #endif
       segments_portable<T>(buf, v, s0, s1, out);
     if (!v.n_exceptions) return;
-    for (uint64_t s = s0; s < s1; ++s) {  // patch the values kept exactly
-      uint64_t a, b;
-      memcpy(&a, buf + v.exc_offsets_at + 8 * s, 8);
-      memcpy(&b, buf + v.exc_offsets_at + 8 * (s + 1), 8);
-      for (uint64_t e = a; e < b; ++e) {
-        uint32_t entry[2];
-        memcpy(entry, buf + v.exc_entries_at + 8 * e, 8);
-        out[s * v.segment_len + entry[0]] = static_cast<O>(entry[1]);
-      }
-    }
+    for (uint64_t s = s0; s < s1; ++s)  // patch the values kept exactly
+      szp_layout::for_each_exception(buf + v.exc_offsets_at, buf + v.exc_entries_at, s,
+                                     [&](uint32_t pos, uint32_t raw) { out[s * v.segment_len + pos] = static_cast<O>(raw); });
   });
 }
 

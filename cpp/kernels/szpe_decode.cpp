@@ -21,9 +21,7 @@ namespace {
 using bytes::load;
 
 [[noreturn]] void corrupt_stream(uint64_t s) {
-  throw Error(ErrorKind::CorruptData, "szpe buffer is corrupt: stream " + std::to_string(s) +
-                                          " does not decode to its values. Re-create it from the original weights "
-                                          "(moeoffload.codec.compress) or re-copy the file.");
+  bytes::corrupt("szpe", "stream " + std::to_string(s) + " does not decode to its values");
 }
 
 struct SlotTable {
@@ -63,42 +61,29 @@ void decode_stream(const uint8_t* buf, const SzpeView& e, const SlotTable& table
   memcpy(x, p, sizeof x);  // parse checked every stream holds its states
   p += sizeof x;
   const uint32_t escape = e.alphabet - 1;
+  auto value_of = [&](uint32_t symbol) {  // the escape symbol takes the next stored value
+    if (symbol != escape) return unzigzag(symbol);
+    if (esc == esc_end) corrupt_stream(s);
+    esc += 4;
+    return unzigzag(load<uint32_t>(esc - 4));
+  };
   bool ok = true;
   uint64_t i = 0;
   // Fast path: a group of kRansWays values reads at most one word a state, so while that many remain
   // no read needs its own end check.
-  for (; i + kRansWays <= sp.n_values; i += kRansWays) {
+  for (; i + kRansWays <= sp.n_values && end - p >= static_cast<ptrdiff_t>(2 * kRansWays); i += kRansWays) {
     uint32_t sym[kRansWays];
-    if (end - p >= static_cast<ptrdiff_t>(2 * kRansWays)) {
-      for (uint32_t j = 0; j < kRansWays; ++j) {
-        sym[j] = rans_get(x[j], table.slot);
-        rans_renorm_unchecked(x[j], p);
-      }
-    } else {
-      for (uint32_t j = 0; j < kRansWays; ++j) {
-        sym[j] = rans_get(x[j], table.slot);
-        ok &= rans_renorm(x[j], p, end);
-      }
-    }
     for (uint32_t j = 0; j < kRansWays; ++j) {
-      uint32_t z = sym[j];
-      if (z == escape) {
-        if (esc == esc_end) corrupt_stream(s);
-        z = load<uint32_t>(esc);
-        esc += 4;
-      }
-      q[i + j] = unzigzag(z);
+      sym[j] = rans_get(x[j], table.slot);
+      rans_renorm_unchecked(x[j], p);
     }
+    for (uint32_t j = 0; j < kRansWays; ++j) q[i + j] = value_of(sym[j]);
   }
-  for (uint32_t j = 0; i < sp.n_values; ++i, ++j) {
-    uint32_t z = rans_get(x[j], table.slot);
+  for (; i < sp.n_values; ++i) {
+    const uint32_t j = i % kRansWays;
+    const uint32_t symbol = rans_get(x[j], table.slot);
     ok &= rans_renorm(x[j], p, end);
-    if (z == escape) {
-      if (esc == esc_end) corrupt_stream(s);
-      z = load<uint32_t>(esc);
-      esc += 4;
-    }
-    q[i] = unzigzag(z);
+    q[i] = value_of(symbol);
   }
   for (uint32_t j = 0; j < kRansWays; ++j) ok &= x[j] == kRansLow;
   if (!ok || p != end || esc != esc_end) corrupt_stream(s);
@@ -120,13 +105,9 @@ void decode_values(const uint8_t* buf, const SzpeView& e, void* out_ptr) {
       O* dst = out + sp.first_value;
       for (uint64_t i = 0; i < sp.n_values; ++i) dst[i] = szp_value<T>(q[i], v.step);
       if (!v.n_exceptions) continue;
-      for (uint64_t g = sp.first_segment; g < sp.end_segment; ++g) {  // the values kept exactly
-        const uint64_t a = load<uint64_t>(buf + v.exc_offsets_at + 8 * g);
-        const uint64_t b = load<uint64_t>(buf + v.exc_offsets_at + 8 * (g + 1));
-        for (uint64_t k = a; k < b; ++k)
-          out[g * v.segment_len + load<uint32_t>(buf + v.exc_entries_at + 8 * k)] =
-              static_cast<O>(load<uint32_t>(buf + v.exc_entries_at + 8 * k + 4));
-      }
+      for (uint64_t g = sp.first_segment; g < sp.end_segment; ++g)  // the values kept exactly
+        szp_layout::for_each_exception(buf + v.exc_offsets_at, buf + v.exc_entries_at, g,
+                                       [&](uint32_t pos, uint32_t raw) { out[g * v.segment_len + pos] = static_cast<O>(raw); });
     }
   });
 }
@@ -158,15 +139,11 @@ std::vector<uint8_t> szpe_to_szp(const uint8_t* buf, const SzpeView& e) {
           const size_t at = ch.bytes.size();
           szp_layout::pack_segment(q.data() + first, std::min(v.segment_len, v.numel - g * v.segment_len), ch.bytes);
           ch.seg_sizes.push_back(ch.bytes.size() - at);
-          uint64_t a = 0, b = 0;
-          if (v.n_exceptions) {
-            a = load<uint64_t>(buf + v.exc_offsets_at + 8 * g);
-            b = load<uint64_t>(buf + v.exc_offsets_at + 8 * (g + 1));
-          }
-          ch.exc_counts.push_back(b - a);
-          for (uint64_t k = a; k < b; ++k)
-            ch.exceptions.push_back({load<uint32_t>(buf + v.exc_entries_at + 8 * k),
-                                     load<uint32_t>(buf + v.exc_entries_at + 8 * k + 4)});
+          const size_t before = ch.exceptions.size();
+          if (v.n_exceptions)
+            szp_layout::for_each_exception(buf + v.exc_offsets_at, buf + v.exc_entries_at, g,
+                                           [&](uint32_t pos, uint32_t raw) { ch.exceptions.push_back({pos, raw}); });
+          ch.exc_counts.push_back(ch.exceptions.size() - before);
         }
       }
     });
