@@ -39,6 +39,8 @@ def test_decodes_to_szp_bit_for_bit(dtype, eb):
         a, b = fixed.decompress(), coded.decompress()
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
         assert np.array_equal(coded.to_szp().buffer, fixed.buffer), name
+        # the size of what it transcodes to is known from the header alone (a cache slot's size)
+        assert _native.szpe_inspect(coded.buffer)["szp_total_bytes"] == fixed.buffer.size, name
         if x.numel():
             assert max_error(x, b) <= coded.eb, name
 

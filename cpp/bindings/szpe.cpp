@@ -75,6 +75,7 @@ void bind_szpe(nb::module_& m) {
         d["n_escapes"] = e.n_escapes;
         d["payload_bytes"] = e.payload_bytes;
         d["total_bytes"] = e.total_bytes;
+        d["szp_total_bytes"] = e.as_szp.total_bytes;  // the szp buffer it transcodes to
         return d;
       },
       nb::arg("buf"), nb::arg("verify_checksum") = true, "Validate an szpe buffer and return its header as a dict.");

@@ -32,13 +32,8 @@ void pack_segment(const int32_t* q, uint64_t len, std::vector<uint8_t>& bytes) {
     const uint32_t w = szp_width_for(qmin, qmax);
     bytes[seg_start + k] = static_cast<uint8_t>(w);
     if (!w) continue;
-    uint32_t words[kSzpMaxWidth + 1] = {};  // one spare word: a spill past the last is always 0
-    const uint32_t mask = (1u << w) - 1u;   // w <= 25
-    for (uint32_t i = 0; i < cnt; ++i) {    // field i at bits [i*w, i*w + w), two's complement
-      const uint64_t field = static_cast<uint64_t>(static_cast<uint32_t>(q[b0 + i]) & mask) << ((i * w) & 31u);
-      words[(i * w) >> 5] |= static_cast<uint32_t>(field);
-      words[((i * w) >> 5) + 1] |= static_cast<uint32_t>(field >> 32);
-    }
+    uint32_t words[kSzpMaxWidth];
+    szp_pack_block(q + b0, cnt, w, words);
     const size_t at = bytes.size();
     bytes.resize(at + szp_block_bytes(w));
     memcpy(bytes.data() + at, words, szp_block_bytes(w));
@@ -55,36 +50,13 @@ SzpEncodeResult assemble(SzpView h, const std::vector<uint64_t>& shape, const st
     h.n_exceptions += chunks[c].exceptions.size();
   }
   h.payload_bytes = chunk_at[n_chunks];
-  const uint64_t offsets_count = numel ? h.n_segments + 1 : 0;
-  uint64_t at = kSzpHeaderBytes + 8ull * h.ndim;
-  h.seg_offsets_at = at;
-  at += 8 * offsets_count;
-  if (h.n_exceptions) {
-    h.exc_offsets_at = at;
-    at += 8 * offsets_count;
-    h.exc_entries_at = at;
-    at += 8 * h.n_exceptions;
-  }
-  h.payload_at = at;
-  h.total_bytes = at + h.payload_bytes + 4;
+  h = with_offsets(h);
 
   SzpEncodeResult result;
   result.n_exceptions = h.n_exceptions;
   std::vector<uint8_t>& buf = result.bytes;
   buf.assign(h.total_bytes, 0);
-  store<uint32_t>(buf, 0, kSzpMagic);
-  store<uint16_t>(buf, 4, kSzpVersion);
-  buf[6] = static_cast<uint8_t>(h.dtype);
-  buf[7] = static_cast<uint8_t>(h.ndim);
-  store<uint32_t>(buf, 8, kSzpBlock);
-  store<uint32_t>(buf, 12, h.n_exceptions ? kSzpFlagExceptions : 0u);
-  store<double>(buf, 16, h.eb);
-  store<float>(buf, 24, h.step);
-  store<uint64_t>(buf, 32, numel);
-  store<uint64_t>(buf, 40, h.segment_len);
-  store<uint64_t>(buf, 48, h.n_exceptions);
-  store<uint64_t>(buf, 56, h.payload_bytes);
-  for (uint32_t i = 0; i < h.ndim; ++i) store<uint64_t>(buf, kSzpHeaderBytes + 8ull * i, shape[i]);
+  write_header(h, shape.data(), buf.data());
 
   uint64_t seg = 0, seg_off = 0, exc = 0;
   for (const Chunk& ch : chunks) {
@@ -110,6 +82,40 @@ SzpEncodeResult assemble(SzpView h, const std::vector<uint64_t>& shape, const st
   });
   store<uint32_t>(buf, h.total_bytes - 4, crc32(buf.data(), h.total_bytes - 4));
   return result;
+}
+
+SzpView with_offsets(SzpView h) {
+  const uint64_t offsets_count = h.numel ? h.n_segments + 1 : 0;
+  uint64_t at = kSzpHeaderBytes + 8ull * h.ndim;
+  h.seg_offsets_at = at;
+  at += 8 * offsets_count;
+  h.exc_offsets_at = h.exc_entries_at = 0;
+  if (h.n_exceptions) {
+    h.exc_offsets_at = at;
+    at += 8 * offsets_count;
+    h.exc_entries_at = at;
+    at += 8 * h.n_exceptions;
+  }
+  h.payload_at = at;
+  h.total_bytes = at + h.payload_bytes + 4;
+  return h;
+}
+
+void write_header(const SzpView& h, const uint64_t* shape, uint8_t* out) {
+  auto put = [out](uint64_t at, auto v) { memcpy(out + at, &v, sizeof v); };
+  put(0, kSzpMagic);
+  put(4, kSzpVersion);
+  out[6] = static_cast<uint8_t>(h.dtype);
+  out[7] = static_cast<uint8_t>(h.ndim);
+  put(8, kSzpBlock);
+  put(12, h.n_exceptions ? kSzpFlagExceptions : 0u);
+  put(16, h.eb);
+  put(24, h.step);
+  put(32, h.numel);
+  put(40, h.segment_len);
+  put(48, h.n_exceptions);
+  put(56, h.payload_bytes);
+  for (uint32_t i = 0; i < h.ndim; ++i) put(kSzpHeaderBytes + 8ull * i, shape[i]);
 }
 
 const char* check_exceptions(const uint8_t* exc_off, const uint8_t* entries, const SzpView& v) {

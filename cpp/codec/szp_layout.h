@@ -46,6 +46,13 @@ void for_each_exception(const uint8_t* exc_offsets, const uint8_t* entries, uint
   }
 }
 
+// h with the offsets of every region (seg_offsets_at .. payload_at, total_bytes) filled in from its
+// fields (ndim, numel, n_segments, n_exceptions, payload_bytes): where the szp layout puts them.
+SzpView with_offsets(SzpView h);
+
+// The fixed header and the shape (kSzpHeaderBytes + 8 * ndim bytes) of a buffer with view h.
+void write_header(const SzpView& h, const uint64_t* shape, uint8_t* out);
+
 // Checks an exception table (u64 offsets[n_segments + 1] at exc_offsets, entries {u32 pos, u32 raw}) of
 // n_exceptions entries against segment lengths and the dtype. Returns why it is invalid, or nullptr.
 const char* check_exceptions(const uint8_t* exc_offsets, const uint8_t* entries, const SzpView& v);

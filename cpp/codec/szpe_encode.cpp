@@ -15,6 +15,7 @@ namespace moeoffload {
 
 namespace {
 
+using bytes::load;
 using bytes::store;
 
 uint32_t zigzag(int32_t q) { return (static_cast<uint32_t>(q) << 1) ^ static_cast<uint32_t>(q >> 31); }
@@ -161,10 +162,12 @@ std::vector<uint8_t> szpe_from_szp(const uint8_t* szp, const SzpView& v, uint64_
   for (const Stream& st : streams) payload += st.bytes.size(), n_escapes += st.escapes.size();
   uint64_t at = kSzpeHeaderBytes + 8ull * v.ndim;
   const uint64_t freq_at = at;
-  at += 2ull * A;
+  at += 2ull * ((A + 3) & ~3u);  // padded to 8 bytes: the u64 tables stay aligned
   const uint64_t stream_offsets_at = at;
   at += 8 * (NS + 1);
   const uint64_t escape_index_at = at;
+  at += 8 * (NS + 1);
+  const uint64_t szp_stream_offsets_at = at;
   at += 8 * (NS + 1);
   const uint64_t exc_table = v.n_exceptions ? 8 * (S + 1) + 8 * v.n_exceptions : 0;
   const uint64_t exc_at = at;
@@ -190,12 +193,17 @@ std::vector<uint8_t> szpe_from_szp(const uint8_t* szp, const SzpView& v, uint64_
   store<uint64_t>(buf, 56, n_escapes);
   store<uint64_t>(buf, 64, payload);
   store<uint64_t>(buf, 72, G);
+  store<uint64_t>(buf, 80, v.payload_bytes);  // the szp buffer it transcodes back to
+  store<uint32_t>(buf, 88, v.max_width);
+  store<uint32_t>(buf, 92, load<uint32_t>(szp + v.total_bytes - 4));
   for (uint32_t i = 0; i < v.ndim; ++i) store<uint64_t>(buf, kSzpeHeaderBytes + 8ull * i, v.shape[i]);
   for (uint32_t i = 0; i < A; ++i) store<uint16_t>(buf, freq_at + 2ull * i, static_cast<uint16_t>(freq[i]));
   uint64_t off = 0, esc = 0;
   for (uint64_t s = 0; s <= NS; ++s) {
     store<uint64_t>(buf, stream_offsets_at + 8 * s, off);
     store<uint64_t>(buf, escape_index_at + 8 * s, esc);
+    store<uint64_t>(buf, szp_stream_offsets_at + 8 * s,
+                   S ? load<uint64_t>(szp + v.seg_offsets_at + 8 * std::min(S, s * G)) : 0);
     if (s == NS) break;
     memcpy(buf.data() + payload_at + off, streams[s].bytes.data(), streams[s].bytes.size());
     if (!streams[s].escapes.empty())

@@ -27,7 +27,7 @@ constexpr uint32_t kMaxZigzag = (1u << kSzpMaxWidth) - 2;  // |q| <= 2^24 - 1
 }  // namespace
 
 SzpeView szpe_parse(const uint8_t* buf, size_t len, bool verify_checksum) {
-  if (len < kSzpeHeaderBytes + 4) corrupt("shorter than the 84-byte minimum (" + std::to_string(len) + " bytes)");
+  if (len < kSzpeHeaderBytes + 4) corrupt("shorter than the " + std::to_string(kSzpeHeaderBytes + 4) + "-byte minimum (" + std::to_string(len) + " bytes)");
   if (load<uint32_t>(buf) != kSzpeMagic) corrupt("bad magic (not an szpe buffer)");
   const uint16_t version = load<uint16_t>(buf + 4);
   if (version != kSzpeVersion)
@@ -52,6 +52,11 @@ SzpeView szpe_parse(const uint8_t* buf, size_t len, bool verify_checksum) {
   e.n_escapes = load<uint64_t>(buf + 56);
   e.payload_bytes = load<uint64_t>(buf + 64);
   e.stream_segments = load<uint64_t>(buf + 72);
+  SzpView& o = e.as_szp;
+  o.payload_bytes = load<uint64_t>(buf + 80);
+  o.max_width = load<uint32_t>(buf + 88);
+  e.szp_crc = load<uint32_t>(buf + 92);
+  if (o.max_width > kSzpMaxWidth) corrupt("szp block width above 25");
   if (e.alphabet < 1 || e.alphabet > kSzpeMaxAlphabet) corrupt("alphabet size out of range");
   if (!(std::isfinite(v.eb) && v.eb > 0)) corrupt("error bound is not a positive finite number");
   if (!(std::isfinite(v.step) && v.step > 0)) corrupt("step is not a positive finite number");
@@ -80,9 +85,10 @@ SzpeView szpe_parse(const uint8_t* buf, size_t len, bool verify_checksum) {
   e.n_streams = v.n_segments ? (v.n_segments - 1) / e.stream_segments + 1 : 0;
   if (v.n_exceptions > v.numel || e.n_escapes > v.numel) corrupt("more exceptions or escapes than values");
 
-  e.freq_at = region(mul(2, e.alphabet));
+  e.freq_at = region(2 * ((e.alphabet + 3) & ~3u));  // padded to 8 bytes: the u64 tables stay aligned
   e.stream_offsets_at = region(mul(add(e.n_streams, 1), 8));
   e.escape_index_at = region(mul(add(e.n_streams, 1), 8));
+  e.szp_stream_offsets_at = region(mul(add(e.n_streams, 1), 8));
   if (v.n_exceptions) {
     v.exc_offsets_at = region(mul(add(v.n_segments, 1), 8));
     v.exc_entries_at = region(mul(v.n_exceptions, 8));
@@ -104,10 +110,18 @@ SzpeView szpe_parse(const uint8_t* buf, size_t len, bool verify_checksum) {
     corrupt("stream offsets do not cover the payload");
   if (load<uint64_t>(ei) != 0 || load<uint64_t>(ei + 8 * e.n_streams) != e.n_escapes)
     corrupt("escape index does not cover the escapes");
+  // The szp buffer it transcodes to: a block is at most 25 words and a width byte, a segment's widths
+  // are padded to 4 bytes and its last block may be partial: 4 bytes a value plus 104 a segment bound
+  // its payload (and keep the sizes from overflow).
+  const uint8_t* zo = buf + e.szp_stream_offsets_at;
+  if (o.payload_bytes > add(mul(v.numel, 4), mul(v.n_segments, 104))) corrupt("szp payload size out of range");
+  if (load<uint64_t>(zo) != 0 || load<uint64_t>(zo + 8 * e.n_streams) != o.payload_bytes)
+    corrupt("szp stream offsets do not cover the szp payload");
   for (uint64_t s = 0; s < e.n_streams; ++s) {
     if (load<uint64_t>(so + 8 * (s + 1)) < add(load<uint64_t>(so + 8 * s), 4 * kRansWays))
       corrupt("stream " + std::to_string(s) + " is shorter than its states");
     if (load<uint64_t>(ei + 8 * (s + 1)) < load<uint64_t>(ei + 8 * s)) corrupt("escape index decreases");
+    if (load<uint64_t>(zo + 8 * (s + 1)) < load<uint64_t>(zo + 8 * s)) corrupt("szp stream offsets decrease");
   }
   // Escapes: above the literals, within szp's q range, and every q decodes to a finite value.
   uint32_t widest = e.alphabet >= 2 ? e.alphabet - 2 : 0;  // the largest literal zigzag value
@@ -122,6 +136,12 @@ SzpeView szpe_parse(const uint8_t* buf, size_t len, bool verify_checksum) {
             fmt_number(v.step) + ")");
   if (v.n_exceptions)
     if (const char* why = szp_layout::check_exceptions(buf + v.exc_offsets_at, buf + v.exc_entries_at, v)) corrupt(why);
+  {
+    SzpView h = v;  // the fields; the regions are szp's
+    h.payload_bytes = o.payload_bytes;
+    h.max_width = o.max_width;
+    o = szp_layout::with_offsets(h);
+  }
   return e;
 }
 

@@ -13,6 +13,7 @@
 #include "moeoffload/errors.h"
 #include "moeoffload/parallel.h"
 #include "moeoffload/szpe.h"
+#include "moeoffload/szpe_stream.h"
 
 namespace moeoffload {
 
@@ -26,17 +27,10 @@ using bytes::load;
 
 struct SlotTable {
   RansSlot slot[kRansTotal];
-  explicit SlotTable(const uint8_t* buf, const SzpeView& e) {
-    uint32_t cum = 0;
-    for (uint32_t s = 0; s < e.alphabet; ++s) {
-      const uint32_t f = load<uint16_t>(buf + e.freq_at + 2ull * s);
-      for (uint32_t i = 0; i < f; ++i) slot[cum + i] = rans_slot(f, i, s);
-      cum += f;
-    }
-  }
+  explicit SlotTable(const uint8_t* buf, const SzpeView& e) { szpe_stream::build_table(buf, e, slot, 0, 1); }
 };
 
-int32_t unzigzag(uint32_t z) { return static_cast<int32_t>(z >> 1) ^ -static_cast<int32_t>(z & 1); }
+using szpe_stream::unzigzag;
 
 struct StreamSpan {
   uint64_t first_segment, end_segment, first_value, n_values;
@@ -122,34 +116,31 @@ void szpe_decode_cpu(const uint8_t* buf, const SzpeView& e, void* out) {
   }
 }
 
-std::vector<uint8_t> szpe_to_szp(const uint8_t* buf, const SzpeView& e) {
+void szpe_to_szp_into(const uint8_t* buf, const SzpeView& e, uint8_t* out) {
   const SzpView& v = e.szp;
-  std::vector<szp_layout::Chunk> chunks(e.n_streams);
+  const SzpView& o = e.as_szp;
+  szp_layout::write_header(o, v.shape, out);
+  if (v.numel) memcpy(out + o.seg_offsets_at + 8 * v.n_segments, &o.payload_bytes, 8);
+  if (v.n_exceptions) {  // the exception table as it is
+    memcpy(out + o.exc_offsets_at, buf + v.exc_offsets_at, 8 * (v.n_segments + 1));
+    memcpy(out + o.exc_entries_at, buf + v.exc_entries_at, 8 * v.n_exceptions);
+  }
   if (e.n_streams) {
     const SlotTable table(buf, e);
     parallel_for(e.n_streams, 1, [&](uint64_t s0, uint64_t s1) {
-      std::vector<int32_t> q;
-      for (uint64_t s = s0; s < s1; ++s) {
-        const StreamSpan sp = span_of(e, s);
-        q.resize(sp.n_values);
-        decode_stream(buf, e, table, s, q.data());
-        szp_layout::Chunk& ch = chunks[s];
-        for (uint64_t g = sp.first_segment; g < sp.end_segment; ++g) {
-          const uint64_t first = g * v.segment_len - sp.first_value;
-          const size_t at = ch.bytes.size();
-          szp_layout::pack_segment(q.data() + first, std::min(v.segment_len, v.numel - g * v.segment_len), ch.bytes);
-          ch.seg_sizes.push_back(ch.bytes.size() - at);
-          const size_t before = ch.exceptions.size();
-          if (v.n_exceptions)
-            szp_layout::for_each_exception(buf + v.exc_offsets_at, buf + v.exc_entries_at, g,
-                                           [&](uint32_t pos, uint32_t raw) { ch.exceptions.push_back({pos, raw}); });
-          ch.exc_counts.push_back(ch.exceptions.size() - before);
-        }
-      }
+      for (uint64_t s = s0; s < s1; ++s)
+        if (!szpe_stream::transcode(buf, e, table.slot, s, out)) corrupt_stream(s);
     });
   }
-  std::vector<uint64_t> shape(v.shape, v.shape + v.ndim);
-  return szp_layout::assemble(v, shape, chunks).bytes;
+  memcpy(out + o.total_bytes - 4, &e.szp_crc, 4);
+}
+
+std::vector<uint8_t> szpe_to_szp(const uint8_t* buf, const SzpeView& e) {
+  std::vector<uint8_t> out(e.as_szp.total_bytes);
+  szpe_to_szp_into(buf, e, out.data());
+  if (crc32(out.data(), out.size() - 4) != e.szp_crc)
+    bytes::corrupt("szpe", "the szp buffer it decodes to does not have the CRC32 it was made with");
+  return out;
 }
 
 }  // namespace moeoffload

@@ -59,4 +59,24 @@ MOEOFFLOAD_HD uint32_t szp_width_for(int32_t qmin, int32_t qmax) {
   return w;
 }
 
+// Packs a block's values (cnt <= 32 of them; the missing ones are 0) as w-bit fields (1 <= w <= 25)
+// into exactly w words at out: the layout szp_field reads. Written once for the szp encoder and the
+// szpe transcoders (CPU and CUDA), so both write the same bytes. A 64-bit accumulator, no array
+// indexed by a computed word number: registers on a GPU.
+MOEOFFLOAD_HD void szp_pack_block(const int32_t* q, uint32_t cnt, uint32_t w, uint32_t* out) {
+  const uint32_t mask = (1u << w) - 1u;
+  uint64_t acc = 0;
+  uint32_t bits = 0, k = 0;
+  for (uint32_t i = 0; i < kSzpBlock; ++i) {
+    const uint32_t field = i < cnt ? static_cast<uint32_t>(q[i]) & mask : 0u;
+    acc |= static_cast<uint64_t>(field) << bits;
+    bits += w;
+    if (bits >= 32) {  // 32 * w bits in all: exactly w words
+      out[k++] = static_cast<uint32_t>(acc);
+      acc >>= 32;
+      bits -= 32;
+    }
+  }
+}
+
 }  // namespace moeoffload

@@ -22,8 +22,8 @@
 namespace moeoffload {
 
 constexpr uint32_t kSzpeMagic = 0x455A534Du;  // "MSZE" little-endian
-constexpr uint16_t kSzpeVersion = 1;
-constexpr uint64_t kSzpeHeaderBytes = 80;
+constexpr uint16_t kSzpeVersion = 2;
+constexpr uint64_t kSzpeHeaderBytes = 96;
 constexpr uint32_t kSzpeMaxAlphabet = 256;
 
 struct SzpeView {
@@ -33,9 +33,12 @@ struct SzpeView {
   uint64_t stream_segments;  // szp segments per stream
   uint64_t n_streams;
   uint64_t n_escapes;
-  uint64_t freq_at;            // u16[A]
-  uint64_t stream_offsets_at;  // u64[n_streams + 1], relative to payload_at
-  uint64_t escape_index_at;    // u64[n_streams + 1]: the escapes before each stream
+  SzpView as_szp;  // the szp buffer it transcodes to (szpe_to_szp): its regions, in that buffer
+  uint32_t szp_crc;  // that buffer's CRC32
+  uint64_t freq_at;                // u16[A]
+  uint64_t stream_offsets_at;      // u64[n_streams + 1], relative to payload_at
+  uint64_t escape_index_at;        // u64[n_streams + 1]: the escapes before each stream
+  uint64_t szp_stream_offsets_at;  // u64[n_streams + 1]: where each stream's segments start in the szp payload
   uint64_t escapes_at;         // u32[n_escapes]: zigzag values
   uint64_t payload_at;
   uint64_t payload_bytes;
@@ -53,7 +56,13 @@ SzpeView szpe_parse(const uint8_t* buf, size_t len, bool verify_checksum = true)
 // (multithreaded over streams). A stream that does not decode cleanly throws Error(CorruptData).
 void szpe_decode_cpu(const uint8_t* buf, const SzpeView& view, void* out);
 
-// The szp buffer it was made from, byte for byte.
+// The szp buffer it was made from, byte for byte; Error(CorruptData) when that buffer's CRC32 is not
+// the one szpe stored (a change to the szpe that still decodes).
 std::vector<uint8_t> szpe_to_szp(const uint8_t* buf, const SzpeView& view);
+// The same into out[0 .. view.as_szp.total_bytes) (a device cache slot on the cpu backend), without
+// the CRC check: the arrival step of the runtime, on a buffer parsed (CRC checked) when it was loaded.
+// Streams transcode in parallel (szpe_stream.h); a corrupt stream throws Error(CorruptData), and out
+// is then undefined but never written outside that range.
+void szpe_to_szp_into(const uint8_t* buf, const SzpeView& view, uint8_t* out);
 
 }  // namespace moeoffload
