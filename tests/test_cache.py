@@ -63,3 +63,73 @@ def test_prefetch_source_is_honoured(tmp_path):
         cache.begin_sequence()
         started = cache.record(0, [0, 2], hidden_next=hidden)  # no history: layer 1 uniform, ties by index
         assert sorted(started) == [1 * E + 0, 1 * E + 1]  # the activation prediction, not the hidden state
+
+
+def test_szpe_experts_cross_as_szpe_and_land_as_their_szp_buffers():
+    # Host memory and the bus carry the entropy-coded bytes; the slot holds the szp buffers the kernels
+    # read, byte for byte those of the szp table, so every op gives the same result.
+    import torch
+
+    from moeoffload import _native, ops  # noqa: F401  (registers torch.ops.moeoffload.*)
+
+    sd = mixtral_state_dict()
+    fixed = table.build(sd, policy=0.3, mode="meanabs", progress=False)
+    coded = table.build(sd, policy=0.3, mode="meanabs", codec="szpe", progress=False)
+    assert coded.expert_bytes().sum() < fixed.expert_bytes().sum()
+    assert (coded.resident_bytes() >= fixed.expert_bytes() - 256 * len(fixed.matrix_names)).all()
+    with ExpertCache(coded, 4 * slot_bytes(coded)) as cache:
+        copied = 0
+        for layer in range(coded.num_layers):
+            for e in range(coded.experts_per_layer):
+                slot = cache.acquire(layer, e)
+                slot.wait()
+                copied += int(coded.expert_bytes()[coded.expert_id(layer, e)])
+                landed = cache.cache.read(slot)
+                assert landed.size == coded.resident_bytes()[coded.expert_id(layer, e)]
+                end = 0
+                for k, name in enumerate(coded.matrix_names):
+                    szp = fixed.compressed(layer, e, name).buffer
+                    at = -(-end // _native.RESIDENT_ALIGN) * _native.RESIDENT_ALIGN
+                    np.testing.assert_array_equal(landed[at:at + szp.size], szp)
+                    end = at + szp.size
+                    w = torch.ops.moeoffload.szp_decode(cache.handle, coded.expert_id(layer, e), k, torch.device("cpu"))
+                    assert torch.equal(w, fixed.decompress(layer, e, name))
+                cache.release(layer, e)
+        assert cache.engine.stats()["bytes"] == copied  # the coded bytes crossed, not the szp ones
+
+
+def test_szpe_expert_that_does_not_decode_fails_its_fetch_with_corrupt_data(tmp_path):
+    # A payload whose CRCs were forged after a stream byte changed passes the load checks; its arrival
+    # fails as CorruptDataError (named, not a crash), and the cache stays consistent.
+    from moeoffload import _native
+    from moeoffload.errors import CorruptDataError
+
+    t = table.build(mixtral_state_dict(), policy=0.3, mode="meanabs", codec="szpe", progress=False)
+    blob = t.payload(0, 0).copy()
+    m = t.matrix_entry(0, 0, t.matrix_names[0])
+    buf = blob[m["offset"]:m["offset"] + m["bytes"]]
+    info = _native.szpe_inspect(buf)
+    pos = buf.size - 4 - info["payload_bytes"] + 20  # a byte of the first stream's words
+    for flip in range(1, 256):  # find a change the stream check catches
+        trial = buf.copy()
+        trial[pos] ^= flip
+        trial[-4:] = np.frombuffer(np.uint32(_native.crc32(trial[:-4])).tobytes(), np.uint8)
+        try:
+            _native.szpe_to_szp(trial, True)
+        except CorruptDataError as e:
+            if "stream" in str(e):
+                break
+    blob[m["offset"]:m["offset"] + m["bytes"]] = trial
+    t._payloads[t.entry(0, 0)["tensor"]] = blob  # an in-memory table: its bytes as the store will copy them
+    t.entry(0, 0)["crc32"] = int(_native.crc32(blob))
+    with ExpertCache(t, 4 * slot_bytes(t)) as cache:
+        slot = cache.acquire(0, 0)
+        with pytest.raises(CorruptDataError, match="stream"):
+            slot.wait()
+        cache.release(0, 0)
+        cache.cache.synchronize()
+        cache.cache.check_invariants()
+        assert t.expert_id(0, 0) not in cache.cache
+        slot = cache.acquire(0, 1)  # the others still land
+        slot.wait()
+        cache.release(0, 1)

@@ -102,6 +102,27 @@ def test_szp_fused_matches_the_decoded_model(family):
     assert (got - original).abs().max() > 0  # the bound is not zero: the weights really are the decoded ones
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_szpe_gives_the_logits_of_szp(family):
+    # szpe crosses as entropy-coded bytes and lands as the szp buffers: the fused kernels see the same
+    # bytes, so the logits are equal, not close; a budget of two experts makes every layer transcode.
+    ids = _prompt(3)
+    out = {}
+    for codec in ("szp", "szpe"):
+        model = tiny(family)
+        probe = moeoffload.offload(tiny(family), codec=codec, error_bound=0.1, gpu_budget=10**8, prefetch=None)
+        two = 2 * slot_bytes(probe.table)
+        probe.close()
+        with moeoffload.offload(model, codec=codec, error_bound=0.1, gpu_budget=two, prefetch="hidden") as off:
+            with torch.no_grad():
+                out[codec] = model(ids).logits
+            st = off.stats()
+            assert st["fused_layers"] == len(moe_layers(model)) and st["evictions"] > 0
+            out[codec + " bits"] = st["bits_per_weight"]
+    assert torch.equal(out["szp"], out["szpe"])
+    assert out["szpe bits"] < out["szp bits"]
+
+
 @pytest.mark.parametrize("codec", ["none", "szp"])
 def test_a_budget_of_one_expert_still_serves_every_layer(codec):
     model = tiny("mixtral")

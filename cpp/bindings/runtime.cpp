@@ -94,6 +94,7 @@ nb::list plan_list(const std::vector<PrefetchItem>& plan) {
 }  // namespace
 
 void bind_runtime(nb::module_& m) {
+  m.attr("RESIDENT_ALIGN") = kResidentAlign;  // where an szpe expert's szp buffers start in its slot
   m.def("parse_backend", [](const std::string& s) { return std::string(backend_name(parse_backend(s))); });
 
   // ---- PinnedPool ----
@@ -127,16 +128,21 @@ void bind_runtime(nb::module_& m) {
         nb::gil_scoped_release release;
         s.add_copy(id, b.data(), b.shape(0));
       }, nb::arg("id"), nb::arg("payload"))
-      .def("set_matrices", [](ExpertStore& s, uint32_t id, std::vector<std::tuple<uint64_t, uint64_t, int, std::vector<uint64_t>>> specs) {
+      .def("set_matrices", [](ExpertStore& s, uint32_t id, std::vector<std::tuple<uint64_t, uint64_t, int, std::vector<uint64_t>>> specs,
+                              const std::string& codec) {
+        if (codec != "szp" && codec != "szpe")
+          throw Error(ErrorKind::InvalidArgument, "codec must be 'szp' or 'szpe', got '" + codec + "'");
         std::vector<MatrixSpec> out;
         for (auto& [offset, bytes, dtype, shape] : specs) {
           if (!dtype_is_valid(static_cast<uint32_t>(dtype)))
             throw Error(ErrorKind::UnsupportedDtype, "unknown dtype code " + std::to_string(dtype));
-          out.push_back(MatrixSpec{offset, bytes, static_cast<DType>(dtype), shape});
+          out.push_back(MatrixSpec{offset, bytes, static_cast<DType>(dtype), shape,
+                                   codec == "szpe" ? Coding::Szpe : Coding::Szp});
         }
         nb::gil_scoped_release release;
         s.set_matrices(id, out);
-      }, nb::arg("id"), nb::arg("specs"))
+      }, nb::arg("id"), nb::arg("specs"), nb::arg("codec") = "szp")
+      .def("resident_bytes", &ExpertStore::resident_bytes, nb::arg("id"))
       .def("num_matrices", &ExpertStore::num_matrices, nb::arg("id"))
       .def("payload", [](const ExpertStore& s, uint32_t id) {
         // A copy: a view would dangle once the store is closed.

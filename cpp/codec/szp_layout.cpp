@@ -103,6 +103,7 @@ SzpView with_offsets(SzpView h) {
 
 void write_header(const SzpView& h, const uint64_t* shape, uint8_t* out) {
   auto put = [out](uint64_t at, auto v) { memcpy(out + at, &v, sizeof v); };
+  memset(out, 0, kSzpHeaderBytes);  // the reserved bytes too: a cache slot holds an earlier expert's
   put(0, kSzpMagic);
   put(4, kSzpVersion);
   out[6] = static_cast<uint8_t>(h.dtype);

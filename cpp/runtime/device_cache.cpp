@@ -2,6 +2,7 @@
 
 #include <chrono>
 
+#include "moeoffload/arrival.h"
 #include "moeoffload/errors.h"
 
 namespace moeoffload {
@@ -11,7 +12,7 @@ DeviceCache::DeviceCache(uint64_t budget, EvictionPolicy policy, ExpertStore& st
       store_(store),
       engine_(engine),
       backend_(engine.backend()),
-      index_(budget, policy, store.num_layers(), store.experts_per_layer(), std::max<uint64_t>(1, store.max_payload_bytes())) {
+      index_(budget, policy, store.num_layers(), store.experts_per_layer(), std::max<uint64_t>(1, store.max_resident_bytes())) {
   if (store.total_bytes() == 0) throw Error(ErrorKind::InvalidArgument, "DeviceCache over an empty ExpertStore");
   base_ = static_cast<uint8_t*>(device_alloc(backend_, budget_));
 }
@@ -41,23 +42,28 @@ void DeviceCache::refresh_locked() {
   }
 }
 
+std::shared_ptr<Transfer> DeviceCache::fetch_locked(uint32_t id, const Payload& payload, uint64_t offset) {
+  store_.check_file();
+  return engine_.copy(payload.data, base_ + offset, payload.bytes, id, {}, arrival_for(store_, id, backend_));
+}
+
 Slot DeviceCache::acquire(uint32_t id, double timeout_s) {
   const Payload payload = store_.payload(id);
+  const uint64_t resident = store_.resident_bytes(id);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
   std::unique_lock<std::mutex> lock(mu_);
   check_open();
   refresh_locked();
   Slot slot;
   slot.id = id;
-  slot.bytes = payload.bytes;
+  slot.bytes = resident;
   slot.lookup = index_.access(id);
   while (slot.lookup == Lookup::Miss) {
     if (index_.contains(id)) break;  // another thread fetched it while we waited
     try {
-      const uint64_t offset = index_.insert_demand(id, payload.bytes);
+      const uint64_t offset = index_.insert_demand(id, resident);
       try {
-        store_.check_file();
-        in_flight_[id] = engine_.copy(payload.data, base_ + offset, payload.bytes, id);
+        in_flight_[id] = fetch_locked(id, payload, offset);
       } catch (...) {
         index_.abort_loading(id);  // the copy never started: no entry, no budget held
         throw;
@@ -104,11 +110,10 @@ bool DeviceCache::prefetch(uint32_t id, double priority) {
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
   refresh_locked();
-  auto offset = index_.insert_prefetch(id, payload.bytes, priority);
+  auto offset = index_.insert_prefetch(id, store_.resident_bytes(id), priority);
   if (!offset) return false;
   try {
-    store_.check_file();
-    in_flight_[id] = engine_.copy(payload.data, base_ + *offset, payload.bytes, id);
+    in_flight_[id] = fetch_locked(id, payload, *offset);
   } catch (...) {
     index_.abort_loading(id);
     throw;
@@ -200,7 +205,7 @@ std::optional<Slot> DeviceCache::pinned_slot(uint32_t id) {
   Slot slot;
   slot.id = id;
   slot.data = base_ + index_.offset(id);
-  slot.bytes = store_.payload(id).bytes;
+  slot.bytes = store_.resident_bytes(id);
   auto it = in_flight_.find(id);
   if (it != in_flight_.end()) slot.transfer = it->second;
   return slot;

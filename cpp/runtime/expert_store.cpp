@@ -18,6 +18,7 @@ ExpertStore::ExpertStore(PinnedPool& pool, uint32_t num_layers, uint32_t experts
     throw Error(ErrorKind::InvalidArgument, "ExpertStore needs at least one layer and one expert");
   payloads_.resize(static_cast<size_t>(num_layers) * experts_per_layer);
   matrices_.resize(payloads_.size());
+  resident_bytes_.resize(payloads_.size(), 0);
 }
 
 ExpertStore::~ExpertStore() {
@@ -116,17 +117,27 @@ void ExpertStore::set_matrices(uint32_t id, const std::vector<MatrixSpec>& specs
   const Payload p = payload(id);
   check_file();
   std::vector<MatrixInfo> out;
+  bool coded = false;
+  uint64_t resident = 0;  // the slot's size when some matrix is coded
   for (size_t i = 0; i < specs.size(); ++i) {
     const MatrixSpec& s = specs[i];
     const std::string where = "expert " + std::to_string(id) + " matrix " + std::to_string(i);
-    if (s.offset > p.bytes || s.bytes > p.bytes - s.offset || s.offset % 4)
+    const uint64_t align = s.coding == Coding::Szpe ? 8 : 4;  // the kernels' loads
+    if (s.offset > p.bytes || s.bytes > p.bytes - s.offset || s.offset % align)
       throw Error(ErrorKind::Table, where + ": [" + std::to_string(s.offset) + ", +" + std::to_string(s.bytes) +
-                                        ") does not lie 4-aligned inside its payload of " + std::to_string(p.bytes) +
-                                        " bytes");
+                                        ") does not lie " + std::to_string(align) +
+                                        "-aligned inside its payload of " + std::to_string(p.bytes) + " bytes");
     MatrixInfo m;
-    m.offset = s.offset;
-    m.bytes = s.bytes;
-    m.view = szp_parse(p.data + s.offset, s.bytes, true);
+    m.coding = s.coding;
+    m.host_offset = s.offset;
+    m.host_bytes = s.bytes;
+    if (s.coding == Coding::Szpe) {
+      m.coded = szpe_parse(p.data + s.offset, s.bytes, true);
+      m.view = m.coded.as_szp;
+      coded = true;
+    } else {
+      m.view = szp_parse(p.data + s.offset, s.bytes, true);
+    }
     bool same_shape = m.view.ndim == s.shape.size();
     for (uint32_t d = 0; same_shape && d < m.view.ndim; ++d) same_shape = m.view.shape[d] == s.shape[d];
     if (!same_shape || m.view.dtype != s.dtype)
@@ -134,11 +145,22 @@ void ExpertStore::set_matrices(uint32_t id, const std::vector<MatrixSpec>& specs
                                         std::to_string(s.shape.size()) + " dims, the buffer holds " +
                                         dtype_name(m.view.dtype) + " of another shape; the manifest does not "
                                         "describe this table file: rebuild the table");
+    m.bytes = m.view.total_bytes;
     out.push_back(m);
+  }
+  // An expert with a coded matrix lands as szp buffers laid out anew; otherwise the slot is the payload.
+  for (MatrixInfo& m : out) {
+    if (!coded) {
+      m.offset = m.host_offset;
+      continue;
+    }
+    m.offset = (resident + kResidentAlign - 1) / kResidentAlign * kResidentAlign;
+    resident = m.offset + m.bytes;
   }
   std::lock_guard<std::mutex> lock(mu_);
   check_id(id);
   matrices_[id] = std::move(out);
+  resident_bytes_[id] = coded ? resident : 0;
 }
 
 MatrixInfo ExpertStore::matrix(uint32_t id, uint32_t index) const {
@@ -149,6 +171,31 @@ MatrixInfo ExpertStore::matrix(uint32_t id, uint32_t index) const {
                                                 std::to_string(matrices_[id].size()) + " matrices, not " +
                                                 std::to_string(index + 1));
   return matrices_[id][index];
+}
+
+std::vector<MatrixInfo> ExpertStore::matrices(uint32_t id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_id(id);
+  return matrices_[id];
+}
+
+uint64_t ExpertStore::resident_bytes(uint32_t id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_id(id);
+  return resident_bytes_[id] ? resident_bytes_[id] : payloads_[id].bytes;
+}
+
+uint64_t ExpertStore::max_resident_bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  uint64_t m = 0;
+  for (size_t i = 0; i < payloads_.size(); ++i) m = std::max(m, resident_bytes_[i] ? resident_bytes_[i] : payloads_[i].bytes);
+  return m;
+}
+
+bool ExpertStore::coded(uint32_t id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_id(id);
+  return resident_bytes_[id] != 0;
 }
 
 uint32_t ExpertStore::num_matrices(uint32_t id) const {
@@ -198,6 +245,7 @@ void ExpertStore::close() {
   map_fd_ = -1;
   owned_.clear();
   matrices_.assign(matrices_.size(), {});
+  resident_bytes_.assign(resident_bytes_.size(), 0);
   payloads_.assign(payloads_.size(), Payload{});
   map_ = nullptr;
   closed_ = true;

@@ -61,7 +61,12 @@ void Transfer::wait(double timeout_s) const {
     throw Error(ErrorKind::Timeout, "transfer of " + std::to_string(bytes_) + " bytes (tag " + std::to_string(tag_) +
                                         ") not done after " + fmt_number(timeout_s) + " s");
   }
-  if (!error_.empty()) throw Error(ErrorKind::Cuda, error_);
+  if (!error_.empty()) throw Error(error_kind_, error_);
+}
+
+ErrorKind Transfer::error_kind() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return error_kind_;
 }
 
 void Transfer::add_callback(Callback cb) {
@@ -75,11 +80,12 @@ void Transfer::add_callback(Callback cb) {
   cb(*this);
 }
 
-void Transfer::finish(const std::string& error) {
+void Transfer::finish(const std::string& error, ErrorKind kind) {
   std::vector<Callback> cbs;
   {
     std::lock_guard<std::mutex> lock(mu_);
     error_ = error;
+    error_kind_ = kind;
     done_ = true;
     cbs.swap(callbacks_);
   }
@@ -127,7 +133,7 @@ uintptr_t TransferEngine::cuda_stream(int i) const {
 }
 
 std::shared_ptr<Transfer> TransferEngine::copy(const void* src, void* dst, uint64_t bytes, uint64_t tag,
-                                               Transfer::Callback cb) {
+                                               Transfer::Callback cb, Expand expand) {
   std::lock_guard<std::mutex> lock(mu_);
   check_usable_locked();
   // The stream with the fewest queued bytes takes the copy; ties go round-robin.
@@ -148,7 +154,7 @@ std::shared_ptr<Transfer> TransferEngine::copy(const void* src, void* dst, uint6
   }
 #endif
   if (cb) t->callbacks_.push_back(std::move(cb));
-  workers_[best]->queue.push_back(Job{src, dst, bytes, t});
+  workers_[best]->queue.push_back(Job{src, dst, bytes, t, std::move(expand)});
   workers_[best]->queued_bytes += bytes;
   stats_.copies += 1;
   stats_.bytes += bytes;
@@ -171,23 +177,9 @@ void TransferEngine::run(int index) {
       job = std::move(w.queue.front());
       w.queue.pop_front();
     }
-    std::string error;
-    if (backend_ == Backend::Cpu) {
-      std::memcpy(job.dst, job.src, job.bytes);
-    } else {
-#if MOEOFFLOAD_WITH_CUDA
-      auto s = static_cast<cudaStream_t>(w.stream);
-      auto ev = static_cast<cudaEvent_t>(job.transfer->event_);
-      cudaError_t err = cudaMemcpyAsync(job.dst, job.src, job.bytes, cudaMemcpyHostToDevice, s);
-      if (err == cudaSuccess) err = cudaEventRecord(ev, s);
-      if (err == cudaSuccess) err = cudaEventSynchronize(ev);
-      if (err != cudaSuccess) {
-        error = std::string("copy of ") + std::to_string(job.bytes) + " bytes failed: " + cudaGetErrorString(err);
-        cudaGetLastError();
-      }
-#endif
-    }
-    job.transfer->finish(error);  // callbacks run before synchronize() can return
+    ErrorKind kind = ErrorKind::Cuda;
+    const std::string error = run_job(w, job, kind);
+    job.transfer->finish(error, kind);  // callbacks run before synchronize() can return
     {
       std::lock_guard<std::mutex> lock(mu_);
       w.queued_bytes -= job.bytes;
@@ -195,6 +187,85 @@ void TransferEngine::run(int index) {
     }
     idle_cv_.notify_all();
   }
+}
+
+std::string TransferEngine::run_job(Worker& w, Job& job, ErrorKind& kind) {
+  const auto* src = static_cast<const uint8_t*>(job.src);
+  auto* dst = static_cast<uint8_t*>(job.dst);
+  if (backend_ == Backend::Cpu) {
+    try {
+      if (job.expand)
+        job.expand(src, dst, nullptr, nullptr);
+      else
+        std::memcpy(dst, src, job.bytes);
+    } catch (const Error& e) {
+      kind = e.kind();
+      return e.what();
+    } catch (const std::exception& e) {
+      kind = ErrorKind::Codec;  // the expansion failed (say, out of memory)
+      return e.what();
+    }
+    return "";
+  }
+#if MOEOFFLOAD_WITH_CUDA
+  auto s = static_cast<cudaStream_t>(w.stream);
+  auto ev = static_cast<cudaEvent_t>(job.transfer->event_);
+  cudaError_t err = cudaSuccess;
+  std::string expand_error;
+  if (job.expand) {
+    if (w.staging_bytes < job.bytes) {  // grows to the largest payload, then stays
+      if (w.staging) cudaFree(w.staging);
+      w.staging = nullptr;
+      w.staging_bytes = 0;
+      err = cudaMalloc(reinterpret_cast<void**>(&w.staging), job.bytes);
+      if (err == cudaSuccess) w.staging_bytes = job.bytes;
+    }
+    if (err == cudaSuccess && !w.device_failed) err = cudaMalloc(reinterpret_cast<void**>(&w.device_failed), sizeof(int));
+    if (err == cudaSuccess && !w.host_failed) err = cudaMallocHost(reinterpret_cast<void**>(&w.host_failed), sizeof(int));
+    if (err == cudaSuccess) err = cudaMemsetAsync(w.device_failed, 0, sizeof(int), s);
+    if (err == cudaSuccess) err = cudaMemcpyAsync(w.staging, src, job.bytes, cudaMemcpyHostToDevice, s);
+    if (err == cudaSuccess) {
+      try {
+        job.expand(w.staging, dst, s, w.device_failed);
+      } catch (const Error& e) {
+        kind = e.kind();
+        expand_error = e.what();
+      }
+    }
+    if (err == cudaSuccess) err = cudaMemcpyAsync(w.host_failed, w.device_failed, sizeof(int), cudaMemcpyDeviceToHost, s);
+  } else {
+    err = cudaMemcpyAsync(dst, src, job.bytes, cudaMemcpyHostToDevice, s);
+  }
+  if (err == cudaSuccess) err = cudaEventRecord(ev, s);
+  if (err == cudaSuccess) err = cudaEventSynchronize(ev);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    kind = ErrorKind::Cuda;
+    return std::string("copy of ") + std::to_string(job.bytes) + " bytes failed: " + cudaGetErrorString(err);
+  }
+  if (!expand_error.empty()) return expand_error;
+  if (job.expand && *w.host_failed) {
+    kind = ErrorKind::CorruptData;
+    return "expert payload (tag " + std::to_string(job.tag) + ") did not decode on the device: its data are corrupt";
+  }
+  return "";
+#else
+  (void)w;
+  kind = ErrorKind::Cuda;
+  return "the cuda backend needs a build with CUDA";
+#endif
+}
+
+void TransferEngine::free_worker(Worker& w) {
+#if MOEOFFLOAD_WITH_CUDA
+  if (w.stream) cudaStreamDestroy(static_cast<cudaStream_t>(w.stream));
+  if (w.staging) cudaFree(w.staging);
+  if (w.device_failed) cudaFree(w.device_failed);
+  if (w.host_failed) cudaFreeHost(w.host_failed);
+#endif
+  w.stream = nullptr;
+  w.staging = nullptr;
+  w.device_failed = w.host_failed = nullptr;
 }
 
 void TransferEngine::check_usable_locked() const {
@@ -234,9 +305,7 @@ void TransferEngine::close() {
   work_cv_.notify_all();
   for (auto& w : workers_) {
     if (w->thread.joinable()) w->thread.join();
-#if MOEOFFLOAD_WITH_CUDA
-    if (w->stream) cudaStreamDestroy(static_cast<cudaStream_t>(w->stream));
-#endif
+    free_worker(*w);
   }
   std::lock_guard<std::mutex> lock(mu_);
   workers_.clear();

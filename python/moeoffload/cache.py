@@ -26,9 +26,9 @@ import re
 import numpy as np
 
 from . import _native
-from .errors import BudgetError, ClosedError, InvalidArgumentError
+from .errors import BudgetError, ClosedError, InvalidArgumentError, TableError
 from .prefetch import PrefetchConfig, decision_step
-from .table import PAYLOAD_FILE
+from .table import FUSED_CODECS, PAYLOAD_FILE
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -75,7 +75,7 @@ SLOT_ALIGN = 256  # the device cache's arena rounds every slot up to this (cpp/i
 
 def slot_bytes(table) -> int:
     """The cache slot the table's largest expert takes: budgets of n slots hold at least n experts."""
-    return -(-int(table.expert_bytes().max()) // SLOT_ALIGN) * SLOT_ALIGN
+    return -(-int(table.resident_bytes().max()) // SLOT_ALIGN) * SLOT_ALIGN
 
 
 class ExpertCache:
@@ -116,9 +116,14 @@ class ExpertCache:
                 store.add_mapped(eid, begin, x["bytes"])
             else:
                 store.add_copy(eid, np.ascontiguousarray(table.payload(x["layer"], x["expert"])))
-            if table.manifest["codec"] == "szp":
+            if table.manifest["codec"] in FUSED_CODECS:  # szpe lands in the slot as szp (transcoded)
                 store.set_matrices(eid, [(m["offset"], m["bytes"], codes[m["dtype"]], list(m["shape"]))
-                                         for m in x["matrices"]])
+                                         for m in x["matrices"]], table.manifest["codec"])
+                if store.resident_bytes(eid) != x.get("resident_bytes", x["bytes"]):
+                    raise TableError(f"layer {x['layer']} expert {x['expert']}: the manifest says its slot takes "
+                                     f"{x.get('resident_bytes', x['bytes'])} bytes, its buffers need "
+                                     f"{store.resident_bytes(eid)}; the manifest does not describe this table "
+                                     "file: rebuild the table")
 
     @property
     def handle(self) -> int:

@@ -93,7 +93,8 @@ def validate(manifest, path) -> None:
     model = c.obj(c.key(m, "model", ""), "model")
     c.str_(c.key(model, "id", "model"), "model.id")
     c.str_(c.key(model, "fingerprint", "model"), "model.fingerprint")
-    c.lossless = c.str_(c.key(m, "codec", ""), "codec", TABLE_CODECS) == "none"
+    codec = c.str_(c.key(m, "codec", ""), "codec", TABLE_CODECS)
+    c.lossless = codec == "none"
     L = c.int_(c.key(m, "num_layers", ""), "num_layers", lo=1)
     E = c.int_(c.key(m, "experts_per_layer", ""), "experts_per_layer", lo=1)
 
@@ -135,6 +136,8 @@ def validate(manifest, path) -> None:
             raise c.fail(f"{f}.tensor", f"{tensor!r} is also experts[{tensors[tensor]}]'s")
         tensors[tensor] = i
         size = c.int_(c.key(x, "bytes", f), f"{f}.bytes", lo=1)
+        if codec == "szpe":  # the slot it takes once transcoded to szp
+            c.int_(c.key(x, "resident_bytes", f), f"{f}.resident_bytes", lo=1)
         c.int_(c.key(x, "crc32", f), f"{f}.crc32", hi=2**32, what="a CRC32 (an integer in [0, 2**32))")
         _check_matrices(c, c.list_(c.key(x, "matrices", f), f"{f}.matrices"), f, size, names, ALIGN)
 

@@ -47,7 +47,10 @@ PAYLOAD_FILE = "experts.safetensors"
 MANIFEST_FILE = "manifest.json"
 HISTORY_FILE = "activations.npy"
 ALIGN = 256
-TABLE_CODECS = ("szp", "sz3", "none")  # "none": the raw weights, the uncompressed baseline and the lossless check
+TABLE_CODECS = ("szp", "szpe", "sz3", "none")  # "none": the raw weights, the uncompressed baseline and the lossless check
+# Codecs whose experts sit in the device cache as szp, what the fused kernels read: szp as stored, and
+# szpe (entropy coded in host memory and over the bus) transcoded into szp on arrival.
+FUSED_CODECS = ("szp", "szpe")
 
 _PER_EXPERT = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\..*experts)\.(?P<expert>\d+)\.(?P<matrix>.+?)(?:\.weight)?$")
 _FUSED = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\..*experts)\.(?P<matrix>[A-Za-z_0-9]+?)(?:\.weight)?$")
@@ -251,6 +254,14 @@ class ExpertTable:
             out[self.expert_id(x["layer"], x["expert"])] = x["bytes"]
         return out
 
+    def resident_bytes(self) -> np.ndarray:
+        """Device cache bytes per expert id: the payload's, or for szpe the szp buffers it transcodes to."""
+        out = self.expert_bytes()
+        for x in self.manifest["experts"]:
+            if "resident_bytes" in x:
+                out[self.expert_id(x["layer"], x["expert"])] = x["resident_bytes"]
+        return out
+
     def bits_per_weight(self) -> float:
         """Payload bits per weight, padding included."""
         weights = sum(int(np.prod(m["shape"])) for x in self.manifest["experts"] for m in x["matrices"])
@@ -442,7 +453,7 @@ def build(source, policy=None, codec: str = "szp", *, mode: str | None = None, m
     try:
         for i, ml in enumerate(model_layers):
             for e in range(n_exp):
-                parts, mats, offset = [], [], 0
+                parts, mats, offset, resident = [], [], 0, 0
                 for name, refs in _stored_matrices(grid[(ml, e)], fuse):
                     w = torch.cat([src.get(r) for r in refs]) if len(refs) > 1 else src.get(refs[0])
                     ref = dataclasses.replace(refs[0], name=name, shape=tuple(w.shape))
@@ -454,6 +465,8 @@ def build(source, policy=None, codec: str = "szp", *, mode: str | None = None, m
                         eb = absolute_bound(w, bounds[i], pol.mode)
                         ct = compress(w, eb, mode="abs", codec=codec)
                         n_exceptions, buf = ct.n_exceptions, ct.buffer
+                        if codec == "szpe":  # its slot holds the szp buffers, laid out as the store lays them
+                            resident = _resident_end(resident, _native.szpe_inspect(buf, False)["szp_total_bytes"])
                     pad = (-buf.size) % ALIGN
                     parts.extend([buf, np.zeros(pad, np.uint8)])
                     mats.append({"name": ref.name, "source": ref.key, "index": ref.index, "shape": list(ref.shape),
@@ -468,7 +481,8 @@ def build(source, policy=None, codec: str = "szp", *, mode: str | None = None, m
                 else:
                     payloads[tensor] = blob
                 experts.append({"layer": i, "expert": e, "tensor": tensor, "bytes": int(blob.size),
-                                "crc32": int(_native.crc32(blob)), "matrices": mats})
+                                "crc32": int(_native.crc32(blob)), "matrices": mats,
+                                **({"resident_bytes": resident} if codec == "szpe" else {})})
                 bar.update(1)
     except BaseException:
         if writer is not None:
@@ -489,6 +503,11 @@ def build(source, policy=None, codec: str = "szp", *, mode: str | None = None, m
     writer.finish()
     _write_manifest(Path(out), manifest, history)
     return load(out, verify=False)
+
+
+def _resident_end(end: int, nbytes: int) -> int:
+    """Where the next szp buffer of an szpe expert's slot ends (ExpertStore::set_matrices's layout)."""
+    return -(-end // _native.RESIDENT_ALIGN) * _native.RESIDENT_ALIGN + int(nbytes)
 
 
 LOAD_MODES = ("map", "copy")

@@ -1,5 +1,6 @@
 // Compressed experts resident on the device, inside one allocation of
-// `budget` bytes. acquire() pins an expert and returns its slot, fetching it
+// `budget` bytes. A slot holds what the kernels read (szp), which for an szpe
+// expert is more than crossed the bus (ExpertStore::resident_bytes). acquire() pins an expert and returns its slot, fetching it
 // through the TransferEngine on a miss (evicting by policy); release() unpins.
 // prefetch() starts a fetch only when it displaces nothing more valuable.
 // Thread-safe: every call takes one lock, never held while waiting on a copy.
@@ -67,6 +68,8 @@ class DeviceCache {
 
  private:
   void refresh_locked();  // retires landed copies
+  // Starts the copy of `id` into the slot at `offset` (expanded on arrival: arrival.h).
+  std::shared_ptr<Transfer> fetch_locked(uint32_t id, const Payload& payload, uint64_t offset);
   void check_open() const;
   uint64_t budget_;
   ExpertStore& store_;

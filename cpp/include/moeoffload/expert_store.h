@@ -4,9 +4,12 @@
 // the PinnedPool. Expert ids are flat: layer * experts_per_layer + expert.
 //
 // Each expert's matrices are parsed once, when they are added (set_matrices):
-// a kernel finds a matrix at payload offset + MatrixInfo::offset, in host
-// memory here or in a device cache slot, with its SzpView, and never parses
-// again. A mapped file is checked (size, mtime, inode) before its bytes are
+// a kernel finds a matrix at MatrixInfo::offset of its device cache slot, with
+// its SzpView, and never parses again. A matrix is stored either as szp (the
+// slot holds the payload's bytes as they are) or as szpe (entropy coded: host
+// memory and the bus carry fewer bytes, and the arrival step, arrival.h,
+// transcodes it into szp in the slot). The slot layout (resident_bytes) is
+// known from the headers alone. A mapped file is checked (size, mtime, inode) before its bytes are
 // read (check_file(): before each copy, parse and host read): a table file
 // changed on disk raises TableChanged instead of a SIGBUS at the next read.
 #pragma once
@@ -18,6 +21,7 @@
 
 #include "moeoffload/pinned_pool.h"
 #include "moeoffload/szp.h"
+#include "moeoffload/szpe.h"
 
 namespace moeoffload {
 
@@ -26,18 +30,28 @@ struct Payload {
   uint64_t bytes = 0;
 };
 
+enum class Coding : uint8_t { Szp = 0, Szpe = 1 };
+
 // What the manifest says one matrix of an expert is; checked against the
 // buffer's own header when the matrix is parsed.
 struct MatrixSpec {
   uint64_t offset = 0, bytes = 0;  // inside the expert's payload
   DType dtype = DType::BF16;
   std::vector<uint64_t> shape;
+  Coding coding = Coding::Szp;
 };
 
 struct MatrixInfo {
-  uint64_t offset = 0, bytes = 0;
+  uint64_t offset = 0, bytes = 0;  // the szp buffer in the slot
   SzpView view{};
+  Coding coding = Coding::Szp;
+  uint64_t host_offset = 0, host_bytes = 0;  // the stored buffer in the payload
+  SzpeView coded{};                          // its view when coding is Szpe
 };
+
+// Where the matrices of an szpe expert sit in its slot: each szp buffer
+// aligned to this (the CUDA transcoder needs 8).
+constexpr uint64_t kResidentAlign = 64;
 
 class ExpertStore {
  public:
@@ -60,7 +74,14 @@ class ExpertStore {
   // a buffer's shape or dtype differs from its spec, CorruptData when corrupt.
   void set_matrices(uint32_t id, const std::vector<MatrixSpec>& specs);
   MatrixInfo matrix(uint32_t id, uint32_t index) const;
+  std::vector<MatrixInfo> matrices(uint32_t id) const;
   uint32_t num_matrices(uint32_t id) const;
+  // The bytes an expert takes in a device cache slot: its payload's, or for
+  // an szpe expert the szp buffers it transcodes to.
+  uint64_t resident_bytes(uint32_t id) const;
+  uint64_t max_resident_bytes() const;
+  // True when some matrix of the expert is entropy coded (lands by transcode).
+  bool coded(uint32_t id) const;
 
   Payload payload(uint32_t id) const;  // throws InvalidArgument when absent
   // TableChanged when the mapped file changed on disk since map_file().
@@ -81,6 +102,7 @@ class ExpertStore {
   mutable std::mutex mu_;
   std::vector<Payload> payloads_;
   std::vector<std::vector<MatrixInfo>> matrices_;
+  std::vector<uint64_t> resident_bytes_;  // 0: as the payload
   int map_fd_ = -1;
   uint64_t map_inode_ = 0, map_mtime_ns_ = 0;
   std::string map_path_;

@@ -1,5 +1,6 @@
 // Asynchronous host-to-device copies of compressed payloads on dedicated copy
-// streams. Each stream has a worker thread: on cuda it issues cudaMemcpyAsync
+// streams, each optionally expanded on arrival (an entropy-coded payload is
+// transcoded into what the device cache holds: Expand). Each stream has a worker thread: on cuda it issues cudaMemcpyAsync
 // on its own non-blocking stream, records an event and waits for it; on cpu it
 // runs the memcpy itself. Either way copy() returns at once with a Transfer to
 // poll or wait on, and callbacks run on the worker thread after the bytes
@@ -16,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "moeoffload/errors.h"
 #include "moeoffload/memory.h"
 
 namespace moeoffload {
@@ -40,12 +42,13 @@ class Transfer {
   uint64_t tag() const { return tag_; }
   int stream_index() const { return stream_; }
   uintptr_t cuda_event() const { return reinterpret_cast<uintptr_t>(event_); }
+  ErrorKind error_kind() const;
 
  private:
   friend class TransferEngine;
   Transfer(uint64_t bytes, uint64_t tag, int stream)
       : bytes_(bytes), tag_(tag), stream_(stream), generation_(fork_generation()) {}
-  void finish(const std::string& error);
+  void finish(const std::string& error, ErrorKind kind = ErrorKind::Cuda);
   const uint64_t bytes_, tag_;
   const int stream_;
   const uint64_t generation_;
@@ -55,6 +58,7 @@ class Transfer {
   mutable std::condition_variable cv_;
   bool done_ = false;
   std::string error_;
+  ErrorKind error_kind_ = ErrorKind::Cuda;
   std::vector<Callback> callbacks_;
 };
 
@@ -63,6 +67,15 @@ struct TransferStats {
   uint64_t bytes = 0;
   uint64_t in_flight = 0;
 };
+
+// Turns the `bytes` copied from the host into what lands at dst, on the copy
+// worker. On cpu, src is the host payload itself (nothing is staged: the
+// expansion reads it directly); on cuda, src is a device staging copy, stream
+// the worker's copy stream (cudaStream_t) on which it enqueues its kernels, and
+// device_failed an int it sets to nonzero when the data do not decode (the
+// engine zeroes it before and reads it back after). Throws Error to fail the
+// transfer.
+using Expand = std::function<void(const uint8_t* src, uint8_t* dst, void* stream, int* device_failed)>;
 
 class TransferEngine {
  public:
@@ -73,8 +86,9 @@ class TransferEngine {
 
   // Copies `bytes` from host `src` (pinned on cuda) to device `dst`. `tag` is
   // the caller's label (an expert id); `cb` runs after the copy lands.
+  // With `expand`, what lands at dst is expand's output, not the bytes.
   std::shared_ptr<Transfer> copy(const void* src, void* dst, uint64_t bytes, uint64_t tag = 0,
-                                 Transfer::Callback cb = {});
+                                 Transfer::Callback cb = {}, Expand expand = {});
   void synchronize();  // waits for every copy issued so far
   bool closed() const;
   void close();        // finishes queued copies, stops the workers
@@ -89,14 +103,23 @@ class TransferEngine {
     void* dst;
     uint64_t bytes;
     std::shared_ptr<Transfer> transfer;
+    Expand expand;
   };
   struct Worker {
     std::deque<Job> queue;
     uint64_t queued_bytes = 0;
     void* stream = nullptr;  // cudaStream_t on cuda
+    // cuda, for expanded copies: the staged bytes and the failure flag (device, and pinned host)
+    uint8_t* staging = nullptr;
+    uint64_t staging_bytes = 0;
+    int* device_failed = nullptr;
+    int* host_failed = nullptr;
     std::thread thread;
   };
   void run(int index);
+  // Runs one job on worker w; returns the error ("" when it landed) and its kind.
+  std::string run_job(Worker& w, Job& job, ErrorKind& kind);
+  void free_worker(Worker& w);
   void check_usable_locked() const;  // Closed after close(), Forked in a child
   Backend backend_;
   uint64_t generation_;

@@ -80,7 +80,7 @@ def add_parser(sub) -> None:
     p.add_argument("--gpu-budget", "--budget", dest="budget", default="25%",
                    help="device memory for experts: a size ('6GiB') or a share of the experts ('25%%')")
     p.add_argument("--table", default=None, help="a table built by `moeoffload compress` (default: build one now)")
-    p.add_argument("--codec", choices=("szp", "none"), default="szp")
+    p.add_argument("--codec", choices=("szp", "szpe", "none"), default="szp")
     p.add_argument("--error-bound", default=None,
                    help="x mean|w| per matrix, or a policy JSON (default: the model's policy.json, else 0.3)")
     p.add_argument("--cache-policy", choices=("activation", "lru", "lfu"), default="activation")

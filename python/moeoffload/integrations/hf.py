@@ -180,7 +180,7 @@ class Offload:
             self._acquire_ahead(layer, experts, held)  # the layer's own fetches go first, and stay pinned
             self.cache.record(layer, ids, hidden_next=self._hidden_next(layer))  # then the decision step prefetches
             kind = self.kinds[layer]
-            if kind is None or self.codec != "szp":
+            if kind is None or self.codec not in _table.FUSED_CODECS:
                 return self._forward_eager(layer, module, held, hidden, top_k_index, top_k_weights)
             return self._forward_fused(layer, module, kind, experts, held, hidden, top_k_index, top_k_weights)
         finally:
@@ -271,7 +271,7 @@ class Offload:
         return {**self.cache.stats(), "codec": self.codec, "bits_per_weight": self.table.bits_per_weight(),
                 "expert_bytes_freed": self.expert_bytes_freed, "tokens": self._tokens, "prefetch": self.prefetch,
                 "stall_s": self._stall_s,
-                "fused_layers": sum(k is not None for k in self.kinds) if self.codec == "szp" else 0}
+                "fused_layers": sum(k is not None for k in self.kinds) if self.codec in _table.FUSED_CODECS else 0}
 
     @property
     def closed(self) -> bool:
