@@ -95,3 +95,17 @@ def test_bad_arguments():
                                          num_attention_heads=2, num_key_value_heads=2))
     with pytest.raises(NoMoeLayersError):
         sensitivity.ExpertGrid(dense)
+
+
+def test_szpe_perturbs_as_szp_and_counts_its_entropy_coded_bits(model):
+    # The study with --perturb szpe measures the same damage as szp (the same values) and reports the
+    # bits per weight the table of that coding will have.
+    grid = sensitivity.ExpertGrid(model)
+    experts = [(l, 2) for l in range(grid.num_layers)]
+    seen = {}
+    for method in ("szp", "szpe"):
+        pert = sensitivity.Perturbation(method, 0.5)
+        with sensitivity.perturbed(grid, experts, pert):
+            seen[method] = ([grid.view(r).clone() for l, e in experts for r in grid.matrices(l, e)], pert)
+    assert all(torch.equal(a, b) for a, b in zip(seen["szp"][0], seen["szpe"][0]))
+    assert 0 < seen["szpe"][1].bits_per_weight < 0.8 * seen["szp"][1].bits_per_weight

@@ -246,7 +246,8 @@ std::string TransferEngine::run_job(Worker& w, Job& job, ErrorKind& kind) {
   if (!expand_error.empty()) return expand_error;
   if (job.expand && *w.host_failed) {
     kind = ErrorKind::CorruptData;
-    return "expert payload (tag " + std::to_string(job.tag) + ") did not decode on the device: its data are corrupt";
+    return "szpe payload of expert " + std::to_string(job.transfer->tag()) +
+           " did not decode on the device: a stream is corrupt. Rebuild the table from the original weights";
   }
   return "";
 #else

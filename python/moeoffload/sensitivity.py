@@ -37,7 +37,7 @@ from .evaluation import encode, evaluate, lm_eval_tasks, router_choices, windows
 from .table import MatrixRef, find_expert_matrices
 
 SCOPES = ("expert", "layer", "group", "all")
-PERTURBATIONS = ("gaussian", "sz3", "szp")
+PERTURBATIONS = ("gaussian", "sz3", "szp", "szpe")  # szpe: szp's values (the same damage), its entropy-coded size
 EB_MODES = ("meanabs", "abs", "rel")
 GROUPS = ("shallow", "middle", "deep")
 

@@ -483,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_cmd_info)
     p = sub.add_parser("sensitivity", help="perturb experts (noise or a real codec), evaluate, restore")
     p.add_argument("--model", default="default", help="checkpoint directory, or 'default' (the shipped tiny MoE)")
-    p.add_argument("--perturb", type=_choice("perturbation", PERTURBATIONS), default="szp", help="gaussian | sz3 | szp")
+    p.add_argument("--perturb", type=_choice("perturbation", PERTURBATIONS), default="szp", help="gaussian | sz3 | szp | szpe (szp's values, entropy-coded bits)")
     p.add_argument("--alpha", type=_floats, default=[0.1, 0.3, 0.5, 0.8],
                    help="bounds (noise std) as multiples of the unit of --eb-mode, comma-separated")
     p.add_argument("--eb-mode", type=_choice("eb-mode", EB_MODES), default="meanabs",
