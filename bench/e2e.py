@@ -16,6 +16,8 @@ bf16 bytes, so compression buys room), same run:
                 its quantisation): codec none, lru, no prefetch;
   moeoffload    szp experts, fused kernels, activation cache policy, hidden-state prefetch;
   moeoffload-noprefetch   the same without prefetch, so each part's share shows.
+  moeoffload-szpe   as moeoffload, the experts entropy coded (szpe) in host memory and over the bus and
+                transcoded into szp as they land (the cache holds szp; issue 12's placement (a)).
 
 Per system: prefill and decode tokens/s (and s/token), bytes over the bus per decode token, decode
 hit rate, stall fraction of decode time, peak device bytes (model weights on the device + the
@@ -56,12 +58,14 @@ from moeoffload.cli.run import generate_timed  # noqa: E402
 from moeoffload.models.adapters import moe_layers  # noqa: E402
 from moeoffload.sim import activation_matrices, synthetic_trace  # noqa: E402
 
-SYSTEMS = ("resident", "accelerate", "naive", "lru-bf16", "moeoffload", "moeoffload-noprefetch")
+SYSTEMS = ("resident", "accelerate", "naive", "lru-bf16", "moeoffload", "moeoffload-noprefetch", "moeoffload-szpe")
 OFFLOADED = {  # offload() settings of the systems this project's runtime serves
     "naive": dict(codec="none", cache_policy="lru", prefetch=None),
     "lru-bf16": dict(codec="none", cache_policy="lru", prefetch=None),
     "moeoffload": dict(codec="szp", cache_policy="activation", prefetch="hidden"),
     "moeoffload-noprefetch": dict(codec="szp", cache_policy="activation", prefetch=None),
+    # szpe placement (a): entropy-coded in host memory and over the bus, transcoded to szp on arrival
+    "moeoffload-szpe": dict(codec="szpe", cache_policy="activation", prefetch="hidden"),
 }
 
 
@@ -248,7 +252,7 @@ def run_system(name, model_dir, prompts, new_tokens, budget, tables, device, dty
             decode_s += gen.decode_s
             if gen.decode_stats is not None:
                 st = gen.decode_stats
-                bytes_decode += st["bytes_loaded"]
+                bytes_decode += st["bus_bytes"]
                 accesses += st["accesses"]
                 hits += st["hits"] + st["inflight_hits"]
                 stall += st["stall_s"]

@@ -74,3 +74,14 @@ def test_compress_then_run_from_the_table(tmp_path):
     assert "dense experts never loaded" in r.stdout and "stalled" in r.stdout
     again = cli("compress", "--out", str(tmp_path / "t"), check=False)
     assert again.returncode == 2 and "already" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_compress_szpe_is_smaller_and_runs_fused(tmp_path):
+    bits = {}
+    for codec in ("szp", "szpe"):
+        r = cli("compress", "--model", "default", "--error-bound", "0.5", "--codec", codec,
+                "--out", str(tmp_path / codec), "--quiet")
+        bits[codec] = float(r.stdout.split(" bits/weight")[0].split()[-1])
+    assert bits["szpe"] < 0.8 * bits["szp"]
+    r = cli("run", "--table", str(tmp_path / "szpe"), "--max-new-tokens", "6", "--prompt", "x = ", "--budget", "10%")
+    assert "experts: szpe" in r.stdout and "10 of 10 MoE layers fused" in r.stdout

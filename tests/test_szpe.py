@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from moeoffload import ShapeError, _native, codec
+from moeoffload import CorruptDataError, ShapeError, _native, codec
 from moeoffload.codec_eval import order0_bits
 
-from conftest import DTYPES, max_error
+from conftest import DTYPES, cuda_available, fix_crc, max_error
 
 
 def adversarial(dtype):
@@ -94,3 +94,37 @@ def test_from_bytes_and_decompress_into():
     assert again.codec == "szpe" and again.shape == x.shape
     out = torch.empty_like(x)
     assert torch.equal(again.decompress(out=out), codec.compress(x, 0.01).decompress())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and a CUDA build")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_transcode_gives_the_szp_buffer_and_its_values(dtype):
+    # cuda/szpe_transcode.cu (the runtime's arrival step on a GPU): byte for byte the szp buffer, then
+    # the szp CUDA decoder's values bit for bit those of the CPU; a corrupt stream sets the flag.
+    for name, x in adversarial(dtype):
+        x = x.to(dtype)
+        fixed = codec.compress(x, 2e-3)
+        coded = codec.compress(x, 2e-3, codec="szpe")
+        host = coded.buffer
+        dev = torch.from_numpy(host).cuda()
+        szp = torch.empty(fixed.buffer.size, dtype=torch.uint8, device="cuda")
+        failed = torch.zeros(1, dtype=torch.int32, device="cuda")
+        out = torch.empty(x.shape, dtype=dtype, device="cuda")
+        _native.szpe_decode_cuda(host, dev, szp, failed, out, torch.cuda.current_stream().cuda_stream)
+        assert failed.item() == 0, name
+        assert np.array_equal(szp.cpu().numpy(), fixed.buffer), name
+        assert torch.equal(out.cpu().view(torch.uint8), fixed.decompress().view(torch.uint8)), name
+        assert torch.equal(coded.decompress(device="cuda").cpu().view(torch.uint8),
+                           fixed.decompress().view(torch.uint8)), name
+    at = host.size - 4 - _native.szpe_inspect(host)["payload_bytes"] + 17  # in the first stream's words
+    for flip in range(1, 256):  # a change the stream check catches (a few decode to other values)
+        broken = host.copy()
+        broken[at] ^= flip
+        broken = fix_crc(broken)
+        with pytest.raises(CorruptDataError) as e:
+            _native.szpe_to_szp(broken)
+        if "stream" in str(e.value):
+            break
+    with pytest.raises(CorruptDataError, match="on the device"):
+        codec.CompressedTensor.from_bytes(broken).decompress(device="cuda")

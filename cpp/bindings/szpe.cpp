@@ -8,6 +8,11 @@
 #include "moeoffload/errors.h"
 #include "moeoffload/szpe.h"
 
+#if MOEOFFLOAD_WITH_CUDA
+#include "moeoffload/szp_cuda.h"
+#include "moeoffload/szpe_cuda.h"
+#endif
+
 namespace nb = nanobind;
 using namespace moeoffload;
 
@@ -15,6 +20,10 @@ namespace {
 
 using HostBytes = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using HostArray = nb::ndarray<nb::c_contig, nb::device::cpu>;
+using DeviceBytes = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cuda>;
+using DeviceBytesOut = nb::ndarray<uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cuda>;
+using DeviceInt = nb::ndarray<int32_t, nb::ndim<1>, nb::c_contig, nb::device::cuda>;
+using DeviceArray = nb::ndarray<nb::c_contig, nb::device::cuda>;
 
 nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>> owned(std::vector<uint8_t>* bytes) {
   nb::capsule owner(bytes, [](void* p) noexcept { delete static_cast<std::vector<uint8_t>*>(p); });
@@ -101,4 +110,39 @@ void bind_szpe(nb::module_& m) {
         return make_bytes([&] { return szpe_to_szp(buf.data(), e); });
       },
       nb::arg("buf"), nb::arg("verify_checksum") = true, "The szp buffer an szpe buffer was made from.");
+
+  m.def(
+      "szpe_decode_cuda",
+      [](HostBytes host_buf, DeviceBytes device_buf, DeviceBytesOut szp_scratch, DeviceInt failed, DeviceArray out,
+         uintptr_t stream) {
+        const SzpeView e = parse_released(host_buf, false);
+        if (device_buf.shape(0) != host_buf.shape(0))
+          throw Error(ErrorKind::Shape, "device buffer size differs from the host buffer");
+        if (szp_scratch.shape(0) != e.as_szp.total_bytes)
+          throw Error(ErrorKind::Shape, "szp scratch holds " + std::to_string(szp_scratch.shape(0)) +
+                                            " bytes, the buffer transcodes to " + std::to_string(e.as_szp.total_bytes));
+        if (failed.shape(0) != 1) throw Error(ErrorKind::Shape, "failed must hold one int32");
+        if (out.nbytes() != e.szp.numel * static_cast<uint64_t>(dtype_size(e.szp.dtype)))
+          throw Error(ErrorKind::Shape, "output holds " + std::to_string(out.nbytes()) +
+                                            " bytes, the buffer decodes to " + std::to_string(e.szp.numel) + " " +
+                                            dtype_name(e.szp.dtype) + " values");
+#if MOEOFFLOAD_WITH_CUDA
+        int err;
+        {
+          nb::gil_scoped_release release;
+          auto s = reinterpret_cast<cudaStream_t>(stream);
+          err = szpe_to_szp_cuda(e, device_buf.data(), szp_scratch.data(), failed.data(), s);
+          if (!err) err = szp_decode_cuda(e.as_szp, szp_scratch.data(), out.data(), s);
+        }
+        if (err) throw Error(ErrorKind::Cuda, "szpe CUDA decode failed with cudaError " + std::to_string(err));
+#else
+        (void)stream;
+        throw Error(ErrorKind::Cuda, "moeoffload was built without CUDA; rebuild with MOEOFFLOAD_CUDA=ON");
+#endif
+      },
+      nb::arg("host_buf"), nb::arg("device_buf"), nb::arg("szp_scratch"), nb::arg("failed"), nb::arg("out"),
+      nb::arg("stream"),
+      "Transcode a device copy of a (validated) szpe buffer into szp_scratch (the szp buffer, byte for byte) and "
+      "decode that into out, on the given CUDA stream. failed[0] becomes nonzero when a stream is corrupt (read it "
+      "after the stream).");
 }

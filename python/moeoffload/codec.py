@@ -221,10 +221,8 @@ class CompressedTensor:
         if out is not None:
             return self._decode_szp_into(out)
         device = torch.device(device) if device is not None else torch.device("cpu")
-        if self.codec == "szp" and device.type == "cuda":
+        if self.codec in ("szp", "szpe") and device.type == "cuda":
             out = self._decode_szp_cuda(device)
-        elif self.codec == "szpe" and device.type == "cuda":  # the GPU reads fixed-width szp
-            return self.to_szp().decompress(dtype, device)
         elif self.codec in ("szp", "szpe"):
             out = torch.empty(self.shape, dtype=self.dtype)
             (_native.szp_decode if self.codec == "szp" else _native.szpe_decode)(self._buf, out, False)
@@ -261,7 +259,16 @@ class CompressedTensor:
         dev_buf = torch.from_numpy(self._buf).to(device)
         out = torch.empty(self.shape, dtype=self.dtype, device=device)
         stream = torch.cuda.current_stream(device).cuda_stream
-        _native.szp_decode_cuda(self._buf, dev_buf, out, stream)
+        if self.codec == "szp":
+            _native.szp_decode_cuda(self._buf, dev_buf, out, stream)
+            return out
+        # szpe: transcoded into szp on the device (the runtime's arrival step), then decoded
+        szp = torch.empty(_native.szpe_inspect(self._buf, False)["szp_total_bytes"], dtype=torch.uint8, device=device)
+        failed = torch.zeros(1, dtype=torch.int32, device=device)
+        _native.szpe_decode_cuda(self._buf, dev_buf, szp, failed, out, stream)
+        if failed.item():
+            raise CorruptDataError("szpe buffer is corrupt: a stream did not decode on the device. Re-create it from "
+                                   "the original weights (moeoffload.codec.compress)")
         return out
 
 

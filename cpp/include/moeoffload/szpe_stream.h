@@ -75,13 +75,16 @@ MOEOFFLOAD_HD bool transcode(const uint8_t* in, const SzpeView& e, const RansSlo
   uint64_t at = load<uint64_t>(in + e.szp_stream_offsets_at + 8 * s);
   const uint64_t stop = load<uint64_t>(in + e.szp_stream_offsets_at + 8 * (s + 1));
   if (end - p < static_cast<int64_t>(4 * kRansWays)) return false;
+  // The states as scalars, rotated after each symbol (x0 is always the next one's): registers, where an
+  // array indexed by i % 4 would live in memory.
+  static_assert(kRansWays == 4, "the rotation below names four states");
   uint32_t x[kRansWays];
   for (uint32_t j = 0; j < kRansWays; ++j, p += 4)  // 2-aligned: byte loads
     x[j] = p[0] | (static_cast<uint32_t>(p[1]) << 8) | (static_cast<uint32_t>(p[2]) << 16) |
            (static_cast<uint32_t>(p[3]) << 24);
+  uint32_t x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3];
   const uint32_t escape = e.alphabet - 1;
   uint8_t* const payload = out + o.payload_at;
-  uint32_t way = 0;
   for (uint64_t g = g0; g < g1; ++g) {
     store<uint64_t>(out + o.seg_offsets_at + 8 * g, at);
     const uint64_t first = g * v.segment_len;
@@ -96,10 +99,16 @@ MOEOFFLOAD_HD bool transcode(const uint8_t* in, const SzpeView& e, const RansSlo
       const uint32_t cnt = static_cast<uint32_t>(len - k * kSzpBlock < kSzpBlock ? len - k * kSzpBlock : kSzpBlock);
       int32_t q[kSzpBlock];
       int32_t qmin = 0, qmax = 0;
+      // A symbol reads at most one word: with 2 * cnt bytes left no read needs its own end check.
+      const bool room = end - p >= static_cast<int64_t>(2 * cnt);
       for (uint32_t i = 0; i < cnt; ++i) {
-        uint32_t z = rans_get(x[way], table);
-        if (!rans_renorm(x[way], p, end)) return false;
-        way = way + 1 == kRansWays ? 0 : way + 1;
+        uint32_t z = rans_get(x0, table);
+        if (room)
+          rans_renorm_unchecked(x0, p);
+        else if (!rans_renorm(x0, p, end))
+          return false;
+        const uint32_t t = x0;
+        x0 = x1, x1 = x2, x2 = x3, x3 = t;
         if (z == escape) {  // its zigzag value is the next one stored
           if (esc == esc_end) return false;
           z = load<uint32_t>(in + e.escapes_at + 4 * esc++);
@@ -122,9 +131,8 @@ MOEOFFLOAD_HD bool transcode(const uint8_t* in, const SzpeView& e, const RansSlo
       at += szp_block_bytes(w);
     }
   }
-  bool ok = at == stop && p == end && esc == esc_end;
-  for (uint32_t j = 0; j < kRansWays; ++j) ok = ok && x[j] == kRansLow;
-  return ok;
+  return at == stop && p == end && esc == esc_end && x0 == kRansLow && x1 == kRansLow && x2 == kRansLow &&
+         x3 == kRansLow;
 }
 
 }  // namespace moeoffload::szpe_stream

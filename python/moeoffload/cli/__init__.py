@@ -127,7 +127,7 @@ def _cmd_demo(args) -> int:
             part = next((i for i, (a, b) in enumerate(zip(gen.tokens, dense.tokens)) if a != b), None)
             same = "identical" if part is None else f"part at {part}"
             hit = "" if st is None else f"{gen.stats['hits'] / max(gen.stats['accesses'], 1):.3f}"
-            kib = "" if st is None else f"{gen.stats['bytes_loaded'] / len(gen.tokens) / 2**10:.1f}"
+            kib = "" if st is None else f"{gen.stats['bus_bytes'] / len(gen.tokens) / 2**10:.1f}"
             text = bytes(t for t in gen.tokens if t < 256).decode("utf-8", "replace")
             print(f"   {name:18s} {gen.decode_tokens_per_s:12.1f} {hit:>8s} {kib:>9s}  {same:15s}  {text[:40]!r}")
         if runs["none"][0].tokens != dense.tokens:

@@ -21,8 +21,8 @@ def add_parser(sub) -> None:
     bound.add_argument("--policy", default=None, help="a per-layer policy JSON (`moeoffload policy`)")
     bound.add_argument("--error-bound", type=_alpha, default=None, help="one bound for every layer, x mean|w|")
     p.add_argument("--codec", choices=("szp", "szpe", "sz3", "none"), default="szp",
-                   help="szp (fixed width), szpe (the same values entropy coded: fewer bytes in host memory and
-                        "over the bus, transcoded to szp on arrival), sz3, none (raw)")
+                   help="szp (fixed width); szpe (the same values entropy coded: fewer bytes in host memory and "
+                        "over the bus, transcoded to szp on arrival); sz3; none (the raw weights)")
     p.add_argument("--out", required=True, help="the table directory to write")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd)

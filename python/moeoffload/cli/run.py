@@ -201,7 +201,7 @@ def report(gen: Generation, off, dense: Generation | None) -> str:
              f"prefill {gen.prefill_s * 1e3:.1f} ms; decode {gen.decode_tokens_per_s:.1f} tokens/s "
              f"({len(gen.tokens)} tokens)",
              f"cache: hit rate {st['hits'] / max(st['accesses'], 1):.3f} ({st['misses']} misses, {st['prefetches']} "
-             f"prefetches, {st['prefetch_hits']} used), {st['bytes_loaded'] / n / 2**10:.1f} KiB over the bus per "
+             f"prefetches, {st['prefetch_hits']} used), {st['bus_bytes'] / n / 2**10:.1f} KiB over the bus per "
              f"token, {st['stall_s'] * 1e3:.1f} ms stalled on copies"]
     if dense is not None:
         same = next((i for i, (a, b) in enumerate(zip(gen.tokens, dense.tokens)) if a != b), None)

@@ -268,7 +268,9 @@ class Offload:
     # ---- the handle ----
     def stats(self) -> dict:
         """The cache's counters, the bytes the dense experts held, the table's coding, tokens seen."""
-        return {**self.cache.stats(), "codec": self.codec, "bits_per_weight": self.table.bits_per_weight(),
+        # bytes_loaded: what landed in the cache; bus_bytes: what crossed (less for szpe, transcoded on arrival)
+        return {**self.cache.stats(), "bus_bytes": self.cache.engine.stats()["bytes"], "codec": self.codec,
+                "bits_per_weight": self.table.bits_per_weight(),
                 "expert_bytes_freed": self.expert_bytes_freed, "tokens": self._tokens, "prefetch": self.prefetch,
                 "stall_s": self._stall_s,
                 "fused_layers": sum(k is not None for k in self.kinds) if self.codec in _table.FUSED_CODECS else 0}
