@@ -326,14 +326,16 @@ def table_md(rows: list[dict], meta: dict) -> str:
 
 
 def plots(rows: list[dict], out: Path) -> list[str]:
-    try:
-        import matplotlib
+    from moeoffload.errors import MissingExtraError
+    from moeoffload.extras import require
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("plots skipped: pip install 'moeoffload[study]' for matplotlib")
+    try:
+        matplotlib = require("matplotlib", "the plots")
+    except MissingExtraError as e:
+        print(f"plots skipped: {e}")
         return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     made = []
     for key, label, suffix in (("decode_tokens_per_s", "decode tokens/s", "tokens"),
                                ("bus_bytes_per_token", "bytes over the bus per token", "bytes")):

@@ -212,3 +212,16 @@ def test_through_python_m(scratch, name):
     r = subprocess.run([sys.executable, "-m", "moeoffload.cli", *_argv(argv, scratch)], capture_output=True, text=True,
                        env=_env(), timeout=300)
     check_one_line(r.returncode, r.stdout, r.stderr, says)
+
+
+def test_a_missing_extra_is_one_line_naming_the_pip_install(monkeypatch):
+    import importlib.util
+
+    from moeoffload import MissingExtraError
+    from moeoffload.extras import require
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(MissingExtraError, match=r"^the plots need matplotlib, which is not installed: "
+                                                r"pip install 'moeoffload\[study\]'$"):
+        require("matplotlib", "the plots")

@@ -94,3 +94,7 @@ class ForkedError(ClosedError):
 
 class TableVersionError(TableError, FormatVersionError):
     """A table written in a format version this build does not read; the message says how to rebuild it."""
+
+
+class MissingExtraError(MoeoffloadError, ImportError):
+    """A command needs an optional dependency that is not installed; the message names the pip install."""

@@ -289,7 +289,9 @@ def _write(doc: dict, out_dir: Path) -> None:
 
 def plot(doc: dict, out_dir: Path) -> list[Path]:
     """Heatmap (layer x alpha -> delta ppl %) for the layer and expert scopes; a line plot per scope."""
-    import matplotlib
+    from .extras import require
+
+    matplotlib = require("matplotlib", "the sensitivity plots")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -346,11 +346,14 @@ def _check_tasks(tasks) -> None:
 
 
 def _check_plots(no_plots: bool) -> None:
-    import importlib.util
+    from moeoffload.errors import MissingExtraError
+    from moeoffload.extras import require
 
-    if not no_plots and importlib.util.find_spec("matplotlib") is None:
-        raise UsageError("the plots need matplotlib, which is not installed: pip install 'moeoffload[study]' "
-                         "(or pass --no-plots)")
+    if not no_plots:
+        try:
+            require("matplotlib", "the plots")
+        except MissingExtraError as e:
+            raise UsageError(f"{e} (or pass --no-plots)") from None
 
 
 def _cmd_sensitivity(args) -> int:
