@@ -17,7 +17,7 @@ if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then
   "$PY" -m pip install -q cmake ninja
   export PATH="$(dirname "$PY"):$PATH"
 fi
-cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOEOFFLOAD_CUDA=OFF -DMOEOFFLOAD_PYTHON=ON \
+cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOEOFFLOAD_CUDA=OFF -DMOEOFFLOAD_PYTHON=ON -DMOEOFFLOAD_STUBS=OFF \
   -DPython_EXECUTABLE="$PY" "-DCMAKE_CXX_FLAGS=-fsanitize=address -fno-omit-frame-pointer" \
   "-DCMAKE_SHARED_LINKER_FLAGS=-fsanitize=address" > /dev/null
 cmake --build "$BUILD"
