@@ -37,6 +37,25 @@ def bit_flips(buf: np.ndarray, rng, count: int):
         yield mutated
 
 
+def fuzz_bit_flips(buffers, inspect, decode, count: int, seed: int = 7) -> int:
+    """Bit flips (`count` per buffer): half of the changed copies must fail their CRC check in `inspect`
+    (CorruptDataError), then go on with the CRC recomputed; every copy goes to `decode`, which must
+    raise CorruptDataError or succeed. Returns how many copies were decoded."""
+    from moeoffload.errors import CorruptDataError
+
+    rng = np.random.default_rng(seed)
+    cases = 0
+    for buf in buffers:
+        for mutated in bit_flips(buf, rng, count):
+            if rng.random() < 0.5 and not np.array_equal(mutated, buf):
+                with pytest.raises(CorruptDataError):
+                    inspect(mutated, True)
+                mutated = fix_crc(mutated)
+            decode(mutated)
+            cases += 1
+    return cases
+
+
 def word_mutations(buf: np.ndarray, rng, step: int, limit: int, edge):
     """Copies of buf (CRC fixed) with the word at each `step`-th offset below `limit` set to each edge
     value and one random value."""

@@ -7,6 +7,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include "arrays.h"
 #include "moeoffload/cpu_kernels.h"
 #include "moeoffload/errors.h"
 #include "moeoffload/runtime.h"
@@ -22,7 +23,7 @@ using namespace moeoffload;
 namespace {
 
 using Array = nb::ndarray<nb::c_contig>;
-using HostBytes = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using bindings::HostBytes;
 
 DType dtype_of(const Array& a, const char* what) {
   const auto d = a.dtype();

@@ -5,6 +5,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include "arrays.h"
 #include "moeoffload/backend.h"
 #include "moeoffload/cpu_isa.h"
 #include "moeoffload/errors.h"
@@ -21,10 +22,7 @@ void bind_runtime(nb::module_& m);  // runtime.cpp
 void bind_kernels(nb::module_& m);  // kernels.cpp
 void bind_szpe(nb::module_& m);     // szpe.cpp
 
-using HostBytes = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
-using HostArray = nb::ndarray<nb::c_contig, nb::device::cpu>;
-using DeviceBytes = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cuda>;
-using DeviceArray = nb::ndarray<nb::c_contig, nb::device::cuda>;
+using namespace moeoffload::bindings;
 
 namespace {
 
@@ -32,12 +30,6 @@ DType to_dtype(int code) {
   if (!dtype_is_valid(static_cast<uint32_t>(code)))
     throw Error(ErrorKind::UnsupportedDtype, "unknown dtype code " + std::to_string(code));
   return static_cast<DType>(code);
-}
-
-void check_out_size(size_t nbytes, const SzpView& v) {
-  if (nbytes != v.numel * static_cast<uint64_t>(dtype_size(v.dtype)))
-    throw Error(ErrorKind::Shape, "output holds " + std::to_string(nbytes) + " bytes, the buffer decodes to " +
-                                      std::to_string(v.numel) + " " + dtype_name(v.dtype) + " values");
 }
 
 nb::dict view_dict(const SzpView& v) {

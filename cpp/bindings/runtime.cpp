@@ -11,6 +11,7 @@
 
 #include <cstring>
 
+#include "arrays.h"
 #include "moeoffload/activation.h"
 #include "moeoffload/decision.h"
 #include "moeoffload/device_cache.h"
@@ -30,7 +31,7 @@ using namespace moeoffload;
 namespace {
 
 using Bytes = nb::ndarray<uint8_t, nb::ndim<1>, nb::c_contig>;
-using HostBytesIn = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using bindings::HostBytes;
 using Floats = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
 using Counts = nb::ndarray<const uint32_t, nb::c_contig, nb::device::cpu>;
 
@@ -124,7 +125,7 @@ void bind_runtime(nb::module_& m) {
            nb::arg("experts_per_layer"), nb::keep_alive<1, 2>())
       .def("map_file", &ExpertStore::map_file, nb::arg("path"), nb::call_guard<nb::gil_scoped_release>())
       .def("add_mapped", &ExpertStore::add_mapped, nb::arg("id"), nb::arg("offset"), nb::arg("bytes"))
-      .def("add_copy", [](ExpertStore& s, uint32_t id, HostBytesIn b) {
+      .def("add_copy", [](ExpertStore& s, uint32_t id, HostBytes b) {
         nb::gil_scoped_release release;
         s.add_copy(id, b.data(), b.shape(0));
       }, nb::arg("id"), nb::arg("payload"))
@@ -182,7 +183,7 @@ void bind_runtime(nb::module_& m) {
       .def("__init__", [](TransferEngine* e, const std::string& backend, int streams) {
         new (e) TransferEngine(parse_backend(backend), streams);
       }, nb::arg("backend") = "auto", nb::arg("num_streams") = 2)
-      .def("copy", [](TransferEngine& e, HostBytesIn src, Bytes dst, uint64_t tag, nb::object callback) {
+      .def("copy", [](TransferEngine& e, HostBytes src, Bytes dst, uint64_t tag, nb::object callback) {
         check_device(e.backend(), dst, "dst");
         if (dst.shape(0) < src.shape(0))
           throw Error(ErrorKind::Shape, "dst holds " + std::to_string(dst.shape(0)) + " bytes, src " +

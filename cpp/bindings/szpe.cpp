@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "arrays.h"
 #include "moeoffload/errors.h"
 #include "moeoffload/szpe.h"
 
@@ -18,12 +19,9 @@ using namespace moeoffload;
 
 namespace {
 
-using HostBytes = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
-using HostArray = nb::ndarray<nb::c_contig, nb::device::cpu>;
-using DeviceBytes = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cuda>;
+using namespace moeoffload::bindings;
 using DeviceBytesOut = nb::ndarray<uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cuda>;
 using DeviceInt = nb::ndarray<int32_t, nb::ndim<1>, nb::c_contig, nb::device::cuda>;
-using DeviceArray = nb::ndarray<nb::c_contig, nb::device::cuda>;
 
 nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>> owned(std::vector<uint8_t>* bytes) {
   nb::capsule owner(bytes, [](void* p) noexcept { delete static_cast<std::vector<uint8_t>*>(p); });
@@ -93,10 +91,7 @@ void bind_szpe(nb::module_& m) {
       "szpe_decode",
       [](HostBytes buf, HostArray out, bool verify) {
         const SzpeView e = parse_released(buf, verify);
-        if (out.nbytes() != e.szp.numel * static_cast<uint64_t>(dtype_size(e.szp.dtype)))
-          throw Error(ErrorKind::Shape, "output holds " + std::to_string(out.nbytes()) +
-                                            " bytes, the buffer decodes to " + std::to_string(e.szp.numel) + " " +
-                                            dtype_name(e.szp.dtype) + " values");
+        check_out_size(out.nbytes(), e.szp);
         nb::gil_scoped_release release;
         szpe_decode_cpu(buf.data(), e, out.data());
       },
@@ -122,10 +117,7 @@ void bind_szpe(nb::module_& m) {
           throw Error(ErrorKind::Shape, "szp scratch holds " + std::to_string(szp_scratch.shape(0)) +
                                             " bytes, the buffer transcodes to " + std::to_string(e.as_szp.total_bytes));
         if (failed.shape(0) != 1) throw Error(ErrorKind::Shape, "failed must hold one int32");
-        if (out.nbytes() != e.szp.numel * static_cast<uint64_t>(dtype_size(e.szp.dtype)))
-          throw Error(ErrorKind::Shape, "output holds " + std::to_string(out.nbytes()) +
-                                            " bytes, the buffer decodes to " + std::to_string(e.szp.numel) + " " +
-                                            dtype_name(e.szp.dtype) + " values");
+        check_out_size(out.nbytes(), e.szp);
 #if MOEOFFLOAD_WITH_CUDA
         int err;
         {
