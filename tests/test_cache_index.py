@@ -198,8 +198,9 @@ class _ReferenceIndex:
 
 @pytest.mark.parametrize("policy", ["lru", "lfu", "activation"])
 def test_victims_match_the_plain_rules_on_a_random_workload(policy):
-    """The victim list CacheIndex keeps between priority changes picks what a full scan would, on a
-    random mix of accesses, demand and prefetch inserts, pins, landings and priority changes."""
+    """The smallest entry CacheIndex keeps per layer between changes picks what a full scan would, on
+    a random mix of accesses, demand and prefetch inserts, pins, landings, layer changes and priority
+    changes (of every layer, or of one)."""
     rng = np.random.default_rng({"lru": 1, "lfu": 2, "activation": 3}[policy])
     L, E, slots = 4, 24, 20
     c = _native.CacheIndex(slots * SLOT, policy, L, E, 1000)
@@ -210,6 +211,9 @@ def test_victims_match_the_plain_rules_on_a_random_workload(policy):
         if op < 0.05:
             a = rng.random(L * E).astype(np.float32)
             a[rng.random(L * E) < 0.3] = 0.25  # ties, so the id order matters
+            if rng.random() < 0.5:  # one layer's row only: the others keep their order
+                row = int(rng.integers(L))
+                a = np.concatenate([ref.act[: row * E], a[row * E:(row + 1) * E], ref.act[(row + 1) * E:]])
             c.set_activation(a)
             ref.act = a
         elif op < 0.08:

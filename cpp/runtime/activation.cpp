@@ -110,14 +110,8 @@ double ActivationHistory::row_dot(const double* row, const Stored& s, uint32_t l
 // each stored matrix; stored matrices are compared row-normalised so a long
 // sequence does not outweigh a short one. Sums run row by row in order, the
 // same in predict() and in ActivationMatcher, so both give the same bits.
-void ActivationHistory::average_best(const std::vector<double>& dots, const std::vector<double>& cur_sq,
-                                     uint32_t layers_seen, uint32_t top_matches, float* out) const {
-  const size_t n = static_cast<size_t>(num_layers_) * experts_per_layer_;
-  std::fill(out, out + n, 0.0f);
-  if (stored_.empty()) {
-    std::fill(out, out + n, 1.0f / experts_per_layer_);
-    return;
-  }
+std::vector<size_t> ActivationHistory::best_matches(const std::vector<double>& dots, const std::vector<double>& cur_sq,
+                                                    uint32_t layers_seen, uint32_t top_matches) const {
   double cur_sq_sum = 0.0;
   for (uint32_t l = 0; l < layers_seen; ++l) cur_sq_sum += cur_sq[l];
   const double cur_norm = std::sqrt(cur_sq_sum);
@@ -133,10 +127,24 @@ void ActivationHistory::average_best(const std::vector<double>& dots, const std:
   size_t k = cur_norm > 0 ? std::min<size_t>(std::max<uint32_t>(top_matches, 1), sims.size()) : sims.size();
   std::partial_sort(sims.begin(), sims.begin() + k, sims.end(),
                     [](auto& a, auto& b) { return a.first > b.first || (a.first == b.first && a.second > b.second); });
-  for (size_t r = 0; r < k; ++r) {
-    const auto& s = stored_[sims[r].second].normalised;
-    for (size_t j = 0; j < n; ++j) out[j] += s[j] / static_cast<float>(k);
+  std::vector<size_t> best(k);
+  for (size_t r = 0; r < k; ++r) best[r] = sims[r].second;
+  return best;
+}
+
+void ActivationHistory::average(const std::vector<size_t>& matches, float* out) const {
+  const size_t n = static_cast<size_t>(num_layers_) * experts_per_layer_;
+  if (matches.empty()) {
+    std::fill(out, out + n, 1.0f / experts_per_layer_);
+    return;
   }
+  std::fill(out, out + n, 0.0f);
+  for (size_t i : matches) {
+    const float* s = stored_[i].normalised.data();
+    for (size_t j = 0; j < n; ++j) out[j] += s[j];
+  }
+  const float k = static_cast<float>(matches.size());
+  for (size_t j = 0; j < n; ++j) out[j] /= k;
 }
 
 void ActivationHistory::predict(const uint32_t* current, size_t n, uint32_t layers_seen, uint32_t top_matches,
@@ -150,7 +158,7 @@ void ActivationHistory::predict(const uint32_t* current, size_t n, uint32_t laye
     cur_sq[l] = normalise_row(current, l, row.data());
     for (size_t i = 0; i < stored_.size(); ++i) dots[i * num_layers_ + l] = row_dot(row.data(), stored_[i], l);
   }
-  average_best(dots, cur_sq, layers_seen, top_matches, out);
+  average(best_matches(dots, cur_sq, layers_seen, top_matches), out);
 }
 
 ActivationMatcher::ActivationMatcher(const ActivationHistory& history) : history_(history) {
@@ -172,7 +180,7 @@ void ActivationMatcher::update(const uint32_t* counts, uint32_t layer) {
   stale_[layer] = 1;
 }
 
-void ActivationMatcher::predict(uint32_t layers_seen, uint32_t top_matches, float* out) {
+const std::vector<float>& ActivationMatcher::predict(uint32_t layers_seen, uint32_t top_matches, bool* changed) {
   const uint32_t L = history_.num_layers(), E = history_.experts_per_layer();
   if (layers_seen > L) layers_seen = L;
   std::lock_guard<std::mutex> lock(history_.mu_);
@@ -181,6 +189,7 @@ void ActivationMatcher::predict(uint32_t layers_seen, uint32_t top_matches, floa
     dots_.assign(H * L, 0.0);
     std::fill(stale_.begin(), stale_.end(), 1);
     version_ = history_.version_;
+    averaged_ = false;  // the same indices may name other matrices now
   }
   for (uint32_t l = 0; l < layers_seen; ++l) {
     if (!stale_[l]) continue;
@@ -188,7 +197,16 @@ void ActivationMatcher::predict(uint32_t layers_seen, uint32_t top_matches, floa
     for (size_t i = 0; i < H; ++i) dots_[i * L + l] = history_.row_dot(row, history_.stored_[i], l);
     stale_[l] = 0;
   }
-  history_.average_best(dots_, cur_sq_, layers_seen, top_matches, out);
+  std::vector<size_t> matches = history_.best_matches(dots_, cur_sq_, layers_seen, top_matches);
+  const bool same = averaged_ && matches == matches_;
+  if (!same) {
+    average_.resize(static_cast<size_t>(L) * E);
+    history_.average(matches, average_.data());
+    matches_ = std::move(matches);
+    averaged_ = true;
+  }
+  if (changed) *changed = !same;
+  return average_;
 }
 
 }  // namespace moeoffload

@@ -26,7 +26,7 @@ const char* eviction_policy_name(EvictionPolicy p) {
 CacheIndex::CacheIndex(uint64_t budget, EvictionPolicy policy, uint32_t num_layers, uint32_t experts_per_layer,
                        uint64_t max_expert_bytes)
     : budget_(budget), policy_(policy), num_layers_(num_layers), experts_per_layer_(experts_per_layer), arena_(budget),
-      entries_(static_cast<size_t>(num_layers) * experts_per_layer) {
+      entries_(static_cast<size_t>(num_layers) * experts_per_layer, num_layers), layer_min_(num_layers) {
   if (num_layers == 0 || experts_per_layer == 0)
     throw Error(ErrorKind::InvalidArgument, "a cache needs at least one layer and one expert");
   if (max_expert_bytes == 0) throw Error(ErrorKind::InvalidArgument, "max_expert_bytes must be positive");
@@ -69,7 +69,7 @@ Lookup CacheIndex::access(uint32_t id) {
   e.used = true;
   e.last_use = ++clock_;
   e.uses += 1;
-  note_victim(id, e);  // its key grew
+  touched(id, e);  // its key grew
   if (e.loading) {
     stats_.inflight_hits += 1;
     return Lookup::InFlight;
@@ -90,8 +90,7 @@ double CacheIndex::activation_priority(uint32_t id) const {
 
 void CacheIndex::set_layer(uint32_t layer) {
   if (layer == current_layer_ && !distance_weight_.empty()) return;
-  current_layer_ = layer;
-  if (policy_ == EvictionPolicy::Activation) order_epoch_ += 1;  // the keys of lru and lfu do not change
+  current_layer_ = layer;  // reorders layers, not the entries of one (layer_key)
   distance_weight_.resize(num_layers_);
   for (uint32_t l = 0; l < num_layers_; ++l) {
     const uint32_t dist = (l + num_layers_ - layer) % num_layers_;
@@ -99,71 +98,86 @@ void CacheIndex::set_layer(uint32_t layer) {
   }
 }
 
-CacheIndex::Key CacheIndex::victim_key(uint32_t id, const Entry& e) const {
+CacheIndex::Key CacheIndex::layer_key(uint32_t id, const Entry& e) const {
   switch (policy_) {
     case EvictionPolicy::Lru: return {static_cast<double>(e.last_use), 0.0};
     case EvictionPolicy::Lfu: return {static_cast<double>(e.uses), static_cast<double>(e.last_use)};
-    case EvictionPolicy::Activation: return {priority_of(id, e), static_cast<double>(e.last_use)};
+    case EvictionPolicy::Activation: return {activation_[id], static_cast<double>(e.last_use)};
   }
   return {0.0, 0.0};
 }
 
-std::optional<uint32_t> CacheIndex::pick_victim(std::optional<double> below_activation) {
-  // Victims come from one sorted list of the smallest keys (victims_), made once per change of the
-  // activation priorities or the layer (order_epoch_) and kept in order as entries change: every
-  // evictable entry outside it has a key no smaller than its last. A full scan only when the list
-  // is used up while entries remain outside it.
-  if (victims_epoch_ != order_epoch_) {
-    victims_.clear();
-    for (const auto& [id, e] : entries_)
-      if (e.pins == 0 && !e.loading) victims_.emplace_back(victim_key(id, e), id);
-    victims_complete_ = victims_.size() <= kVictimList;
-    if (!victims_complete_) {
-      std::nth_element(victims_.begin(), victims_.begin() + kVictimList, victims_.end());
-      victims_.resize(kVictimList);
+void CacheIndex::touched(uint32_t id, const Entry& e) {
+  LayerMin& m = layer_min_[e.layer];
+  if (!m.known) return;
+  if (m.id == id) {
+    m.known = false;  // the smallest grew or stopped being evictable: the next one is unknown
+    return;
+  }
+  if (!e.evictable()) return;
+  const Key k = layer_key(id, e);
+  if (!m.id || k < m.key || (k == m.key && id < *m.id)) {
+    m.id = id;
+    m.key = k;
+  }
+}
+
+void CacheIndex::forget(uint32_t id, const Entry& e) {
+  LayerMin& m = layer_min_[e.layer];
+  if (m.known && m.id == id) m.known = false;
+}
+
+const CacheIndex::LayerMin& CacheIndex::rescan(uint32_t layer) {
+  LayerMin& m = layer_min_[layer];
+  m.id.reset();
+  for (uint32_t id : entries_.layer(layer)) {
+    const Entry& e = *entries_.find(id);
+    if (!e.evictable()) continue;
+    const Key k = layer_key(id, e);
+    if (!m.id || k < m.key || (k == m.key && id < *m.id)) {
+      m.id = id;
+      m.key = k;
     }
-    std::sort(victims_.begin(), victims_.end());
-    victims_epoch_ = order_epoch_;
   }
-  for (const auto& [key, id] : victims_) {
-    const Entry* e = entries_.find(id);
-    if (!e || e->pins > 0 || e->loading) continue;  // pinned or loading since
-    if (below_activation && !(priority_of(id, *e) < *below_activation)) continue;
-    return id;
-  }
-  if (victims_complete_) return std::nullopt;
+  m.known = true;
+  return m;
+}
+
+std::optional<uint32_t> CacheIndex::pick_victim(std::optional<double> below_activation) {
+  // The smallest of the layers' smallest entries (see layer_key): O(layers) plus a rescan of the
+  // layers that changed since their smallest was last known. Activation keys begin with the
+  // priority, so when the smallest fails `below_activation` every entry does; lru and lfu keys do
+  // not, and a prefetch under them scans every entry.
+  const bool weighted = policy_ == EvictionPolicy::Activation;
   std::optional<uint32_t> best;
-  Key best_key{std::numeric_limits<double>::infinity(), 0.0};
-  for (const auto& [id, e] : entries_) {
-    if (e.pins > 0 || e.loading) continue;
-    if (below_activation && !(priority_of(id, e) < *below_activation)) continue;
-    Key k = victim_key(id, e);
-    if (!best || k < best_key || (k == best_key && id < *best)) {
-      best = id;
+  Key best_key{};
+  if (below_activation && !weighted) {
+    for (const auto& [id, e] : entries_) {
+      if (!e.evictable() || !(priority_of(id, e) < *below_activation)) continue;
+      const Key k = layer_key(id, e);
+      if (!best || k < best_key || (k == best_key && id < *best)) {
+        best = id;
+        best_key = k;
+      }
+    }
+    return best;
+  }
+  for (uint32_t l = 0; l < num_layers_; ++l) {
+    const LayerMin& m = layer_min(l);
+    if (!m.id) continue;
+    const Key k = weighted ? Key{m.key.first * distance_weight_[l], m.key.second} : m.key;
+    if (!best || k < best_key || (k == best_key && *m.id < *best)) {
+      best = m.id;
       best_key = k;
     }
   }
+  if (best && below_activation && !(best_key.first < *below_activation)) return std::nullopt;
   return best;
 }
 
-void CacheIndex::drop_victim(uint32_t id) {
-  if (victims_epoch_ != order_epoch_) return;
-  victims_.erase(std::remove_if(victims_.begin(), victims_.end(), [id](const auto& v) { return v.second == id; }),
-                 victims_.end());
-}
-
-void CacheIndex::note_victim(uint32_t id, const Entry& e) {
-  if (victims_epoch_ != order_epoch_) return;
-  drop_victim(id);
-  if (e.pins > 0 || e.loading) return;
-  const std::pair<Key, uint32_t> item{victim_key(id, e), id};
-  if (!victims_complete_ && (victims_.empty() || !(item < victims_.back()))) return;  // stays outside
-  victims_.insert(std::upper_bound(victims_.begin(), victims_.end(), item), item);
-}
-
 void CacheIndex::evict(uint32_t id, std::vector<uint32_t>* evicted) {
-  drop_victim(id);
   Entry& e = entry(id);
+  forget(id, e);
   if (e.prefetched && !e.used) stats_.prefetch_unused += 1;
   arena_.free(e.offset);
   entries_.erase(id);
@@ -207,20 +221,29 @@ std::optional<uint64_t> CacheIndex::insert_prefetch(uint32_t id, uint64_t bytes,
                                                     std::vector<uint32_t>* evicted) {
   check_id(id);
   if (entries_.count(id)) return std::nullopt;
-  // Evict only when the victims free enough bytes, so a refused prefetch changes nothing.
   const uint64_t need = Arena::slot_size(bytes);
   if (need > arena_.capacity()) return std::nullopt;
   if (auto off = arena_.allocate(bytes)) return place(id, bytes, true, *off);
   // Evict only when the entries it may displace (ready, unpinned, of lower activation priority)
-  // free enough bytes, so a refused prefetch changes nothing; the scan stops once they do.
-  uint64_t reclaimable = arena_.capacity() - arena_.used();
-  for (auto it = entries_.begin(); it != entries_.end() && reclaimable < need; ++it)
-    if (it->second.pins == 0 && !it->second.loading && priority_of(it->first, it->second) < priority)
-      reclaimable += Arena::slot_size(it->second.bytes);
+  // free enough bytes, so a refused prefetch changes nothing. The first victim alone usually does;
+  // the scan stops once they do, and skips each layer whose smallest entry is not below `priority`.
+  const std::optional<uint32_t> first = pick_victim(priority);
+  if (!first) return std::nullopt;
+  uint64_t reclaimable = arena_.capacity() - arena_.used() + Arena::slot_size(entry(*first).bytes);
+  for (uint32_t l = 0; l < num_layers_ && reclaimable < need; ++l) {
+    if (policy_ == EvictionPolicy::Activation) {  // the layer's smallest priority is its smallest key's
+      const LayerMin& smallest = layer_min(l);
+      if (!smallest.id || !(smallest.key.first * distance_weight_[l] < priority)) continue;
+    }
+    for (uint32_t other : entries_.layer(l)) {
+      const Entry& e = *entries_.find(other);
+      if (other != *first && e.evictable() && priority_of(other, e) < priority)
+        reclaimable += Arena::slot_size(e.bytes);
+      if (reclaimable >= need) break;
+    }
+  }
   if (reclaimable < need) return std::nullopt;
-  for (;;) {
-    auto victim = pick_victim(priority);
-    if (!victim) break;
+  for (std::optional<uint32_t> victim = first; victim; victim = pick_victim(priority)) {
     evict(*victim, evicted);
     if (auto off = arena_.allocate(bytes)) return place(id, bytes, true, *off);
   }
@@ -230,24 +253,28 @@ std::optional<uint64_t> CacheIndex::insert_prefetch(uint32_t id, uint64_t bytes,
 void CacheIndex::mark_ready(uint32_t id) {
   Entry& e = entry(id);
   e.loading = false;
-  note_victim(id, e);
+  touched(id, e);
 }
 
 void CacheIndex::abort_loading(uint32_t id) {
   Entry& e = entry(id);
   if (!e.loading) throw Error(ErrorKind::InvalidArgument, "expert " + std::to_string(id) + " is not loading");
-  drop_victim(id);
+  forget(id, e);
   arena_.free(e.offset);
   entries_.erase(id);
 }
 
-void CacheIndex::pin(uint32_t id) { entry(id).pins += 1; }  // victims_ skips pinned entries
+void CacheIndex::pin(uint32_t id) {
+  Entry& e = entry(id);
+  e.pins += 1;
+  touched(id, e);
+}
 
 void CacheIndex::unpin(uint32_t id) {
   Entry& e = entry(id);
   if (e.pins <= 0) throw Error(ErrorKind::InvalidArgument, "expert " + std::to_string(id) + " is not in use");
   e.pins -= 1;
-  note_victim(id, e);
+  touched(id, e);
 }
 
 void CacheIndex::set_current_layer(uint32_t layer) {
@@ -261,8 +288,15 @@ void CacheIndex::set_activation(const float* a, size_t n) {
   if (n != activation_.size())
     throw Error(ErrorKind::Shape, "activation needs " + std::to_string(activation_.size()) + " values (layers x experts), got " +
                                       std::to_string(n));
-  activation_.assign(a, a + n);
-  if (policy_ == EvictionPolicy::Activation) order_epoch_ += 1;
+  // Only the layers whose row changed are reordered (a prediction usually changes the row of the
+  // layer that just ran, unless its best matches changed).
+  for (uint32_t l = 0; l < num_layers_; ++l) {
+    float* row = activation_.data() + static_cast<size_t>(l) * experts_per_layer_;
+    const float* in = a + static_cast<size_t>(l) * experts_per_layer_;
+    if (std::equal(in, in + experts_per_layer_, row)) continue;
+    std::copy(in, in + experts_per_layer_, row);
+    if (policy_ == EvictionPolicy::Activation) layer_min_[l].known = false;
+  }
 }
 
 bool CacheIndex::ready(uint32_t id) const {

@@ -55,6 +55,7 @@ void DecisionStep::begin_sequence() {
   tracer_.begin_sequence();
   matcher_.begin_sequence();
   std::fill(own_.begin(), own_.end(), 0.0f);
+  blend_all_ = true;
 }
 
 bool DecisionStep::end_sequence() {
@@ -62,14 +63,21 @@ bool DecisionStep::end_sequence() {
   return history_->add(m.data(), m.size());
 }
 
-void DecisionStep::predict() {
-  matcher_.predict(tracer_.layers_seen(), config_.top_matches, prediction_.data());
-  if (config_.self_weight <= 0.0) return;
-  // The sequence's own rows so far are one more match, weighted self_weight.
+void DecisionStep::predict(uint32_t layer) {
+  bool matches_changed = true;
+  const std::vector<float>& matched = matcher_.predict(tracer_.layers_seen(), config_.top_matches, &matches_changed);
+  // The sequence's own rows so far are one more match, weighted self_weight. Only row `layer` of them
+  // changed this step, so only it is blended again unless the matches changed (or a sequence began).
+  const bool all = matches_changed || blend_all_;
+  blend_all_ = false;
+  const uint32_t first = all ? 0 : layer, last = all ? num_layers_ : layer + 1;
   const float w = static_cast<float>(config_.self_weight);
-  for (uint32_t l = 0; l < num_layers_; ++l) {
-    const float* own = own_.data() + static_cast<size_t>(l) * experts_per_layer_;
-    float* out = prediction_.data() + static_cast<size_t>(l) * experts_per_layer_;
+  for (uint32_t l = first; l < last; ++l) {
+    const size_t at = static_cast<size_t>(l) * experts_per_layer_;
+    const float* own = own_.data() + at;
+    float* out = prediction_.data() + at;
+    std::copy(matched.begin() + at, matched.begin() + at + experts_per_layer_, out);
+    if (config_.self_weight <= 0.0) continue;
     float sum = 0.0f;
     for (uint32_t e = 0; e < experts_per_layer_; ++e) sum += own[e];
     if (sum <= 0.0f) continue;
@@ -105,7 +113,7 @@ const Decision& DecisionStep::step(uint32_t layer, const uint32_t* experts, size
   decision_.activation = nullptr;
   decision_.activation_size = 0;
   if (predicts()) {
-    predict();
+    predict(layer);
     decision_.activation = prediction_.data();
     decision_.activation_size = prediction_.size();
   }

@@ -62,9 +62,12 @@ class ActivationHistory {
   // Row l of `current` normalised into `row` (double); returns its sum of squares.
   double normalise_row(const uint32_t* current, uint32_t layer, double* row) const;
   double row_dot(const double* row, const Stored& s, uint32_t layer) const;
-  // Cosine similarities from per-row dot products (dots[i * layers + l]), then the best matches averaged.
-  void average_best(const std::vector<double>& dots, const std::vector<double>& cur_sq, uint32_t layers_seen,
-                    uint32_t top_matches, float* out) const;
+  // The best matches by cosine similarity from per-row dot products (dots[i * layers + l]), best
+  // first; every stored matrix when the current rows hold no counts. Empty when the history is.
+  std::vector<size_t> best_matches(const std::vector<double>& dots, const std::vector<double>& cur_sq,
+                                   uint32_t layers_seen, uint32_t top_matches) const;
+  // Those matrices averaged into out (uniform when there are none).
+  void average(const std::vector<size_t>& matches, float* out) const;
   uint32_t num_layers_, experts_per_layer_;
   size_t capacity_;
   mutable std::mutex mu_;
@@ -75,15 +78,18 @@ class ActivationHistory {
 // ActivationHistory::predict for one sequence as it grows, giving the same
 // values bit for bit: it keeps each stored matrix's dot product with each of
 // the sequence's normalised rows, so a step that changes one layer costs
-// O(history x experts), not O(history x layers x experts). Recomputes them all
-// when the history changes. One sequence, one thread.
+// O(history x experts), not O(history x layers x experts), and it averages the
+// matches again only when they change. Recomputes the dots when the history
+// changes. One sequence, one thread.
 class ActivationMatcher {
  public:
   explicit ActivationMatcher(const ActivationHistory& history);
   void begin_sequence();
   // Layer `layer` of the sequence's counts (`counts`: the whole layers x experts matrix) changed.
   void update(const uint32_t* counts, uint32_t layer);
-  void predict(uint32_t layers_seen, uint32_t top_matches, float* out);
+  // The prediction ([layers * experts], valid until the next call); *changed: whether it differs
+  // from the one the previous call returned (false only when the same matches were averaged).
+  const std::vector<float>& predict(uint32_t layers_seen, uint32_t top_matches, bool* changed = nullptr);
 
  private:
   const ActivationHistory& history_;
@@ -92,6 +98,9 @@ class ActivationMatcher {
   std::vector<uint8_t> stale_;  // [layers]: dots of this row need recomputing
   std::vector<double> dots_;    // [stored * layers]
   uint64_t version_ = ~0ull;
+  std::vector<size_t> matches_;  // what average_ holds
+  bool averaged_ = false;
+  std::vector<float> average_;   // [layers * experts]
 };
 
 }  // namespace moeoffload

@@ -96,40 +96,64 @@ class CacheIndex {
     bool loading = true, prefetched = false, used = false;
     int pins = 0;
     uint64_t last_use = 0, uses = 0;
+    bool evictable() const { return pins == 0 && !loading; }
   };
-  // id -> Entry: a dense list the victim scans walk, and a position per id to find one in O(1).
+  // id -> Entry: a dense list to walk, a list of ids per layer, and a position per id to find one in O(1).
   class Entries {
    public:
-    explicit Entries(size_t ids) : where_(ids, -1) {}
+    Entries(size_t ids, uint32_t layers) : where_(ids, -1), in_layer_(ids, 0), layers_(layers) {}
     Entry* find(uint32_t id) { return id < where_.size() && where_[id] >= 0 ? &items_[where_[id]].second : nullptr; }
     const Entry* find(uint32_t id) const { return const_cast<Entries*>(this)->find(id); }
     bool count(uint32_t id) const { return find(id) != nullptr; }
     void emplace(uint32_t id, const Entry& e) {
       where_[id] = static_cast<int64_t>(items_.size());
       items_.emplace_back(id, e);
+      in_layer_[id] = static_cast<uint32_t>(layers_[e.layer].size());
+      layers_[e.layer].push_back(id);
     }
     void erase(uint32_t id) {
       const int64_t w = where_[id];
       if (w < 0) return;
+      std::vector<uint32_t>& ids = layers_[items_[w].second.layer];
+      ids[in_layer_[id]] = ids.back();
+      in_layer_[ids.back()] = in_layer_[id];
+      ids.pop_back();
       items_[w] = items_.back();
       where_[items_[w].first] = w;
       items_.pop_back();
       where_[id] = -1;
     }
+    const std::vector<uint32_t>& layer(uint32_t l) const { return layers_[l]; }
     size_t size() const { return items_.size(); }
     auto begin() const { return items_.begin(); }
     auto end() const { return items_.end(); }
 
    private:
     std::vector<int64_t> where_;
+    std::vector<uint32_t> in_layer_;
+    std::vector<std::vector<uint32_t>> layers_;
     std::vector<std::pair<uint32_t, Entry>> items_;
   };
   using Key = std::pair<double, double>;
-  Key victim_key(uint32_t id, const Entry& e) const;
+  // The victim order is the key (lru: last use; lfu: uses, last use; activation: priority, last use),
+  // then the smaller id. Within one layer the same order follows from layer_key, the activation
+  // priority without the layer's distance weight (> 0 and common to the layer, so it cannot reorder
+  // it): each layer's smallest entry is kept, and the victim is the smallest of those. A change of
+  // layer reorders layers but no layer's entries, so it costs nothing.
+  Key layer_key(uint32_t id, const Entry& e) const;
   double priority_of(uint32_t id, const Entry& e) const { return activation_[id] * distance_weight_[e.layer]; }
   void set_layer(uint32_t layer);  // current_layer_ and distance_weight_
-  void drop_victim(uint32_t id);
-  void note_victim(uint32_t id, const Entry& e);  // e became evictable, or its key grew
+  // Keeps the layer's smallest entry current after `id` changed: its key grew, or it became evictable
+  // or not. forget(): `id` leaves the cache.
+  void touched(uint32_t id, const Entry& e);
+  void forget(uint32_t id, const Entry& e);
+  struct LayerMin {
+    bool known = false;  // false: rescan the layer when it is next needed
+    std::optional<uint32_t> id;
+    Key key{};  // layer_key of id
+  };
+  const LayerMin& layer_min(uint32_t layer) { return layer_min_[layer].known ? layer_min_[layer] : rescan(layer); }
+  const LayerMin& rescan(uint32_t layer);  // the layer's smallest evictable entry
   std::optional<uint32_t> pick_victim(std::optional<double> below_activation);
   void evict(uint32_t id, std::vector<uint32_t>* evicted);
   uint64_t place(uint32_t id, uint64_t bytes, bool prefetched, uint64_t offset);
@@ -146,11 +170,7 @@ class CacheIndex {
   uint32_t current_layer_ = 0;
   std::vector<double> distance_weight_;  // [layers]: 1 - d / L, d = layers ahead of the current one
   uint64_t clock_ = 0;
-  static constexpr size_t kVictimList = 64;
-  uint64_t order_epoch_ = 0;             // bumped when the activation priorities or the layer change
-  uint64_t victims_epoch_ = ~0ull;       // the epoch victims_ was sorted at
-  bool victims_complete_ = false;        // victims_ held every evictable entry then
-  std::vector<std::pair<Key, uint32_t>> victims_;
+  std::vector<LayerMin> layer_min_;  // [layers]
   CacheStats stats_;
 };
 

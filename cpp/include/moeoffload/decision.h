@@ -70,7 +70,7 @@ class DecisionStep {
   uint32_t experts_per_layer() const { return experts_per_layer_; }
 
  private:
-  void predict();
+  void predict(uint32_t layer);  // into prediction_, after row `layer` of the sequence changed
   uint32_t num_layers_, experts_per_layer_;
   std::shared_ptr<ActivationHistory> history_;
   DecisionConfig config_;
@@ -78,6 +78,7 @@ class DecisionStep {
   ActivationMatcher matcher_;
   std::vector<float> own_;         // the sequence's decayed counts
   std::vector<float> prediction_;  // [layers * experts]
+  bool blend_all_ = true;          // every row of prediction_ is to be made again
   std::vector<float> source_;      // the plan's input when it differs from the prediction
   Decision decision_;
 };
