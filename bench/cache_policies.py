@@ -40,9 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-from moeoffload import sim  # noqa: E402
-from moeoffload.prefetch import PrefetchConfig, hidden_predictions  # noqa: E402
+from moeoffload import sim
+from moeoffload.prefetch import PrefetchConfig, hidden_predictions
 
 BUDGETS = (0.10, 0.25, 0.50)
 SYNTHETIC = dict(num_sequences=80, tokens=64, num_layers=24, experts=32, k=2, topics=6, concentration=0.3,

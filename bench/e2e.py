@@ -50,13 +50,12 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
 
-import moeoffload  # noqa: E402
-from moeoffload.cache import slot_bytes  # noqa: E402
-from moeoffload.cli.run import generate_timed  # noqa: E402
-from moeoffload.models.adapters import moe_layers  # noqa: E402
-from moeoffload.sim import activation_matrices, synthetic_trace  # noqa: E402
+import moeoffload
+from moeoffload.cache import slot_bytes
+from moeoffload.cli.run import generate_timed
+from moeoffload.models.adapters import moe_layers
+from moeoffload.sim import activation_matrices, synthetic_trace
 
 SYSTEMS = ("resident", "accelerate", "naive", "lru-bf16", "moeoffload", "moeoffload-noprefetch", "moeoffload-szpe")
 OFFLOADED = {  # offload() settings of the systems this project's runtime serves

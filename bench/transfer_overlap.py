@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-import moeoffload  # noqa: E402
-from moeoffload import _native  # noqa: E402
+import moeoffload
+from moeoffload import _native
 
 
 def main() -> None:

@@ -12,8 +12,7 @@ import json
 import sys
 from collections import defaultdict
 
-sys.path.insert(0, __file__.rsplit("/tools/", 1)[0] + "/python")
-from moeoffload.sensitivity import _target_order  # noqa: E402
+from moeoffload.sensitivity import _target_order
 
 
 def main(paths: list[str]) -> None:

@@ -32,8 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-from moeoffload.models import tiny_moe  # noqa: E402
+from moeoffload.models import tiny_moe
 
 HELDOUT_SAMPLE_BYTES = 96 * 1024
 
