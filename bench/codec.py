@@ -9,9 +9,11 @@ Per codec: bits per weight, ratio vs bf16, relative L2 error, max error / eb, en
 (fixed-width blocks), szpe (the same values rANS coded), SZ3 with no predictor (its best ratio on
 weights) and SZ3's default interpolation+Lorenzo. Checks in the same run: szpe bytes <= 1.08 x H0 and
 below the smaller SZ3 at every bound; szpe decode >= 3x the faster SZ3's; szp decode >= 10x it and
-szp bytes <= 1.35x SZ3's. With a CUDA GPU, also times the CUDA decoder on a 1 GiB bf16 expert-like
-tensor (GB/s of bf16 output, CUDA events) and checks it equal to the CPU decoder.
-Writes codec-<device>.json and codec-<device>.md.
+szp bytes <= 1.35x SZ3's. With a CUDA GPU, also times szp's and szpe's CUDA decoders on a 1 GiB bf16
+expert-like tensor (GB/s of bf16 output, CUDA events; szpe transcodes to szp on the device, then
+decodes), checks both equal to the CPU decoder bit for bit, and times the pinned host-to-device copy
+of each codec's bytes. Writes codec-<device>.json and codec-<device>.md; `--cuda-only` runs the GPU
+part alone (codec-cuda-<device>.*), as tools/device_check.sh does on a lent GPU.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import moeoffload
@@ -32,42 +35,79 @@ FACTORS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 def cuda_decode(gib: float = 1.0, repeats: int = 20) -> dict:
-    rows, cols = int(gib * 2**30 / 2 / 4096), 4096
-    g = torch.Generator().manual_seed(0)
-    w = (torch.randn(rows, cols, generator=g) * 0.02).to(torch.bfloat16)
-    ct = codec.compress(w, 0.05 * 0.02)
-    cpu = ct.decompress()
-    dev = torch.device("cuda")
-    dev_buf = torch.from_numpy(ct.buffer).to(dev)
-    out = torch.empty(ct.shape, dtype=ct.dtype, device=dev)
-    stream = torch.cuda.current_stream().cuda_stream
+    """On the GPU, a 1 GiB bf16 expert-like tensor (down-projection statistics of bench/e2e.py's
+    checkpoint_like, 2048-column matrices stacked) at eb = 0.1 sigma: szp decode, and szpe decode
+    (transcode to szp on the device, then szp decode: the arrival step of placement (a) plus the
+    decode), each in GB/s of bf16 output and checked bit for bit against the CPU decoder; and the
+    pinned host-to-device copy of each codec's bytes, which is what a miss pays on the bus."""
+    from e2e import checkpoint_like
+
     from moeoffload import _native
 
-    _native.szp_decode_cuda(ct.buffer, dev_buf, out, stream)
-    torch.cuda.synchronize()
-    equal = bool(torch.equal(out.cpu().view(torch.int16), cpu.view(torch.int16)))
+    cols = 2048
+    rows = int(gib * 2**30 / 2 / cols)
+    g = torch.Generator().manual_seed(0)
+    w = torch.cat([checkpoint_like((4096, cols), "out", g) for _ in range(rows // 4096)]).to(torch.bfloat16)
+    eb = 0.1 * w.float().std().item()
+    dev = torch.device("cuda")
+    stream = torch.cuda.current_stream().cuda_stream
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        _native.szp_decode_cuda(ct.buffer, dev_buf, out, stream)
-    end.record()
-    torch.cuda.synchronize()
-    sec = start.elapsed_time(end) / 1e3 / repeats
-    copy = torch.empty_like(out)
-    start.record()
-    for _ in range(repeats):
-        copy.copy_(out)
-    end.record()
-    torch.cuda.synchronize()
-    copy_sec = start.elapsed_time(end) / 1e3 / repeats
+
+    def timed(fn) -> float:  # seconds per call, CUDA events, after one warm-up call
+        fn()
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(repeats):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / repeats
+
     out_bytes = w.numel() * 2
-    return {
-        "tensor": [rows, cols],
-        "bits_per_value": ct.bits_per_value,
-        "decode_gb_s_bf16_output": out_bytes / sec / 1e9,
-        "device_copy_gb_s": 2 * out_bytes / copy_sec / 1e9,
-        "equal_to_cpu_bit_for_bit": equal,
-    }
+    result = {"tensor": list(w.shape), "eb_over_std": 0.1, "repeats": repeats}
+    szp = codec.compress(w, eb)
+    szpe = codec.compress(w, eb, codec="szpe")
+    cpu = szp.decompress()
+    out = torch.empty(w.shape, dtype=torch.bfloat16, device=dev)
+    for name, ct in (("szp", szp), ("szpe", szpe)):
+        host = torch.from_numpy(np.array(ct.buffer)).pin_memory()  # a writable copy, pinned
+        dev_buf = torch.empty_like(host, device=dev)
+        h2d = timed(lambda: dev_buf.copy_(host, non_blocking=True))
+        if name == "szp":
+            run = lambda: _native.szp_decode_cuda(ct.buffer, dev_buf, out, stream)  # noqa: E731
+        else:
+            scratch = torch.empty(_native.szpe_inspect(ct.buffer, False)["szp_total_bytes"], dtype=torch.uint8,
+                                  device=dev)
+            failed = torch.zeros(1, dtype=torch.int32, device=dev)
+            run = lambda: _native.szpe_decode_cuda(ct.buffer, dev_buf, scratch, failed, out, stream)  # noqa: E731
+        out.fill_(float("nan"))  # poisoned: every element must be written
+        sec = timed(run)
+        equal = bool(torch.equal(out.cpu().view(torch.int16), cpu.view(torch.int16)))
+        if name == "szpe":
+            equal = equal and not failed.item()
+        result[name] = {"bits_per_value": ct.bits_per_value, "bytes": int(ct.buffer.nbytes),
+                        "decode_gb_s_bf16_output": out_bytes / sec / 1e9, "decode_ms": sec * 1e3,
+                        "h2d_gb_s": ct.buffer.nbytes / h2d / 1e9, "h2d_ms": h2d * 1e3,
+                        "equal_to_cpu_bit_for_bit": equal}
+    copy = torch.empty_like(out)
+    copy_sec = timed(lambda: copy.copy_(out))
+    result["device_copy_gb_s"] = 2 * out_bytes / copy_sec / 1e9  # bytes read + written
+    host_bf16 = w.pin_memory()
+    result["bf16_h2d_ms"] = timed(lambda: copy.copy_(host_bf16, non_blocking=True)) * 1e3
+    return result
+
+
+def cuda_lines(cu: dict) -> list[str]:
+    lines = [f"\nCUDA, a {cu['tensor'][0]}x{cu['tensor'][1]} bf16 expert-like tensor at eb = 0.1 sigma "
+             f"(device copy {cu['device_copy_gb_s']:.0f} GB/s read+write; its bf16 bytes cross the bus in "
+             f"{cu['bf16_h2d_ms']:.1f} ms):",
+             f"{'codec':<6}{'bits/w':>8}{'H2D ms':>9}{'H2D GB/s':>10}{'decode ms':>11}{'GB/s bf16 out':>15}{'equal':>7}"]
+    for name in ("szp", "szpe"):
+        r = cu[name]
+        lines.append(f"{name:<6}{r['bits_per_value']:>8.3f}{r['h2d_ms']:>9.2f}{r['h2d_gb_s']:>10.1f}"
+                     f"{r['decode_ms']:>11.3f}{r['decode_gb_s_bf16_output']:>15.0f}"
+                     f"{'yes' if r['equal_to_cpu_bit_for_bit'] else 'NO':>7}")
+    return lines
 
 
 def shipped_experts() -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -112,13 +152,43 @@ def group(name, weights, factor, repeats, bounds=None) -> tuple[list, dict]:
     return [szp, szpe, nopred, interp], check
 
 
+def cuda_only(args, info) -> int:
+    if not info["gpu_available"]:
+        print("codec.py --cuda-only: no CUDA GPU (or a build without CUDA): backend_info", info, file=sys.stderr)
+        return 2
+    cu = cuda_decode(args.gib)
+    device = info["device_name"].replace(" ", "-")
+    met = (cu["szpe"]["decode_gb_s_bf16_output"] >= 300 and cu["szpe"]["equal_to_cpu_bit_for_bit"]
+           and cu["szp"]["equal_to_cpu_bit_for_bit"])
+    result = {"command": "python bench/codec.py " + " ".join(sys.argv[1:]), "device": info["device_name"],
+              "backend_info": info, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "cuda": cu,
+              "figures_met": {"szpe_decode_300_gb_s": met}}
+    text = "\n".join(cuda_lines(cu))
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"codec-cuda-{device}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"codec-cuda-{device}.md").write_text(
+        f"# szp and szpe on the GPU ({info['device_name']})\n\n`{result['command']}`, torch {torch.__version__}, "
+        f"{result['date']}. Decode GB/s count the bf16 output; H2D is a pinned host-to-device copy of the "
+        f"codec's bytes (what a miss moves).\n\n```\n{text}\n```\n")
+    print("\nfigure: szpe decode >= 300 GB/s of bf16, bit for bit:", "met" if met else "NOT met")
+    return 0 if met else 1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--cuda-only", action="store_true",
+                    help="only the GPU part (for a lent GPU machine, which lacks the MiniLM weights): writes "
+                         "codec-cuda-<device>.json/.md; exit 0 when szpe decodes >= 300 GB/s of bf16, bit for bit")
+    ap.add_argument("--gib", type=float, default=1.0, help="size of the GPU part's bf16 tensor")
     args = ap.parse_args()
 
     info = moeoffload.backend_info()
+    if args.cuda_only:
+        return cuda_only(args, info)
     minilm = samples.minilm_ffn_weights()
     sets = {"minilm-fp32": minilm, "minilm-bf16": {k: w.to(torch.bfloat16) for k, w in minilm.items()}}
     rows, checks, tables = [], [], []
@@ -150,7 +220,7 @@ def main() -> int:
     }
     if info["gpu_available"]:
         device = info["device_name"].replace(" ", "-")
-        result["cuda"] = cuda_decode()
+        result["cuda"] = cuda_decode(args.gib)
 
     lines = ["\n\n".join(tables), "",
              f"{'weights':<18}{'eb/std':>7}{'szpe/H0':>9}{'szpe/SZ3':>10}{'szpe dec x SZ3':>16}"
@@ -161,9 +231,7 @@ def main() -> int:
                      f"{c['szpe_decode_over_fastest_sz3']:>16.1f}{c['szp_bytes_over_best_sz3']:>9.3f}"
                      f"{c['szp_decode_over_fastest_sz3']:>15.1f}{'ok' if c['bound_held'] else 'BROKEN':>7}")
     if "cuda" in result:
-        cu = result["cuda"]
-        lines.append(f"\nCUDA decode {cu['tensor']} bf16: {cu['decode_gb_s_bf16_output']:.0f} GB/s of output "
-                     f"(device copy {cu['device_copy_gb_s']:.0f} GB/s), equal to CPU: {cu['equal_to_cpu_bit_for_bit']}")
+        lines += cuda_lines(result["cuda"])
     text = "\n".join(lines)
     print(text)
 

@@ -102,6 +102,10 @@ def test_budget_errors_and_bad_arguments():
         c.set_current_layer(2)
     with pytest.raises(ShapeError):
         c.set_activation(np.ones(3, np.float32))
+    bad = np.full(2 * 2, 0.5, np.float32)
+    bad[1] = np.nan
+    with pytest.raises(InvalidArgumentError, match="non-finite"):
+        c.set_activation(bad)
     with pytest.raises(BudgetError):
         c.insert_demand(0, 5000)
 
@@ -210,7 +214,7 @@ def test_victims_match_the_plain_rules_on_a_random_workload(policy):
         op = rng.random()
         if op < 0.05:
             a = rng.random(L * E).astype(np.float32)
-            a[rng.random(L * E) < 0.3] = 0.25  # ties, so the id order matters
+            a[rng.random(L * E) < 0.3] = 0.25  # equal priorities: the last use decides
             if rng.random() < 0.5:  # one layer's row only: the others keep their order
                 row = int(rng.integers(L))
                 a = np.concatenate([ref.act[: row * E], a[row * E:(row + 1) * E], ref.act[(row + 1) * E:]])
@@ -252,3 +256,38 @@ def test_victims_match_the_plain_rules_on_a_random_workload(policy):
             ref.entries[i]["pins"] -= 1
         assert c.resident() == sorted(ref.entries)
     c.check_invariants()
+
+
+def test_prefetch_of_a_large_expert_evicts_the_lowest_priorities_or_changes_nothing():
+    """Experts of different sizes: a prefetch that needs several victims takes the entries of lowest
+    activation priority below its own, across layers, and one that cannot make room changes nothing
+    (residents, bytes, stats)."""
+    rng = np.random.default_rng(5)
+    L, E = 6, 10
+    for trial in range(200):
+        sizes = rng.integers(200, 2000, L * E)
+        c = _native.CacheIndex(8_000, "activation", L, E, int(sizes.max()))
+        act = rng.random(L * E).astype(np.float32)
+        c.set_activation(act)
+        c.set_current_layer(int(rng.integers(L)))
+        for i in rng.permutation(L * E):
+            if c.used_bytes + SLOT * (int(sizes[i]) // SLOT + 2) > c.budget:
+                continue
+            c.insert_demand(int(i), int(sizes[i]))
+            if rng.random() < 0.8:
+                c.mark_ready(int(i))
+            if rng.random() < 0.1:
+                c.pin(int(i))
+        absent = [i for i in range(L * E) if i not in c]
+        new, p = int(rng.choice(absent)), float(rng.random())
+        before = (c.resident(), c.used_bytes, c.stats())
+        evictable = sorted((c.activation_priority(i), i) for i in c.resident()
+                           if c.ready(i) and c.pins(i) == 0 and c.activation_priority(i) < p)
+        got = c.insert_prefetch(new, int(sizes[new]), p)
+        if got is None:
+            assert (c.resident(), c.used_bytes, c.stats()) == before
+        else:
+            evicted = got[1]
+            assert evicted == [i for _, i in evictable[: len(evicted)]]  # lowest priorities first
+            assert new in c and not set(evicted) & set(c.resident())
+        c.check_invariants()

@@ -46,6 +46,21 @@ void Arena::free(uint64_t offset) {
   free_.emplace(start, size);
 }
 
+void Arena::reserve(uint64_t offset, uint64_t bytes) {
+  const uint64_t size = slot_size(bytes == 0 ? 1 : bytes);
+  auto it = free_.upper_bound(offset);
+  if (it == free_.begin() || std::prev(it)->first + std::prev(it)->second < offset + size)
+    throw Error(ErrorKind::InvalidArgument, "Arena::reserve: [" + std::to_string(offset) + ", +" +
+                                                std::to_string(size) + ") is not free");
+  --it;
+  const uint64_t start = it->first, end = it->first + it->second;
+  free_.erase(it);
+  if (start < offset) free_.emplace(start, offset - start);
+  if (offset + size < end) free_.emplace(offset + size, end - offset - size);
+  live_.emplace(offset, size);
+  used_ += size;
+}
+
 uint64_t Arena::largest_free() const {
   uint64_t m = 0;
   for (auto& [o, s] : free_) m = std::max(m, s);

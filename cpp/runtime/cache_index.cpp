@@ -1,6 +1,7 @@
 #include "moeoffload/cache_index.h"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 
 #include "moeoffload/errors.h"
@@ -243,11 +244,24 @@ std::optional<uint64_t> CacheIndex::insert_prefetch(uint32_t id, uint64_t bytes,
     }
   }
   if (reclaimable < need) return std::nullopt;
+  std::vector<std::pair<uint32_t, Entry>> taken;
+  const CacheStats stats = stats_;
+  const size_t reported = evicted ? evicted->size() : 0;
   for (std::optional<uint32_t> victim = first; victim; victim = pick_victim(priority)) {
+    taken.emplace_back(*victim, entry(*victim));
     evict(*victim, evicted);
     if (auto off = arena_.allocate(bytes)) return place(id, bytes, true, *off);
   }
-  return std::nullopt;  // fragmentation: enough bytes, no contiguous range
+  // Enough bytes in all but no contiguous range (fragmentation): the victims go back where they were,
+  // so a refused prefetch changes nothing.
+  for (auto it = taken.rbegin(); it != taken.rend(); ++it) {
+    arena_.reserve(it->second.offset, it->second.bytes);
+    entries_.emplace(it->first, it->second);
+    touched(it->first, it->second);
+  }
+  stats_ = stats;
+  if (evicted) evicted->resize(reported);
+  return std::nullopt;
 }
 
 void CacheIndex::mark_ready(uint32_t id) {
@@ -288,6 +302,10 @@ void CacheIndex::set_activation(const float* a, size_t n) {
   if (n != activation_.size())
     throw Error(ErrorKind::Shape, "activation needs " + std::to_string(activation_.size()) + " values (layers x experts), got " +
                                       std::to_string(n));
+  for (size_t i = 0; i < n; ++i)  // a NaN would make the victim order undefined
+    if (!std::isfinite(a[i]))
+      throw Error(ErrorKind::InvalidArgument, "activation holds a non-finite value at " + std::to_string(i) +
+                                                  "; nothing was changed");
   // Only the layers whose row changed are reordered (a prediction usually changes the row of the
   // layer that just ran, unless its best matches changed).
   for (uint32_t l = 0; l < num_layers_; ++l) {

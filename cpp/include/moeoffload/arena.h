@@ -14,6 +14,9 @@ class Arena {
   explicit Arena(uint64_t capacity);
   std::optional<uint64_t> allocate(uint64_t bytes);  // nullopt when no free range fits
   void free(uint64_t offset);
+  // Takes back the slot of `bytes` at `offset`, which must lie in one free range (a slot freed since
+  // nothing was allocated: the undo of free). Throws InvalidArgument otherwise.
+  void reserve(uint64_t offset, uint64_t bytes);
   static uint64_t slot_size(uint64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
   uint64_t capacity() const { return capacity_; }
   uint64_t used() const { return used_; }

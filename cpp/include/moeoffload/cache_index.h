@@ -68,7 +68,7 @@ class CacheIndex {
   void unpin(uint32_t id);
 
   void set_current_layer(uint32_t layer);
-  void set_activation(const float* a, size_t n);  // [layers * experts], row per layer
+  void set_activation(const float* a, size_t n);  // [layers * experts], row per layer; finite
   double activation_priority(uint32_t id) const;
 
   bool contains(uint32_t id) const { return entries_.count(id) != 0; }

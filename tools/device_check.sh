@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Everything this project still owes a GPU, in one call on a lent GPU machine (H100/H200; the
+# device tool's `run`), sized to end inside one 10-minute command:
+#   1. build this checkout with its CUDA kernels (sm_90a only, no stubs) into /tmp/mo;
+#   2. the tests that run the CUDA code: the szp/szpe decoders bit for bit, the fused ops and the
+#      runtime on the cuda backend, the Hugging Face path (the whole suite runs on the cuda backend
+#      there; these files are the ones that touch it);
+#   3. bench/codec.py --cuda-only: szp and szpe decode GB/s on a 1 GiB expert-like tensor, the
+#      pinned H2D copy of each codec's bytes (issue 12's 300 GB/s);
+#   4. bench/e2e.py on a Qwen3-30B-A3B-shaped stack (E2E_LAYERS layers, 25% budget, model and trace
+#      routing, every system including accelerate and szpe): issue 11's table.
+# Each stage has its own time limit and the script goes on past a failed one, so a call returns all
+# it could measure: logs, JSON and tables under $OUT, a summary printed last.
+#
+# Before the call, on the development machine (the image there lacks pysz; it has torch, nanobind,
+# scikit-build-core, transformers, accelerate and pytest):
+#   tools/device_check.sh --prepare          # pysz's cp312 wheel into .whl/ (git-ignored)
+# then: run(command="bash tools/device_check.sh", carry=[".whl"], timeout_s=600)
+# Here, without a GPU, `OUT=/tmp/dc E2E_LAYERS=1 tools/device_check.sh` checks the plumbing (the GPU
+# stages then report that there is no GPU).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--prepare" ]; then
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+    -d .whl "pysz==1.1.0"
+  ls -la .whl
+  exit
+fi
+
+OUT=${OUT:-/tmp/device-check}
+mkdir -p "$OUT"
+E2E_LAYERS=${E2E_LAYERS:-4}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
+summary=()
+
+stage() {  # stage NAME LIMIT_S COMMAND...: runs it with a time limit, its output in $OUT/NAME.log
+  local name=$1 limit=$2 t0=$SECONDS rc
+  shift 2
+  echo "== $name (limit ${limit}s)"
+  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  tail -n 25 "$OUT/$name.log"
+  summary+=("$(printf '%-8s rc %-3s %4ss' "$name" "$rc" $((SECONDS - t0)))")
+  return $rc
+}
+
+stage env 60 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())'; nvcc --version | tail -1; nproc; free -g"
+
+site=/tmp/mo
+rm -rf "$site" && mkdir -p "$site"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
+fi
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+
+if stage build 300 env MOEOFFLOAD_CUDA=${MOEOFFLOAD_CUDA:-ON} \
+    SKBUILD_CMAKE_DEFINE="MOEOFFLOAD_CUDA_ARCHS=${CUDA_ARCHS:-90a};MOEOFFLOAD_STUBS=OFF" \
+    $PY -m pip install -q --no-build-isolation --no-deps --no-compile --target "$site" .; then
+  (cd /tmp && $PY -c "import moeoffload, json; print(moeoffload.__file__); print(json.dumps(moeoffload.backend_info()))") \
+    | tee "$OUT/backend_info.txt"
+
+  stage tests 200 $PY -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests.xml" \
+    tests/test_backend.py tests/test_codec.py tests/test_szp.py tests/test_szpe.py tests/test_ops.py \
+    tests/test_device_cache.py tests/test_transfer_engine.py tests/test_runtime.py tests/test_cache.py \
+    tests/test_hf.py
+
+  stage codec 120 $PY bench/codec.py --cuda-only --out "$OUT"
+
+  e2e_args=(--shape qwen3 --layers "$E2E_LAYERS" --budgets 25 --routing trace model --prompts 2
+            --prompt-tokens 16 --new-tokens 24 --out "$OUT/e2e-qwen3-${E2E_LAYERS}l")
+  [ -d /dev/shm ] && e2e_args+=(--workdir /dev/shm)
+  left=$((570 - SECONDS))
+  [ $left -gt 30 ] && stage e2e $left $PY bench/e2e.py "${e2e_args[@]}"
+fi
+
+echo
+echo "== summary (total ${SECONDS}s); logs and results in $OUT"
+printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
+for md in "$OUT"/codec-cuda-*.md "$OUT"/e2e-*.md; do [ -f "$md" ] && sed -n '/```/,/```/p;/^|/p' "$md" | head -40; done
+exit 0
