@@ -77,7 +77,9 @@ if stage build 300 env MOEOFFLOAD_CUDA=${MOEOFFLOAD_CUDA:-ON} \
 fi
 
 echo
-echo "== summary (total ${SECONDS}s); logs and results in $OUT"
+echo "== summary (total ${SECONDS}s); results in $OUT"
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
 for md in "$OUT"/codec-cuda-*.md "$OUT"/e2e-*.md; do [ -f "$md" ] && sed -n '/```/,/```/p;/^|/p' "$md" | head -40; done
+# The device tool brings back at most 8 files: the tables and JSON stay apart, the rest goes in one archive.
+(cd "$OUT" && tar czf logs.tar.gz --remove-files *.log *.xml *.png backend_info.txt 2>/dev/null; ls -la)
 exit 0
