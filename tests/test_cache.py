@@ -133,3 +133,21 @@ def test_szpe_expert_that_does_not_decode_fails_its_fetch_with_corrupt_data(tmp_
         slot = cache.acquire(0, 1)  # the others still land
         slot.wait()
         cache.release(0, 1)
+
+
+def test_table_with_an_older_szpe_payload_says_to_rebuild():
+    # szpe version 2 (before per-stream exceptions and 13-bit frequencies): the store refuses it when it
+    # loads the table, with FormatVersionError saying how to rebuild, and nothing is half loaded.
+    from moeoffload import _native
+    from moeoffload.errors import FormatVersionError
+
+    t = table.build(mixtral_state_dict(), policy=0.3, mode="meanabs", codec="szpe", progress=False)
+    blob = t.payload(0, 0).copy()
+    m = t.matrix_entry(0, 0, t.matrix_names[0])
+    buf = blob[m["offset"]:m["offset"] + m["bytes"]]
+    buf[4] = 2
+    buf[-4:] = np.frombuffer(np.uint32(_native.crc32(buf[:-4])).tobytes(), np.uint8)
+    t._payloads[t.entry(0, 0)["tensor"]] = blob
+    t.entry(0, 0)["crc32"] = int(_native.crc32(blob))
+    with pytest.raises(FormatVersionError, match="version 2 is older.*build it again"):
+        ExpertCache(t, 4 * slot_bytes(t))

@@ -55,6 +55,31 @@ def test_exceptions_survive_both_ways():
     assert torch.equal(coded.decompress(), fixed.decompress())
 
 
+def _exceptions_in_many_streams(dtype):
+    """(szp tensor, szpe buffers of it at 1, 3 and 40 rows a stream) with exceptions in several rows,
+    two in one row: szpe keeps them per stream (position, bits at the dtype's width)."""
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(9)).to(dtype)
+    big = 65504.0 if dtype == torch.float16 else 3.4e38  # q * step rounds past the largest finite value
+    for r in (0, 3, 4, 17, 39):
+        x[r, r % 64], x[r, 63 - r % 64] = big, -big
+    fixed = codec.compress(x, 0.3 * big)
+    assert fixed.n_exceptions >= 5
+    return fixed, [np.asarray(_native.szpe_from_szp(fixed.buffer, g)) for g in (1, 3, 40)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_exceptions_in_many_streams_land_in_szps_table(dtype):
+    """Each stream's transcode writes its segments' part of szp's per-segment exception table, byte
+    for byte the encoder's; the value decoder puts them back."""
+    fixed, bufs = _exceptions_in_many_streams(dtype)
+    for buf in bufs:
+        assert _native.szpe_inspect(buf)["n_exceptions"] == fixed.n_exceptions
+        assert np.array_equal(_native.szpe_to_szp(buf), fixed.buffer)
+        out = torch.empty(fixed.shape, dtype=dtype)
+        _native.szpe_decode(buf, out, True)
+        assert torch.equal(out, fixed.decompress())
+
+
 @pytest.mark.parametrize("stream_segments", [1, 2, 7, 300])
 def test_any_stream_length_gives_the_same_values(stream_segments):
     x = (torch.randn(301, 96, generator=torch.Generator().manual_seed(2)) * 0.05).to(torch.bfloat16)
@@ -84,7 +109,13 @@ def test_escapes_code_rare_large_values():
     coded = codec.compress(x, 1e-3, codec="szpe")
     info = _native.szpe_inspect(coded.buffer)
     assert info["n_escapes"] >= x.numel() // 997 and info["alphabet"] < 256
+    assert info["escape_bytes"] == 2  # every escaped value within 2^16 of the alphabet: u16
     assert torch.equal(coded.decompress(), codec.compress(x, 1e-3).decompress())
+    x.view(-1)[5] = 500.0  # q = 250000: past what a u16 holds, so every escape takes a u32
+    coded = codec.compress(x, 1e-3, codec="szpe")
+    assert _native.szpe_inspect(coded.buffer)["escape_bytes"] == 4
+    assert np.array_equal(coded.to_szp().buffer, codec.compress(x, 1e-3).buffer)
+
 
 
 def test_from_bytes_and_decompress_into():
@@ -128,3 +159,20 @@ def test_cuda_transcode_gives_the_szp_buffer_and_its_values(dtype):
             break
     with pytest.raises(CorruptDataError, match="on the device"):
         codec.CompressedTensor.from_bytes(broken).decompress(device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and a CUDA build")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_transcode_writes_exceptions_of_many_streams(dtype):
+    # The device threads write their streams' exception entries and offsets, thread 0 the last offset.
+    fixed, bufs = _exceptions_in_many_streams(dtype)
+    for buf in bufs:
+        szp = torch.empty(fixed.buffer.size, dtype=torch.uint8, device="cuda")
+        failed = torch.zeros(1, dtype=torch.int32, device="cuda")
+        out = torch.empty(fixed.shape, dtype=dtype, device="cuda")
+        _native.szpe_decode_cuda(buf, torch.from_numpy(buf).cuda(), szp, failed, out,
+                                 torch.cuda.current_stream().cuda_stream)
+        assert failed.item() == 0
+        assert np.array_equal(szp.cpu().numpy(), fixed.buffer)
+        assert torch.equal(out.cpu(), fixed.decompress())

@@ -24,6 +24,12 @@ def _valid_buffers():
     yield np.asarray(_native.szpe_from_szp(codec.compress(torch.randn(3, 4, 5, generator=g).half(), 0.1).buffer, 1))
     yield codec.compress(torch.zeros(0, 5), 0.1, codec="szpe").buffer
     yield codec.compress(torch.zeros(6, 33), 0.1, codec="szpe").buffer
+    x = torch.randn(9, 20, generator=g)
+    x[1, 2], x[4, 0], x[4, 19], x[8, 7] = 3.4e38, -3.4e38, 3.4e38, -3.4e38  # exceptions in several streams
+    yield np.asarray(_native.szpe_from_szp(codec.compress(x, 1e38).buffer, 2))
+    x = torch.randn(5, 50, generator=g) * 0.01
+    x[2, 3], x[4, 9] = 500.0, -20.0  # escapes stored as u32
+    yield codec.compress(x, 1e-3, codec="szpe").buffer
 
 
 def _decode(buf: np.ndarray):
@@ -52,6 +58,8 @@ def test_sections_are_present():
     infos = [_native.szpe_inspect(b) for b in _valid_buffers()]
     assert infos[1]["n_escapes"] > 0 and infos[2]["n_exceptions"] > 0
     assert infos[3]["n_streams"] == 12 and infos[4]["numel"] == 0
+    assert infos[6]["n_exceptions"] == 4 and infos[6]["n_streams"] == 5
+    assert infos[7]["escape_bytes"] == 4 and infos[1]["escape_bytes"] == 2
 
 
 def test_bit_flips_never_crash():
@@ -60,7 +68,7 @@ def test_bit_flips_never_crash():
 
 def test_every_word_set_to_edge_values_never_crashes():
     rng = np.random.default_rng(11)
-    edge = [0, 1, 2**12, 2**31, 2**32 - 1, 2**63, 2**64 - 1]
+    edge = [0, 1, 2**12, 2**13, 2**31, 2**32 - 1, 2**63, 2**64 - 1]
     for buf in _valid_buffers():
         for mutated in word_mutations(buf, rng, 2, buf.size, edge):
             _decode(mutated)
@@ -104,4 +112,7 @@ def test_another_version_is_named():
     buf = next(_valid_buffers()).copy()
     buf[4] = 9
     with pytest.raises(FormatVersionError, match="version 9"):
+        _native.szpe_inspect(fix_crc(buf), True)
+    buf[4] = 2  # the layout before per-stream exceptions and 13-bit frequencies
+    with pytest.raises(FormatVersionError, match="version 2 is older.*re-encode"):
         _native.szpe_inspect(fix_crc(buf), True)

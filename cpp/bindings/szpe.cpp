@@ -77,6 +77,7 @@ void bind_szpe(nb::module_& m) {
         d["segment_len"] = e.szp.segment_len;
         d["n_exceptions"] = e.szp.n_exceptions;
         d["alphabet"] = e.alphabet;
+        d["escape_bytes"] = e.escape_bytes;
         d["n_streams"] = e.n_streams;
         d["stream_segments"] = e.stream_segments;
         d["n_escapes"] = e.n_escapes;

@@ -10,6 +10,7 @@
 #include "moeoffload/parallel.h"
 #include "moeoffload/szpe.h"
 #include "bytes.h"
+#include "szp_layout.h"
 
 namespace moeoffload {
 
@@ -28,9 +29,10 @@ void stream_q(const uint8_t* szp, const SzpView& v, uint64_t G, uint64_t s, std:
     szp_segment_q(szp, v, g, q.data() + (g * v.segment_len - first));
 }
 
-// Frequencies summing to kRansTotal, >= 1 for every symbol that occurs, moved one unit at a time to
+// Frequencies summing to 2^bits, >= 1 for every symbol that occurs, moved one unit at a time to
 // where the coded size (sum of count * log2(total / freq)) gains most.
-std::vector<uint32_t> normalise(const std::vector<uint64_t>& counts) {
+std::vector<uint32_t> normalise(const std::vector<uint64_t>& counts, uint32_t bits) {
+  const uint32_t total = 1u << bits;
   const uint64_t n = [&] {
     uint64_t t = 0;
     for (uint64_t c : counts) t += c;
@@ -38,22 +40,22 @@ std::vector<uint32_t> normalise(const std::vector<uint64_t>& counts) {
   }();
   std::vector<uint32_t> f(counts.size(), 0);
   if (n == 0) {
-    f.back() = kRansTotal;
+    f.back() = total;
     return f;
   }
   int64_t sum = 0;
   for (size_t i = 0; i < counts.size(); ++i) {
     if (!counts[i]) continue;
-    f[i] = static_cast<uint32_t>(std::max<uint64_t>(1, counts[i] * kRansTotal / n));
+    f[i] = static_cast<uint32_t>(std::max<uint64_t>(1, counts[i] * total / n));
     sum += f[i];
   }
-  while (sum != static_cast<int64_t>(kRansTotal)) {
+  while (sum != static_cast<int64_t>(total)) {
     size_t best = counts.size();
     double best_cost = 0;
     for (size_t i = 0; i < counts.size(); ++i) {
       if (!counts[i]) continue;
       double cost;  // change of the coded size, in bits
-      if (sum < static_cast<int64_t>(kRansTotal)) cost = -static_cast<double>(counts[i]) * std::log2((f[i] + 1.0) / f[i]);
+      if (sum < static_cast<int64_t>(total)) cost = -static_cast<double>(counts[i]) * std::log2((f[i] + 1.0) / f[i]);
       else if (f[i] > 1) cost = static_cast<double>(counts[i]) * std::log2(f[i] / (f[i] - 1.0));
       else continue;
       if (best == counts.size() || cost < best_cost) {
@@ -61,15 +63,17 @@ std::vector<uint32_t> normalise(const std::vector<uint64_t>& counts) {
         best_cost = cost;
       }
     }
-    if (sum < static_cast<int64_t>(kRansTotal)) ++f[best], ++sum;
+    if (sum < static_cast<int64_t>(total)) ++f[best], ++sum;
     else --f[best], --sum;
   }
   return f;
 }
 
 // The alphabet A (2..256; 1 only for an empty tensor) whose estimated size is smallest: literal
-// symbols 0..A-2 at their entropy, the rest escaped at their entropy + 32 bits, plus the table.
-uint32_t choose_alphabet(const std::vector<uint64_t>& hist /* kSzpeMaxAlphabet + 1 bins, the last: >= 256 */) {
+// symbols 0..A-2 at their entropy, the rest escaped at their entropy + 16 bits (when every escaped
+// value is below A - 1 + 2^16, `zmax` the largest) or 32, plus the table.
+uint32_t choose_alphabet(const std::vector<uint64_t>& hist /* kSzpeMaxAlphabet + 1 bins, the last: >= 256 */,
+                         uint32_t zmax) {
   uint64_t n = 0;
   for (uint64_t c : hist) n += c;
   if (n == 0) return 1;
@@ -81,7 +85,8 @@ uint32_t choose_alphabet(const std::vector<uint64_t>& hist /* kSzpeMaxAlphabet +
   for (uint32_t a = 2; a <= kSzpeMaxAlphabet; ++a) {
     literal += bits(hist[a - 2]);
     escaped -= hist[a - 2];
-    const double cost = literal + bits(escaped) + 32.0 * escaped + 16.0 * a;
+    const double escape_bits = zmax < a - 1 || zmax - (a - 1) < 65536 ? 16.0 : 32.0;
+    const double cost = literal + bits(escaped) + escape_bits * escaped + 16.0 * a;
     if (a == 2 || cost < best_cost) {
       best = a;
       best_cost = cost;
@@ -128,23 +133,29 @@ std::vector<uint8_t> szpe_from_szp(const uint8_t* szp, const SzpView& v, uint64_
   const uint64_t G = stream_segments ? stream_segments : std::max<uint64_t>(1, 16384 / v.segment_len);
   const uint64_t NS = S ? (S - 1) / G + 1 : 0;
 
-  // Pass 1: the symbol histogram (bins 0..255, then everything above).
+  // Pass 1: the symbol histogram (bins 0..255, then everything above) and the largest symbol.
   std::vector<std::vector<uint64_t>> part(NS);
+  std::vector<uint32_t> part_max(NS, 0);
   parallel_for(NS, 1, [&](uint64_t s0, uint64_t s1) {
     std::vector<int32_t> q;
     for (uint64_t s = s0; s < s1; ++s) {
       part[s].assign(kSzpeMaxAlphabet + 1, 0);
       stream_q(szp, v, G, s, q);
-      for (int32_t x : q) ++part[s][std::min<uint32_t>(zigzag(x), kSzpeMaxAlphabet)];
+      for (int32_t x : q) {
+        const uint32_t z = zigzag(x);
+        ++part[s][std::min<uint32_t>(z, kSzpeMaxAlphabet)];
+        part_max[s] = std::max(part_max[s], z);
+      }
     }
   });
   std::vector<uint64_t> hist(kSzpeMaxAlphabet + 1, 0);
   for (const auto& p : part)
     for (size_t i = 0; i < hist.size(); ++i) hist[i] += p[i];
-  const uint32_t A = choose_alphabet(hist);
+  const uint32_t zmax = NS ? *std::max_element(part_max.begin(), part_max.end()) : 0;
+  const uint32_t A = choose_alphabet(hist, zmax);
   std::vector<uint64_t> counts(A, 0);
   for (uint32_t i = 0; i < kSzpeMaxAlphabet + 1; ++i) counts[std::min(i, A - 1)] += hist[i];
-  const std::vector<uint32_t> freq = normalise(counts);
+  const std::vector<uint32_t> freq = normalise(counts, kRansScaleBits);
   std::vector<uint32_t> cum(A + 1, 0);
   for (uint32_t i = 0; i < A; ++i) cum[i + 1] = cum[i] + freq[i];
 
@@ -160,6 +171,10 @@ std::vector<uint8_t> szpe_from_szp(const uint8_t* szp, const SzpView& v, uint64_
 
   uint64_t payload = 0, n_escapes = 0;
   for (const Stream& st : streams) payload += st.bytes.size(), n_escapes += st.escapes.size();
+  const uint32_t escape_bytes = zmax < A - 1 || zmax - (A - 1) < 65536 ? 2 : 4;
+  const uint32_t raw_bytes = dtype_size(v.dtype);
+  const uint64_t X = v.n_exceptions;
+  auto pad4 = [](uint64_t n) { return (n + 3) & ~uint64_t{3}; };
   uint64_t at = kSzpeHeaderBytes + 8ull * v.ndim;
   const uint64_t freq_at = at;
   at += 2ull * ((A + 3) & ~3u);  // padded to 8 bytes: the u64 tables stay aligned
@@ -169,11 +184,14 @@ std::vector<uint8_t> szpe_from_szp(const uint8_t* szp, const SzpView& v, uint64_
   at += 8 * (NS + 1);
   const uint64_t szp_stream_offsets_at = at;
   at += 8 * (NS + 1);
-  const uint64_t exc_table = v.n_exceptions ? 8 * (S + 1) + 8 * v.n_exceptions : 0;
-  const uint64_t exc_at = at;
-  at += exc_table;
+  const uint64_t exc_index_at = at;
+  at += X ? 8 * (NS + 1) : 0;
+  const uint64_t exc_pos_at = at;
+  at += 4 * X;
+  const uint64_t exc_raw_at = at;
+  at += pad4(raw_bytes * X);
   const uint64_t escapes_at = at;
-  at += 4 * n_escapes;
+  at += pad4(escape_bytes * n_escapes);
   const uint64_t payload_at = at;
   const uint64_t total = at + payload + 4;
 
@@ -183,13 +201,13 @@ std::vector<uint8_t> szpe_from_szp(const uint8_t* szp, const SzpView& v, uint64_
   buf[6] = static_cast<uint8_t>(v.dtype);
   buf[7] = static_cast<uint8_t>(v.ndim);
   store<uint32_t>(buf, 8, A);
-  store<uint32_t>(buf, 12, v.n_exceptions ? kSzpFlagExceptions : 0u);
+  store<uint32_t>(buf, 12, (X ? kSzpFlagExceptions : 0u) | (escape_bytes == 2 ? kSzpeFlagU16Escapes : 0u));
   store<double>(buf, 16, v.eb);
   store<float>(buf, 24, v.step);
   store<uint32_t>(buf, 28, kRansScaleBits);
   store<uint64_t>(buf, 32, v.numel);
   store<uint64_t>(buf, 40, v.segment_len);
-  store<uint64_t>(buf, 48, v.n_exceptions);
+  store<uint64_t>(buf, 48, X);
   store<uint64_t>(buf, 56, n_escapes);
   store<uint64_t>(buf, 64, payload);
   store<uint64_t>(buf, 72, G);
@@ -198,22 +216,29 @@ std::vector<uint8_t> szpe_from_szp(const uint8_t* szp, const SzpView& v, uint64_
   store<uint32_t>(buf, 92, load<uint32_t>(szp + v.total_bytes - 4));
   for (uint32_t i = 0; i < v.ndim; ++i) store<uint64_t>(buf, kSzpeHeaderBytes + 8ull * i, v.shape[i]);
   for (uint32_t i = 0; i < A; ++i) store<uint16_t>(buf, freq_at + 2ull * i, static_cast<uint16_t>(freq[i]));
-  uint64_t off = 0, esc = 0;
+  uint64_t off = 0, esc = 0, exc = 0;
   for (uint64_t s = 0; s <= NS; ++s) {
     store<uint64_t>(buf, stream_offsets_at + 8 * s, off);
     store<uint64_t>(buf, escape_index_at + 8 * s, esc);
     store<uint64_t>(buf, szp_stream_offsets_at + 8 * s,
                    S ? load<uint64_t>(szp + v.seg_offsets_at + 8 * std::min(S, s * G)) : 0);
+    if (X) store<uint64_t>(buf, exc_index_at + 8 * s, exc);
     if (s == NS) break;
     memcpy(buf.data() + payload_at + off, streams[s].bytes.data(), streams[s].bytes.size());
-    if (!streams[s].escapes.empty())
-      memcpy(buf.data() + escapes_at + 4 * esc, streams[s].escapes.data(), 4 * streams[s].escapes.size());
+    for (uint32_t z : streams[s].escapes) {
+      if (escape_bytes == 2) store<uint16_t>(buf, escapes_at + 2 * esc, static_cast<uint16_t>(z - (A - 1)));
+      else store<uint32_t>(buf, escapes_at + 4 * esc, z);
+      ++esc;
+    }
     off += streams[s].bytes.size();
-    esc += streams[s].escapes.size();
-  }
-  if (exc_table) {  // szp's exception table as it is: offsets per segment, then the entries
-    memcpy(buf.data() + exc_at, szp + v.exc_offsets_at, 8 * (S + 1));
-    memcpy(buf.data() + exc_at + 8 * (S + 1), szp + v.exc_entries_at, 8 * v.n_exceptions);
+    if (!X) continue;
+    for (uint64_t g = s * G; g < std::min(S, (s + 1) * G); ++g)  // the stream's exceptions, by position
+      szp_layout::for_each_exception(szp + v.exc_offsets_at, szp + v.exc_entries_at, g, [&](uint32_t pos, uint32_t raw) {
+        store<uint32_t>(buf, exc_pos_at + 4 * exc, static_cast<uint32_t>((g - s * G) * v.segment_len + pos));
+        if (raw_bytes == 2) store<uint16_t>(buf, exc_raw_at + 2 * exc, static_cast<uint16_t>(raw));
+        else store<uint32_t>(buf, exc_raw_at + 4 * exc, raw);
+        ++exc;
+      });
   }
   store<uint32_t>(buf, total - 4, crc32(buf.data(), total - 4));
   return buf;

@@ -30,6 +30,12 @@ SzpeView szpe_parse(const uint8_t* buf, size_t len, bool verify_checksum) {
   if (len < kSzpeHeaderBytes + 4) corrupt("shorter than the " + std::to_string(kSzpeHeaderBytes + 4) + "-byte minimum (" + std::to_string(len) + " bytes)");
   if (load<uint32_t>(buf) != kSzpeMagic) corrupt("bad magic (not an szpe buffer)");
   const uint16_t version = load<uint16_t>(buf + 4);
+  if (version < kSzpeVersion)
+    throw Error(ErrorKind::FormatVersion, "szpe format version " + std::to_string(version) +
+                                              " is older than this build reads (version " +
+                                              std::to_string(kSzpeVersion) +
+                                              "): re-encode it from the weights or its szp buffer (a table: "
+                                              "build it again, e.g. moeoffload compress --codec szpe)");
   if (version != kSzpeVersion)
     throw Error(ErrorKind::FormatVersion, "szpe format version " + std::to_string(version) +
                                               " is not supported by this build (it reads version " +
@@ -45,7 +51,7 @@ SzpeView szpe_parse(const uint8_t* buf, size_t len, bool verify_checksum) {
   const uint32_t flags = load<uint32_t>(buf + 12);
   v.eb = load<double>(buf + 16);
   v.step = load<float>(buf + 24);
-  if (load<uint32_t>(buf + 28) != kRansScaleBits) corrupt("frequency scale is not 12 bits");
+  if (load<uint32_t>(buf + 28) != kRansScaleBits) corrupt("frequency scale is not 13 bits");
   v.numel = load<uint64_t>(buf + 32);
   v.segment_len = load<uint64_t>(buf + 40);
   v.n_exceptions = load<uint64_t>(buf + 48);
@@ -60,8 +66,10 @@ SzpeView szpe_parse(const uint8_t* buf, size_t len, bool verify_checksum) {
   if (e.alphabet < 1 || e.alphabet > kSzpeMaxAlphabet) corrupt("alphabet size out of range");
   if (!(std::isfinite(v.eb) && v.eb > 0)) corrupt("error bound is not a positive finite number");
   if (!(std::isfinite(v.step) && v.step > 0)) corrupt("step is not a positive finite number");
-  if ((flags & ~kSzpFlagExceptions) != 0 || ((flags & kSzpFlagExceptions) != 0) != (v.n_exceptions != 0))
+  if ((flags & ~(kSzpFlagExceptions | kSzpeFlagU16Escapes)) != 0 ||
+      ((flags & kSzpFlagExceptions) != 0) != (v.n_exceptions != 0))
     corrupt("unknown flags");
+  e.escape_bytes = flags & kSzpeFlagU16Escapes ? 2 : 4;
   if (v.segment_len == 0 || v.segment_len > kSzpMaxSegment) corrupt("segment length out of range");
   if (e.stream_segments == 0 || e.stream_segments > std::max<uint64_t>(1, kSzpMaxSegment / v.segment_len))
     corrupt("stream length out of range");
@@ -89,19 +97,19 @@ SzpeView szpe_parse(const uint8_t* buf, size_t len, bool verify_checksum) {
   e.stream_offsets_at = region(mul(add(e.n_streams, 1), 8));
   e.escape_index_at = region(mul(add(e.n_streams, 1), 8));
   e.szp_stream_offsets_at = region(mul(add(e.n_streams, 1), 8));
-  if (v.n_exceptions) {
-    v.exc_offsets_at = region(mul(add(v.n_segments, 1), 8));
-    v.exc_entries_at = region(mul(v.n_exceptions, 8));
-  }
-  e.escapes_at = region(mul(e.n_escapes, 4));
+  auto pad4 = [](uint64_t n) { return add(n, 3) & ~uint64_t{3}; };
+  if (v.n_exceptions) e.exc_index_at = region(mul(add(e.n_streams, 1), 8));
+  e.exc_pos_at = region(mul(v.n_exceptions, 4));
+  e.exc_raw_at = region(pad4(mul(v.n_exceptions, dtype_size(v.dtype))));
+  e.escapes_at = region(pad4(mul(e.n_escapes, e.escape_bytes)));
   e.payload_at = region(e.payload_bytes);
   if (at != body) corrupt("length does not match the header (" + std::to_string(len) + " bytes)");
   e.total_bytes = len;
 
-  // Frequencies: sum to 2^12.
+  // Frequencies: sum to 2^13.
   uint64_t sum = 0;
   for (uint32_t i = 0; i < e.alphabet; ++i) sum += load<uint16_t>(buf + e.freq_at + 2ull * i);
-  if (sum != kRansTotal) corrupt("symbol frequencies do not sum to 4096");
+  if (sum != (1u << kRansScaleBits)) corrupt("symbol frequencies do not sum to 8192");
   // Streams: offsets from 0 to the payload size, each stream with values at least its states long;
   // escape indices from 0 to n_escapes, never decreasing.
   const uint8_t* so = buf + e.stream_offsets_at;
@@ -123,10 +131,32 @@ SzpeView szpe_parse(const uint8_t* buf, size_t len, bool verify_checksum) {
     if (load<uint64_t>(ei + 8 * (s + 1)) < load<uint64_t>(ei + 8 * s)) corrupt("escape index decreases");
     if (load<uint64_t>(zo + 8 * (s + 1)) < load<uint64_t>(zo + 8 * s)) corrupt("szp stream offsets decrease");
   }
+  // Exceptions: each stream's from its index, at increasing positions inside the stream, finite.
+  if (v.n_exceptions) {
+    const uint8_t* xi = buf + e.exc_index_at;
+    if (load<uint64_t>(xi) != 0 || load<uint64_t>(xi + 8 * e.n_streams) != v.n_exceptions)
+      corrupt("exception index does not cover the exceptions");
+    for (uint64_t s = 0; s < e.n_streams; ++s) {
+      const uint64_t a = load<uint64_t>(xi + 8 * s), b = load<uint64_t>(xi + 8 * (s + 1));
+      if (b < a || b > v.n_exceptions) corrupt("exception index decreases");
+      const uint64_t first = s * e.stream_segments * v.segment_len;  // < numel: s < n_streams
+      const uint64_t n_values = std::min(v.numel - first, e.stream_segments * v.segment_len);
+      int64_t last = -1;
+      for (uint64_t x = a; x < b; ++x) {
+        const uint32_t pos = load<uint32_t>(buf + e.exc_pos_at + 4 * x);
+        if (pos >= n_values || static_cast<int64_t>(pos) <= last) corrupt("exception position out of order or range");
+        last = pos;
+        const uint32_t raw = v.dtype == DType::F32 ? load<uint32_t>(buf + e.exc_raw_at + 4 * x)
+                                                   : load<uint16_t>(buf + e.exc_raw_at + 2 * x);
+        if (!std::isfinite(raw_to_f32(raw, v.dtype))) corrupt("exception value is not finite");
+      }
+    }
+  }
   // Escapes: above the literals, within szp's q range, and every q decodes to a finite value.
   uint32_t widest = e.alphabet >= 2 ? e.alphabet - 2 : 0;  // the largest literal zigzag value
   for (uint64_t i = 0; i < e.n_escapes; ++i) {
-    const uint32_t z = load<uint32_t>(buf + e.escapes_at + 4 * i);
+    const uint32_t z = e.escape_bytes == 2 ? (e.alphabet - 1) + load<uint16_t>(buf + e.escapes_at + 2 * i)
+                                           : load<uint32_t>(buf + e.escapes_at + 4 * i);
     if (z < e.alphabet - 1 || z > kMaxZigzag) corrupt("escape value out of range");
     widest = std::max(widest, z);
   }
@@ -134,8 +164,6 @@ SzpeView szpe_parse(const uint8_t* buf, size_t len, bool verify_checksum) {
   if (!std::isfinite(raw_to_f32(stored_bits(qmax * v.step, v.dtype), v.dtype)))
     corrupt("a value decodes beyond the range of " + std::string(dtype_name(v.dtype)) + " (step " +
             fmt_number(v.step) + ")");
-  if (v.n_exceptions)
-    if (const char* why = szp_layout::check_exceptions(buf + v.exc_offsets_at, buf + v.exc_entries_at, v)) corrupt(why);
   {
     SzpView h = v;  // the fields; the regions are szp's
     h.payload_bytes = o.payload_bytes;

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstring>
+#include <memory>
 #include <string>
 
 #include "../codec/bytes.h"
@@ -25,9 +26,8 @@ using bytes::load;
   bytes::corrupt("szpe", "stream " + std::to_string(s) + " does not decode to its values");
 }
 
-struct SlotTable {
-  RansSlot slot[kRansTotal];
-  explicit SlotTable(const uint8_t* buf, const SzpeView& e) { szpe_stream::build_table(buf, e, slot, 0, 1); }
+struct Table : RansTable {  // 40 KiB: on the heap, built once per call and shared by the threads
+  Table(const uint8_t* buf, const SzpeView& e) : RansTable() { szpe_stream::build_table(buf, e, *this, 0, 1); }
 };
 
 using szpe_stream::unzigzag;
@@ -44,13 +44,13 @@ StreamSpan span_of(const SzpeView& e, uint64_t s) {
 }
 
 // The q values of stream s into q[0 .. n_values).
-void decode_stream(const uint8_t* buf, const SzpeView& e, const SlotTable& table, uint64_t s, int32_t* q) {
+void decode_stream(const uint8_t* buf, const SzpeView& e, const RansTable& table, uint64_t s, int32_t* q) {
   const StreamSpan sp = span_of(e, s);
   const uint8_t* payload = buf + e.payload_at;
   const uint8_t* p = payload + load<uint64_t>(buf + e.stream_offsets_at + 8 * s);
   const uint8_t* end = payload + load<uint64_t>(buf + e.stream_offsets_at + 8 * (s + 1));
-  const uint8_t* esc = buf + e.escapes_at + 4 * load<uint64_t>(buf + e.escape_index_at + 8 * s);
-  const uint8_t* esc_end = buf + e.escapes_at + 4 * load<uint64_t>(buf + e.escape_index_at + 8 * (s + 1));
+  uint64_t esc = load<uint64_t>(buf + e.escape_index_at + 8 * s);
+  const uint64_t esc_end = load<uint64_t>(buf + e.escape_index_at + 8 * (s + 1));
   uint32_t x[kRansWays];
   memcpy(x, p, sizeof x);  // parse checked every stream holds its states
   p += sizeof x;
@@ -58,8 +58,7 @@ void decode_stream(const uint8_t* buf, const SzpeView& e, const SlotTable& table
   auto value_of = [&](uint32_t symbol) {  // the escape symbol takes the next stored value
     if (symbol != escape) return unzigzag(symbol);
     if (esc == esc_end) corrupt_stream(s);
-    esc += 4;
-    return unzigzag(load<uint32_t>(esc - 4));
+    return unzigzag(szpe_stream::escape_at(buf, e, esc++));
   };
   bool ok = true;
   uint64_t i = 0;
@@ -68,14 +67,14 @@ void decode_stream(const uint8_t* buf, const SzpeView& e, const SlotTable& table
   for (; i + kRansWays <= sp.n_values && end - p >= static_cast<ptrdiff_t>(2 * kRansWays); i += kRansWays) {
     uint32_t sym[kRansWays];
     for (uint32_t j = 0; j < kRansWays; ++j) {
-      sym[j] = rans_get(x[j], table.slot);
+      sym[j] = rans_get(x[j], table);
       rans_renorm_unchecked(x[j], p);
     }
     for (uint32_t j = 0; j < kRansWays; ++j) q[i + j] = value_of(sym[j]);
   }
   for (; i < sp.n_values; ++i) {
     const uint32_t j = i % kRansWays;
-    const uint32_t symbol = rans_get(x[j], table.slot);
+    const uint32_t symbol = rans_get(x[j], table);
     ok &= rans_renorm(x[j], p, end);
     q[i] = value_of(symbol);
   }
@@ -89,19 +88,20 @@ void decode_values(const uint8_t* buf, const SzpeView& e, void* out_ptr) {
   O* out = static_cast<O*>(out_ptr);
   const SzpView& v = e.szp;
   if (v.numel == 0) return;
-  const SlotTable table(buf, e);
+  const auto table = std::make_unique<Table>(buf, e);
   parallel_for(e.n_streams, 1, [&](uint64_t s0, uint64_t s1) {
     std::vector<int32_t> q;
     for (uint64_t s = s0; s < s1; ++s) {
       const StreamSpan sp = span_of(e, s);
       q.resize(sp.n_values);
-      decode_stream(buf, e, table, s, q.data());
+      decode_stream(buf, e, *table, s, q.data());
       O* dst = out + sp.first_value;
       for (uint64_t i = 0; i < sp.n_values; ++i) dst[i] = szp_value<T>(q[i], v.step);
       if (!v.n_exceptions) continue;
-      for (uint64_t g = sp.first_segment; g < sp.end_segment; ++g)  // the values kept exactly
-        szp_layout::for_each_exception(buf + v.exc_offsets_at, buf + v.exc_entries_at, g,
-                                       [&](uint32_t pos, uint32_t raw) { out[g * v.segment_len + pos] = static_cast<O>(raw); });
+      const uint64_t x0 = load<uint64_t>(buf + e.exc_index_at + 8 * s);
+      const uint64_t x1 = load<uint64_t>(buf + e.exc_index_at + 8 * (s + 1));
+      for (uint64_t x = x0; x < x1; ++x)  // the values kept exactly (parse checked the positions)
+        dst[load<uint32_t>(buf + e.exc_pos_at + 4 * x)] = static_cast<O>(szpe_stream::exception_raw(buf, e, x));
     }
   });
 }
@@ -121,15 +121,12 @@ void szpe_to_szp_into(const uint8_t* buf, const SzpeView& e, uint8_t* out) {
   const SzpView& o = e.as_szp;
   szp_layout::write_header(o, v.shape, out);
   if (v.numel) memcpy(out + o.seg_offsets_at + 8 * v.n_segments, &o.payload_bytes, 8);
-  if (v.n_exceptions) {  // the exception table as it is
-    memcpy(out + o.exc_offsets_at, buf + v.exc_offsets_at, 8 * (v.n_segments + 1));
-    memcpy(out + o.exc_entries_at, buf + v.exc_entries_at, 8 * v.n_exceptions);
-  }
+  if (v.n_exceptions) memcpy(out + o.exc_offsets_at + 8 * v.n_segments, &v.n_exceptions, 8);  // the rest: per stream
   if (e.n_streams) {
-    const SlotTable table(buf, e);
+    const auto table = std::make_unique<Table>(buf, e);
     parallel_for(e.n_streams, 1, [&](uint64_t s0, uint64_t s1) {
       for (uint64_t s = s0; s < s1; ++s)
-        if (!szpe_stream::transcode(buf, e, table.slot, s, out)) corrupt_stream(s);
+        if (!szpe_stream::transcode(buf, e, *table, s, out)) corrupt_stream(s);
     });
   }
   memcpy(out + o.total_bytes - 4, &e.szp_crc, 4);

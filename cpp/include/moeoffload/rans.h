@@ -1,15 +1,22 @@
-// rANS (range asymmetric numeral systems) with a 32-bit state, 16-bit renormalisation and 12-bit
+// rANS (range asymmetric numeral systems) with a 32-bit state, 16-bit renormalisation and 13-bit
 // frequencies: the entropy coder of szpe. Host + device functions; the encoder runs on the host only.
 //
 // State x lives in [kRansLow, 2^32), kRansLow = 2^16. Encoding symbol s (frequency f, cumulative c,
-// sum of all frequencies 2^12) first emits the low 16 bits of x if x >= f * 2^(16 - 12 + 16), then
-// sets x = (x / f) * 2^12 + x % f + c. Decoding reverses it: slot = x & 4095 names the symbol (the
-// slot table), x = f * (x >> 12) + slot - c (>= 2^4), then one 16-bit word is read back if
-// x < kRansLow: at most one a symbol, so the decoder's renormalisation is a conditional move, not a
-// branch the CPU mispredicts (and one load per lane on a GPU). The encoder walks the values backwards
-// and writes words backwards, so the decoder reads forwards.
+// sum of all frequencies 2^M, M = 13) first emits the low 16 bits of x if x >= f * 2^(32 - M), then
+// sets x = (x / f) * 2^M + x % f + c. Decoding reverses it: slot = x mod 2^M names the symbol, and
+// x = f * (x >> M) + slot - c (>= 2^(16 - M)), then one 16-bit word is read back if x < kRansLow: at
+// most one a symbol, so the decoder's renormalisation is a conditional move, not a branch the CPU
+// mispredicts (and one load per lane on a GPU). The encoder walks the values backwards and writes
+// words backwards, so the decoder reads forwards.
 // kRansWays states interleave (value i uses state i % kRansWays): independent dependency chains for
 // the CPU's out-of-order core, one byte stream.
+//
+// The decoding table has two arrays indexed by the slot: the state step (f and slot - c, one u32) and
+// the symbol (u8). Only the first is on the state's dependency chain. They take 40 KiB: inside a
+// 48 KiB L1d, partly in L2 on cores with 32 KiB; on a GPU, static shared memory (5 blocks of 128
+// threads an SM). 12-bit frequencies (16 KiB) lost about 0.02 bits a value to rounding on wide
+// alphabets (MiniLM at 0.02-0.05 sigma); 13 bits lose a third of that, and decode as fast on the CPU
+// (bench/results/codec-cpu.md).
 #pragma once
 #include <cstdint>
 
@@ -17,23 +24,28 @@
 
 namespace moeoffload {
 
-constexpr uint32_t kRansScaleBits = 12;
-constexpr uint32_t kRansTotal = 1u << kRansScaleBits;  // frequencies sum to this
-constexpr uint32_t kRansLow = 1u << 16;                // lower end of the normalised state interval
-constexpr uint32_t kRansWays = 4;                      // interleaved states per stream
+constexpr uint32_t kRansScaleBits = 13;
+constexpr uint32_t kRansLow = 1u << 16;  // lower end of the normalised state interval
+constexpr uint32_t kRansWays = 4;        // interleaved states per stream
 
-// One slot of the decoding table in 32 bits (16 KiB a table, so it stays in L1): bits 0..11 freq - 1,
-// 12..23 slot - cumulative, 24..31 the symbol.
-using RansSlot = uint32_t;
+// The decoding table of frequencies summing to 2^kRansScaleBits.
+struct RansTable {
+  uint32_t step[1u << kRansScaleBits];  // freq | (slot - cum) << 16
+  uint8_t symbol[1u << kRansScaleBits];
+};
 
-MOEOFFLOAD_HD RansSlot rans_slot(uint32_t freq, uint32_t bias, uint32_t symbol) {
-  return (freq - 1) | (bias << 12) | (symbol << 24);
+// Fills the slots of one symbol (cumulative cum, frequency freq).
+MOEOFFLOAD_HD void rans_fill(RansTable& t, uint32_t cum, uint32_t freq, uint32_t symbol) {
+  for (uint32_t i = 0; i < freq; ++i) {
+    t.step[cum + i] = freq | (i << 16);
+    t.symbol[cum + i] = static_cast<uint8_t>(symbol);
+  }
 }
 
 // Encodes one symbol into state x, writing a renormalisation word (u16, little-endian) downwards
 // from *ptr when needed (host only).
 inline void rans_put(uint32_t& x, uint8_t*& ptr, uint32_t cum, uint32_t freq) {
-  const uint64_t x_max = static_cast<uint64_t>((kRansLow >> kRansScaleBits) << 16) * freq;
+  const uint64_t x_max = static_cast<uint64_t>(freq) << (32 - kRansScaleBits);
   if (x >= x_max) {
     ptr -= 2;
     ptr[0] = static_cast<uint8_t>(x & 0xFF);
@@ -44,10 +56,11 @@ inline void rans_put(uint32_t& x, uint8_t*& ptr, uint32_t cum, uint32_t freq) {
 }
 
 // Decodes one symbol from state x (the caller renormalises: rans_renorm).
-MOEOFFLOAD_HD uint32_t rans_get(uint32_t& x, const RansSlot* table) {
-  const RansSlot e = table[x & (kRansTotal - 1)];
-  x = ((e & 0xFFFu) + 1) * (x >> kRansScaleBits) + ((e >> 12) & 0xFFFu);
-  return e >> 24;
+MOEOFFLOAD_HD uint32_t rans_get(uint32_t& x, const RansTable& t) {
+  const uint32_t slot = x & ((1u << kRansScaleBits) - 1);
+  const uint32_t step = t.step[slot];
+  x = (step & 0xFFFFu) * (x >> kRansScaleBits) + (step >> 16);
+  return t.symbol[slot];
 }
 
 // Reads a word back into x if it is below kRansLow; false if the stream has none left (corrupt data).

@@ -4,10 +4,13 @@
 // blocks. docs/format.md is the byte-level specification.
 //
 // q is mapped to a symbol by zigzag (0, -1, 1, -2, ... -> 0, 1, 2, 3, ...); symbols 0..A-2 are coded
-// directly and every larger one as the escape symbol A-1, its zigzag value stored apart (u32, in
-// order). One frequency table per tensor (alphabet A picked per tensor to minimise the size).
-// Independent streams of `stream_segments` szp segments (rows) each, with byte offsets and escape
-// indices stored, so a thread (or a warp) starts at any stream without a scan.
+// directly and every larger one as the escape symbol A-1, its zigzag value stored apart (in order:
+// z - (A-1) as u16 when every escape of the tensor fits, else z as u32). One frequency table per
+// tensor (alphabet A picked per tensor to minimise the size), 13-bit.
+// Independent streams of `stream_segments` szp segments (rows) each, with byte offsets, escape and
+// exception indices stored, so a thread (or a warp) starts at any stream without a scan. szp's
+// exceptions (values kept exactly) are stored per stream: their position in the stream (u32) and
+// their bits at the dtype's width, instead of szp's offset per segment (8 bytes a row).
 //
 // Two decoders: values (szpe_decode_cpu, what szp_decode_cpu gives), and the szp buffer itself
 // (szpe_to_szp: the transcode a device cache of fixed-width szp would run on arrival).
@@ -22,14 +25,16 @@
 namespace moeoffload {
 
 constexpr uint32_t kSzpeMagic = 0x455A534Du;  // "MSZE" little-endian
-constexpr uint16_t kSzpeVersion = 2;
+constexpr uint16_t kSzpeVersion = 3;
+constexpr uint32_t kSzpeFlagU16Escapes = 2;  // flags bit 1 (bit 0 is szp's: has exceptions)
 constexpr uint64_t kSzpeHeaderBytes = 96;
 constexpr uint32_t kSzpeMaxAlphabet = 256;
 
 struct SzpeView {
-  SzpView szp;  // dtype, ndim, shape, eb, step, numel, segment_len, n_segments, n_exceptions and the
-                // exception table (exc_offsets_at, exc_entries_at: szp's layout, in this buffer)
+  SzpView szp;  // dtype, ndim, shape, eb, step, numel, segment_len, n_segments, n_exceptions (its
+                // region offsets are unused: szpe's own sections follow)
   uint32_t alphabet;         // A: symbols 0..A-2 literal, A-1 escape
+  uint32_t escape_bytes;     // 2: u16 z - (A-1); 4: u32 z
   uint64_t stream_segments;  // szp segments per stream
   uint64_t n_streams;
   uint64_t n_escapes;
@@ -39,7 +44,10 @@ struct SzpeView {
   uint64_t stream_offsets_at;      // u64[n_streams + 1], relative to payload_at
   uint64_t escape_index_at;        // u64[n_streams + 1]: the escapes before each stream
   uint64_t szp_stream_offsets_at;  // u64[n_streams + 1]: where each stream's segments start in the szp payload
-  uint64_t escapes_at;         // u32[n_escapes]: zigzag values
+  uint64_t exc_index_at;     // u64[n_streams + 1]: the exceptions before each stream (with exceptions)
+  uint64_t exc_pos_at;       // u32[n_exceptions]: position in its stream, increasing within a stream
+  uint64_t exc_raw_at;       // [n_exceptions] the value's bits at the dtype's width (u16 or u32)
+  uint64_t escapes_at;       // [n_escapes] u16 or u32 (escape_bytes)
   uint64_t payload_at;
   uint64_t payload_bytes;
   uint64_t total_bytes;
