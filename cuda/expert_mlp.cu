@@ -16,10 +16,7 @@ namespace {
 
 template <DType T>
 __device__ __forceinline__ float bias_at(const void* b, uint64_t i) {
-  const auto* p = static_cast<const typename Stored<T>::type*>(b);
-  if constexpr (T == DType::F32) return bits_f32(p[i]);
-  else if constexpr (T == DType::BF16) return bf16_to_f32(p[i]);
-  else return f16_to_f32(p[i]);
+  return Stored<T>::to_f32(static_cast<const typename Stored<T>::type*>(b)[i]);
 }
 
 __device__ __forceinline__ float sigmoidf(float v) { return 1.0f / (1.0f + expf(-v)); }

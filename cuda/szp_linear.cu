@@ -27,13 +27,6 @@ constexpr int kWarps = 8;
 constexpr int kTile = 4;                  // tokens per warp pass
 constexpr uint32_t kChunkCols = 8192;     // x columns staged at a time (kTile x 32 KiB of float32)
 
-template <DType T>
-__device__ __forceinline__ float to_float(typename Stored<T>::type v) {
-  if constexpr (T == DType::F32) return bits_f32(v);
-  else if constexpr (T == DType::BF16) return bf16_to_f32(v);
-  else return f16_to_f32(v);
-}
-
 struct LinearArgs {
   const uint8_t* buf;
   uint64_t seg_offsets_at, exc_offsets_at, exc_entries_at, payload_at;
@@ -68,7 +61,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     __syncthreads();
     for (uint32_t t = 0; t < tiles; ++t)
       for (uint32_t c = threadIdx.x; c < kChunkCols; c += blockDim.x)
-        xs[t * kChunkCols + c] = c < ccount ? to_float<XT>(x[static_cast<uint64_t>(t0 + t) * a.cols + c0 + c]) : 0.0f;
+        xs[t * kChunkCols + c] = c < ccount ? Stored<XT>::to_f32(x[static_cast<uint64_t>(t0 + t) * a.cols + c0 + c]) : 0.0f;
     __syncthreads();
     if (!active) continue;
     const uint32_t b0 = c0 / 32, b1 = (c0 + ccount + 31) / 32;
@@ -103,7 +96,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       const uint32_t pos = entries[2 * e];
       const float value = raw_to_f32(entries[2 * e + 1], a.wdtype);
       for (uint32_t t = 0; t < tiles; ++t)
-        extra[t] += value * to_float<XT>(x[static_cast<uint64_t>(t0 + t) * a.cols + pos]);
+        extra[t] += value * Stored<XT>::to_f32(x[static_cast<uint64_t>(t0 + t) * a.cols + pos]);
     }
 #pragma unroll
     for (int t = 0; t < kTile; ++t)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import moeoffload
+from conftest import cuda_available
 from moeoffload.cache import slot_bytes
 from moeoffload.errors import ClosedError
 from moeoffload.integrations.hf import NotOffloadedError
@@ -255,3 +256,24 @@ def test_hidden_prefetch_without_a_router_warns_and_falls_back(monkeypatch):
         with torch.no_grad():
             assert torch.equal(model(ids).logits, ref)
         assert off.stats()["prefetch"] == "activation"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and a CUDA build")
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_the_cuda_backend_gives_the_cpu_backends_logits(family):
+    # The fused path on the GPU: moe_experts (every routed expert held) and, with a budget of one
+    # expert, expert by expert; against the same table on the cpu backend.
+    ids = _prompt(6)
+    cpu = tiny(family)
+    with moeoffload.offload(cpu, codec="szp", error_bound=0.1, gpu_budget=10**8, prefetch=None) as probe:
+        with torch.no_grad():
+            ref = cpu(ids).logits.float()
+    table = probe.table
+    for budget in (10**8, slot_bytes(table)):
+        model = tiny(family).cuda()
+        with moeoffload.offload(model, table=table, gpu_budget=budget, prefetch="hidden") as off:
+            with torch.no_grad():
+                got = model(ids.cuda()).logits.float().cpu()
+            assert off.stats()["fused_layers"] == len(moe_layers(model))
+        torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)

@@ -10,6 +10,7 @@
 #include "arrays.h"
 #include "moeoffload/cpu_kernels.h"
 #include "moeoffload/errors.h"
+#include "moeoffload/moe_experts.h"
 #include "moeoffload/runtime.h"
 #if MOEOFFLOAD_WITH_CUDA
 #include <cuda_runtime.h>
@@ -184,6 +185,102 @@ void bind_kernels(nb::module_& m) {
      nb::arg("down_expert"), nb::arg("down_matrix"), nb::arg("x"), nb::arg("act"), nb::arg("layout"),
      nb::arg("alpha"), nb::arg("limit"), nb::arg("gate_up_bias").none(), nb::arg("down_bias").none(), nb::arg("y"),
      nb::arg("scratch").none(), nb::arg("stream") = 0);
+
+  m.attr("MOE_EXPERTS_MAX_CUDA_ASSIGNMENTS") = kMaxCudaAssignments;
+  m.def("moe_experts", [](int64_t handle, const std::vector<uint32_t>& gate_up_ids, uint32_t gu_index,
+                          const std::vector<uint32_t>& down_ids, uint32_t down_index, Array x,
+                          nb::ndarray<const int64_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> routing, Array weights,
+                          const std::string& act, int layout, float alpha, float limit, nb::object gate_up_bias,
+                          nb::object down_bias, Array out, nb::object scratch, uintptr_t stream) {
+    std::shared_ptr<MatrixSource> src = find_source(handle);
+    const MlpConfig cfg = mlp_config(act, layout, alpha, limit);
+    const uint64_t E = gate_up_ids.size();
+    if (down_ids.size() != E) throw Error(ErrorKind::Shape, "gate_up_ids and down_ids must name the same experts");
+    if (x.ndim() != 2) throw Error(ErrorKind::Shape, "x must be 2-D [tokens, hidden]");
+    const uint64_t T = x.shape(0), H = x.shape(1), k = routing.shape(1);
+    if (routing.shape(0) != T) throw Error(ErrorKind::Shape, "routing must be [tokens, k] for x's tokens");
+    if (T > 0xFFFFFFFFull || k > 0xFFFFull) throw Error(ErrorKind::Shape, "too many tokens or experts per token");
+    const DType xt = dtype_of(x, "x");
+    if (dtype_of(out, "out") != xt) throw Error(ErrorKind::UnsupportedDtype, "out must have x's dtype");
+    check_2d(out, T, H, "out");
+    if (weights.dtype() != nb::dtype<float>()) throw Error(ErrorKind::UnsupportedDtype, "weights must be float32");
+    check_2d(weights, T, k, "weights");
+    const Routing r = group_routing(routing.data(), static_cast<uint32_t>(T), static_cast<uint32_t>(k),
+                                    static_cast<uint32_t>(E));
+    // The routed experts' matrices, held (MatrixUse keeps each pinned slot's lock) for the whole call.
+    std::vector<MatrixUse> uses;
+    std::vector<ExpertMatrices> mats(r.experts.size());
+    uint64_t I = 0;
+    for (size_t i = 0; i < r.experts.size(); ++i) {
+      uses.push_back(src->use(gate_up_ids[r.experts[i]], gu_index));
+      uses.push_back(src->use(down_ids[r.experts[i]], down_index));
+      const MatrixUse& g = uses[uses.size() - 2];
+      const MatrixUse& d = uses.back();
+      mats[i].gate_up = szp_matrix(g.matrix.buf, g.matrix.view, "gate_up");
+      mats[i].down = szp_matrix(d.matrix.buf, d.matrix.view, "down");
+      if (i == 0) I = mats[i].down.cols;
+      if (g.backend != uses[0].backend || d.backend != uses[0].backend)
+        throw Error(ErrorKind::InvalidArgument, "the experts' matrices live on different devices");
+      if (mats[i].gate_up.rows != 2 * I || mats[i].gate_up.cols != H || mats[i].down.rows != H ||
+          mats[i].down.cols != I)
+        throw Error(ErrorKind::Shape, "expert " + std::to_string(r.experts[i]) + " is not gate_up [2I, H] and down [H, I] "
+                                      "with H = " + std::to_string(H) + " (x's) and the I of the others");
+    }
+    if (uses.empty()) {  // no token routed anywhere (k == 0): the sum of nothing
+      if (on_cuda(out)) throw Error(ErrorKind::Shape, "moe_experts needs at least one routed expert on CUDA");
+      memset(out.data(), 0, out.nbytes());
+      return;
+    }
+    const MatrixUse& any = uses[0];
+    for (const Array* a : {&x, &out, &weights}) check_device(any, *a, "x, weights and out");
+    // Biases: [E, 2I] and [E, H] in x's dtype, or None.
+    auto bias_rows = [&](const nb::object& b, uint64_t n, const char* what) -> const uint8_t* {
+      if (b.is_none()) return nullptr;
+      Array a = nb::cast<Array>(b);
+      check_device(any, a, what);
+      if (dtype_of(a, what) != xt) throw Error(ErrorKind::UnsupportedDtype, std::string(what) + " must have x's dtype");
+      check_2d(a, E, n, what);
+      return static_cast<const uint8_t*>(a.data());
+    };
+    const uint8_t* gb = bias_rows(gate_up_bias, 2 * I, "gate_up_bias");
+    const uint8_t* db = bias_rows(down_bias, H, "down_bias");
+    const size_t es = static_cast<size_t>(dtype_size(xt));
+    for (size_t i = 0; i < r.experts.size(); ++i) {
+      if (gb) mats[i].gate_up_bias = gb + r.experts[i] * 2 * I * es;
+      if (db) mats[i].down_bias = db + r.experts[i] * H * es;
+    }
+    float* scratch_ptr = nullptr;
+    if (any.backend == Backend::Cuda) {
+      if (r.order.size() > kMaxCudaAssignments)
+        throw Error(ErrorKind::Shape, "moe_experts on CUDA takes at most " + std::to_string(kMaxCudaAssignments) +
+                                          " token-expert assignments a call (run larger batches expert by expert)");
+      Array s = nb::cast<Array>(scratch);
+      check_device(any, s, "scratch");
+      if (s.dtype() != nb::dtype<float>() || s.size() < moe_experts_cuda_scratch(T, H, I))
+        throw Error(ErrorKind::Shape, "scratch must hold T x (3I + 4H) float32 values");
+      scratch_ptr = static_cast<float*>(s.data());
+    }
+    nb::gil_scoped_release release;
+    for (const MatrixUse& u : uses) order_after(u, stream);
+    const auto* w = static_cast<const float*>(weights.data());
+    if (any.backend == Backend::Cpu)
+      return moe_experts_cpu(r, mats, w, static_cast<uint32_t>(T), static_cast<uint32_t>(k), H, x.data(), xt, cfg,
+                             out.data());
+#if MOEOFFLOAD_WITH_CUDA
+    cuda_check(moe_experts_cuda(r, mats, w, static_cast<uint32_t>(T), static_cast<uint32_t>(k), H, x.data(), xt, cfg,
+                                scratch_ptr, out.data(), reinterpret_cast<cudaStream_t>(stream)),
+               "moe_experts kernels");
+#else
+    (void)scratch_ptr;
+    no_cuda();
+#endif
+  }, nb::arg("handle"), nb::arg("gate_up_ids"), nb::arg("gate_up_matrix"), nb::arg("down_ids"),
+     nb::arg("down_matrix"), nb::arg("x"), nb::arg("routing"), nb::arg("weights"), nb::arg("act"), nb::arg("layout"),
+     nb::arg("alpha"), nb::arg("limit"), nb::arg("gate_up_bias").none(), nb::arg("down_bias").none(), nb::arg("out"),
+     nb::arg("scratch").none(), nb::arg("stream") = 0,
+     "One MoE layer's routed experts: out[t] = sum_j weights[t, j] * expert_{routing[t, j]}(x[t]), expert e's "
+     "matrices at (handle, gate_up_ids[e], gate_up_matrix) and (handle, down_ids[e], down_matrix); routing on the "
+     "host, the rest where the experts are.");
 
   m.def("szp_decode_matrix", [](int64_t handle, uint32_t expert, uint32_t index, Array out, uintptr_t stream) {
     std::shared_ptr<MatrixSource> src = find_source(handle);

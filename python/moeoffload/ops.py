@@ -2,10 +2,11 @@
 
     y = moeoffload.ops.szp_linear(x, ct)                 # x [T, in] · Ŵᵀ, ct a CompressedTensor [out, in]
     y = moeoffload.ops.expert_mlp(x, gate_up, down)      # down(silu(gate(x)) * up(x))
+    y = moeoffload.ops.moe_experts(x, top_k_index, top_k_weights, [(gate_up, down), ...])  # a whole layer
 
-The ops are registered as ``torch.ops.moeoffload.szp_linear``, ``expert_mlp``
-and ``szp_decode`` (``torch.library.custom_op`` with a fake beside each, so
-they trace under ``torch.compile``). Their schemas take tensors and integers
+The ops are registered as ``torch.ops.moeoffload.szp_linear``, ``expert_mlp``,
+``moe_experts`` and ``szp_decode`` (``torch.library.custom_op`` with a fake
+beside each, so they trace under ``torch.compile``). Their schemas take tensors and integers
 only: a matrix is addressed by (handle, expert, matrix index), where the
 handle belongs to a runtime (``ExpertCache.handle``; the expert must be
 acquired) or to the registry of standalone CompressedTensors used here.
@@ -36,6 +37,7 @@ from .codec import _CODE_DTYPES, CompressedTensor
 from .errors import InvalidArgumentError, ShapeError, UnsupportedDtypeError
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "gptoss")
+MAX_CUDA_ASSIGNMENTS = _native.MOE_EXPERTS_MAX_CUDA_ASSIGNMENTS  # tokens x top-k of one moe_experts call on CUDA
 GATE_LAYOUTS = {"concatenated": 0, "interleaved": 1}
 
 # ---- the registry of standalone CompressedTensors ------------------------------------------
@@ -124,6 +126,41 @@ def _(x, gate_up_handle, gate_up_expert, gate_up_matrix, down_handle, down_exper
       down_bias, act, layout, alpha, limit):
     H, _ = _rows(down_handle, down_expert, down_matrix)
     return x.new_empty(x.shape[0], H)
+
+
+def _moe_experts_impl(x: torch.Tensor, routing: torch.Tensor, weights: torch.Tensor, handle: int,
+                      gate_up_ids: list[int], gate_up_matrix: int, down_ids: list[int], down_matrix: int,
+                      gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None, act: str, layout: int,
+                      alpha: float, limit: float) -> torch.Tensor:
+    # routing [T, k] int64 (read on the host), weights [T, k] (any float dtype, x's device)
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    routing = routing.to("cpu", torch.int64).contiguous()
+    weights = weights.to(x.device, torch.float32).contiguous()
+    scratch = None
+    if x.device.type == "cuda" and routing.numel():
+        H, I = _rows(handle, down_ids[int(routing[0, 0])], down_matrix)
+        scratch = torch.empty(x.shape[0] * (3 * I + 4 * H), dtype=torch.float32, device=x.device)
+    _native.moe_experts(handle, gate_up_ids, gate_up_matrix, down_ids, down_matrix, x, routing.numpy(), weights, act,
+                        layout, alpha, limit, gate_up_bias, down_bias, out, scratch, _stream(x))
+    return out
+
+
+_moe_experts_op = torch.library.custom_op("moeoffload::moe_experts", _moe_experts_impl, mutates_args=())
+
+
+@_moe_experts_op.register_fake
+def _(x, routing, weights, handle, gate_up_ids, gate_up_matrix, down_ids, down_matrix, gate_up_bias, down_bias, act,
+      layout, alpha, limit):
+    return torch.empty_like(x)
+
+
+def moe_experts_call(*args) -> torch.Tensor:
+    """``torch.ops.moeoffload.moe_experts(*args)``; in eager mode its implementation is called without the
+    dispatcher, whose per-call cost (about 45 µs on the CPU) a decode step would pay at every layer."""
+    if torch.compiler.is_compiling():
+        return torch.ops.moeoffload.moe_experts(*args)
+    return _moe_experts_impl(*args)
 
 
 @torch.library.custom_op("moeoffload::szp_decode", mutates_args=())
@@ -215,6 +252,28 @@ def expert_mlp(x: torch.Tensor, gate_up: CompressedTensor, down: CompressedTenso
     y = torch.ops.moeoffload.expert_mlp(x2, gh, ge, 0, dh, de, 0, gate_up_bias, down_bias, act, GATE_LAYOUTS[layout],
                                         float(alpha), float(limit))
     return y.reshape(*lead, y.shape[-1])
+
+
+def moe_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                experts: list[tuple[CompressedTensor, CompressedTensor]], *, act: str = "silu",
+                layout: str = "concatenated", alpha: float = 1.702, limit: float = 7.0,
+                gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_j top_k_weights[t, j] · expert_mlp(x[t], *experts[top_k_index[t, j]]) for every token, in one call:
+    an MoE layer's experts part, from compressed (gate_up, down) pairs. x [T, H]; top_k_index [T, k];
+    biases [E, 2I] and [E, H] in x's dtype. The sum is formed as transformers' eager experts loop forms
+    it: expert by expert ascending, each weighted output and each sum rounded to x's dtype."""
+    if act not in ACTIVATIONS:
+        raise InvalidArgumentError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    if layout not in GATE_LAYOUTS:
+        raise InvalidArgumentError(f"layout must be one of {tuple(GATE_LAYOUTS)}, got {layout!r}")
+    if x.dim() != 2 or top_k_index.dim() != 2 or top_k_index.shape != top_k_weights.shape:
+        raise ShapeError("moe_experts needs x [T, H] and top_k_index, top_k_weights [T, k]")
+    if not experts:
+        raise ShapeError("moe_experts needs the layer's experts: a list of (gate_up, down) CompressedTensors")
+    gu = [matrix_handle(g) for g, _ in experts]  # standalone tensors share one registry handle
+    dn = [matrix_handle(d) for _, d in experts]
+    return moe_experts_call(x, top_k_index, top_k_weights, gu[0][0], [e for _, e in gu], 0, [e for _, e in dn], 0,
+                            gate_up_bias, down_bias, act, GATE_LAYOUTS[layout], float(alpha), float(limit))
 
 
 def _gate(gu: torch.Tensor, act: str, layout: str, alpha: float, limit: float) -> torch.Tensor:

@@ -95,16 +95,19 @@ template <>
 struct Stored<DType::F32> {
   using type = uint32_t;
   static MOEOFFLOAD_HD uint32_t from_f32(float v) { return f32_bits(v); }
+  static MOEOFFLOAD_HD float to_f32(uint32_t v) { return bits_f32(v); }
 };
 template <>
 struct Stored<DType::BF16> {
   using type = uint16_t;
   static MOEOFFLOAD_HD uint16_t from_f32(float v) { return f32_to_bf16(v); }
+  static MOEOFFLOAD_HD float to_f32(uint16_t v) { return bf16_to_f32(v); }
 };
 template <>
 struct Stored<DType::F16> {
   using type = uint16_t;
   static MOEOFFLOAD_HD uint16_t from_f32(float v) { return f32_to_f16(v); }
+  static MOEOFFLOAD_HD float to_f32(uint16_t v) { return f16_to_f32(v); }
 };
 
 // float -> raw bits of the stored dtype (RNE), zero-extended.

@@ -182,11 +182,27 @@ class Offload:
             kind = self.kinds[layer]
             if kind is None or self.codec not in _table.FUSED_CODECS:
                 return self._forward_eager(layer, module, held, hidden, top_k_index, top_k_weights)
+            if len(held) == len(experts) and (hidden.device.type == "cpu" or ids.size <= _ops.MAX_CUDA_ASSIGNMENTS):
+                return self._forward_layer(layer, module, kind, held, hidden, ids, top_k_weights)
             return self._forward_fused(layer, module, kind, experts, held, hidden, top_k_index, top_k_weights)
         finally:
             self._release_all(layer, held)
 
+    def _forward_layer(self, layer, module, kind, held, hidden, ids, top_k_weights):
+        """Every routed expert is held: the whole layer in one native call (moe_experts)."""
+        for slot in held.values():
+            self._wait(slot)
+        gu, down = (self.names.index(n) for n in expert_matrix_names(module))
+        E = self.table.experts_per_layer
+        ids_of_layer = list(range(layer * E, (layer + 1) * E))
+        gu_bias = module.gate_up_proj_bias.to(hidden.dtype) if module.has_bias else None
+        down_bias = module.down_proj_bias.to(hidden.dtype) if module.has_bias else None
+        return _ops.moe_experts_call(hidden, torch.from_numpy(ids).view(top_k_weights.shape), top_k_weights,
+                                     self.cache.handle, ids_of_layer, gu, ids_of_layer, down, gu_bias, down_bias,
+                                     kind.act, _ops.GATE_LAYOUTS[kind.layout], kind.alpha, kind.limit)
+
     def _forward_fused(self, layer, module, kind, experts, held, hidden, top_k_index, top_k_weights):
+        """Expert by expert, as room frees up: when the budget cannot hold all of a layer's experts at once."""
         out = torch.zeros_like(hidden)
         gu, down = (self.names.index(n) for n in expert_matrix_names(module))
         handle = self.cache.handle
