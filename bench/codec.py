@@ -152,6 +152,13 @@ def group(name, weights, factor, repeats, bounds=None) -> tuple[list, dict]:
     return [szp, szpe, nopred, interp], check
 
 
+def write_results(stem: Path, result: dict, text: str, heading: str) -> None:
+    """stem.json (the numbers) and stem.md (heading, then the printed table)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(f"{heading}\n\n```\n{text}\n```\n")
+
+
 def cuda_only(args, info) -> int:
     if not info["gpu_available"]:
         print("codec.py --cuda-only: no CUDA GPU (or a build without CUDA): backend_info", info, file=sys.stderr)
@@ -165,13 +172,10 @@ def cuda_only(args, info) -> int:
               "figures_met": {"szpe_decode_300_gb_s": met}}
     text = "\n".join(cuda_lines(cu))
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"codec-cuda-{device}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"codec-cuda-{device}.md").write_text(
-        f"# szp and szpe on the GPU ({info['device_name']})\n\n`{result['command']}`, torch {torch.__version__}, "
-        f"{result['date']}. Decode GB/s count the bf16 output; H2D is a pinned host-to-device copy of the "
-        f"codec's bytes (what a miss moves).\n\n```\n{text}\n```\n")
+    write_results(Path(args.out) / f"codec-cuda-{device}", result, text,
+                  f"# szp and szpe on the GPU ({info['device_name']})\n\n`{result['command']}`, torch "
+                  f"{torch.__version__}, {result['date']}. Decode GB/s count the bf16 output; H2D is a pinned "
+                  "host-to-device copy of the codec's bytes (what a miss moves).")
     print("\nfigure: szpe decode >= 300 GB/s of bf16, bit for bit:", "met" if met else "NOT met")
     return 0 if met else 1
 
@@ -239,17 +243,13 @@ def main() -> int:
                   and c["szpe_decode_over_fastest_sz3"] >= 3 for c in checks)
     ok_szp = all(c["szp_bytes_over_best_sz3"] <= 1.35 and c["szp_decode_over_fastest_sz3"] >= 10 for c in checks)
     result["figures_met"] = {"szpe": ok_szpe, "szp": ok_szp}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"codec-{device}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"codec-{device}.md").write_text(
-        f"# szp, szpe and SZ3 on trained weights ({device})\n\n"
-        f"`{result['command']}` on {result['machine']}, {result['date']}. "
-        "MB/s are of the input; 'dec' is decompress() (allocates its output), 'into' is "
-        "decompress(out=...) into a reused buffer; H0 is the order-0 entropy of szp's quantised values "
-        "per matrix. Ratios compare with the best SZ3 variant of the same row group (smallest bytes, "
-        "fastest decode).\n\n```\n" + text + "\n```\n"
-    )
+    write_results(Path(args.out) / f"codec-{device}", result, text,
+                  f"# szp, szpe and SZ3 on trained weights ({device})\n\n"
+                  f"`{result['command']}` on {result['machine']}, {result['date']}. "
+                  "MB/s are of the input; 'dec' is decompress() (allocates its output), 'into' is "
+                  "decompress(out=...) into a reused buffer; H0 is the order-0 entropy of szp's quantised values "
+                  "per matrix. Ratios compare with the best SZ3 variant of the same row group (smallest bytes, "
+                  "fastest decode).")
     print("\nfigures: szpe", "met" if ok_szpe else "NOT met", "| szp", "met" if ok_szp else "NOT met")
     return 0 if ok_szpe and ok_szp else 1
 
