@@ -220,6 +220,72 @@ def test_moe_experts_refuses_bad_routing_and_shapes():
         ops.moe_experts(x, torch.tensor([[0, 1], [1, 2]]), w, [])
 
 
+def test_moe_experts_hostile_inputs_are_named_or_computed_right():
+    """What a hostile run found: a non-contiguous bias was read after its converted copy was freed (garbage,
+    or a crash); float routing was truncated to expert ids; an output the raw binding had to convert took
+    the result into a copy that was dropped."""
+    from moeoffload import _native
+
+    H, I, E = 32, 16, 4
+    experts = [_expert(H, I, torch.float32, seed=20 + e)[:2] for e in range(E)]
+    x, idx, w = torch.randn(3, H), torch.tensor([[0, 1], [2, 3], [1, 2]]), torch.rand(3, 2)
+    db = torch.randn(H, E).t()  # [E, H], not contiguous
+    gb = torch.randn(2 * I, E).t()
+    assert not db.is_contiguous()
+    want = ops.moe_experts(x, idx, w, experts, gate_up_bias=gb.contiguous(), down_bias=db.contiguous())
+    for _ in range(20):
+        assert torch.equal(ops.moe_experts(x, idx, w, experts, gate_up_bias=gb, down_bias=db), want)
+    strided = torch.randn(2 * H)[::2]
+    assert torch.equal(ops.expert_mlp(x, *experts[0], down_bias=strided),
+                       ops.expert_mlp(x, *experts[0], down_bias=strided.contiguous()))
+    for bad in (idx.float() + 0.7, idx.bool()):
+        with pytest.raises(UnsupportedDtypeError, match="routing"):
+            ops.moe_experts(x, bad, w, experts)
+    with pytest.raises(ShapeError, match="at least one expert"):
+        ops.moe_experts(x, torch.zeros(3, 0, dtype=torch.int64), torch.zeros(3, 0), experts)
+    with pytest.raises(UnsupportedDtypeError):
+        ops.moe_experts(x, idx, w, experts, down_bias=[0.0] * H)
+    with pytest.raises(UnsupportedDtypeError):
+        ops.moe_experts(x.numpy(), idx, w, experts)
+    with pytest.raises(ShapeError):
+        ops.moe_experts(x, idx, w, [experts[0][0]] * E)  # not pairs
+    # the raw binding: an output it would have to convert is refused, never written into a dropped copy
+    gu, dn = ([ops.matrix_handle(p[i])[1] for p in experts] for i in (0, 1))
+    out = torch.zeros(H, 3).t()
+    with pytest.raises(TypeError):
+        _native.moe_experts(ops.matrix_handle(experts[0][0])[0], gu, 0, dn, 0, x, idx.numpy(), w, "silu", 0, 1.702,
+                            7.0, None, None, out, None, 0)
+    with pytest.raises(TypeError):
+        _native.expert_mlp(*ops.matrix_handle(experts[0][0]), 0, *ops.matrix_handle(experts[0][1]), 0, x, "silu", 0,
+                           1.702, 7.0, None, None, out, None, 0)
+
+
+def test_removing_a_matrix_while_another_thread_computes_never_deadlocks():
+    # A CompressedTensor's finalizer removes its matrix (taking the registry's write lock) with the GIL held;
+    # an op in another thread held a read lock until it had the GIL back. Run apart: a deadlock would hang.
+    code = """if True:
+        import threading, time, faulthandler, torch
+        from moeoffload import codec, ops
+        faulthandler.dump_traceback_later(50, exit=True)
+        experts = [(codec.compress(torch.randn(64, 32) * .05, .01), codec.compress(torch.randn(32, 32) * .05, .01))
+                   for _ in range(4)]
+        x, r, w = torch.randn(64, 32), torch.stack([torch.randperm(4)[:2] for _ in range(64)]), torch.rand(64, 2)
+        stop = []
+        def work():
+            while not stop:
+                ops.moe_experts(x, r, w, experts)
+                ops.expert_mlp(x, *experts[0])
+        t = threading.Thread(target=work); t.start()
+        end = time.time() + 3
+        while time.time() < end:
+            ct = codec.compress(torch.randn(4, 4), 0.1); ops.matrix_handle(ct); del ct
+        stop.append(1); t.join()
+        print("done")
+    """
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "done" in res.stdout, res.stderr[-2000:]
+
+
 def test_expert_mlp_transposed_is_the_dense_variant():
     H, I = 32, 24
     g = torch.Generator().manual_seed(1)

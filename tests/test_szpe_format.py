@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from conftest import fix_crc, fuzz_bit_flips, word_mutations
-from moeoffload import CorruptDataError, FormatVersionError, _native, codec
+from moeoffload import CorruptDataError, FormatVersionError, UnsupportedDtypeError, _native, codec
+
+
+SZP_HEADER_BYTES = 64  # where szp's shape starts (docs/format.md)
 
 
 def _valid_buffers():
@@ -106,6 +109,31 @@ def test_random_bytes_and_truncations_raise_corrupt_data():
             with pytest.raises(CorruptDataError):
                 codec.CompressedTensor.from_bytes(buf[:cut].tobytes())
             _decode(fix_crc(buf[:cut]))
+
+
+def test_decoders_refuse_an_output_of_another_dtype_or_layout():
+    buf = next(_valid_buffers())  # float32 values
+    n = _native.szpe_inspect(buf)["numel"]
+    with pytest.raises(UnsupportedDtypeError):
+        _native.szpe_decode(buf, torch.empty(n, dtype=torch.int32), True)  # the same bytes, another dtype
+    with pytest.raises(TypeError):
+        _native.szpe_decode(buf, torch.empty(n, 2)[:, 0], True)  # strided: a converted copy would take the values
+    szp = _native.szpe_to_szp(buf)
+    with pytest.raises(UnsupportedDtypeError):
+        _native.szp_decode(szp, torch.empty(n, dtype=torch.int32), True)
+
+
+def test_shapes_past_int64_are_corrupt():
+    # A tensor with a zero dimension has no values, but its other dimensions still make torch's sizes and
+    # strides: beyond 2^63 - 1 no tensor exists, so both parsers refuse the shape by name.
+    x = torch.zeros(0, 5)
+    for buf, shape_at, inspect in ((codec.compress(x, 0.1).buffer, SZP_HEADER_BYTES, _native.szp_inspect),
+                                   (codec.compress(x, 0.1, codec="szpe").buffer, 96, _native.szpe_inspect)):
+        for dims in ([2**63, 0], [0, 2**64 - 1]):
+            mutated = np.array(buf)
+            mutated[shape_at:shape_at + 16] = np.frombuffer(np.array(dims, np.uint64).tobytes(), np.uint8)
+            with pytest.raises(CorruptDataError, match="2\\^63"):
+                inspect(fix_crc(mutated), True)
 
 
 def test_another_version_is_named():

@@ -1,6 +1,8 @@
 // Bindings of the fused ops (cpp/kernels, cuda/) and of the runtime owner:
 // argument checks, GIL release, device dispatch; no logic. Every op reaches
 // its matrices through (handle, expert, matrix index).
+#include <optional>
+
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/shared_ptr.h>
@@ -87,13 +89,28 @@ MlpConfig mlp_config(const std::string& act, int layout, float alpha, float limi
   return c;
 }
 
-const void* optional_bias(const nb::object& b, const MatrixUse& u, DType xt, uint64_t n, const char* what) {
-  if (b.is_none()) return nullptr;
-  Array a = nb::cast<Array>(b);
-  check_device(u, a, what);
-  if (dtype_of(a, what) != xt || a.ndim() != 1 || a.shape(0) != n)
-    throw Error(ErrorKind::Shape, std::string(what) + " must be 1-D of " + std::to_string(n) + " values in x's dtype");
-  return a.data();
+// An optional array argument (a bias, a scratch), converted while the GIL is held. The caller keeps
+// the returned array for the whole call: when the input was not contiguous it is a copy, and its data
+// lives only as long as it does.
+std::optional<Array> optional_array(const nb::object& b, const char* what) {
+  if (b.is_none()) return std::nullopt;
+  try {
+    return nb::cast<Array>(b);
+  } catch (const nb::cast_error&) {
+    throw Error(ErrorKind::UnsupportedDtype, std::string(what) + " must be a tensor (or None)");
+  }
+}
+
+// The bias's data after checking it: `rows` x n values (rows 0: 1-D n) in x's dtype, where the matrix is.
+const void* bias_data(const std::optional<Array>& a, const MatrixUse& u, DType xt, uint64_t rows, uint64_t n,
+                      const char* what) {
+  if (!a) return nullptr;
+  check_device(u, *a, what);
+  const bool shape_ok = rows ? a->ndim() == 2 && a->shape(0) == rows && a->shape(1) == n : a->ndim() == 1 && a->shape(0) == n;
+  if (dtype_of(*a, what) != xt || !shape_ok)
+    throw Error(ErrorKind::Shape, std::string(what) + " must be " + (rows ? std::to_string(rows) + " x " : "1-D of ") +
+                                      std::to_string(n) + " values in x's dtype");
+  return a->data();
 }
 
 }  // namespace
@@ -133,7 +150,7 @@ void bind_kernels(nb::module_& m) {
 #else
     no_cuda();
 #endif
-  }, nb::arg("handle"), nb::arg("expert"), nb::arg("matrix"), nb::arg("x"), nb::arg("y"), nb::arg("stream") = 0);
+  }, nb::arg("handle"), nb::arg("expert"), nb::arg("matrix"), nb::arg("x"), nb::arg("y").noconvert(), nb::arg("stream") = 0);
 
   m.def("expert_mlp", [](int64_t gu_handle, uint32_t gu_expert, uint32_t gu_index, int64_t down_handle,
                          uint32_t down_expert, uint32_t down_index, Array x, const std::string& act, int layout,
@@ -141,6 +158,12 @@ void bind_kernels(nb::module_& m) {
                          nb::object scratch, uintptr_t stream) {
     std::shared_ptr<MatrixSource> gsrc = find_source(gu_handle), dsrc = find_source(down_handle);
     const MlpConfig cfg = mlp_config(act, layout, alpha, limit);
+    const std::optional<Array> gb_array = optional_array(gate_up_bias, "gate_up_bias");
+    const std::optional<Array> db_array = optional_array(down_bias, "down_bias");
+    const std::optional<Array> scratch_array = optional_array(scratch, "scratch");
+    // The matrices' read locks are taken and dropped without the GIL: a finalizer that removes a matrix
+    // waits for them while holding it.
+    nb::gil_scoped_release release;
     MatrixUse gu = gsrc->use(gu_expert, gu_index);
     MatrixUse dn = dsrc->use(down_expert, down_index);
     const SzpMatrix g = szp_matrix(gu.matrix.buf, gu.matrix.view, "gate_up");
@@ -158,17 +181,16 @@ void bind_kernels(nb::module_& m) {
     check_2d(x, T, g.cols, "x");
     check_2d(y, T, d.rows, "y");
     if (dtype_of(y, "y") != xt) throw Error(ErrorKind::UnsupportedDtype, "y must have x's dtype");
-    const void* gb = optional_bias(gate_up_bias, gu, xt, g.rows, "gate_up_bias");
-    const void* db = optional_bias(down_bias, gu, xt, d.rows, "down_bias");
+    const void* gb = bias_data(gb_array, gu, xt, 0, g.rows, "gate_up_bias");
+    const void* db = bias_data(db_array, gu, xt, 0, d.rows, "down_bias");
     float* scratch_ptr = nullptr;
     if (gu.backend == Backend::Cuda) {
-      Array s = nb::cast<Array>(scratch);
-      check_device(gu, s, "scratch");
-      if (s.dtype() != nb::dtype<float>() || s.size() < T * (g.rows + d.cols + d.rows))
+      if (!scratch_array) throw Error(ErrorKind::Shape, "expert_mlp on CUDA needs a scratch");
+      check_device(gu, *scratch_array, "scratch");
+      if (scratch_array->dtype() != nb::dtype<float>() || scratch_array->size() < T * (g.rows + d.cols + d.rows))
         throw Error(ErrorKind::Shape, "scratch must hold T x (3I + H) float32 values");
-      scratch_ptr = static_cast<float*>(s.data());
+      scratch_ptr = static_cast<float*>(scratch_array->data());
     }
-    nb::gil_scoped_release release;
     order_after(gu, stream);
     order_after(dn, stream);
     if (gu.backend == Backend::Cpu)
@@ -183,8 +205,8 @@ void bind_kernels(nb::module_& m) {
 #endif
   }, nb::arg("gate_up_handle"), nb::arg("gate_up_expert"), nb::arg("gate_up_matrix"), nb::arg("down_handle"),
      nb::arg("down_expert"), nb::arg("down_matrix"), nb::arg("x"), nb::arg("act"), nb::arg("layout"),
-     nb::arg("alpha"), nb::arg("limit"), nb::arg("gate_up_bias").none(), nb::arg("down_bias").none(), nb::arg("y"),
-     nb::arg("scratch").none(), nb::arg("stream") = 0);
+     nb::arg("alpha"), nb::arg("limit"), nb::arg("gate_up_bias").none(), nb::arg("down_bias").none(), nb::arg("y").noconvert(),
+     nb::arg("scratch").none().noconvert(), nb::arg("stream") = 0);
 
   m.attr("MOE_EXPERTS_MAX_CUDA_ASSIGNMENTS") = kMaxCudaAssignments;
   m.def("moe_experts", [](int64_t handle, const std::vector<uint32_t>& gate_up_ids, uint32_t gu_index,
@@ -194,17 +216,24 @@ void bind_kernels(nb::module_& m) {
                           nb::object down_bias, Array out, nb::object scratch, uintptr_t stream) {
     std::shared_ptr<MatrixSource> src = find_source(handle);
     const MlpConfig cfg = mlp_config(act, layout, alpha, limit);
+    const std::optional<Array> gb_array = optional_array(gate_up_bias, "gate_up_bias");
+    const std::optional<Array> db_array = optional_array(down_bias, "down_bias");
+    const std::optional<Array> scratch_array = optional_array(scratch, "scratch");
+    // The matrices' read locks are taken and dropped without the GIL (see expert_mlp).
+    nb::gil_scoped_release release;
     const uint64_t E = gate_up_ids.size();
     if (down_ids.size() != E) throw Error(ErrorKind::Shape, "gate_up_ids and down_ids must name the same experts");
     if (x.ndim() != 2) throw Error(ErrorKind::Shape, "x must be 2-D [tokens, hidden]");
     const uint64_t T = x.shape(0), H = x.shape(1), k = routing.shape(1);
     if (routing.shape(0) != T) throw Error(ErrorKind::Shape, "routing must be [tokens, k] for x's tokens");
+    if (k == 0) throw Error(ErrorKind::Shape, "routing must name at least one expert a token");
     if (T > 0xFFFFFFFFull || k > 0xFFFFull) throw Error(ErrorKind::Shape, "too many tokens or experts per token");
     const DType xt = dtype_of(x, "x");
     if (dtype_of(out, "out") != xt) throw Error(ErrorKind::UnsupportedDtype, "out must have x's dtype");
     check_2d(out, T, H, "out");
     if (weights.dtype() != nb::dtype<float>()) throw Error(ErrorKind::UnsupportedDtype, "weights must be float32");
     check_2d(weights, T, k, "weights");
+    if (T == 0) return;
     const Routing r = group_routing(routing.data(), static_cast<uint32_t>(T), static_cast<uint32_t>(k),
                                     static_cast<uint32_t>(E));
     // The routed experts' matrices, held (MatrixUse keeps each pinned slot's lock) for the whole call.
@@ -226,24 +255,10 @@ void bind_kernels(nb::module_& m) {
         throw Error(ErrorKind::Shape, "expert " + std::to_string(r.experts[i]) + " is not gate_up [2I, H] and down [H, I] "
                                       "with H = " + std::to_string(H) + " (x's) and the I of the others");
     }
-    if (uses.empty()) {  // no token routed anywhere (k == 0): the sum of nothing
-      if (on_cuda(out)) throw Error(ErrorKind::Shape, "moe_experts needs at least one routed expert on CUDA");
-      memset(out.data(), 0, out.nbytes());
-      return;
-    }
-    const MatrixUse& any = uses[0];
+    const MatrixUse& any = uses[0];  // T, k > 0: at least one expert is routed
     for (const Array* a : {&x, &out, &weights}) check_device(any, *a, "x, weights and out");
-    // Biases: [E, 2I] and [E, H] in x's dtype, or None.
-    auto bias_rows = [&](const nb::object& b, uint64_t n, const char* what) -> const uint8_t* {
-      if (b.is_none()) return nullptr;
-      Array a = nb::cast<Array>(b);
-      check_device(any, a, what);
-      if (dtype_of(a, what) != xt) throw Error(ErrorKind::UnsupportedDtype, std::string(what) + " must have x's dtype");
-      check_2d(a, E, n, what);
-      return static_cast<const uint8_t*>(a.data());
-    };
-    const uint8_t* gb = bias_rows(gate_up_bias, 2 * I, "gate_up_bias");
-    const uint8_t* db = bias_rows(down_bias, H, "down_bias");
+    const auto* gb = static_cast<const uint8_t*>(bias_data(gb_array, any, xt, E, 2 * I, "gate_up_bias"));
+    const auto* db = static_cast<const uint8_t*>(bias_data(db_array, any, xt, E, H, "down_bias"));
     const size_t es = static_cast<size_t>(dtype_size(xt));
     for (size_t i = 0; i < r.experts.size(); ++i) {
       if (gb) mats[i].gate_up_bias = gb + r.experts[i] * 2 * I * es;
@@ -254,13 +269,12 @@ void bind_kernels(nb::module_& m) {
       if (r.order.size() > kMaxCudaAssignments)
         throw Error(ErrorKind::Shape, "moe_experts on CUDA takes at most " + std::to_string(kMaxCudaAssignments) +
                                           " token-expert assignments a call (run larger batches expert by expert)");
-      Array s = nb::cast<Array>(scratch);
-      check_device(any, s, "scratch");
-      if (s.dtype() != nb::dtype<float>() || s.size() < moe_experts_cuda_scratch(T, H, I))
+      if (!scratch_array) throw Error(ErrorKind::Shape, "moe_experts on CUDA needs a scratch");
+      check_device(any, *scratch_array, "scratch");
+      if (scratch_array->dtype() != nb::dtype<float>() || scratch_array->size() < moe_experts_cuda_scratch(T, H, I))
         throw Error(ErrorKind::Shape, "scratch must hold T x (3I + 4H) float32 values");
-      scratch_ptr = static_cast<float*>(s.data());
+      scratch_ptr = static_cast<float*>(scratch_array->data());
     }
-    nb::gil_scoped_release release;
     for (const MatrixUse& u : uses) order_after(u, stream);
     const auto* w = static_cast<const float*>(weights.data());
     if (any.backend == Backend::Cpu)
@@ -275,9 +289,9 @@ void bind_kernels(nb::module_& m) {
     no_cuda();
 #endif
   }, nb::arg("handle"), nb::arg("gate_up_ids"), nb::arg("gate_up_matrix"), nb::arg("down_ids"),
-     nb::arg("down_matrix"), nb::arg("x"), nb::arg("routing"), nb::arg("weights"), nb::arg("act"), nb::arg("layout"),
-     nb::arg("alpha"), nb::arg("limit"), nb::arg("gate_up_bias").none(), nb::arg("down_bias").none(), nb::arg("out"),
-     nb::arg("scratch").none(), nb::arg("stream") = 0,
+     nb::arg("down_matrix"), nb::arg("x"), nb::arg("routing").noconvert(), nb::arg("weights"), nb::arg("act"), nb::arg("layout"),
+     nb::arg("alpha"), nb::arg("limit"), nb::arg("gate_up_bias").none(), nb::arg("down_bias").none(), nb::arg("out").noconvert(),
+     nb::arg("scratch").none().noconvert(), nb::arg("stream") = 0,
      "One MoE layer's routed experts: out[t] = sum_j weights[t, j] * expert_{routing[t, j]}(x[t]), expert e's "
      "matrices at (handle, gate_up_ids[e], gate_up_matrix) and (handle, down_ids[e], down_matrix); routing on the "
      "host, the rest where the experts are.");
@@ -297,7 +311,7 @@ void bind_kernels(nb::module_& m) {
 #else
     no_cuda();
 #endif
-  }, nb::arg("handle"), nb::arg("expert"), nb::arg("matrix"), nb::arg("out"), nb::arg("stream") = 0);
+  }, nb::arg("handle"), nb::arg("expert"), nb::arg("matrix"), nb::arg("out").noconvert(), nb::arg("stream") = 0);
 
   nb::class_<HostMatrices>(m, "HostMatrices")
       .def(nb::new_([] { return std::make_shared<HostMatrices>(); }))
@@ -305,7 +319,7 @@ void bind_kernels(nb::module_& m) {
         nb::gil_scoped_release release;
         return h.add(b.data(), b.shape(0));
       }, nb::arg("buf"))
-      .def("remove", &HostMatrices::remove, nb::arg("expert"))
+      .def("remove", &HostMatrices::remove, nb::arg("expert"), nb::call_guard<nb::gil_scoped_release>())
       .def("register", [](HostMatrices& h) { return register_source(h.shared_from_this()); });
 
   nb::class_<Runtime>(m, "Runtime")

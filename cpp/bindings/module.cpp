@@ -148,11 +148,11 @@ NB_MODULE(_native, m) {
       "szp_decode",
       [](HostBytes buf, HostArray out, bool verify) {
         SzpView v = parse_released(buf, verify);
-        check_out_size(out.nbytes(), v);
+        check_out(out, v);
         nb::gil_scoped_release release;
         szp_decode_cpu(buf.data(), v, out.data());
       },
-      nb::arg("buf"), nb::arg("out"), nb::arg("verify_checksum") = true,
+      nb::arg("buf"), nb::arg("out").noconvert(), nb::arg("verify_checksum") = true,
       "Decode into a host array of the stored dtype (CPU, multithreaded).");
 
   m.def(
@@ -161,7 +161,7 @@ NB_MODULE(_native, m) {
         SzpView v = parse_released(host_buf, false);
         if (device_buf.shape(0) != host_buf.shape(0))
           throw Error(ErrorKind::Shape, "device buffer size differs from the host buffer");
-        check_out_size(out.nbytes(), v);
+        check_out(out, v);
 #if MOEOFFLOAD_WITH_CUDA
         int err;
         {
@@ -174,7 +174,7 @@ NB_MODULE(_native, m) {
         throw Error(ErrorKind::Cuda, "moeoffload was built without CUDA; rebuild with MOEOFFLOAD_CUDA=ON");
 #endif
       },
-      nb::arg("host_buf"), nb::arg("device_buf"), nb::arg("out"), nb::arg("stream"),
+      nb::arg("host_buf"), nb::arg("device_buf"), nb::arg("out").noconvert(), nb::arg("stream"),
       "Decode a device copy of a (validated) host buffer on the given CUDA stream.");
 
   bind_runtime(m);

@@ -92,11 +92,11 @@ void bind_szpe(nb::module_& m) {
       "szpe_decode",
       [](HostBytes buf, HostArray out, bool verify) {
         const SzpeView e = parse_released(buf, verify);
-        check_out_size(out.nbytes(), e.szp);
+        check_out(out, e.szp);
         nb::gil_scoped_release release;
         szpe_decode_cpu(buf.data(), e, out.data());
       },
-      nb::arg("buf"), nb::arg("out"), nb::arg("verify_checksum") = true,
+      nb::arg("buf"), nb::arg("out").noconvert(), nb::arg("verify_checksum") = true,
       "Decode into a host array of the stored dtype (CPU, multithreaded): szp's values bit for bit.");
 
   m.def(
@@ -118,7 +118,7 @@ void bind_szpe(nb::module_& m) {
           throw Error(ErrorKind::Shape, "szp scratch holds " + std::to_string(szp_scratch.shape(0)) +
                                             " bytes, the buffer transcodes to " + std::to_string(e.as_szp.total_bytes));
         if (failed.shape(0) != 1) throw Error(ErrorKind::Shape, "failed must hold one int32");
-        check_out_size(out.nbytes(), e.szp);
+        check_out(out, e.szp);
 #if MOEOFFLOAD_WITH_CUDA
         int err;
         {
@@ -133,7 +133,7 @@ void bind_szpe(nb::module_& m) {
         throw Error(ErrorKind::Cuda, "moeoffload was built without CUDA; rebuild with MOEOFFLOAD_CUDA=ON");
 #endif
       },
-      nb::arg("host_buf"), nb::arg("device_buf"), nb::arg("szp_scratch"), nb::arg("failed"), nb::arg("out"),
+      nb::arg("host_buf"), nb::arg("device_buf"), nb::arg("szp_scratch").noconvert(), nb::arg("failed").noconvert(), nb::arg("out").noconvert(),
       nb::arg("stream"),
       "Transcode a device copy of a (validated) szpe buffer into szp_scratch (the szp buffer, byte for byte) and "
       "decode that into out, on the given CUDA stream. failed[0] becomes nonzero when a stream is corrupt (read it "

@@ -40,4 +40,17 @@ inline uint64_t mul(uint64_t a, uint64_t b, const char* format) {
   return a * b;
 }
 
+// The number of values of a shape, or corrupt() when its non-zero dimensions multiply past 2^63 - 1
+// (the sizes and strides of torch and NumPy are signed 64-bit: such a shape, even with a zero
+// dimension, makes no tensor).
+inline uint64_t numel_of(const uint64_t* shape, uint32_t ndim, const char* format) {
+  uint64_t numel = 1, nonzero = 1;
+  for (uint32_t i = 0; i < ndim; ++i) {
+    numel *= shape[i];  // 0 once any dimension is
+    if (shape[i]) nonzero = mul(nonzero, shape[i], format);
+    if (nonzero > static_cast<uint64_t>(INT64_MAX)) corrupt(format, "a shape beyond 2^63 - 1 values");
+  }
+  return numel;
+}
+
 }  // namespace moeoffload::bytes

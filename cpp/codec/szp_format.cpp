@@ -94,13 +94,9 @@ SzpView szp_parse(const uint8_t* buf, size_t len, bool verify_checksum) {
 
   uint64_t at = kSzpHeaderBytes;
   if (len - 4 < add(at, 8ull * v.ndim)) corrupt("shape does not fit");
-  uint64_t numel = 1;
-  for (uint32_t i = 0; i < v.ndim; ++i) {
-    v.shape[i] = load<uint64_t>(buf + at + 8ull * i);
-    numel = mul(numel, v.shape[i]);
-  }
+  for (uint32_t i = 0; i < v.ndim; ++i) v.shape[i] = load<uint64_t>(buf + at + 8ull * i);
   at += 8ull * v.ndim;
-  if (numel != v.numel) corrupt("numel does not match the shape");
+  if (bytes::numel_of(v.shape, v.ndim, "szp") != v.numel) corrupt("numel does not match the shape");
   if (v.segment_len == 0 || v.segment_len > kSzpMaxSegment) corrupt("segment length out of range");
   v.n_segments = v.numel ? (v.numel - 1) / v.segment_len + 1 : 0;
   if (v.n_exceptions > v.numel) corrupt("more exceptions than values");

@@ -152,6 +152,9 @@ std::vector<uint8_t> szpe_from_szp(const uint8_t* szp, const SzpView& v, uint64_
   for (const auto& p : part)
     for (size_t i = 0; i < hist.size(); ++i) hist[i] += p[i];
   const uint32_t zmax = NS ? *std::max_element(part_max.begin(), part_max.end()) : 0;
+  if (zmax > kSzpeMaxZigzag)  // q = -2^24 fits a 25-bit field, but szp's encoder never writes it
+    throw Error(ErrorKind::CorruptData, "szp buffer holds a quantised value of -2^24, outside the range szp's "
+                                        "encoder writes: re-create it from the original weights");
   const uint32_t A = choose_alphabet(hist, zmax);
   std::vector<uint64_t> counts(A, 0);
   for (uint32_t i = 0; i < kSzpeMaxAlphabet + 1; ++i) counts[std::min(i, A - 1)] += hist[i];

@@ -22,7 +22,6 @@ using bytes::load;
 uint64_t add(uint64_t a, uint64_t b) { return bytes::add(a, b, "szpe"); }
 uint64_t mul(uint64_t a, uint64_t b) { return bytes::mul(a, b, "szpe"); }
 
-constexpr uint32_t kMaxZigzag = (1u << kSzpMaxWidth) - 2;  // |q| <= 2^24 - 1
 
 }  // namespace
 
@@ -83,12 +82,8 @@ SzpeView szpe_parse(const uint8_t* buf, size_t len, bool verify_checksum) {
     return start;
   };
   region(mul(8, v.ndim));
-  uint64_t numel = 1;
-  for (uint32_t i = 0; i < v.ndim; ++i) {
-    v.shape[i] = load<uint64_t>(buf + kSzpeHeaderBytes + 8ull * i);
-    numel = mul(numel, v.shape[i]);
-  }
-  if (numel != v.numel) corrupt("numel does not match the shape");
+  for (uint32_t i = 0; i < v.ndim; ++i) v.shape[i] = load<uint64_t>(buf + kSzpeHeaderBytes + 8ull * i);
+  if (bytes::numel_of(v.shape, v.ndim, "szpe") != v.numel) corrupt("numel does not match the shape");
   v.n_segments = v.numel ? (v.numel - 1) / v.segment_len + 1 : 0;
   e.n_streams = v.n_segments ? (v.n_segments - 1) / e.stream_segments + 1 : 0;
   if (v.n_exceptions > v.numel || e.n_escapes > v.numel) corrupt("more exceptions or escapes than values");
@@ -157,7 +152,7 @@ SzpeView szpe_parse(const uint8_t* buf, size_t len, bool verify_checksum) {
   for (uint64_t i = 0; i < e.n_escapes; ++i) {
     const uint32_t z = e.escape_bytes == 2 ? (e.alphabet - 1) + load<uint16_t>(buf + e.escapes_at + 2 * i)
                                            : load<uint32_t>(buf + e.escapes_at + 4 * i);
-    if (z < e.alphabet - 1 || z > kMaxZigzag) corrupt("escape value out of range");
+    if (z < e.alphabet - 1 || z > kSzpeMaxZigzag) corrupt("escape value out of range");
     widest = std::max(widest, z);
   }
   const float qmax = static_cast<float>((widest + 1) >> 1);  // the largest |q| of any symbol

@@ -158,7 +158,8 @@ class ExpertCache:
         ids = np.asarray(experts).reshape(-1)
         self.expert_id(layer, 0)  # the layer's range check
         E = self.table.experts_per_layer
-        if ids.dtype.kind not in "iu" or (ids.size and (int(ids.min()) < 0 or int(ids.max()) >= E)):
+        values = ids.tolist()  # a decode step's handful: Python's min and max beat numpy's here
+        if ids.dtype.kind not in "iu" or (values and (min(values) < 0 or max(values) >= E)):
             bad = next((e for e in ids.tolist() if not isinstance(e, int) or not 0 <= e < E), ids.dtype)
             raise InvalidArgumentError(f"expert {bad!r} is out of range: the table has {E} experts per layer "
                                        "(integers 0..E-1)")

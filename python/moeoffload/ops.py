@@ -132,14 +132,17 @@ def _moe_experts_impl(x: torch.Tensor, routing: torch.Tensor, weights: torch.Ten
                       gate_up_ids: list[int], gate_up_matrix: int, down_ids: list[int], down_matrix: int,
                       gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None, act: str, layout: int,
                       alpha: float, limit: float) -> torch.Tensor:
-    # routing [T, k] int64 (read on the host), weights [T, k] (any float dtype, x's device)
+    # routing [T, k] of integers (read on the host), weights [T, k] (any float dtype, x's device)
+    if routing.dtype.is_floating_point or routing.dtype.is_complex or routing.dtype == torch.bool:
+        raise UnsupportedDtypeError(f"routing must hold expert indices (an integer dtype), got {routing.dtype}")
     x = x.contiguous()
     out = torch.empty_like(x)
     routing = routing.to("cpu", torch.int64).contiguous()
     weights = weights.to(x.device, torch.float32).contiguous()
     scratch = None
-    if x.device.type == "cuda" and routing.numel():
-        H, I = _rows(handle, down_ids[int(routing[0, 0])], down_matrix)
+    first = int(routing[0, 0]) if routing.dim() == 2 and routing.numel() else -1
+    if x.device.type == "cuda" and 0 <= first < len(down_ids):  # else the native call names what is wrong
+        H, I = _rows(handle, down_ids[first], down_matrix)
         scratch = torch.empty(x.shape[0] * (3 * I + 4 * H), dtype=torch.float32, device=x.device)
     _native.moe_experts(handle, gate_up_ids, gate_up_matrix, down_ids, down_matrix, x, routing.numpy(), weights, act,
                         layout, alpha, limit, gate_up_bias, down_bias, out, scratch, _stream(x))
@@ -266,9 +269,13 @@ def moe_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch
         raise InvalidArgumentError(f"act must be one of {ACTIVATIONS}, got {act!r}")
     if layout not in GATE_LAYOUTS:
         raise InvalidArgumentError(f"layout must be one of {tuple(GATE_LAYOUTS)}, got {layout!r}")
+    for name, t in (("x", x), ("top_k_index", top_k_index), ("top_k_weights", top_k_weights),
+                    ("gate_up_bias", gate_up_bias), ("down_bias", down_bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise UnsupportedDtypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if x.dim() != 2 or top_k_index.dim() != 2 or top_k_index.shape != top_k_weights.shape:
         raise ShapeError("moe_experts needs x [T, H] and top_k_index, top_k_weights [T, k]")
-    if not experts:
+    if not experts or not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in experts):
         raise ShapeError("moe_experts needs the layer's experts: a list of (gate_up, down) CompressedTensors")
     gu = [matrix_handle(g) for g, _ in experts]  # standalone tensors share one registry handle
     dn = [matrix_handle(d) for _, d in experts]

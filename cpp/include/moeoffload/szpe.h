@@ -29,6 +29,7 @@ constexpr uint16_t kSzpeVersion = 3;
 constexpr uint32_t kSzpeFlagU16Escapes = 2;  // flags bit 1 (bit 0 is szp's: has exceptions)
 constexpr uint64_t kSzpeHeaderBytes = 96;
 constexpr uint32_t kSzpeMaxAlphabet = 256;
+constexpr uint32_t kSzpeMaxZigzag = (1u << kSzpMaxWidth) - 2;  // |q| <= 2^24 - 1, what szp's encoder writes
 
 struct SzpeView {
   SzpView szp;  // dtype, ndim, shape, eb, step, numel, segment_len, n_segments, n_exceptions (its
