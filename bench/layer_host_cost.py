@@ -4,7 +4,7 @@
 
 A Qwen3-30B-A3B-shaped routing (48 layers x 128 experts, top-8) with matrices of 64 x 32, so what is
 timed is the machinery a decode step runs around the experts at every MoE layer: the router's ids to
-the host, acquire and release of the routed experts, the decision step (record, predict, plan,
+the host, acquire and release of the routed experts (one call each), the decision step (record, predict, plan,
 prefetch), the hidden-state prediction, and the moe_experts call. On a GPU the experts' compute runs
 on the device while the host does this, so 48 x (host time per layer) is a floor under the time of a
 decode token: at 80 tokens/s a token has 12.5 ms, 260 us a layer for everything. The resident model
@@ -73,8 +73,8 @@ def timed_parts(off, ids, tokens: int) -> tuple[float, dict, int]:
 
     wrap(hf.Offload, "_forward", "the layer's experts part, all")
     wrap(ops, "moe_experts_call", "moe_experts call")
-    wrap(off.cache, "acquire", "acquire (each routed expert)")
-    wrap(off.cache, "release", "release (each)")
+    wrap(off.cache, "acquire_ahead", "acquire the routed experts")
+    wrap(off.cache, "release_all", "release them")
     wrap(off.cache, "record", "decision step (record)")
     wrap(off, "_hidden_next", "hidden-state prediction")
     try:

@@ -151,3 +151,26 @@ def test_table_with_an_older_szpe_payload_says_to_rebuild():
     t.entry(0, 0)["crc32"] = int(_native.crc32(blob))
     with pytest.raises(FormatVersionError, match="version 2 is older.*build it again"):
         ExpertCache(t, 4 * slot_bytes(t))
+
+
+def test_a_layers_experts_are_acquired_and_released_in_one_call():
+    from moeoffload.errors import CacheFullError, InvalidArgumentError
+
+    t = table.build(mixtral_state_dict(), policy=0.3, mode="meanabs", progress=False)
+    with ExpertCache(t, 3 * slot_bytes(t)) as cache:  # room for three experts
+        slots = cache.acquire_ahead(0, [3, 1, 0, 2])
+        assert [s.id for s in slots] == [3, 1, 0]  # the prefix that fits: the fourth would wait for itself
+        for s in slots:
+            s.wait()
+        assert cache.acquire_ahead(1, [0], holding_pins=True) == []  # holding pins: never waits, takes nothing
+        with pytest.raises(CacheFullError):
+            cache.acquire_ahead(1, [0], timeout=0.0)  # holding none (as far as it knows): the first must fit
+        with pytest.raises(InvalidArgumentError, match="not in use"):
+            cache.release_all(0, [3, 1, 2])  # 2 is not held: nothing is released
+        with pytest.raises(InvalidArgumentError):
+            cache.acquire_ahead(0, [E])
+        cache.release_all(0, [3, 1, 0])
+        assert [s.id for s in cache.acquire_ahead(1, [0, 1, 2])] == [E, E + 1, E + 2]
+        cache.release_all(1, [0, 1, 2])
+        with pytest.raises(InvalidArgumentError, match="not in use"):
+            cache.release_all(1, [0])

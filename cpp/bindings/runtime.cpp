@@ -266,6 +266,14 @@ void bind_runtime(nb::module_& m) {
       .def("acquire", &DeviceCache::acquire, nb::arg("id"), nb::arg("timeout") = 10.0,
            nb::call_guard<nb::gil_scoped_release>())
       .def("release", &DeviceCache::release, nb::arg("id"), nb::call_guard<nb::gil_scoped_release>())
+      .def("acquire_ahead", [](DeviceCache& c, std::vector<uint32_t> ids, bool holding_pins, double timeout) {
+        nb::gil_scoped_release release;
+        return c.acquire_ahead(ids.data(), ids.size(), holding_pins, timeout);
+      }, nb::arg("ids"), nb::arg("holding_pins"), nb::arg("timeout") = 10.0)
+      .def("release_all", [](DeviceCache& c, std::vector<uint32_t> ids) {
+        nb::gil_scoped_release release;
+        c.release_all(ids.data(), ids.size());
+      }, nb::arg("ids"))
       .def("prefetch", &DeviceCache::prefetch, nb::arg("id"), nb::arg("priority"),
            nb::call_guard<nb::gil_scoped_release>())
       .def("set_current_layer", &DeviceCache::set_current_layer, nb::arg("layer"))

@@ -98,6 +98,34 @@ Slot DeviceCache::acquire(uint32_t id, double timeout_s) {
   return slot;
 }
 
+std::vector<Slot> DeviceCache::acquire_ahead(const uint32_t* ids, size_t n, bool holding_pins, double timeout_s) {
+  std::vector<Slot> slots;
+  slots.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    try {
+      slots.push_back(acquire(ids[i], holding_pins || !slots.empty() ? 0.0 : timeout_s));
+    } catch (const Error& e) {
+      if (e.kind() != ErrorKind::CacheFull || (slots.empty() && !holding_pins)) throw;
+      break;  // no room until the caller releases what it holds
+    }
+  }
+  return slots;
+}
+
+void DeviceCache::release_all(const uint32_t* ids, size_t n) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  for (size_t i = 0; i < n; ++i) {  // all or nothing: every id must be held as often as it is named
+    int named = 0;
+    for (size_t j = 0; j < n; ++j) named += ids[j] == ids[i];
+    if (index_.pins(ids[i]) < named)
+      throw Error(ErrorKind::InvalidArgument, "expert " + std::to_string(ids[i]) + " is not in use (" +
+                                                  std::to_string(named) + " releases named)");
+  }
+  for (size_t i = 0; i < n; ++i) index_.unpin(ids[i]);
+  released_.notify_all();
+}
+
 void DeviceCache::release(uint32_t id) {
   std::lock_guard<std::mutex> lock(mu_);
   check_open();

@@ -174,6 +174,26 @@ class ExpertCache:
     def release(self, layer: int, expert: int) -> None:
         self.cache.release(self.expert_id(layer, expert))
 
+    def _layer_ids(self, layer: int, experts) -> list[int]:
+        base = self.expert_id(layer, 0)  # the layer's range check
+        E = self.table.experts_per_layer
+        experts = list(experts)
+        if not all(isinstance(e, (int, np.integer)) and not isinstance(e, bool) for e in experts) or (
+                experts and (min(experts) < 0 or max(experts) >= E)):
+            raise InvalidArgumentError(f"experts {experts!r} must be integers 0..{E - 1}: the table has {E} experts "
+                                       "per layer")
+        return [base + int(e) for e in experts]
+
+    def acquire_ahead(self, layer: int, experts, holding_pins: bool = False, timeout: float = 10.0) -> list:
+        """A layer's experts in one native call: pins them in order while the budget has room and returns the
+        slots of those pinned (a prefix). Only the first may wait (up to `timeout` s), and only when the caller
+        holds no pins; CacheFullError when not even the first fits."""
+        return self.cache.acquire_ahead(self._layer_ids(layer, experts), holding_pins, timeout)
+
+    def release_all(self, layer: int, experts) -> None:
+        """release() of each, in one native call; all or nothing."""
+        self.cache.release_all(self._layer_ids(layer, experts))
+
     def stats(self) -> dict:
         return {**self.cache.stats(), "used_bytes": self.cache.used_bytes, "budget": self.cache.budget}
 

@@ -44,6 +44,12 @@ class DeviceCache {
   // then raises CacheFull.
   Slot acquire(uint32_t id, double timeout_s = 10.0);
   void release(uint32_t id);
+  // A layer's experts in one call: pins ids in order while the budget has room. The first waits up
+  // to timeout_s when the caller holds no pins (holding_pins false), else nothing waits: a caller
+  // holding pins would wait for itself. Returns the slots of a prefix of ids; CacheFull only when
+  // not even the first fits.
+  std::vector<Slot> acquire_ahead(const uint32_t* ids, size_t n, bool holding_pins, double timeout_s = 10.0);
+  void release_all(const uint32_t* ids, size_t n);
   // The slot of `id` when some caller holds it pinned (acquired, not yet
   // released); nullopt otherwise. Ops reach an expert's bytes through it.
   std::optional<Slot> pinned_slot(uint32_t id);

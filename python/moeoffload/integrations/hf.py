@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..cache import ExpertCache, parse_budget, slot_bytes
-from ..errors import BudgetError, CacheFullError, ClosedError, InvalidArgumentError, TableError
+from ..errors import BudgetError, ClosedError, InvalidArgumentError, TableError
 from ..models.adapters import UnsupportedModelError, expert_matrix_names, gate_kind, moe_layers, router_probabilities
 from ..prefetch import PrefetchConfig
 from .. import ops as _ops  # also registers torch.ops.moeoffload.*
@@ -226,20 +226,14 @@ class Offload:
         """Pins `experts` in order into `held` (their copies start now and overlap compute) until the budget
         has no free slot; only the first acquire may wait for room (while this thread holds pins, waiting
         would wait for itself)."""
-        for e in experts:
-            if e in held:
-                continue
-            try:
-                held[e] = self.cache.acquire(layer, e, timeout=0.0 if held else 10.0)
-            except CacheFullError:
-                if not held:
-                    raise
-                return
+        todo = [e for e in experts if e not in held]
+        if todo:
+            held.update(zip(todo, self.cache.acquire_ahead(layer, todo, holding_pins=bool(held))))
 
     def _release_all(self, layer: int, held: dict) -> None:
-        for e in list(held):
-            del held[e]
-            self.cache.release(layer, e)
+        experts = list(held)
+        held.clear()
+        self.cache.release_all(layer, experts)
 
     def _each_acquired(self, layer: int, experts: list[int], held: dict, fn) -> None:
         """fn(expert, slot) for every expert in order, releasing each after its fn; the slots `held` holds
