@@ -12,9 +12,10 @@
 # Each stage has its own time limit and the script goes on past a failed one, so a call returns all
 # it could measure: logs, JSON and tables under $OUT, a summary printed last.
 #
-# Before the call, on the development machine (the image there lacks pysz; it has torch, nanobind,
-# scikit-build-core, transformers, accelerate and pytest):
-#   tools/device_check.sh --prepare          # pysz's cp312 wheel into .whl/ (git-ignored)
+# Before the call, on the development machine (the image there lacks pysz and has an older
+# transformers, 5.17 when last read; it has torch, nanobind, scikit-build-core, accelerate and pytest):
+#   tools/device_check.sh --prepare          # pysz's cp312 wheel and this venv's transformers into .whl/
+#                                            # (git-ignored; 22 MB of the 64 MB a call carries)
 # then: run(command="bash tools/device_check.sh", carry=[".whl"], timeout_s=600)
 # Here, without a GPU, `OUT=/tmp/dc E2E_LAYERS=1 tools/device_check.sh` checks the plumbing (the GPU
 # stages then report that there is no GPU).
@@ -25,6 +26,8 @@ if [ "${1:-}" = "--prepare" ]; then
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
     -d .whl "pysz==1.1.0"
+  tf=$(.venv/bin/python -c "import transformers; print(transformers.__version__)" 2>/dev/null || echo 5.24.0)
+  python3 -m pip download -q --no-deps --only-binary=:all: -d .whl "transformers==$tf"
   ls -la .whl
   exit
 fi
