@@ -174,3 +174,26 @@ def test_a_layers_experts_are_acquired_and_released_in_one_call():
         cache.release_all(1, [0, 1, 2])
         with pytest.raises(InvalidArgumentError, match="not in use"):
             cache.release_all(1, [0])
+
+
+def test_an_acquire_ahead_that_fails_midway_leaves_nothing_pinned(tmp_path):
+    # The first expert is a hit (pinned at once); fetching the second fails (the mapped table file changed):
+    # the caller gets no slots, so the hit must not stay pinned either.
+    import os
+
+    from moeoffload.errors import InvalidArgumentError, TableChangedError
+
+    table.build(mixtral_state_dict(), policy=0.3, mode="meanabs", progress=False).save(tmp_path / "t")
+    t = table.load(tmp_path / "t")
+    with ExpertCache(t, 8 * slot_bytes(t)) as cache:
+        cache.acquire_ahead(0, [1])[0].wait()
+        cache.release_all(0, [1])
+        payload = next(p for p in (tmp_path / "t").iterdir() if p.suffix == ".safetensors")
+        st = os.stat(payload)
+        os.utime(payload, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        with pytest.raises(TableChangedError):
+            cache.acquire_ahead(0, [1, 2])
+        with pytest.raises(InvalidArgumentError, match="not in use"):
+            cache.release(0, 1)
+        cache.cache.check_invariants()
+    t.close()

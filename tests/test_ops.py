@@ -203,6 +203,16 @@ def test_moe_experts_gives_the_eager_loop_bit_for_bit(dtype, act, layout, bias):
             assert torch.equal(y, _eager_layer(x, idx, w, experts, gb, db, **kw))
 
 
+def test_moe_experts_skips_the_dispatcher_only_for_inference():
+    # With autograd on, the op (no backward) says so; the direct path would hand back a constant.
+    experts = [_expert(16, 8, torch.float32, seed=e)[:2] for e in range(2)]
+    x, idx, w = torch.randn(2, 16, requires_grad=True), torch.tensor([[0], [1]]), torch.rand(2, 1)
+    with pytest.raises(RuntimeError):
+        ops.moe_experts(x, idx, w, experts).sum().backward()
+    with torch.no_grad():
+        assert torch.equal(ops.moe_experts(x, idx, w, experts), ops.moe_experts(x.detach(), idx, w, experts))
+
+
 def test_moe_experts_refuses_bad_routing_and_shapes():
     experts = [_expert(16, 8, torch.float32, seed=e)[:2] for e in range(3)]
     x, w = torch.randn(2, 16), torch.rand(2, 2)

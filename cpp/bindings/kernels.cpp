@@ -164,8 +164,10 @@ void bind_kernels(nb::module_& m) {
     // The matrices' read locks are taken and dropped without the GIL: a finalizer that removes a matrix
     // waits for them while holding it.
     nb::gil_scoped_release release;
-    MatrixUse gu = gsrc->use(gu_expert, gu_index);
-    MatrixUse dn = dsrc->use(down_expert, down_index);
+    // One read lock per source: gate_up and down usually share one, and a thread takes it once.
+    std::shared_lock<std::shared_mutex> guard = gsrc->lock();
+    MatrixUse gu = gsrc->use_locked(gu_expert, gu_index);
+    MatrixUse dn = dsrc == gsrc ? dsrc->use_locked(down_expert, down_index) : dsrc->use(down_expert, down_index);
     const SzpMatrix g = szp_matrix(gu.matrix.buf, gu.matrix.view, "gate_up");
     const SzpMatrix d = szp_matrix(dn.matrix.buf, dn.matrix.view, "down");
     if (gu.backend != dn.backend) throw Error(ErrorKind::InvalidArgument, "gate_up and down live on different devices");
@@ -236,13 +238,14 @@ void bind_kernels(nb::module_& m) {
     if (T == 0) return;
     const Routing r = group_routing(routing.data(), static_cast<uint32_t>(T), static_cast<uint32_t>(k),
                                     static_cast<uint32_t>(E));
-    // The routed experts' matrices, held (MatrixUse keeps each pinned slot's lock) for the whole call.
+    // The routed experts' matrices, read under one hold of the source's lock for the whole call.
+    std::shared_lock<std::shared_mutex> guard = src->lock();
     std::vector<MatrixUse> uses;
     std::vector<ExpertMatrices> mats(r.experts.size());
     uint64_t I = 0;
     for (size_t i = 0; i < r.experts.size(); ++i) {
-      uses.push_back(src->use(gate_up_ids[r.experts[i]], gu_index));
-      uses.push_back(src->use(down_ids[r.experts[i]], down_index));
+      uses.push_back(src->use_locked(gate_up_ids[r.experts[i]], gu_index));
+      uses.push_back(src->use_locked(down_ids[r.experts[i]], down_index));
       const MatrixUse& g = uses[uses.size() - 2];
       const MatrixUse& d = uses.back();
       mats[i].gate_up = szp_matrix(g.matrix.buf, g.matrix.view, "gate_up");

@@ -1,5 +1,7 @@
 // One MoE layer's routed experts on the CPU (moe_experts.h): the routing grouped by expert, each
-// expert's fused MLP on its tokens' rows, the weighted outputs summed in float32.
+// expert's fused MLP on its tokens' rows, the weighted outputs added in x's dtype (each term and each
+// sum rounded, as transformers' eager loop adds them). Built with -ffp-contract=off (CMakeLists.txt):
+// a fused multiply-add would round once where that loop rounds twice.
 #include "moeoffload/moe_experts.h"
 
 #include <cstring>

@@ -105,8 +105,9 @@ std::vector<Slot> DeviceCache::acquire_ahead(const uint32_t* ids, size_t n, bool
     try {
       slots.push_back(acquire(ids[i], holding_pins || !slots.empty() ? 0.0 : timeout_s));
     } catch (const Error& e) {
-      if (e.kind() != ErrorKind::CacheFull || (slots.empty() && !holding_pins)) throw;
-      break;  // no room until the caller releases what it holds
+      if (e.kind() == ErrorKind::CacheFull && (!slots.empty() || holding_pins)) break;  // no room until the caller releases
+      for (const Slot& s : slots) release(s.id);  // any other failure: the caller gets no slots, so none stays pinned
+      throw;
     }
   }
   return slots;

@@ -58,9 +58,8 @@ void HostMatrices::remove(uint32_t expert) {
   }
 }
 
-MatrixUse HostMatrices::use(uint32_t expert, uint32_t index) {
+MatrixUse HostMatrices::use_locked(uint32_t expert, uint32_t index) {
   MatrixUse u;
-  u.guard = std::shared_lock<std::shared_mutex>(mu_);
   if (expert >= items_.size() || index != 0 || items_[expert].second.buf == nullptr)
     throw Error(ErrorKind::InvalidArgument, "no compressed matrix (" + std::to_string(expert) + ", " +
                                                 std::to_string(index) + ") here");
@@ -114,9 +113,8 @@ void Runtime::start(uint64_t budget, EvictionPolicy policy) {
   cache_ = std::make_unique<DeviceCache>(budget, policy, *store_, *engine_);
 }
 
-MatrixUse Runtime::use(uint32_t expert, uint32_t index) {
+MatrixUse Runtime::use_locked(uint32_t expert, uint32_t index) {
   MatrixUse u;
-  u.guard = std::shared_lock<std::shared_mutex>(use_mu_);
   check_open();
   if (!cache_) throw Error(ErrorKind::Closed, "the runtime has no device cache yet");
   if (expert >= store_->capacity())

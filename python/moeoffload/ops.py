@@ -156,15 +156,18 @@ _moe_experts_op = torch.library.custom_op("moeoffload::moe_experts", _moe_expert
 @_moe_experts_op.register_fake
 def _(x, routing, weights, handle, gate_up_ids, gate_up_matrix, down_ids, down_matrix, gate_up_bias, down_bias, act,
       layout, alpha, limit):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, as the op's output is whatever x's strides
 
 
 def moe_experts_call(*args) -> torch.Tensor:
-    """``torch.ops.moeoffload.moe_experts(*args)``; in eager mode its implementation is called without the
-    dispatcher, whose per-call cost (about 45 µs on the CPU) a decode step would pay at every layer."""
-    if torch.compiler.is_compiling():
-        return torch.ops.moeoffload.moe_experts(*args)
-    return _moe_experts_impl(*args)
+    """``torch.ops.moeoffload.moe_experts(*args)``. Inference on plain tensors (no grad, not tracing: a decode
+    step) calls its implementation without the dispatcher, whose per-call cost (about 45 µs on the CPU) it
+    would pay at every layer; anything else (torch.compile, fake or traced tensors, autograd, which then
+    says the op has no backward) goes through the op."""
+    x = args[0]
+    if type(x) is torch.Tensor and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return _moe_experts_impl(*args)
+    return torch.ops.moeoffload.moe_experts(*args)
 
 
 @torch.library.custom_op("moeoffload::szp_decode", mutates_args=())

@@ -36,7 +36,18 @@ struct MatrixUse {
 class MatrixSource : public std::enable_shared_from_this<MatrixSource> {
  public:
   virtual ~MatrixSource() = default;
-  virtual MatrixUse use(uint32_t expert, uint32_t index) = 0;
+  // The source's read lock: held while an op reads its matrices (a writer, close or remove, waits).
+  virtual std::shared_lock<std::shared_mutex> lock() = 0;
+  // A matrix, for a caller that holds lock() (the Use's own guard is empty). An op that reads several
+  // matrices of one source takes lock() once: a thread must not take a shared_mutex twice.
+  virtual MatrixUse use_locked(uint32_t expert, uint32_t index) = 0;
+  // lock() and use_locked() in one, the guard in the Use.
+  MatrixUse use(uint32_t expert, uint32_t index) {
+    std::shared_lock<std::shared_mutex> guard = lock();
+    MatrixUse u = use_locked(expert, index);
+    u.guard = std::move(guard);
+    return u;
+  }
 };
 
 // Registered sources (held weakly); handles are never reused. find() raises
@@ -50,7 +61,8 @@ class HostMatrices : public MatrixSource {
   // Copies and parses `bytes`; returns its expert id (matrix index 0).
   uint32_t add(const uint8_t* bytes, size_t len);
   void remove(uint32_t expert);  // frees its bytes; the id is not reused
-  MatrixUse use(uint32_t expert, uint32_t index) override;
+  std::shared_lock<std::shared_mutex> lock() override { return std::shared_lock<std::shared_mutex>(mu_); }
+  MatrixUse use_locked(uint32_t expert, uint32_t index) override;
 
  private:
   std::shared_mutex mu_;
@@ -71,7 +83,8 @@ class Runtime : public MatrixSource {
   void start(uint64_t budget, EvictionPolicy policy);  // creates the device cache
   // The matrix of a pinned (acquired) expert; InvalidArgument when the
   // caller does not hold it pinned.
-  MatrixUse use(uint32_t expert, uint32_t index) override;
+  std::shared_lock<std::shared_mutex> lock() override { return std::shared_lock<std::shared_mutex>(use_mu_); }
+  MatrixUse use_locked(uint32_t expert, uint32_t index) override;
   int64_t handle();       // registers on first call
   Backend backend() const { return backend_; }
   void close();

@@ -231,9 +231,10 @@ class Offload:
             held.update(zip(todo, self.cache.acquire_ahead(layer, todo, holding_pins=bool(held))))
 
     def _release_all(self, layer: int, held: dict) -> None:
-        experts = list(held)
-        held.clear()
-        self.cache.release_all(layer, experts)
+        if held:  # the fused paths release as they go: usually nothing is left
+            experts = list(held)
+            held.clear()
+            self.cache.release_all(layer, experts)
 
     def _each_acquired(self, layer: int, experts: list[int], held: dict, fn) -> None:
         """fn(expert, slot) for every expert in order, releasing each after its fn; the slots `held` holds
