@@ -35,11 +35,6 @@ __global__ void gather_rows(const typename Stored<T>::type* x, uint64_t H, Assig
 }
 
 template <DType T>
-__device__ __forceinline__ float rounded(float v) {
-  return Stored<T>::to_f32(Stored<T>::from_f32(v));
-}
-
-template <DType T>
 __global__ void add_weighted(const typename Stored<T>::type* y, uint64_t H, Assigned a, const float* weights,
                              float* acc) {
   const uint64_t n = static_cast<uint64_t>(a.n) * H;
@@ -47,7 +42,7 @@ __global__ void add_weighted(const typename Stored<T>::type* y, uint64_t H, Assi
        i += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
     const uint32_t at = a.at[i / H];
     float& sum = acc[static_cast<uint64_t>(at / a.k) * H + i % H];
-    sum = rounded<T>(sum + rounded<T>(weights[at] * Stored<T>::to_f32(y[i])));
+    sum = rounded_to(sum + rounded_to(weights[at] * Stored<T>::to_f32(y[i]), T), T);
   }
 }
 

@@ -113,6 +113,16 @@ const void* bias_data(const std::optional<Array>& a, const MatrixUse& u, DType x
   return a->data();
 }
 
+// The CUDA scratch's data after checking it: at least `floats` float32 values where the matrix is.
+float* scratch_data(const std::optional<Array>& a, const MatrixUse& u, uint64_t floats, const char* op,
+                    const char* size) {
+  if (!a) throw Error(ErrorKind::Shape, std::string(op) + " on CUDA needs a scratch");
+  check_device(u, *a, "scratch");
+  if (a->dtype() != nb::dtype<float>() || a->size() < floats)
+    throw Error(ErrorKind::Shape, std::string("scratch must hold ") + size + " float32 values");
+  return static_cast<float*>(a->data());
+}
+
 }  // namespace
 
 void bind_kernels(nb::module_& m) {
@@ -185,14 +195,9 @@ void bind_kernels(nb::module_& m) {
     if (dtype_of(y, "y") != xt) throw Error(ErrorKind::UnsupportedDtype, "y must have x's dtype");
     const void* gb = bias_data(gb_array, gu, xt, 0, g.rows, "gate_up_bias");
     const void* db = bias_data(db_array, gu, xt, 0, d.rows, "down_bias");
-    float* scratch_ptr = nullptr;
-    if (gu.backend == Backend::Cuda) {
-      if (!scratch_array) throw Error(ErrorKind::Shape, "expert_mlp on CUDA needs a scratch");
-      check_device(gu, *scratch_array, "scratch");
-      if (scratch_array->dtype() != nb::dtype<float>() || scratch_array->size() < T * (g.rows + d.cols + d.rows))
-        throw Error(ErrorKind::Shape, "scratch must hold T x (3I + H) float32 values");
-      scratch_ptr = static_cast<float*>(scratch_array->data());
-    }
+    float* scratch_ptr = gu.backend == Backend::Cuda
+                             ? scratch_data(scratch_array, gu, T * (g.rows + d.cols + d.rows), "expert_mlp", "T x (3I + H)")
+                             : nullptr;
     order_after(gu, stream);
     order_after(dn, stream);
     if (gu.backend == Backend::Cpu)
@@ -272,11 +277,7 @@ void bind_kernels(nb::module_& m) {
       if (r.order.size() > kMaxCudaAssignments)
         throw Error(ErrorKind::Shape, "moe_experts on CUDA takes at most " + std::to_string(kMaxCudaAssignments) +
                                           " token-expert assignments a call (run larger batches expert by expert)");
-      if (!scratch_array) throw Error(ErrorKind::Shape, "moe_experts on CUDA needs a scratch");
-      check_device(any, *scratch_array, "scratch");
-      if (scratch_array->dtype() != nb::dtype<float>() || scratch_array->size() < moe_experts_cuda_scratch(T, H, I))
-        throw Error(ErrorKind::Shape, "scratch must hold T x (3I + 4H) float32 values");
-      scratch_ptr = static_cast<float*>(scratch_array->data());
+      scratch_ptr = scratch_data(scratch_array, any, moe_experts_cuda_scratch(T, H, I), "moe_experts", "T x (3I + 4H)");
     }
     for (const MatrixUse& u : uses) order_after(u, stream);
     const auto* w = static_cast<const float*>(weights.data());

@@ -69,6 +69,9 @@ std::vector<uint32_t> normalise(const std::vector<uint64_t>& counts, uint32_t bi
   return f;
 }
 
+// Whether every escaped value (zigzag >= alphabet - 1, the largest zmax) fits a u16 as z - (alphabet - 1).
+bool u16_escapes(uint32_t zmax, uint32_t alphabet) { return zmax < alphabet - 1 || zmax - (alphabet - 1) < 65536; }
+
 // The alphabet A (2..256; 1 only for an empty tensor) whose estimated size is smallest: literal
 // symbols 0..A-2 at their entropy, the rest escaped at their entropy + 16 bits (when every escaped
 // value is below A - 1 + 2^16, `zmax` the largest) or 32, plus the table.
@@ -85,7 +88,7 @@ uint32_t choose_alphabet(const std::vector<uint64_t>& hist /* kSzpeMaxAlphabet +
   for (uint32_t a = 2; a <= kSzpeMaxAlphabet; ++a) {
     literal += bits(hist[a - 2]);
     escaped -= hist[a - 2];
-    const double escape_bits = zmax < a - 1 || zmax - (a - 1) < 65536 ? 16.0 : 32.0;
+    const double escape_bits = u16_escapes(zmax, a) ? 16.0 : 32.0;
     const double cost = literal + bits(escaped) + escape_bits * escaped + 16.0 * a;
     if (a == 2 || cost < best_cost) {
       best = a;
@@ -174,7 +177,7 @@ std::vector<uint8_t> szpe_from_szp(const uint8_t* szp, const SzpView& v, uint64_
 
   uint64_t payload = 0, n_escapes = 0;
   for (const Stream& st : streams) payload += st.bytes.size(), n_escapes += st.escapes.size();
-  const uint32_t escape_bytes = zmax < A - 1 || zmax - (A - 1) < 65536 ? 2 : 4;
+  const uint32_t escape_bytes = u16_escapes(zmax, A) ? 2 : 4;
   const uint32_t raw_bytes = dtype_size(v.dtype);
   const uint64_t X = v.n_exceptions;
   auto pad4 = [](uint64_t n) { return (n + 3) & ~uint64_t{3}; };

@@ -8,6 +8,7 @@
 
 #include "moeoffload/errors.h"
 #include "moeoffload/szpe.h"
+#include "moeoffload/szpe_stream.h"
 #include "szp_layout.h"
 #include "bytes.h"
 
@@ -21,7 +22,6 @@ using bytes::load;
 
 uint64_t add(uint64_t a, uint64_t b) { return bytes::add(a, b, "szpe"); }
 uint64_t mul(uint64_t a, uint64_t b) { return bytes::mul(a, b, "szpe"); }
-
 
 }  // namespace
 
@@ -134,24 +134,21 @@ SzpeView szpe_parse(const uint8_t* buf, size_t len, bool verify_checksum) {
     for (uint64_t s = 0; s < e.n_streams; ++s) {
       const uint64_t a = load<uint64_t>(xi + 8 * s), b = load<uint64_t>(xi + 8 * (s + 1));
       if (b < a || b > v.n_exceptions) corrupt("exception index decreases");
-      const uint64_t first = s * e.stream_segments * v.segment_len;  // < numel: s < n_streams
-      const uint64_t n_values = std::min(v.numel - first, e.stream_segments * v.segment_len);
+      const uint64_t n_values = szpe_stream::span_of(e, s).n_values;
       int64_t last = -1;
       for (uint64_t x = a; x < b; ++x) {
         const uint32_t pos = load<uint32_t>(buf + e.exc_pos_at + 4 * x);
         if (pos >= n_values || static_cast<int64_t>(pos) <= last) corrupt("exception position out of order or range");
         last = pos;
-        const uint32_t raw = v.dtype == DType::F32 ? load<uint32_t>(buf + e.exc_raw_at + 4 * x)
-                                                   : load<uint16_t>(buf + e.exc_raw_at + 2 * x);
-        if (!std::isfinite(raw_to_f32(raw, v.dtype))) corrupt("exception value is not finite");
+        if (!std::isfinite(raw_to_f32(szpe_stream::exception_raw(buf, e, x), v.dtype)))
+          corrupt("exception value is not finite");
       }
     }
   }
   // Escapes: above the literals, within szp's q range, and every q decodes to a finite value.
   uint32_t widest = e.alphabet >= 2 ? e.alphabet - 2 : 0;  // the largest literal zigzag value
   for (uint64_t i = 0; i < e.n_escapes; ++i) {
-    const uint32_t z = e.escape_bytes == 2 ? (e.alphabet - 1) + load<uint16_t>(buf + e.escapes_at + 2 * i)
-                                           : load<uint32_t>(buf + e.escapes_at + 4 * i);
+    const uint32_t z = szpe_stream::escape_at(buf, e, i);
     if (z < e.alphabet - 1 || z > kSzpeMaxZigzag) corrupt("escape value out of range");
     widest = std::max(widest, z);
   }

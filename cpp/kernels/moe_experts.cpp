@@ -46,9 +46,6 @@ void moe_experts_cpu(const Routing& routing, const std::vector<ExpertMatrices>& 
   if (tokens == 0) return;
   const size_t es = static_cast<size_t>(dtype_size(xt));
   std::vector<float> acc(static_cast<size_t>(tokens) * H, 0.0f);  // values of x's dtype, held as float
-  const auto round = [xt](float v) {
-    return xt == DType::F32 ? v : xt == DType::BF16 ? bf16_to_f32(f32_to_bf16(v)) : f16_to_f32(f32_to_f16(v));
-  };
   std::vector<uint8_t> xe, ye;
   std::vector<float> yf(H);
   for (size_t i = 0; i < routing.experts.size(); ++i) {
@@ -71,7 +68,7 @@ void moe_experts_cpu(const Routing& routing, const std::vector<ExpertMatrices>& 
       to_f32(ye.data() + r * H * es, xt, H, yf.data());
       const float w = weights[assigned[r]];
       float* dst = acc.data() + static_cast<size_t>(assigned[r] / k) * H;
-      for (uint64_t h = 0; h < H; ++h) dst[h] = round(dst[h] + round(w * yf[h]));
+      for (uint64_t h = 0; h < H; ++h) dst[h] = rounded_to(dst[h] + rounded_to(w * yf[h], xt), xt);
     }
   }
   from_f32(acc.data(), acc.size(), xt, out);

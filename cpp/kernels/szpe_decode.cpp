@@ -30,18 +30,9 @@ struct Table : RansTable {  // 40 KiB: on the heap, built once per call and shar
   Table(const uint8_t* buf, const SzpeView& e) : RansTable() { szpe_stream::build_table(buf, e, *this, 0, 1); }
 };
 
+using szpe_stream::StreamSpan;
+using szpe_stream::span_of;
 using szpe_stream::unzigzag;
-
-struct StreamSpan {
-  uint64_t first_segment, end_segment, first_value, n_values;
-};
-
-StreamSpan span_of(const SzpeView& e, uint64_t s) {
-  const SzpView& v = e.szp;
-  const uint64_t g0 = s * e.stream_segments, g1 = std::min(v.n_segments, g0 + e.stream_segments);
-  const uint64_t first = g0 * v.segment_len;
-  return {g0, g1, first, std::min(v.numel, g1 * v.segment_len) - first};
-}
 
 // The q values of stream s into q[0 .. n_values).
 void decode_stream(const uint8_t* buf, const SzpeView& e, const RansTable& table, uint64_t s, int32_t* q) {

@@ -156,13 +156,7 @@ class ExpertCache:
         "combined". Call it after acquiring the layer's experts, so a prefetch cannot evict them.
         Returns the expert ids whose fetch started."""
         ids = np.asarray(experts).reshape(-1)
-        self.expert_id(layer, 0)  # the layer's range check
-        E = self.table.experts_per_layer
-        values = ids.tolist()  # a decode step's handful: Python's min and max beat numpy's here
-        if ids.dtype.kind not in "iu" or (values and (min(values) < 0 or max(values) >= E)):
-            bad = next((e for e in ids.tolist() if not isinstance(e, int) or not 0 <= e < E), ids.dtype)
-            raise InvalidArgumentError(f"expert {bad!r} is out of range: the table has {E} experts per layer "
-                                       "(integers 0..E-1)")
+        self._layer_ids(layer, ids.tolist())
         hidden = None if hidden_next is None else np.ascontiguousarray(hidden_next, dtype=np.float32).reshape(-1)
         return self.cache.decide(self.decisions, layer, ids.astype(np.uint32), hidden)
 
@@ -175,13 +169,14 @@ class ExpertCache:
         self.cache.release(self.expert_id(layer, expert))
 
     def _layer_ids(self, layer: int, experts) -> list[int]:
+        """The flat ids of a layer's experts (a decode step's handful: Python beats numpy here), range-checked."""
         base = self.expert_id(layer, 0)  # the layer's range check
         E = self.table.experts_per_layer
-        experts = list(experts)
-        if not all(isinstance(e, (int, np.integer)) and not isinstance(e, bool) for e in experts) or (
-                experts and (min(experts) < 0 or max(experts) >= E)):
-            raise InvalidArgumentError(f"experts {experts!r} must be integers 0..{E - 1}: the table has {E} experts "
-                                       "per layer")
+        bad = next((e for e in experts if isinstance(e, bool) or not isinstance(e, (int, np.integer)) or not 0 <= e < E),
+                   None)
+        if bad is not None:
+            raise InvalidArgumentError(f"expert {bad!r} is out of range: the table has {E} experts per layer "
+                                       "(integers 0..E-1)")
         return [base + int(e) for e in experts]
 
     def acquire_ahead(self, layer: int, experts, holding_pins: bool = False, timeout: float = 10.0) -> list:

@@ -242,10 +242,7 @@ def expert_mlp(x: torch.Tensor, gate_up: CompressedTensor, down: CompressedTenso
     A table built for the offload path stores such matrices transposed back, so
     the fused path applies there.
     """
-    if act not in ACTIVATIONS:
-        raise InvalidArgumentError(f"act must be one of {ACTIVATIONS}, got {act!r}")
-    if layout not in GATE_LAYOUTS:
-        raise InvalidArgumentError(f"layout must be one of {tuple(GATE_LAYOUTS)}, got {layout!r}")
+    _check_gate(act, layout)
     for name, m in (("gate_up", gate_up), ("down", down)):
         if not isinstance(m, CompressedTensor) or len(m.shape) != 2:
             raise ShapeError(f"{name} must be a 2-D CompressedTensor")
@@ -269,10 +266,7 @@ def moe_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch
     an MoE layer's experts part, from compressed (gate_up, down) pairs. x [T, H]; top_k_index [T, k];
     biases [E, 2I] and [E, H] in x's dtype. The sum is formed as transformers' eager experts loop forms
     it: expert by expert ascending, each weighted output and each sum rounded to x's dtype."""
-    if act not in ACTIVATIONS:
-        raise InvalidArgumentError(f"act must be one of {ACTIVATIONS}, got {act!r}")
-    if layout not in GATE_LAYOUTS:
-        raise InvalidArgumentError(f"layout must be one of {tuple(GATE_LAYOUTS)}, got {layout!r}")
+    _check_gate(act, layout)
     for name, t in (("x", x), ("top_k_index", top_k_index), ("top_k_weights", top_k_weights),
                     ("gate_up_bias", gate_up_bias), ("down_bias", down_bias)):
         if t is not None and not isinstance(t, torch.Tensor):
@@ -285,6 +279,13 @@ def moe_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch
     dn = [matrix_handle(d) for _, d in experts]
     return moe_experts_call(x, top_k_index, top_k_weights, gu[0][0], [e for _, e in gu], 0, [e for _, e in dn], 0,
                             gate_up_bias, down_bias, act, GATE_LAYOUTS[layout], float(alpha), float(limit))
+
+
+def _check_gate(act: str, layout: str) -> None:
+    if act not in ACTIVATIONS:
+        raise InvalidArgumentError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    if layout not in GATE_LAYOUTS:
+        raise InvalidArgumentError(f"layout must be one of {tuple(GATE_LAYOUTS)}, got {layout!r}")
 
 
 def _gate(gu: torch.Tensor, act: str, layout: str, alpha: float, limit: float) -> torch.Tensor:

@@ -115,4 +115,7 @@ MOEOFFLOAD_HD uint32_t stored_bits(float v, DType t) {
   return t == DType::F32 ? f32_bits(v) : t == DType::BF16 ? f32_to_bf16(v) : f32_to_f16(v);
 }
 
+// v rounded to dtype t (RNE), as float: what storing it in t keeps.
+MOEOFFLOAD_HD float rounded_to(float v, DType t) { return t == DType::F32 ? v : raw_to_f32(stored_bits(v, t), t); }
+
 }  // namespace moeoffload

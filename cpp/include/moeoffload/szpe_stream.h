@@ -61,6 +61,19 @@ MOEOFFLOAD_HD void build_table(const uint8_t* buf, const SzpeView& e, RansTable&
   }
 }
 
+// Stream s's segments [first_segment, end_segment) and values [first_value, first_value + n_values).
+struct StreamSpan {
+  uint64_t first_segment, end_segment, first_value, n_values;
+};
+
+MOEOFFLOAD_HD StreamSpan span_of(const SzpeView& e, uint64_t s) {
+  const SzpView& v = e.szp;
+  const uint64_t g0 = s * e.stream_segments;
+  const uint64_t g1 = g0 + e.stream_segments < v.n_segments ? g0 + e.stream_segments : v.n_segments;
+  const uint64_t first = g0 * v.segment_len, end = g1 * v.segment_len < v.numel ? g1 * v.segment_len : v.numel;
+  return {g0, g1, first, end - first};
+}
+
 // Escape number i: its zigzag value.
 MOEOFFLOAD_HD uint32_t escape_at(const uint8_t* buf, const SzpeView& e, uint64_t i) {
   return e.escape_bytes == 2 ? (e.alphabet - 1) + load<uint16_t>(buf + e.escapes_at + 2 * i)

@@ -100,7 +100,7 @@ class Offload:
             raise UnsupportedModelError(f"the table holds {table.num_layers} layers of {table.experts_per_layer} "
                                         f"experts, the model {len(self.layers)} of {E}")
         self.table = table
-        self._layer_ids = [list(range(l * E, (l + 1) * E)) for l in range(len(self.layers))]  # moe_experts' ids
+        self._ids_of_layer = [list(range(l * E, (l + 1) * E)) for l in range(len(self.layers))]  # moe_experts' ids
         self.codec = table.manifest["codec"]
         self.names = table.matrix_names
         cfg = None
@@ -194,7 +194,7 @@ class Offload:
         for slot in held.values():
             self._wait(slot)
         gu, down = (self.names.index(n) for n in expert_matrix_names(module))
-        ids_of_layer = self._layer_ids[layer]
+        ids_of_layer = self._ids_of_layer[layer]
         gu_bias = module.gate_up_proj_bias.to(hidden.dtype) if module.has_bias else None
         down_bias = module.down_proj_bias.to(hidden.dtype) if module.has_bias else None
         return _ops.moe_experts_call(hidden, torch.from_numpy(ids).view(top_k_weights.shape), top_k_weights,
