@@ -1,16 +1,21 @@
-// One MoE layer's routed experts on the GPU (moe_experts.h), in one native call on one stream: for
-// each routed expert, a gather of its tokens' rows of x (skipped when it holds every token in order,
-// the decode step), the expert MLP's kernels (expert_mlp.cu), and a kernel that adds its output rows,
-// times their routing weights, to an accumulator of x's dtype's values (held as float32; each term and
-// each sum rounded, as moe_experts.h says); a last kernel stores the accumulator in x's dtype. The
-// expert's assignments (t * k + j, at most kMaxCudaAssignments) travel in the launch parameters, so
-// nothing is copied from the host and the host never waits. The launches of one stream run in order
-// and no expert is routed twice for one token (group_routing refuses it), so each accumulator element
-// is read and written by one thread of one launch at a time: no atomics.
+// One MoE layer's routed experts on the GPU (moe_experts.h), in three launches on one stream whatever
+// the number of experts (up to 16 a launch; more add launches): the gate_up projections of every
+// routed expert (one grouped szp linear: each expert reads its tokens' rows of x through a row map, no
+// gather), the down projections (grouped again, the activation computed as the input is staged, the
+// down bias added, x's dtype out), and a kernel that forms each output element as transformers' eager
+// loop does: its token's weighted expert outputs, experts ascending, each term and each sum rounded to
+// x's dtype. A decode step's top-8 layer was 50 launches before (six an expert), each some µs of host
+// time against about as much GPU time.
 //
-// Scratch (float32): the accumulator [T, H], the gathered rows [T, H] (x's dtype), the expert's output
-// [T, H] (x's dtype), then expert_mlp_cuda's T x (3I + H).
+// Assignment p (the p-th of routing.order, t * k + j) owns row p of both intermediates. The row map and
+// each token's rows in expert order travel in the launches' parameters (at most kMaxCudaAssignments),
+// so nothing is copied from the host and the host never waits.
+//
+// Scratch (float32): the gate and up values [A, 2I], then the expert outputs [A, H] in x's dtype,
+// A = tokens x k.
 #include <cuda_runtime.h>
+
+#include <vector>
 
 #include "moeoffload/moe_experts.h"
 #include "moeoffload/szp_cuda.h"
@@ -19,72 +24,52 @@ namespace moeoffload {
 
 namespace {
 
-struct Assigned {  // one expert's assignments, by value in the launch parameters (2 KiB)
-  uint32_t k, n;
-  uint32_t at[kMaxCudaAssignments];
+static_assert(kMaxCudaAssignments <= kMaxRowMap && kMaxCudaAssignments <= 0x10000, "rows are u16 in the row maps");
+
+struct TokenRows {  // by value in the launch parameters (2 KiB)
+  uint32_t k;
+  uint16_t row[kMaxCudaAssignments];     // [t * k + i]: token t's i-th expert output row, experts ascending
+  uint16_t weight[kMaxCudaAssignments];  // [t * k + i]: that row's routing weight (an index into weights)
 };
+
+template <DType T>
+__global__ void weighted_sum(const __grid_constant__ TokenRows r, const typename Stored<T>::type* __restrict__ y,
+                             const float* __restrict__ weights, uint64_t tokens, uint64_t H,
+                             typename Stored<T>::type* __restrict__ out) {
+  const uint64_t n = tokens * H;
+  for (uint64_t i = blockIdx.x * static_cast<uint64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
+    const uint64_t t = i / H, h = i % H;
+    float sum = 0.0f;
+    for (uint32_t j = 0; j < r.k; ++j) {
+      const uint32_t at = static_cast<uint32_t>(t) * r.k + j;
+      const float term = rounded_to(weights[r.weight[at]] * Stored<T>::to_f32(y[r.row[at] * H + h]), T);
+      sum = rounded_to(sum + term, T);
+    }
+    out[i] = Stored<T>::from_f32(sum);
+  }
+}
 
 unsigned grid_for(uint64_t n) { return static_cast<unsigned>(n / 256 + 1 < 65535 ? n / 256 + 1 : 65535); }
 
-template <DType T>
-__global__ void gather_rows(const typename Stored<T>::type* x, uint64_t H, Assigned a, typename Stored<T>::type* rows) {
-  const uint64_t n = static_cast<uint64_t>(a.n) * H;
-  for (uint64_t i = blockIdx.x * static_cast<uint64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<uint64_t>(gridDim.x) * blockDim.x)
-    rows[i] = x[static_cast<uint64_t>(a.at[i / H] / a.k) * H + i % H];
-}
-
-template <DType T>
-__global__ void add_weighted(const typename Stored<T>::type* y, uint64_t H, Assigned a, const float* weights,
-                             float* acc) {
-  const uint64_t n = static_cast<uint64_t>(a.n) * H;
-  for (uint64_t i = blockIdx.x * static_cast<uint64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
-    const uint32_t at = a.at[i / H];
-    float& sum = acc[static_cast<uint64_t>(at / a.k) * H + i % H];
-    sum = rounded_to(sum + rounded_to(weights[at] * Stored<T>::to_f32(y[i]), T), T);
+int launch_sum(DType xt, const TokenRows& r, const void* y, const float* weights, uint64_t tokens, uint64_t H,
+               void* out, cudaStream_t stream) {
+  const dim3 grid(grid_for(tokens * H));
+  switch (xt) {
+    case DType::F32:
+      weighted_sum<DType::F32><<<grid, 256, 0, stream>>>(r, static_cast<const uint32_t*>(y), weights, tokens, H,
+                                                         static_cast<uint32_t*>(out));
+      break;
+    case DType::BF16:
+      weighted_sum<DType::BF16><<<grid, 256, 0, stream>>>(r, static_cast<const uint16_t*>(y), weights, tokens, H,
+                                                          static_cast<uint16_t*>(out));
+      break;
+    case DType::F16:
+      weighted_sum<DType::F16><<<grid, 256, 0, stream>>>(r, static_cast<const uint16_t*>(y), weights, tokens, H,
+                                                         static_cast<uint16_t*>(out));
+      break;
+    default: return static_cast<int>(cudaErrorInvalidValue);
   }
-}
-
-template <DType T>
-__global__ void round_to(const float* acc, uint64_t n, typename Stored<T>::type* out) {
-  for (uint64_t i = blockIdx.x * static_cast<uint64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<uint64_t>(gridDim.x) * blockDim.x)
-    out[i] = Stored<T>::from_f32(acc[i]);
-}
-
-template <DType T>
-int run(const Routing& r, const std::vector<ExpertMatrices>& experts, const float* weights, uint32_t tokens,
-        uint32_t k, uint64_t H, const void* x, const MlpConfig& cfg, float* scratch, void* out, cudaStream_t stream) {
-  using S = typename Stored<T>::type;
-  float* acc = scratch;
-  S* rows = reinterpret_cast<S*>(acc + tokens * H);
-  S* y = reinterpret_cast<S*>(acc + 2 * tokens * H);
-  float* mlp = acc + 3 * tokens * H;
-  cudaError_t err = cudaMemsetAsync(acc, 0, sizeof(float) * tokens * H, stream);
-  if (err != cudaSuccess) return static_cast<int>(err);
-  Assigned a;
-  a.k = k;
-  for (size_t i = 0; i < r.experts.size(); ++i) {
-    a.n = r.first[i + 1] - r.first[i];
-    bool all = a.n == tokens;
-    for (uint32_t j = 0; j < a.n; ++j) {
-      a.at[j] = r.order[r.first[i] + j];
-      all = all && a.at[j] / k == j;
-    }
-    const uint64_t n = static_cast<uint64_t>(a.n) * H;
-    if (!all) {
-      gather_rows<T><<<grid_for(n), 256, 0, stream>>>(static_cast<const S*>(x), H, a, rows);
-      if ((err = cudaGetLastError()) != cudaSuccess) return static_cast<int>(err);
-    }
-    const ExpertMatrices& m = experts[i];
-    const int e = expert_mlp_cuda(m.gate_up, m.down, all ? x : rows, T, a.n, cfg, m.gate_up_bias, m.down_bias, mlp,
-                                  y, stream);
-    if (e) return e;
-    add_weighted<T><<<grid_for(n), 256, 0, stream>>>(y, H, a, weights, acc);
-    if ((err = cudaGetLastError()) != cudaSuccess) return static_cast<int>(err);
-  }
-  round_to<T><<<grid_for(tokens * H), 256, 0, stream>>>(acc, tokens * H, static_cast<S*>(out));
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -94,13 +79,51 @@ int moe_experts_cuda(const Routing& routing, const std::vector<ExpertMatrices>& 
                      uint32_t tokens, uint32_t k, uint64_t H, const void* x, DType xt, const MlpConfig& cfg,
                      float* scratch, void* out, cudaStream_t stream) {
   if (tokens == 0) return 0;
-  if (routing.order.size() > kMaxCudaAssignments) return static_cast<int>(cudaErrorInvalidValue);
-  switch (xt) {
-    case DType::F32: return run<DType::F32>(routing, experts, weights, tokens, k, H, x, cfg, scratch, out, stream);
-    case DType::BF16: return run<DType::BF16>(routing, experts, weights, tokens, k, H, x, cfg, scratch, out, stream);
-    case DType::F16: return run<DType::F16>(routing, experts, weights, tokens, k, H, x, cfg, scratch, out, stream);
+  const size_t A = routing.order.size();
+  if (A > kMaxCudaAssignments || A != static_cast<size_t>(tokens) * k || experts.size() != routing.experts.size())
+    return static_cast<int>(cudaErrorInvalidValue);
+  const uint64_t I = experts.front().down.cols;
+
+  // Row p reads x's row of its token; token t's rows, in p order, are its experts ascending.
+  std::vector<uint32_t> row_of(A);
+  TokenRows r;
+  r.k = k;
+  std::vector<uint32_t> filled(tokens, 0);
+  for (size_t p = 0; p < A; ++p) {
+    const uint32_t at = routing.order[p], t = at / k;
+    row_of[p] = t;
+    const uint32_t slot = t * k + filled[t]++;
+    r.row[slot] = static_cast<uint16_t>(p);
+    r.weight[slot] = static_cast<uint16_t>(at);
   }
-  return static_cast<int>(cudaErrorInvalidValue);
+
+  std::vector<LinearMember> gate_up(experts.size()), down(experts.size());
+  for (size_t i = 0; i < experts.size(); ++i) {
+    const uint32_t first = routing.first[i], count = routing.first[i + 1] - routing.first[i];
+    gate_up[i].w = experts[i].gate_up;
+    down[i].w = experts[i].down;
+    gate_up[i].first = down[i].first = first;
+    gate_up[i].count = down[i].count = count;
+    down[i].gate_up_bias = experts[i].gate_up_bias;
+    down[i].bias = experts[i].down_bias;
+  }
+  float* gu = scratch;
+  void* y = scratch + A * 2 * I;
+
+  LinearInput rows;
+  rows.x = x;
+  rows.xt = xt;
+  rows.row_of = row_of.data();
+  int err = szp_linear_group_cuda(rows, gate_up.data(), gate_up.size(), gu, DType::F32, stream);
+  if (err) return err;
+  LinearInput gated;
+  gated.x = gu;
+  gated.xt = xt;
+  gated.gated = true;
+  gated.cfg = cfg;
+  err = szp_linear_group_cuda(gated, down.data(), down.size(), y, xt, stream);
+  if (err) return err;
+  return launch_sum(xt, r, y, weights, tokens, H, out, stream);
 }
 
 }  // namespace moeoffload

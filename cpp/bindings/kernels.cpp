@@ -196,7 +196,7 @@ void bind_kernels(nb::module_& m) {
     const void* gb = bias_data(gb_array, gu, xt, 0, g.rows, "gate_up_bias");
     const void* db = bias_data(db_array, gu, xt, 0, d.rows, "down_bias");
     float* scratch_ptr = gu.backend == Backend::Cuda
-                             ? scratch_data(scratch_array, gu, T * (g.rows + d.cols + d.rows), "expert_mlp", "T x (3I + H)")
+                             ? scratch_data(scratch_array, gu, T * g.rows, "expert_mlp", "T x 2I")
                              : nullptr;
     order_after(gu, stream);
     order_after(dn, stream);
@@ -277,7 +277,8 @@ void bind_kernels(nb::module_& m) {
       if (r.order.size() > kMaxCudaAssignments)
         throw Error(ErrorKind::Shape, "moe_experts on CUDA takes at most " + std::to_string(kMaxCudaAssignments) +
                                           " token-expert assignments a call (run larger batches expert by expert)");
-      scratch_ptr = scratch_data(scratch_array, any, moe_experts_cuda_scratch(T, H, I), "moe_experts", "T x (3I + 4H)");
+      scratch_ptr = scratch_data(scratch_array, any, moe_experts_cuda_scratch(T * k, H, I), "moe_experts",
+                                 "tokens x k x (2I + H)");
     }
     for (const MatrixUse& u : uses) order_after(u, stream);
     const auto* w = static_cast<const float*>(weights.data());

@@ -3,35 +3,17 @@
 // decoded weight. The two projections are szp_linear_f32; between them the
 // activation runs on a [T, I] float32 scratch (zero padded to whole blocks, as
 // the down projection reads it).
-#include <cmath>
 #include <string>
 #include <vector>
 
 #include "convert.h"
 #include "moeoffload/cpu_kernels.h"
 #include "moeoffload/errors.h"
+#include "moeoffload/mlp_gate.h"
 
 namespace moeoffload {
 
 namespace {
-
-inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
-
-inline float gated(float g, float u, const MlpConfig& c) {
-  switch (c.act) {
-    case Activation::Silu: return g * sigmoid(g) * u;
-    case Activation::Gelu: return 0.5f * g * (1.0f + std::erf(g * 0.70710678118654752f)) * u;
-    case Activation::GeluTanh:
-      return 0.5f * g * (1.0f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g))) * u;
-    case Activation::Relu: return (g > 0 ? g : 0.0f) * u;
-    case Activation::GptOss: {
-      g = std::min(g, c.limit);
-      u = std::min(std::max(u, -c.limit), c.limit);
-      return (u + 1.0f) * (g * sigmoid(g * c.alpha));
-    }
-  }
-  return 0;
-}
 
 void add_bias(float* y, uint32_t tokens, uint64_t n, uint64_t ld, const void* bias, DType t) {
   if (!bias) return;
@@ -65,7 +47,7 @@ void expert_mlp_cpu(const SzpMatrix& gate_up, const SzpMatrix& down, const void*
     for (uint64_t j = 0; j < I; ++j) {
       const float g = interleaved ? row[2 * j] : row[j];
       const float u = interleaved ? row[2 * j + 1] : row[I + j];
-      h[t * ldh + j] = gated(g, u, cfg);
+      h[t * ldh + j] = gated_value(g, u, cfg);
     }
   }
   std::vector<float> yf(static_cast<size_t>(tokens) * H);

@@ -115,7 +115,7 @@ def _expert_mlp_op(x: torch.Tensor, gate_up_handle: int, gate_up_expert: int, ga
     x = x.contiguous()
     T = x.shape[0]
     y = torch.empty(T, H, dtype=x.dtype, device=x.device)
-    scratch = torch.empty(T * (3 * I + H), dtype=torch.float32, device=x.device) if x.device.type == "cuda" else None
+    scratch = torch.empty(T * 2 * I, dtype=torch.float32, device=x.device) if x.device.type == "cuda" else None
     _native.expert_mlp(gate_up_handle, gate_up_expert, gate_up_matrix, down_handle, down_expert, down_matrix, x, act,
                        layout, alpha, limit, gate_up_bias, down_bias, y, scratch, _stream(x))
     return y
@@ -144,7 +144,7 @@ def _moe_experts_impl(x: torch.Tensor, routing: torch.Tensor, weights: torch.Ten
         first = int(routing.numpy()[0, 0])  # a tensor's own indexing costs 15 µs
         if 0 <= first < len(down_ids):  # else the native call names what is wrong
             H, I = _rows(handle, down_ids[first], down_matrix)
-            scratch = torch.empty(x.shape[0] * (3 * I + 4 * H), dtype=torch.float32, device=x.device)
+            scratch = torch.empty(routing.numel() * (2 * I + H), dtype=torch.float32, device=x.device)
     _native.moe_experts(handle, gate_up_ids, gate_up_matrix, down_ids, down_matrix, x, routing.numpy(), weights, act,
                         layout, alpha, limit, gate_up_bias, down_bias, out, scratch, _stream(x))
     return out

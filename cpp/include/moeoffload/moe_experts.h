@@ -45,11 +45,13 @@ void moe_experts_cpu(const Routing& routing, const std::vector<ExpertMatrices>& 
                      uint32_t tokens, uint32_t k, uint64_t H, const void* x, DType xt, const MlpConfig& cfg,
                      void* out);
 
-// The same on the GPU (cuda/moe_experts.cu): device pointers, the assignments passed in the launches'
-// parameters (at most kMaxCudaAssignments of them), a float32 scratch of
-// moe_experts_cuda_scratch(T, H, I) values.
+// The same on the GPU (cuda/moe_experts.cu): device pointers, three launches (per 16 routed experts),
+// the assignments passed in the launches' parameters (at most kMaxCudaAssignments of them), a float32
+// scratch of moe_experts_cuda_scratch(T x k, H, I) values.
 constexpr uint32_t kMaxCudaAssignments = 512;
-inline uint64_t moe_experts_cuda_scratch(uint64_t tokens, uint64_t H, uint64_t I) { return tokens * (3 * I + 4 * H); }
+inline uint64_t moe_experts_cuda_scratch(uint64_t assignments, uint64_t H, uint64_t I) {
+  return assignments * (2 * I + H);
+}
 int moe_experts_cuda(const Routing& routing, const std::vector<ExpertMatrices>& experts, const float* weights,
                      uint32_t tokens, uint32_t k, uint64_t H, const void* x, DType xt, const MlpConfig& cfg,
                      float* scratch, void* out, cudaStream_t stream);
