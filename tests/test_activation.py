@@ -97,14 +97,17 @@ def test_hidden_predictions_apply_the_next_layers_router():
     got = hidden_predictions(model, ids)
     assert got.shape == (2, 5, len(layers), layers[0].experts.down_proj.shape[0])
     seen = {}
-    hook = layers[0].norm.register_forward_pre_hook(lambda mod, args: seen.setdefault("h", args[0]))
+    hooks = [ml.norm.register_forward_pre_hook(lambda mod, args, l=ml.index: seen.setdefault(l, args[0]))
+             for ml in layers]
     with torch.no_grad():
         model(input_ids=ids)
-    hook.remove()
-    nxt = layers[1]
-    with torch.no_grad():
-        want = torch.softmax(nxt.norm(seen["h"]).float() @ nxt.router.weight.float().T, -1)
-    np.testing.assert_allclose(got[:, :, 0], want.numpy(), rtol=1e-4, atol=1e-6)
+    for h in hooks:
+        h.remove()
+    for l in range(len(layers)):  # every layer from its own residual (calling a norm once fired its hooks too)
+        nxt = layers[(l + 1) % len(layers)]
+        with torch.no_grad():
+            want = torch.softmax(nxt.norm(seen[l]).float() @ nxt.router.weight.float().T, -1)
+        np.testing.assert_allclose(got[:, :, l], want.numpy(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(got.sum(-1), 1.0, rtol=1e-4)
 
 

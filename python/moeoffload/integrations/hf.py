@@ -34,7 +34,7 @@ from torch import nn
 
 from ..cache import ExpertCache, parse_budget, slot_bytes
 from ..errors import BudgetError, ClosedError, InvalidArgumentError, TableError
-from ..models.adapters import UnsupportedModelError, expert_matrix_names, gate_kind, moe_layers, router_probabilities
+from ..models.adapters import UnsupportedModelError, expert_matrix_names, gate_kind, moe_layers, router_probabilities, router_weights
 from ..prefetch import PrefetchConfig
 from .. import ops as _ops  # also registers torch.ops.moeoffload.*
 from .. import table as _table
@@ -121,6 +121,7 @@ class Offload:
                                  backend=backend)
         self.prefetch = None if cfg is None else cfg.source
         self._residual: dict[int, torch.Tensor] = {}
+        self._router_weights: dict[int, object] = {}  # float32 copies, made at the first prediction
         self._hooks = []
         self._in_sequence = False
         self._tokens = 0
@@ -164,7 +165,11 @@ class Offload:
         residual = self._residual.get(layer)
         if residual is None:  # no norm to hook in front of this layer's router
             return np.full(self.table.experts_per_layer, 1.0 / self.table.experts_per_layer, np.float32)
-        return router_probabilities(nxt, residual).mean(0).cpu().numpy()
+        weights = self._router_weights.get(nxt.index)
+        if weights is None:
+            weights = self._router_weights[nxt.index] = router_weights(nxt)
+        probs = router_probabilities(nxt, residual, weights)
+        return (probs[0] if probs.shape[0] == 1 else probs.mean(0)).cpu().numpy()
 
     def _forward(self, layer: int, module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                  top_k_weights: torch.Tensor) -> torch.Tensor:

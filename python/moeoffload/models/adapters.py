@@ -103,16 +103,37 @@ def gate_kind(experts: nn.Module) -> GateKind | None:
     return None if act is None else GateKind(act)
 
 
-@torch.no_grad()
-def router_probabilities(layer: MoeLayer, residual: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class RouterWeights:
+    """A router's parameters in float32, converted once for a prediction at every layer of every token."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    correction: torch.Tensor | None  # e_score_correction_bias: sigmoid scores plus it
+
+
+def router_weights(layer: MoeLayer) -> RouterWeights:
+    r = layer.router
+    with torch.no_grad():
+        bias, correction = getattr(r, "bias", None), getattr(r, "e_score_correction_bias", None)
+        return RouterWeights(r.weight.float(), None if bias is None else bias.float(),
+                             None if correction is None else correction.float())
+
+
+def router_probabilities(layer: MoeLayer, residual: torch.Tensor, weights: RouterWeights | None = None) -> torch.Tensor:
     """This layer's routing scores [tokens, E] for residual-stream states [..., H] (its norm, then its
-    router's logits; sigmoid + correction bias where the family routes so, else softmax)."""
+    router's logits; sigmoid + correction bias where the family routes so, else softmax). The norm's
+    forward runs without its hooks: the offload path hooks that norm to capture the residual stream,
+    and a prediction must not overwrite what it captured. `weights`: router_weights(layer), kept by a
+    caller that predicts often."""
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return router_probabilities(layer, residual, weights)
+    w = weights or router_weights(layer)
     h = residual.reshape(-1, residual.shape[-1])
     if layer.norm is not None:
-        h = layer.norm(h)
-    r = layer.router
-    logits = F.linear(h.float(), r.weight.float(), None if getattr(r, "bias", None) is None else r.bias.float())
-    correction = getattr(r, "e_score_correction_bias", None)
-    if correction is not None:
-        return logits.sigmoid() + correction.float()
+        h = layer.norm.forward(h)
+    logits = F.linear(h.float(), w.weight, w.bias)
+    if w.correction is not None:
+        return logits.sigmoid() + w.correction
     return torch.softmax(logits, dim=-1)
