@@ -43,8 +43,9 @@ __global__ void weighted_sum(const __grid_constant__ TokenRows r, const typename
     float sum = 0.0f;
     for (uint32_t j = 0; j < r.k; ++j) {
       const uint32_t at = static_cast<uint32_t>(t) * r.k + j;
-      const float term = rounded_to(weights[r.weight[at]] * Stored<T>::to_f32(y[r.row[at] * H + h]), T);
-      sum = rounded_to(sum + term, T);
+      // explicit roundings: a contracted multiply-add would not be the eager loop's arithmetic
+      const float term = rounded_to(__fmul_rn(weights[r.weight[at]], Stored<T>::to_f32(y[r.row[at] * H + h])), T);
+      sum = rounded_to(__fadd_rn(sum, term), T);
     }
     out[i] = Stored<T>::from_f32(sum);
   }
@@ -78,8 +79,8 @@ int launch_sum(DType xt, const TokenRows& r, const void* y, const float* weights
 int moe_experts_cuda(const Routing& routing, const std::vector<ExpertMatrices>& experts, const float* weights,
                      uint32_t tokens, uint32_t k, uint64_t H, const void* x, DType xt, const MlpConfig& cfg,
                      float* scratch, void* out, cudaStream_t stream) {
-  if (tokens == 0) return 0;
   const size_t A = routing.order.size();
+  if (tokens == 0 || A == 0) return 0;
   if (A > kMaxCudaAssignments || A != static_cast<size_t>(tokens) * k || experts.size() != routing.experts.size())
     return static_cast<int>(cudaErrorInvalidValue);
   const uint64_t I = experts.front().down.cols;

@@ -141,7 +141,9 @@ __global__ void __launch_bounds__(kWarps * 32)
     for (uint64_t e = exc_off[row] + lane; e < exc_off[row + 1]; e += 32) {
       const uint32_t pos = entries[2 * e];
       const float value = raw_to_f32(entries[2 * e + 1], m.wdtype);
-      for (uint32_t t = 0; t < tiles; ++t) extra[t] += value * input_at<XT, Gated>(a, m, x, in0 + t, pos);
+#pragma unroll
+      for (int t = 0; t < Tile; ++t)  // unrolled over Tile, not `tiles`: extra stays in registers
+        if (t < tiles) extra[t] += value * input_at<XT, Gated>(a, m, x, in0 + t, pos);
     }
 #pragma unroll
     for (int t = 0; t < Tile; ++t)
@@ -149,11 +151,13 @@ __global__ void __launch_bounds__(kWarps * 32)
       for (int off = 16; off > 0; off >>= 1) extra[t] += __shfl_xor_sync(full, extra[t], off);
   }
   if (lane == 0)
-    for (uint32_t t = 0; t < tiles; ++t) {
-      float v = acc[t] * m.step + extra[t];
-      if (m.bias) v += bias_at<XT>(m.bias, row);  // not + 0: that would turn -0 into +0
-      y[static_cast<uint64_t>(in0 + t) * a.rows + row] = Stored<YT>::from_f32(v);
-    }
+#pragma unroll
+    for (int t = 0; t < Tile; ++t)
+      if (t < tiles) {
+        float v = acc[t] * m.step + extra[t];
+        if (m.bias) v += bias_at<XT>(m.bias, row);  // not + 0: that would turn -0 into +0
+        y[static_cast<uint64_t>(in0 + t) * a.rows + row] = Stored<YT>::from_f32(v);
+      }
 }
 
 Member member_of(const LinearMember& lm) {
@@ -170,7 +174,8 @@ int launch(const GroupArgs& a, uint32_t most, const void* x, void* y, cudaStream
                                                  cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
     if (err != cudaSuccess) return static_cast<int>(err);
   }
-  const dim3 grid(static_cast<unsigned>((a.rows + kWarps - 1) / kWarps), (most + Tile - 1) / Tile, a.members);
+  const dim3 grid(static_cast<unsigned>((a.rows + kWarps - 1) / kWarps),
+                  static_cast<unsigned>((static_cast<uint64_t>(most) + Tile - 1) / Tile), a.members);
   szp_linear_kernel<XT, YT, Gated, Tile><<<grid, kWarps * 32, shared, stream>>>(
       a, x, static_cast<typename Stored<YT>::type*>(y));
   return static_cast<int>(cudaGetLastError());
@@ -226,7 +231,7 @@ int szp_linear_group_cuda(const LinearInput& in, const LinearMember* members, si
       most = a.m[i].count > most ? a.m[i].count : most;
     }
     if (most == 0) continue;
-    if ((most + 3) / 4 > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
+    if ((static_cast<uint64_t>(most) + 3) / 4 > 65535u) return static_cast<int>(cudaErrorInvalidConfiguration);
     int err = static_cast<int>(cudaErrorInvalidValue);
     switch (in.xt) {
       case DType::F32: err = launch_typed<DType::F32>(a, most, in.gated, in.x, y, yt, stream); break;

@@ -333,6 +333,16 @@ def _kernels_agree_with_the_cpu(backend, dtype, policy):
                                                         *(None if v is None else v[e] for v in on), *gate)
                     eager.index_add_(0, t, (y * wd[t, pos, None]).to(dtype))
                 assert torch.equal(got, eager)
+        # a NaN stays a NaN in every dtype (a GPU's NaN, 0x7FFFFFFF, once rounded to bfloat16 as -0)
+        x = torch.randn(3, H, generator=g).to(dtype)
+        x[1, 0] = float("nan")
+        idx, w = torch.tensor([[0, 1], [1, 2], [2, 3]]), torch.rand(3, k, generator=g)
+        for got in (torch.ops.moeoffload.expert_mlp(x.to(dev), cache.handle, ids[0], gu, cache.handle, ids[0], dn,
+                                                    None, None, "silu", 0, 1.702, 7.0),
+                    ops.moe_experts_call(x.to(dev), idx, w.to(dev), cache.handle, ids, gu, ids, dn, None, None, "silu",
+                                         0, 1.702, 7.0)):
+            nan = got.cpu().float().isnan()
+            assert bool(nan[1].all()) and not bool(nan[0].any() or nan[2].any())
     finally:
         cache.close()
         ref_cache.close()

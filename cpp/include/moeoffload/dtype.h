@@ -34,10 +34,11 @@ MOEOFFLOAD_HD float bits_f32(uint32_t u) {
   return f;
 }
 
-// float -> bfloat16, round to nearest even. Input must be finite or Inf (the
-// codec never produces NaN).
+// float -> bfloat16, round to nearest even; a NaN stays a (quiet) NaN: rounding the GPU's
+// 0x7FFFFFFF would carry into the sign and give -0.
 MOEOFFLOAD_HD uint16_t f32_to_bf16(float f) {
   uint32_t u = f32_bits(f);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
   u += 0x7FFFu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
 }
