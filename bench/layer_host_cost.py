@@ -1,6 +1,6 @@
 """Host time of the offload path per MoE layer, where the experts' compute costs nothing.
 
-    python bench/layer_host_cost.py [--tokens 24] [--out bench/results/layer_host_cost-cpu]
+    python bench/layer_host_cost.py [--tokens 24] [--compile] [--out bench/results/layer_host_cost-cpu]
 
 A Qwen3-30B-A3B-shaped routing (48 layers x 128 experts, top-8) with matrices of 64 x 32, so what is
 timed is the machinery a decode step runs around the experts at every MoE layer: the router's ids to
@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo
 import transformers
 
 import moeoffload
@@ -36,19 +37,45 @@ CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=64, moe_intermed
               max_position_embeddings=512)
 
 
-def model():
+def model(experts_implementation: str = "eager"):
     torch.manual_seed(0)
     cfg = transformers.Qwen3MoeConfig(**CONFIG)
-    return transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), experts_implementation="eager").to(
-        torch.bfloat16).eval()
+    return transformers.AutoModelForCausalLM.from_config(
+        copy.deepcopy(cfg), experts_implementation=experts_implementation).to(torch.bfloat16).eval()
 
 
-def decode_ms(m, ids, tokens: int) -> float:
+def decode_ms(m, ids, tokens: int, warm_tokens: int = 4, **generate_kw) -> float:
     with torch.no_grad():
-        m.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+        m.generate(ids, max_new_tokens=warm_tokens, min_new_tokens=warm_tokens, do_sample=False, **generate_kw)
         start = time.perf_counter()
-        m.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        m.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, **generate_kw)
     return (time.perf_counter() - start) / tokens * 1e3
+
+
+def compiled_rows(ids, tokens: int) -> dict:
+    """Decode ms/token with a static KV cache, eager and under torch.compile (inductor) in the same run:
+    the resident model with transformers' batched_mm experts (traceable), and the offload path, whose
+    experts are one opaque op (moeoffload::offload_experts) in the compiled graph. What compile takes off
+    is the per-op overhead of everything around the experts."""
+    rows = {}
+    for name in ("resident (batched_mm)", "offload, prefetch activation"):
+        for compiled in (False, True):
+            torch._dynamo.reset()
+            m = model(experts_implementation="batched_mm") if name.startswith("resident") else model()
+            off = None if name.startswith("resident") else moeoffload.offload(
+                m, codec="szp", error_bound=0.3, gpu_budget=10**9, prefetch="activation")
+            try:
+                if compiled:
+                    m.forward = torch.compile(m.forward, dynamic=False)
+                start = time.perf_counter()
+                # the warm-up decodes as many tokens: a static cache of another length is another graph
+                ms = decode_ms(m, ids, tokens, warm_tokens=tokens, cache_implementation="static")
+                rows[f"{name}, static cache, {'torch.compile' if compiled else 'eager'}"] = {
+                    "ms_per_token": ms, "first_call_s": time.perf_counter() - start}
+            finally:
+                if off is not None:
+                    off.close()
+    return rows
 
 
 def timed_parts(off, ids, tokens: int) -> tuple[float, dict, int]:
@@ -100,6 +127,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--out", default="bench/results/layer_host_cost-cpu")
+    ap.add_argument("--compile", action="store_true",
+                    help="also decode with a static cache, eager and under torch.compile (minutes of compiling)")
     args = ap.parse_args(argv)
     ids = torch.randint(0, CONFIG["vocab_size"], (1, 8), generator=torch.Generator().manual_seed(0))
     rows = {"resident": {"ms_per_token": decode_ms(model(), ids, args.tokens)}}
@@ -118,6 +147,11 @@ def main(argv=None) -> int:
         cells = [f"{p['us_per_layer']:.0f} us ({p['calls_per_layer']:.1f})" for p in r["parts"].values()] \
             if "parts" in r else [""] * len(rows["offload, prefetch None"]["parts"])
         lines.append(f"| {name} | {r['ms_per_token']:.1f} | " + " | ".join(cells) + " |")
+    if args.compile:
+        extra = compiled_rows(ids, args.tokens)
+        rows.update(extra)
+        lines += ["", "| system | ms/token | first generate (compiling), s |", "|---|---|---|"]
+        lines += [f"| {name} | {r['ms_per_token']:.1f} | {r['first_call_s']:.0f} |" for name, r in extra.items()]
     text = "\n".join(lines)
     print(text)
     out = Path(args.out)

@@ -277,3 +277,31 @@ def test_the_cuda_backend_gives_the_cpu_backends_logits(family):
                 got = model(ids.cuda()).logits.float().cpu()
             assert off.stats()["fused_layers"] == len(moe_layers(model))
         torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_the_model_compiles_into_one_graph_around_its_moe_layers(family):
+    # experts_forward is one opaque op under torch.compile (moeoffload::offload_experts): fullgraph=True
+    # fails on any graph break; the compiled model gives the eager offload's logits and serves the
+    # same cache.
+    if family not in FAMILIES:
+        pytest.skip(f"{family} is not among this transformers' test families")
+    import torch._dynamo
+
+    ids = _prompt(3)
+    eager = tiny(family)
+    with moeoffload.offload(eager, codec="szp", error_bound=0.1, gpu_budget="50%", prefetch="activation") as off:
+        with torch.no_grad():
+            want = eager(ids).logits
+    compiled = tiny(family)
+    torch._dynamo.reset()
+    with moeoffload.offload(compiled, table=off.table, gpu_budget="50%", prefetch="hidden") as off2:
+        fwd = torch.compile(compiled.forward, backend="aot_eager", fullgraph=True)
+        with torch.no_grad(), pytest.warns(UserWarning, match="torch.compile"):
+            got = fwd(ids).logits
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        with torch.no_grad():
+            again = fwd(_prompt(4)).logits  # no recompile needed for new values; the op runs again
+        assert again.shape == got.shape and off2.stats()["accesses"] > 0
+    with torch.no_grad(), pytest.raises(ClosedError):
+        fwd(ids)

@@ -25,8 +25,10 @@ sequence of the activation predictor; ``begin_sequence()`` says so explicitly.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import time
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -57,13 +59,37 @@ def register() -> None:
 
 def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor) -> torch.Tensor:
-    """The "moeoffload" experts implementation (transformers calls it with the experts module)."""
-    bound = getattr(self, "_moeoffload", None)
-    if bound is None:
+    """The "moeoffload" experts implementation (transformers calls it with the experts module). Under
+    torch.compile it is one opaque op (moeoffload::offload_experts), so the model traces into one graph
+    around its MoE layers and the compiler fuses the rest: the attention, the norms, the router."""
+    key = getattr(self, "_moeoffload_key", None)
+    if key is None:
         raise NotOffloadedError(f"{type(self).__name__} runs with experts_implementation='moeoffload' but was not "
                                 "offloaded: call moeoffload.offload(model) first")
-    off, layer = bound
+    if torch.compiler.is_compiling():
+        return torch.ops.moeoffload.offload_experts(hidden_states, top_k_index, top_k_weights, *key)
+    off, layer = self._moeoffload
     return off._forward(layer, self, hidden_states, top_k_index, top_k_weights)
+
+
+_LIVE: dict[int, weakref.ref] = {}  # Offload.key -> the Offload, for the op (its arguments are ints and tensors)
+_keys = itertools.count(1)
+
+
+@torch.library.custom_op("moeoffload::offload_experts", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
+def _offload_experts_op(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                        offload: int, layer: int) -> torch.Tensor:
+    # Not capturable in a CUDA graph: it reads the routing on the host and fetches what is missing.
+    ref = _LIVE.get(offload)
+    off = ref() if ref is not None else None
+    if off is None:
+        raise ClosedError("this offload is closed: its experts are gone, load the model again")
+    return off._forward(layer, off.layers[layer].experts, hidden_states, top_k_index, top_k_weights, compiled=True)
+
+
+@_offload_experts_op.register_fake
+def _(hidden_states, top_k_index, top_k_weights, offload, layer):
+    return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
 
 
 def _source_state_dict(layers) -> dict[str, torch.Tensor]:
@@ -121,6 +147,7 @@ class Offload:
                                  backend=backend)
         self.prefetch = None if cfg is None else cfg.source
         self._residual: dict[int, torch.Tensor] = {}
+        self._warned_compiled = False
         self._router_weights: dict[int, object] = {}  # float32 copies, made at the first prediction
         self._hooks = []
         self._in_sequence = False
@@ -135,8 +162,11 @@ class Offload:
                             lambda mod, args, i=ml.index: self._residual.__setitem__(i, args[0].detach())))
             self._free_dense_experts()
             register()
+            self.key = next(_keys)
+            _LIVE[self.key] = weakref.ref(self)
             for ml in self.layers:
                 ml.experts._moeoffload = (self, ml.index)
+                ml.experts._moeoffload_key = (self.key, ml.index)
             model.set_experts_implementation(IMPLEMENTATION)
         except BaseException:
             self.close()
@@ -158,12 +188,12 @@ class Offload:
         self.cache.begin_sequence()
         self._in_sequence = True
 
-    def _hidden_next(self, layer: int) -> np.ndarray | None:
+    def _hidden_next(self, layer: int, compiled: bool = False) -> np.ndarray | None:
         if self.prefetch in (None, "activation"):
             return None
         nxt = self.layers[(layer + 1) % len(self.layers)]
-        residual = self._residual.get(layer)
-        if residual is None:  # no norm to hook in front of this layer's router
+        residual = None if compiled else self._residual.get(layer)
+        if residual is None:  # no norm to hook in front of this layer's router, or a compiled graph's stale one
             return np.full(self.table.experts_per_layer, 1.0 / self.table.experts_per_layer, np.float32)
         weights = self._router_weights.get(nxt.index)
         if weights is None:
@@ -172,9 +202,16 @@ class Offload:
         return (probs[0] if probs.shape[0] == 1 else probs.mean(0)).cpu().numpy()
 
     def _forward(self, layer: int, module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
-                 top_k_weights: torch.Tensor) -> torch.Tensor:
+                 top_k_weights: torch.Tensor, compiled: bool = False) -> torch.Tensor:
         if self.cache.closed:
             raise ClosedError("this offload is closed: its experts are gone, load the model again")
+        if compiled and not self._warned_compiled:
+            self._warned_compiled = True
+            if self.prefetch in ("hidden", "combined"):
+                warnings.warn(f"prefetch={self.prefetch!r} under torch.compile: the compiled graph hands the residual "
+                              "stream to the norm hooks only after it ends, too late for a prediction, so the next "
+                              "layer's router has nothing to predict from (no hidden-state prefetch); use "
+                              "prefetch='activation' with torch.compile", stacklevel=2)
         if layer == 0:
             if hidden.shape[0] > 1 or not self._in_sequence:
                 self.begin_sequence()
@@ -184,7 +221,7 @@ class Offload:
         held: dict[int, object] = {}
         try:
             self._acquire_ahead(layer, experts, held)  # the layer's own fetches go first, and stay pinned
-            self.cache.record(layer, ids, hidden_next=self._hidden_next(layer))  # then the decision step prefetches
+            self.cache.record(layer, ids, hidden_next=self._hidden_next(layer, compiled))  # then the decision step prefetches
             kind = self.kinds[layer]
             if kind is None or self.codec not in _table.FUSED_CODECS:
                 return self._forward_eager(layer, module, held, hidden, top_k_index, top_k_weights)
@@ -297,6 +334,7 @@ class Offload:
 
     def close(self) -> None:
         """Stop serving: the model's experts are gone (meta tensors); load the model again to use it."""
+        _LIVE.pop(getattr(self, "key", None), None)
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
