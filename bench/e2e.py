@@ -18,6 +18,10 @@ bf16 bytes, so compression buys room), same run:
   moeoffload-noprefetch   the same without prefetch, so each part's share shows.
   moeoffload-szpe   as moeoffload, the experts entropy coded (szpe) in host memory and over the bus and
                 transcoded into szp as they land (the cache holds szp; issue 12's placement (a)).
+  moeoffload-compiled   as moeoffload, the model's forward under torch.compile (the experts one opaque
+                op, the rest fused by inductor) with a static KV cache; its first generation, which
+                compiles, is an extra warm-up. Under --routing trace the routers' hooks run eagerly
+                (a graph break at each router).
 
 Per system: prefill and decode tokens/s (and s/token), bytes over the bus per decode token, decode
 hit rate, stall fraction of decode time, peak device bytes (model weights on the device + the
@@ -57,7 +61,8 @@ from moeoffload.cli.run import generate_timed
 from moeoffload.models.adapters import moe_layers
 from moeoffload.sim import activation_matrices, synthetic_trace
 
-SYSTEMS = ("resident", "accelerate", "naive", "lru-bf16", "moeoffload", "moeoffload-noprefetch", "moeoffload-szpe")
+SYSTEMS = ("resident", "accelerate", "naive", "lru-bf16", "moeoffload", "moeoffload-noprefetch", "moeoffload-szpe",
+           "moeoffload-compiled")
 OFFLOADED = {  # offload() settings of the systems this project's runtime serves
     "naive": dict(codec="none", cache_policy="lru", prefetch=None),
     "lru-bf16": dict(codec="none", cache_policy="lru", prefetch=None),
@@ -65,6 +70,7 @@ OFFLOADED = {  # offload() settings of the systems this project's runtime serves
     "moeoffload-noprefetch": dict(codec="szp", cache_policy="activation", prefetch=None),
     # szpe placement (a): entropy-coded in host memory and over the bus, transcoded to szp on arrival
     "moeoffload-szpe": dict(codec="szpe", cache_policy="activation", prefetch="hidden"),
+    "moeoffload-compiled": dict(codec="szp", cache_policy="activation", prefetch="hidden"),
 }
 
 
@@ -151,6 +157,7 @@ class TraceRouting:
         self.seq, self.pos = seq, [0] * len(self.pos)
 
     def _hook(self, layer: int):
+        @torch.compiler.disable  # reads the trace on the host at every call: never baked into a graph
         def hook(module, args, output):
             logits, weights, index = output
             n, start = index.shape[0], self.pos[layer]
@@ -235,16 +242,23 @@ def run_system(name, model_dir, prompts, new_tokens, budget, tables, device, dty
     prefill_tokens = prefill_s = decode_tokens = decode_s = 0.0
     bytes_decode = accesses = hits = stall = 0.0
     ppl = []
+    kw = {}
+    if name.endswith("-compiled"):
+        gens_model.forward = torch.compile(gens_model.forward)
+        kw = dict(cache_implementation="static")
     try:
         if routing is not None:
             routing.begin(trace[1])
-        generate_timed(gens_model, prompts[0][:, : max(2, prompts[0].shape[1] // 4)].to(device), 2, off)  # warm-up
+        if kw:  # compiles for the prompts' shape and the whole decode (a static cache's length), untimed
+            generate_timed(gens_model, prompts[0].to(device), new_tokens, off, **kw)
+        else:
+            generate_timed(gens_model, prompts[0][:, : max(2, prompts[0].shape[1] // 4)].to(device), 2, off)
         for i, prompt in enumerate(prompts):
             if off is not None:
                 off.begin_sequence()
             if routing is not None:
                 routing.begin(trace[1] + 1 + i)
-            gen = generate_timed(gens_model, prompt.to(device), new_tokens, off)
+            gen = generate_timed(gens_model, prompt.to(device), new_tokens, off, **kw)
             prefill_tokens += prompt.shape[1]
             prefill_s += gen.prefill_s
             decode_tokens += max(len(gen.tokens) - 1, 0)

@@ -3,6 +3,7 @@ codec "none" gives the original logits and greedy tokens exactly; szp runs the f
 the model whose experts are the decoded weights; small budgets, closed handles, unsupported models."""
 
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -297,7 +298,8 @@ def test_the_model_compiles_into_one_graph_around_its_moe_layers(family):
     torch._dynamo.reset()
     with moeoffload.offload(compiled, table=off.table, gpu_budget="50%", prefetch="hidden") as off2:
         fwd = torch.compile(compiled.forward, backend="aot_eager", fullgraph=True)
-        with torch.no_grad(), pytest.warns(UserWarning, match="torch.compile"):
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("error")  # plain RMSNorms: the hidden-state prediction needs no hook
             got = fwd(ids).logits
         torch.testing.assert_close(got, want, atol=0, rtol=0)
         with torch.no_grad():
@@ -305,3 +307,40 @@ def test_the_model_compiles_into_one_graph_around_its_moe_layers(family):
         assert again.shape == got.shape and off2.stats()["accesses"] > 0
     with torch.no_grad(), pytest.raises(ClosedError):
         fwd(ids)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_next_router_scores_the_experts_input(family):
+    # With plain RMSNorms in front of both routers, the next layer's router folded by g_next / g_this
+    # scores this layer's experts' input as it scores the residual stream through its own norm.
+    from moeoffload.models.adapters import next_router_on_input, router_probabilities, router_scores
+
+    model = tiny(family)
+    layers = moe_layers(model)
+    g = torch.Generator().manual_seed(2)
+    for ml in layers:  # norm scales of ones would hide a wrong fold
+        ml.norm.weight.data.copy_(torch.rand(ml.norm.weight.shape, generator=g) * 1.5 + 0.5)
+    residual, inputs = {}, {}
+
+    def keep(into, layer):
+        def hook(mod, args):
+            into.setdefault(layer, args[0])  # the first call: the forward below
+        return hook
+
+    hooks = [ml.norm.register_forward_pre_hook(keep(residual, ml.index)) for ml in layers if ml.norm is not None]
+    hooks += [ml.experts.register_forward_pre_hook(keep(inputs, ml.index)) for ml in layers]
+    with torch.no_grad():
+        model(_prompt(5))
+    for h in hooks:
+        h.remove()
+    for ml in layers:
+        nxt = layers[(ml.index + 1) % len(layers)]
+        folded = next_router_on_input(ml, nxt)
+        plain = all("RMSNorm" in type(m.norm).__name__ for m in (ml, nxt))  # PhiMoE's are LayerNorms
+        assert (folded is not None) == plain, (family, type(ml.norm).__name__)
+        if folded is None:
+            continue
+        with torch.no_grad():
+            want = router_probabilities(nxt, residual[ml.index])
+            got = router_scores(inputs[ml.index], folded)
+        torch.testing.assert_close(got, want, atol=0.02, rtol=0.05)

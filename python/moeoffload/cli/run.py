@@ -32,8 +32,9 @@ class Generation:
         return n / self.decode_s if n > 0 and self.decode_s > 0 else float("nan")
 
 
-def generate_timed(model, input_ids, max_new_tokens: int, off=None, streamer=None) -> Generation:
-    """Greedy generate, timing the prefill (up to the first new token) and the decode steps apart."""
+def generate_timed(model, input_ids, max_new_tokens: int, off=None, streamer=None, **generate_kw) -> Generation:
+    """Greedy generate, timing the prefill (up to the first new token) and the decode steps apart;
+    generate_kw go to generate (cache_implementation="static" for a compiled model)."""
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -52,7 +53,7 @@ def generate_timed(model, input_ids, max_new_tokens: int, off=None, streamer=Non
     with torch.no_grad():
         out = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False,
                              logits_processor=LogitsProcessorList([_Clock()]), streamer=streamer,
-                             pad_token_id=getattr(model.config, "pad_token_id", None))
+                             pad_token_id=getattr(model.config, "pad_token_id", None), **generate_kw)
     end = time.perf_counter()
     stats = decode_stats = None
     if off is not None:

@@ -36,7 +36,8 @@ from torch import nn
 
 from ..cache import ExpertCache, parse_budget, slot_bytes
 from ..errors import BudgetError, ClosedError, InvalidArgumentError, TableError
-from ..models.adapters import UnsupportedModelError, expert_matrix_names, gate_kind, moe_layers, router_probabilities, router_weights
+from ..models.adapters import (UnsupportedModelError, expert_matrix_names, gate_kind, moe_layers, next_router_on_input,
+                               router_probabilities, router_scores, router_weights)
 from ..prefetch import PrefetchConfig
 from .. import ops as _ops  # also registers torch.ops.moeoffload.*
 from .. import table as _table
@@ -147,6 +148,7 @@ class Offload:
                                  backend=backend)
         self.prefetch = None if cfg is None else cfg.source
         self._residual: dict[int, torch.Tensor] = {}
+        self._input_routers: list = [None] * len(self.layers)  # next_router_on_input, per layer
         self._warned_compiled = False
         self._router_weights: dict[int, object] = {}  # float32 copies, made at the first prediction
         self._hooks = []
@@ -156,8 +158,12 @@ class Offload:
         self.expert_bytes_freed = 0
         try:
             if cfg is not None and cfg.source != "activation":
-                for ml in self.layers:  # the residual stream in front of each MoE layer's router norm
-                    if ml.norm is not None:
+                L = len(self.layers)
+                # the next router scores the experts' own input where both norms are plain RMSNorms;
+                # elsewhere it needs the residual stream in front of this layer's norm: hooked
+                self._input_routers = [next_router_on_input(ml, self.layers[(ml.index + 1) % L]) for ml in self.layers]
+                for ml in self.layers:
+                    if ml.norm is not None and self._input_routers[ml.index] is None:
                         self._hooks.append(ml.norm.register_forward_pre_hook(
                             lambda mod, args, i=ml.index: self._residual.__setitem__(i, args[0].detach())))
             self._free_dense_experts()
@@ -188,17 +194,22 @@ class Offload:
         self.cache.begin_sequence()
         self._in_sequence = True
 
-    def _hidden_next(self, layer: int, compiled: bool = False) -> np.ndarray | None:
+    def _hidden_next(self, layer: int, hidden: torch.Tensor, compiled: bool = False) -> np.ndarray | None:
+        """The next MoE layer's mean routing scores, predicted from this layer's hidden state."""
         if self.prefetch in (None, "activation"):
             return None
-        nxt = self.layers[(layer + 1) % len(self.layers)]
-        residual = None if compiled else self._residual.get(layer)
-        if residual is None:  # no norm to hook in front of this layer's router, or a compiled graph's stale one
-            return np.full(self.table.experts_per_layer, 1.0 / self.table.experts_per_layer, np.float32)
-        weights = self._router_weights.get(nxt.index)
-        if weights is None:
-            weights = self._router_weights[nxt.index] = router_weights(nxt)
-        probs = router_probabilities(nxt, residual, weights)
+        folded = self._input_routers[layer]
+        if folded is not None:  # from the experts' input: one small matmul, compiled or not
+            probs = router_scores(hidden, folded)
+        else:
+            nxt = self.layers[(layer + 1) % len(self.layers)]
+            residual = None if compiled else self._residual.get(layer)
+            if residual is None:  # no norm to hook in front of this layer's router, or a compiled graph's stale one
+                return np.full(self.table.experts_per_layer, 1.0 / self.table.experts_per_layer, np.float32)
+            weights = self._router_weights.get(nxt.index)
+            if weights is None:
+                weights = self._router_weights[nxt.index] = router_weights(nxt)
+            probs = router_probabilities(nxt, residual, weights)
         return (probs[0] if probs.shape[0] == 1 else probs.mean(0)).cpu().numpy()
 
     def _forward(self, layer: int, module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
@@ -207,11 +218,11 @@ class Offload:
             raise ClosedError("this offload is closed: its experts are gone, load the model again")
         if compiled and not self._warned_compiled:
             self._warned_compiled = True
-            if self.prefetch in ("hidden", "combined"):
-                warnings.warn(f"prefetch={self.prefetch!r} under torch.compile: the compiled graph hands the residual "
-                              "stream to the norm hooks only after it ends, too late for a prediction, so the next "
-                              "layer's router has nothing to predict from (no hidden-state prefetch); use "
-                              "prefetch='activation' with torch.compile", stacklevel=2)
+            if self.prefetch in ("hidden", "combined") and any(r is None for r in self._input_routers):
+                warnings.warn(f"prefetch={self.prefetch!r} under torch.compile: this model's router norms are not "
+                              "plain RMSNorms, so the prediction needs the residual stream from the norms' hooks, "
+                              "which a compiled graph hands over only after it ends: no hidden-state prefetch "
+                              "(use prefetch='activation' with torch.compile)", stacklevel=2)
         if layer == 0:
             if hidden.shape[0] > 1 or not self._in_sequence:
                 self.begin_sequence()
@@ -221,7 +232,7 @@ class Offload:
         held: dict[int, object] = {}
         try:
             self._acquire_ahead(layer, experts, held)  # the layer's own fetches go first, and stay pinned
-            self.cache.record(layer, ids, hidden_next=self._hidden_next(layer, compiled))  # then the decision step prefetches
+            self.cache.record(layer, ids, hidden_next=self._hidden_next(layer, hidden, compiled))  # then the decision step prefetches
             kind = self.kinds[layer]
             if kind is None or self.codec not in _table.FUSED_CODECS:
                 return self._forward_eager(layer, module, held, hidden, top_k_index, top_k_weights)

@@ -120,6 +120,14 @@ def router_weights(layer: MoeLayer) -> RouterWeights:
                              None if correction is None else correction.float())
 
 
+def router_scores(h: torch.Tensor, weights: RouterWeights) -> torch.Tensor:
+    """Routing scores [tokens, E] of a router's input [tokens, H] (after its norm)."""
+    logits = F.linear(h.float(), weights.weight, weights.bias)
+    if weights.correction is not None:
+        return logits.sigmoid() + weights.correction
+    return torch.softmax(logits, dim=-1)
+
+
 def router_probabilities(layer: MoeLayer, residual: torch.Tensor, weights: RouterWeights | None = None) -> torch.Tensor:
     """This layer's routing scores [tokens, E] for residual-stream states [..., H] (its norm, then its
     router's logits; sigmoid + correction bias where the family routes so, else softmax). The norm's
@@ -129,11 +137,42 @@ def router_probabilities(layer: MoeLayer, residual: torch.Tensor, weights: Route
     if torch.is_grad_enabled():
         with torch.no_grad():
             return router_probabilities(layer, residual, weights)
-    w = weights or router_weights(layer)
     h = residual.reshape(-1, residual.shape[-1])
     if layer.norm is not None:
         h = layer.norm.forward(h)
-    logits = F.linear(h.float(), w.weight, w.bias)
-    if w.correction is not None:
-        return logits.sigmoid() + w.correction
-    return torch.softmax(logits, dim=-1)
+    return router_scores(h, weights or router_weights(layer))
+
+
+def rms_scale(norm: nn.Module | None) -> tuple[torch.Tensor, float] | None:
+    """(g, eps) when norm(x) = g * x / sqrt(mean(x^2) + eps), a plain RMSNorm, checked on a probe input
+    with a mean (a LayerNorm fails it) and against g (a Gemma-style 1 + g fails it); else None."""
+    w = getattr(norm, "weight", None)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.device.type == "meta" or not isinstance(eps, float) \
+            or getattr(norm, "bias", None) is not None:
+        return None
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        x = (torch.randn(4, w.numel(), generator=g) + 1.0).to(w.device, w.dtype)
+        got = norm.forward(x).float()
+        xf = x.float()
+        want = w.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))
+    close = torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+    return (w.detach().float(), eps) if close else None
+
+
+def next_router_on_input(layer: MoeLayer, nxt: MoeLayer) -> RouterWeights | None:
+    """`nxt`'s router folded so that it scores the input `layer`'s experts get. With plain RMSNorms (same
+    eps) in front of both routers, norm_n(r) = (g_n / g_l) * norm_l(r) for one residual state r (both
+    divide by the same rms), so router_n(norm_n(r)) = (W_n diag(g_n / g_l)) norm_l(r): the next layer's
+    scores from the hidden state the experts already hold, with no hook on the residual stream and no
+    norm to run (a channel that g_l zeroes is lost to both). None when either norm is not plain."""
+    if layer.router is None or nxt.router is None:
+        return None
+    here, there = rms_scale(layer.norm), rms_scale(nxt.norm)
+    if here is None or there is None or here[1] != there[1]:
+        return None
+    g_l, g_n = here[0], there[0]
+    ratio = torch.where(g_l != 0, g_n / torch.where(g_l != 0, g_l, torch.ones_like(g_l)), torch.zeros_like(g_l))
+    w = router_weights(nxt)
+    return RouterWeights(w.weight * ratio, w.bias, w.correction)
