@@ -20,8 +20,7 @@ bf16 bytes, so compression buys room), same run:
                 transcoded into szp as they land (the cache holds szp; issue 12's placement (a)).
   moeoffload-compiled   as moeoffload, the model's forward under torch.compile (the experts one opaque
                 op, the rest fused by inductor) with a static KV cache; its first generation, which
-                compiles, is an extra warm-up. Under --routing trace the routers' hooks run eagerly
-                (a graph break at each router).
+                compiles, is an extra warm-up.
 
 Per system: prefill and decode tokens/s (and s/token), bytes over the bus per decode token, decode
 hit rate, stall fraction of decode time, peak device bytes (model weights on the device + the
@@ -143,11 +142,17 @@ class TraceRouting:
     """Drives every MoE layer's routing from a trace [S, T, L, k] (moeoffload.sim.synthetic_trace): a
     forward hook on each router replaces its top-k indices with the trace's and its weights with the
     router's own softmax probabilities of those experts (renormalised), so the experts compute as usual
-    on the trace's choices. begin(s) starts sequence s at token 0; each router call consumes its tokens."""
+    on the trace's choices. begin(s) starts sequence s at token 0; each router call consumes its tokens.
+    Under torch.compile the hook is one opaque op (e2e_bench::trace_route), so the graph neither breaks
+    at a router nor bakes one call's choices in."""
+
+    _live: dict[int, "TraceRouting"] = {}
 
     def __init__(self, model, trace: np.ndarray):
         self.trace, self.seq, self.hooks = trace, 0, []
         self.pos = [0] * trace.shape[2]
+        self.key = id(self)
+        TraceRouting._live[self.key] = self
         for ml in moe_layers(model):
             if ml.router is None:
                 raise SystemExit(f"--routing trace: {ml.name} has no router to drive")
@@ -156,22 +161,42 @@ class TraceRouting:
     def begin(self, seq: int) -> None:
         self.seq, self.pos = seq, [0] * len(self.pos)
 
+    def route(self, logits: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, layer: int):
+        n, start = index.shape[0], self.pos[layer]
+        if start + n > self.trace.shape[1]:
+            raise RuntimeError(f"the trace has {self.trace.shape[1]} tokens a sequence; this one ran past it")
+        self.pos[layer] = start + n
+        chosen = torch.from_numpy(self.trace[self.seq, start : start + n, layer].astype(np.int64)).to(index.device)
+        probs = torch.softmax(logits.float(), dim=-1).gather(1, chosen)
+        return (probs / probs.sum(-1, keepdim=True)).to(weights.dtype), chosen.to(index.dtype)
+
     def _hook(self, layer: int):
-        @torch.compiler.disable  # reads the trace on the host at every call: never baked into a graph
+        key = self.key
+
         def hook(module, args, output):
             logits, weights, index = output
-            n, start = index.shape[0], self.pos[layer]
-            if start + n > self.trace.shape[1]:
-                raise RuntimeError(f"the trace has {self.trace.shape[1]} tokens a sequence; this one ran past it")
-            self.pos[layer] = start + n
-            chosen = torch.from_numpy(self.trace[self.seq, start : start + n, layer].astype(np.int64)).to(index.device)
-            probs = torch.softmax(logits.float(), dim=-1).gather(1, chosen)
-            return logits, (probs / probs.sum(-1, keepdim=True)).to(weights.dtype), chosen.to(index.dtype)
+            if torch.compiler.is_compiling():
+                weights, index = torch.ops.e2e_bench.trace_route(logits, weights, index, key, layer)
+            else:
+                weights, index = self.route(logits, weights, index, layer)
+            return logits, weights, index
         return hook
 
     def remove(self) -> None:
         for h in self.hooks:
             h.remove()
+        TraceRouting._live.pop(self.key, None)
+
+
+@torch.library.custom_op("e2e_bench::trace_route", mutates_args=())
+def _trace_route(logits: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, key: int,
+                 layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return TraceRouting._live[key].route(logits, weights, index, layer)
+
+
+@_trace_route.register_fake
+def _(logits, weights, index, key, layer):
+    return torch.empty_like(weights), torch.empty_like(index)
 
 
 def prompts_for(model_dir: Path, config, count: int, length: int) -> list[torch.Tensor]:
@@ -298,6 +323,10 @@ def run_system(name, model_dir, prompts, new_tokens, budget, tables, device, dty
             off.close()
         if model is not reference:
             del model
+
+
+def write_json(out: Path, rows: list, meta: dict) -> None:
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=float) + "\n")
 
 
 def accelerate_model(model_dir: Path, budget: int, dtype):
@@ -434,6 +463,15 @@ def main(argv=None) -> int:
             trace = synthetic_trace(args.trace_history + 1 + args.prompts, args.prompt_tokens + args.new_tokens,
                                     len(layers), n_experts // len(layers), top_k, seed=0)
 
+        out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"e2e-{label}-{device.type}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"model": label, "device": device_name(device), "command": "python " + " ".join(["bench/e2e.py", *(argv or sys.argv[1:])]),
+                "prompts": args.prompts, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                "routing": args.routing, "trace": {"generator": "moeoffload.sim.synthetic_trace", "seed": 0,
+                                                   "history_sequences": args.trace_history} if trace is not None else None,
+                "weights": WEIGHT_STATS if args.shape else "checkpoint",
+                "torch": torch.__version__, "backend_info": moeoffload.backend_info()}
+
         rows = []
         for routing in args.routing:
             for share in args.budgets:
@@ -447,18 +485,11 @@ def main(argv=None) -> int:
                                      (trace, args.trace_history) if routing == "trace" else None)
                     row.update(routing=routing, budget=f"{share:g}%", budget_share=share / 100)
                     rows.append(row)
+                    write_json(out, rows, meta)  # after every row: a run cut short keeps what it measured
                     shown = "skipped" if "skipped" in row else f"decode {row['decode_tokens_per_s']:.2f} tok/s"
                     print(f"  {routing} {share:g}% {system:22s} {shown} ({time.perf_counter() - t0:.1f} s)", flush=True)
 
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"e2e-{label}-{device.type}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"model": label, "device": device_name(device), "command": "python " + " ".join(["bench/e2e.py", *(argv or sys.argv[1:])]),
-            "prompts": args.prompts, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-            "routing": args.routing, "trace": {"generator": "moeoffload.sim.synthetic_trace", "seed": 0,
-                                               "history_sequences": args.trace_history} if trace is not None else None,
-            "weights": WEIGHT_STATS if args.shape else "checkpoint",
-            "torch": torch.__version__, "backend_info": moeoffload.backend_info()}
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=float) + "\n")
+    write_json(out, rows, meta)
     md = table_md(rows, meta)
     out.with_suffix(".md").write_text(md)
     print(md)
