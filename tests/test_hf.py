@@ -6,6 +6,7 @@ import gc
 import warnings
 import weakref
 
+import numpy as np
 import pytest
 import torch
 
@@ -344,3 +345,17 @@ def test_the_next_router_scores_the_experts_input(family):
             want = router_probabilities(nxt, residual[ml.index])
             got = router_scores(inputs[ml.index], folded)
         torch.testing.assert_close(got, want, atol=0.02, rtol=0.05)
+
+
+def test_a_non_finite_hidden_state_predicts_uniformly_and_the_forward_goes_on():
+    # The decision step refuses non-finite probabilities; an overflowed hidden state must not stop a forward.
+    model = tiny("qwen3_moe")
+    ids = _prompt(2)
+    with moeoffload.offload(model, codec="szp", error_bound=0.1, gpu_budget="50%", prefetch="hidden") as off:
+        E = off.table.experts_per_layer
+        bad = torch.full((1, model.config.hidden_size), float("inf"), dtype=torch.bfloat16)
+        np.testing.assert_array_equal(off._hidden_next(0, bad), np.full(E, 1 / E, np.float32))
+        with torch.no_grad():
+            model.model.layers[0].post_attention_layernorm.weight[0] = float("inf")  # inf into every router
+            logits = model(ids).logits
+        assert logits.shape == (1, ids.shape[1], model.config.vocab_size)

@@ -85,6 +85,8 @@ def _offload_experts_op(hidden_states: torch.Tensor, top_k_index: torch.Tensor, 
     off = ref() if ref is not None else None
     if off is None:
         raise ClosedError("this offload is closed: its experts are gone, load the model again")
+    if not 0 <= layer < len(off.layers):
+        raise InvalidArgumentError(f"layer {layer} is not one of the offload's {len(off.layers)} MoE layers")
     return off._forward(layer, off.layers[layer].experts, hidden_states, top_k_index, top_k_weights, compiled=True)
 
 
@@ -210,7 +212,10 @@ class Offload:
             if weights is None:
                 weights = self._router_weights[nxt.index] = router_weights(nxt)
             probs = router_probabilities(nxt, residual, weights)
-        return (probs[0] if probs.shape[0] == 1 else probs.mean(0)).cpu().numpy()
+        p = (probs[0] if probs.shape[0] == 1 else probs.mean(0)).cpu().numpy()
+        if not np.isfinite(p).all():  # an overflowed hidden state: a prediction is advice, the forward goes on
+            return np.full(self.table.experts_per_layer, 1.0 / self.table.experts_per_layer, np.float32)
+        return p
 
     def _forward(self, layer: int, module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                  top_k_weights: torch.Tensor, compiled: bool = False) -> torch.Tensor:

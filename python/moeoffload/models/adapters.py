@@ -173,6 +173,7 @@ def next_router_on_input(layer: MoeLayer, nxt: MoeLayer) -> RouterWeights | None
     if here is None or there is None or here[1] != there[1]:
         return None
     g_l, g_n = here[0], there[0]
-    ratio = torch.where(g_l != 0, g_n / torch.where(g_l != 0, g_l, torch.ones_like(g_l)), torch.zeros_like(g_l))
+    lost = g_l.abs() <= 1e-6 * float(g_l.abs().max())  # a channel this norm (all but) zeroes carries nothing
+    ratio = torch.where(lost, torch.zeros_like(g_l), g_n / torch.where(lost, torch.ones_like(g_l), g_l))
     w = router_weights(nxt)
     return RouterWeights(w.weight * ratio, w.bias, w.correction)
