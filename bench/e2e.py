@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch._dynamo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -269,6 +270,7 @@ def run_system(name, model_dir, prompts, new_tokens, budget, tables, device, dty
     ppl = []
     kw = {}
     if name.endswith("-compiled"):
+        torch._dynamo.reset()  # each offload's key is a guard: past 8 systems' graphs dynamo would give up
         gens_model.forward = torch.compile(gens_model.forward)
         kw = dict(cache_implementation="static")
     try:

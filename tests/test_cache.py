@@ -59,6 +59,11 @@ def test_prefetch_source_is_honoured(tmp_path):
             cache.record(0, [0, 2])  # "hidden" without the hidden-state prediction
         started = cache.record(0, [0, 2], hidden_next=hidden)
         assert sorted(started) == [1 * E + 1, 1 * E + 3]  # layer 1's experts the hidden state points at
+        assert cache.record(1, [0, 2], hidden_next=np.empty(0, np.float32)) == []  # no prediction: nothing planned
+    for source in ("combined", "activation"):  # combined without a prediction plans as the activation alone
+        with ExpertCache(t, 6 * size, prefetch=PrefetchConfig(source=source, depth=1, per_layer=2)) as cache:
+            cache.begin_sequence()
+            assert sorted(cache.record(0, [0, 2], hidden_next=np.empty(0, np.float32))) == [1 * E + 0, 1 * E + 1]
     with ExpertCache(t, 6 * size, prefetch=PrefetchConfig(source="activation", depth=1, per_layer=2)) as cache:
         cache.begin_sequence()
         started = cache.record(0, [0, 2], hidden_next=hidden)  # no history: layer 1 uniform, ties by index

@@ -86,6 +86,13 @@ nb::dict cache_stats_dict(const CacheStats& s) {
 
 std::vector<uint32_t> id_list(const std::vector<uint32_t>& ids) { return ids; }
 
+// A decision step's hidden_next: null when the argument is missing (the step names that mistake), a
+// valid pointer with size 0 for an empty array (no prediction this step).
+const float* hidden_data(const std::optional<Floats>& hidden) {
+  static const float none = 0.0f;
+  return !hidden ? nullptr : hidden->size() ? hidden->data() : &none;
+}
+
 nb::list plan_list(const std::vector<PrefetchItem>& plan) {
   nb::list out;
   for (auto& it : plan) out.append(nb::make_tuple(it.id, it.priority));
@@ -279,8 +286,7 @@ void bind_runtime(nb::module_& m) {
       .def("set_current_layer", &DeviceCache::set_current_layer, nb::arg("layer"))
       .def("decide", [](DeviceCache& c, DecisionStep& d, uint32_t layer, Counts experts, std::optional<Floats> hidden) {
         nb::gil_scoped_release release;
-        return c.apply(d.step(layer, experts.data(), experts.size(), hidden ? hidden->data() : nullptr,
-                              hidden ? hidden->size() : 0));
+        return c.apply(d.step(layer, experts.data(), experts.size(), hidden_data(hidden), hidden ? hidden->size() : 0));
       }, nb::arg("step"), nb::arg("layer"), nb::arg("experts"), nb::arg("hidden_next").none() = nb::none())
       .def("set_activation", [](DeviceCache& c, Floats a) { c.set_activation(a.data(), a.size()); }, nb::arg("activation"))
       .def("__contains__", &DeviceCache::contains)
@@ -374,7 +380,7 @@ void bind_runtime(nb::module_& m) {
       .def("begin_sequence", &DecisionStep::begin_sequence)
       .def("end_sequence", &DecisionStep::end_sequence)
       .def("step", [](DecisionStep& d, uint32_t layer, Counts experts, std::optional<Floats> hidden, CacheIndex* index) {
-        const Decision& dec = d.step(layer, experts.data(), experts.size(), hidden ? hidden->data() : nullptr,
+        const Decision& dec = d.step(layer, experts.data(), experts.size(), hidden_data(hidden),
                                      hidden ? hidden->size() : 0);
         if (index) apply_priorities(dec, *index);
         return plan_list(dec.plan);

@@ -94,9 +94,9 @@ const Decision& DecisionStep::step(uint32_t layer, const uint32_t* experts, size
     if (hidden_next == nullptr)
       throw Error(ErrorKind::InvalidArgument,
                   "prefetch source 'hidden' or 'combined' needs the next layer's router probabilities (hidden_next)");
-    if (hidden_n != experts_per_layer_)
+    if (hidden_n != 0 && hidden_n != experts_per_layer_)  // 0: no prediction this step
       throw Error(ErrorKind::Shape, "the next layer's router probabilities need " + std::to_string(experts_per_layer_) +
-                                        " values, got " + std::to_string(hidden_n));
+                                        " values (or none), got " + std::to_string(hidden_n));
     for (size_t i = 0; i < hidden_n; ++i)
       if (!std::isfinite(hidden_next[i]))
         throw Error(ErrorKind::InvalidArgument, "the next layer's router probabilities hold a non-finite value");
@@ -121,9 +121,11 @@ const Decision& DecisionStep::step(uint32_t layer, const uint32_t* experts, size
   const float* source = prediction_.data();
   if (needs_hidden()) {
     const uint32_t next = (layer + 1) % num_layers_;
-    if (config_.source == PrefetchSource::Hidden) {
+    if (config_.source == PrefetchSource::Hidden) {  // nothing to plan from without a prediction
       source_.assign(prediction_.size(), 0.0f);
       std::copy(hidden_next, hidden_next + hidden_n, source_.begin() + static_cast<size_t>(next) * experts_per_layer_);
+    } else if (hidden_n == 0) {  // combined without a prediction: the activation's alone
+      source_ = prediction_;
     } else {
       source_ = prediction_;
       float* row = source_.data() + static_cast<size_t>(next) * experts_per_layer_;

@@ -56,8 +56,9 @@ class DecisionStep {
   // Hands the sequence's matrix to the history; false when it kept nothing (empty or a duplicate).
   bool end_sequence();
   // `hidden_next`: layer+1's router probabilities on the current hidden state (`experts_per_layer`
-  // finite values), required by the "hidden" and "combined" sources, ignored otherwise. The
-  // returned decision stays valid until the next call.
+  // finite values, or hidden_n = 0 when the caller has none this step: "hidden" then plans nothing,
+  // "combined" plans from the activation alone), required by the "hidden" and "combined" sources
+  // (a null pointer is refused), ignored otherwise. The returned decision stays valid until the next call.
   const Decision& step(uint32_t layer, const uint32_t* experts, size_t n, const float* hidden_next, size_t hidden_n);
 
   const Decision& last() const { return decision_; }

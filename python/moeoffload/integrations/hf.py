@@ -73,6 +73,7 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     return off._forward(layer, self, hidden_states, top_k_index, top_k_weights)
 
 
+_NO_PREDICTION = np.empty(0, np.float32)  # hidden_next for a step with no hidden-state prediction
 _LIVE: dict[int, weakref.ref] = {}  # Offload.key -> the Offload, for the op (its arguments are ints and tensors)
 _keys = itertools.count(1)
 
@@ -81,9 +82,10 @@ _keys = itertools.count(1)
 def _offload_experts_op(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                         offload: int, layer: int) -> torch.Tensor:
     # Not capturable in a CUDA graph: it reads the routing on the host and fetches what is missing.
-    ref = _LIVE.get(offload)
-    off = ref() if ref is not None else None
-    if off is None:
+    if offload not in _LIVE:
+        raise InvalidArgumentError(f"no offload has key {offload} (offload keys come from moeoffload.offload)")
+    off = _LIVE[offload]()
+    if off is None or off.closed:
         raise ClosedError("this offload is closed: its experts are gone, load the model again")
     if not 0 <= layer < len(off.layers):
         raise InvalidArgumentError(f"layer {layer} is not one of the offload's {len(off.layers)} MoE layers")
@@ -110,6 +112,7 @@ class Offload:
     def __init__(self, model: nn.Module, table=None, gpu_budget="6GiB", error_bound=0.3, codec: str = "szp",
                  cache_policy: str = "activation", prefetch: str | None = "hidden", *, error_mode: str = "meanabs",
                  progress: bool = False):
+        self._owns_table = False  # from_pretrained hands over the tables it opened
         if prefetch not in PREFETCH:
             raise InvalidArgumentError(f"prefetch must be one of {PREFETCH}, got {prefetch!r}")
         self.model = model
@@ -171,7 +174,8 @@ class Offload:
             self._free_dense_experts()
             register()
             self.key = next(_keys)
-            _LIVE[self.key] = weakref.ref(self)
+            _LIVE[self.key] = weakref.ref(self)  # kept after close (the op then says closed), dropped with self
+            weakref.finalize(self, _LIVE.pop, self.key, None)
             for ml in self.layers:
                 ml.experts._moeoffload = (self, ml.index)
                 ml.experts._moeoffload_key = (self.key, ml.index)
@@ -197,24 +201,26 @@ class Offload:
         self._in_sequence = True
 
     def _hidden_next(self, layer: int, hidden: torch.Tensor, compiled: bool = False) -> np.ndarray | None:
-        """The next MoE layer's mean routing scores, predicted from this layer's hidden state."""
+        """The next MoE layer's mean routing scores, predicted from this layer's hidden state; an empty
+        array when there is no prediction (the decision step then plans from the activation alone, or
+        nothing)."""
         if self.prefetch in (None, "activation"):
             return None
         folded = self._input_routers[layer]
         if folded is not None:  # from the experts' input: one small matmul, compiled or not
-            probs = router_scores(hidden, folded)
+            probs = router_scores(hidden.detach(), folded)
         else:
             nxt = self.layers[(layer + 1) % len(self.layers)]
             residual = None if compiled else self._residual.get(layer)
             if residual is None:  # no norm to hook in front of this layer's router, or a compiled graph's stale one
-                return np.full(self.table.experts_per_layer, 1.0 / self.table.experts_per_layer, np.float32)
+                return _NO_PREDICTION
             weights = self._router_weights.get(nxt.index)
             if weights is None:
                 weights = self._router_weights[nxt.index] = router_weights(nxt)
             probs = router_probabilities(nxt, residual, weights)
         p = (probs[0] if probs.shape[0] == 1 else probs.mean(0)).cpu().numpy()
         if not np.isfinite(p).all():  # an overflowed hidden state: a prediction is advice, the forward goes on
-            return np.full(self.table.experts_per_layer, 1.0 / self.table.experts_per_layer, np.float32)
+            return _NO_PREDICTION
         return p
 
     def _forward(self, layer: int, module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
@@ -350,7 +356,6 @@ class Offload:
 
     def close(self) -> None:
         """Stop serving: the model's experts are gone (meta tensors); load the model again to use it."""
-        _LIVE.pop(getattr(self, "key", None), None)
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -359,6 +364,8 @@ class Offload:
                 self.cache.end_sequence()
                 self._in_sequence = False
             self.cache.close()
+        if getattr(self, "_owns_table", False) and hasattr(self, "table"):
+            self.table.close()
 
     def __enter__(self):
         return self
@@ -539,6 +546,7 @@ def from_pretrained(checkpoint_dir, table=None, gpu_budget="6GiB", device="cpu",
                                     f"needs (first: {missing[:3]}); transformers' conversion of this family is not "
                                     "a renaming moeoffload can follow")
     model.eval()
+    owned = not isinstance(table, _table.ExpertTable)  # built or loaded here: the Offload closes it
     if table is None:
         table = _table.build(checkpoint_dir, error_bound, codec, mode=offload_kwargs.pop("error_mode", "meanabs"),
                              fuse=True, transpose=codec != "none" and layers[0].experts.is_transposed,
@@ -546,5 +554,17 @@ def from_pretrained(checkpoint_dir, table=None, gpu_budget="6GiB", device="cpu",
     else:
         if not isinstance(table, _table.ExpertTable):
             table = _table.load(table)
-        table.check_matches(checkpoint_dir)  # TableMismatchError: built from another model
-    return model, Offload(model, table, gpu_budget, **offload_kwargs)
+        try:
+            table.check_matches(checkpoint_dir)  # TableMismatchError: built from another model
+        except BaseException:
+            if owned:
+                table.close()
+            raise
+    try:
+        off = Offload(model, table, gpu_budget, **offload_kwargs)
+    except BaseException:
+        if owned:
+            table.close()
+        raise
+    off._owns_table = owned
+    return model, off

@@ -149,7 +149,7 @@ def rms_scale(norm: nn.Module | None) -> tuple[torch.Tensor, float] | None:
     w = getattr(norm, "weight", None)
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.device.type == "meta" or not isinstance(eps, float) \
-            or getattr(norm, "bias", None) is not None:
+            or getattr(norm, "bias", None) is not None or not bool(torch.isfinite(w).all()):
         return None
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
