@@ -391,3 +391,21 @@ def test_a_non_finite_norm_scale_is_not_folded_and_the_op_names_bad_keys():
             torch.ops.moeoffload.offload_experts(h, idx, w, 10**9, 0)
         with pytest.raises(InvalidArgumentError, match="not one of"):
             torch.ops.moeoffload.offload_experts(h, idx, w, off.key, 99)
+
+
+def test_a_post_norm_layer_has_no_router_norm():
+    # FlexOlmo normalises the attention's output before the residual add: its MLP reads the raw residual
+    # stream, so no norm stands in front of its router and the hidden-state prediction does not apply.
+    cfg = transformers.AutoConfig.for_model("flex_olmo", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=2, vocab_size=128, num_experts=4,
+                                            num_experts_per_tok=2, intermediate_size=32, pad_token_id=0,
+                                            eos_token_id=1, bos_token_id=None)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()
+    assert [ml.norm for ml in moe_layers(model)] == [None, None]
+    assert all(moe_layers(tiny(f))[0].norm is not None for f in FAMILIES)  # the pre-norm families keep theirs
+    with pytest.warns(UserWarning, match="no router or norm"):
+        off = moeoffload.offload(model, codec="szp", error_bound=0.1, gpu_budget="50%", prefetch="hidden")
+    with off, torch.no_grad():
+        assert off.prefetch == "activation"
+        model(_prompt(2))

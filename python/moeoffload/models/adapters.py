@@ -10,8 +10,9 @@ between families is found from the module tree, not listed per family:
   module, with a weight [E, H] (and a bias for GPT-OSS); families with an
   ``e_score_correction_bias`` (DeepSeek-V3, GLM-4-MoE: sigmoid, grouped
   routing) score with a sigmoid plus that bias, the others with a softmax;
-- the norm in front of the router: the decoder layer's
-  ``post_attention_layernorm``;
+- the norm in front of the router (router_norm): the decoder layer's
+  ``pre_feedforward_layernorm``, else its ``post_attention_layernorm`` in a
+  pre-norm layer; none in a post-norm layer (FlexOlmo);
 - the gate of the expert MLP (``gate_kind``): the default gate with the
   config's activation, or GPT-OSS's clamped gate on interleaved rows; anything
   else (a custom ``_apply_gate``, a post-expert norm, no gate) is not fused
@@ -60,6 +61,21 @@ def is_experts_module(module: nn.Module) -> bool:
         getattr(module, "down_proj", None), (torch.Tensor, nn.Parameter)) and module.down_proj.dim() == 3
 
 
+def router_norm(decoder_layer: nn.Module | None) -> nn.Module | None:
+    """The norm whose output the MLP (router and experts) reads: a pre-feedforward norm where the layer
+    has one (sandwich norms), else post_attention_layernorm in a pre-norm layer (one with an
+    input_layernorm); None in a post-norm layer (FlexOlmo: post_attention_layernorm normalises the
+    attention's output before the residual add, and the MLP reads the raw residual stream)."""
+    if decoder_layer is None:
+        return None
+    pre = getattr(decoder_layer, "pre_feedforward_layernorm", None)
+    if pre is not None:
+        return pre
+    if getattr(decoder_layer, "input_layernorm", None) is None:
+        return None
+    return getattr(decoder_layer, "post_attention_layernorm", None)
+
+
 def moe_layers(model: nn.Module) -> list[MoeLayer]:
     """Every experts module of the model, in order; UnsupportedModelError when there is none."""
     modules = dict(model.named_modules())
@@ -72,7 +88,7 @@ def moe_layers(model: nn.Module) -> list[MoeLayer]:
         router = next((r for r in (getattr(block, "gate", None), getattr(block, "router", None))
                        if isinstance(getattr(r, "weight", None), torch.Tensor) and r.weight.dim() == 2), None)
         layer_name = parent_name.rpartition(".")[0]
-        norm = getattr(modules.get(layer_name), "post_attention_layernorm", None)
+        norm = router_norm(modules.get(layer_name))
         layers.append(MoeLayer(len(layers), name, module, router, norm))
     if not layers:
         raise UnsupportedModelError(
