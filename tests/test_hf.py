@@ -409,3 +409,22 @@ def test_a_post_norm_layer_has_no_router_norm():
     with off, torch.no_grad():
         assert off.prefetch == "activation"
         model(_prompt(2))
+
+
+def test_a_batch_decode_step_does_not_start_a_sequence():
+    # A decode step of a batch of two carries two tokens; only a forward on an empty KV cache starts a
+    # sequence (it began one at every step, adding a one-token activation matrix to the history each time).
+    model = tiny("qwen3_moe")
+    ids = torch.cat([_prompt(1), _prompt(2)])
+    with moeoffload.offload(model, codec="szp", error_bound=0.1, gpu_budget="50%", prefetch="activation") as off:
+        begun = []
+        start = off.cache.begin_sequence
+        off.cache.begin_sequence = lambda: (begun.append(1), start())[1]
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+            assert len(begun) == 1
+            model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, cache_implementation="static")
+            assert len(begun) == 2
+            model(ids)  # no cache: a sequence of its own
+            model(ids[:, :1])
+            assert len(begun) == 4

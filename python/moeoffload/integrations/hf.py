@@ -155,6 +155,7 @@ class Offload:
         self._residual: dict[int, torch.Tensor] = {}
         self._input_routers: list = [None] * len(self.layers)  # next_router_on_input, per layer
         self._warned_compiled = False
+        self._starts_sequence: bool | None = None  # set by the model's call: an empty KV cache starts one
         self._router_weights: dict[int, object] = {}  # float32 copies, made at the first prediction
         self._hooks = []
         self._in_sequence = False
@@ -171,6 +172,7 @@ class Offload:
                     if ml.norm is not None and self._input_routers[ml.index] is None:
                         self._hooks.append(ml.norm.register_forward_pre_hook(
                             lambda mod, args, i=ml.index: self._residual.__setitem__(i, args[0].detach())))
+            self._hooks.append(model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
             self._free_dense_experts()
             register()
             self.key = next(_keys)
@@ -199,6 +201,14 @@ class Offload:
             self.cache.end_sequence()
         self.cache.begin_sequence()
         self._in_sequence = True
+
+    @torch.compiler.disable  # a flag for the experts' op: set now, not when a compiled graph ends
+    def _on_model_call(self, module, args, kwargs) -> None:
+        """A forward with no KV cache, or an empty one, starts a sequence; one that extends a cache does
+        not, however many tokens it carries (a batch's decode step has one a sequence)."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        length = getattr(cache, "get_seq_length", None)
+        self._starts_sequence = True if cache is None else (int(length()) == 0 if callable(length) else None)
 
     def _hidden_next(self, layer: int, hidden: torch.Tensor, compiled: bool = False) -> np.ndarray | None:
         """The next MoE layer's mean routing scores, predicted from this layer's hidden state; an empty
@@ -235,7 +245,10 @@ class Offload:
                               "which a compiled graph hands over only after it ends: no hidden-state prefetch "
                               "(use prefetch='activation' with torch.compile)", stacklevel=2)
         if layer == 0:
-            if hidden.shape[0] > 1 or not self._in_sequence:
+            starts, self._starts_sequence = self._starts_sequence, None
+            if starts is None:  # the model's own call was not seen (an inner module called directly)
+                starts = hidden.shape[0] > 1
+            if starts or not self._in_sequence:
                 self.begin_sequence()
             self._tokens += hidden.shape[0]
         ids = top_k_index.reshape(-1).cpu().numpy()
