@@ -17,9 +17,11 @@ compressed bytes, scatters the weighted outputs, and releases.
 Paths: fused (szp, a gate the kernel knows: models.adapters.gate_kind) or the
 family's own eager code on weights read from the slots (codec "none": views of
 the raw bytes, so the logits equal the original model's exactly; szp with a
-gate the kernel does not know: decoded weights). Sequence boundaries: a forward
-of more than one token at the first MoE layer (a prefill) starts a new
-sequence of the activation predictor; ``begin_sequence()`` says so explicitly.
+gate the kernel does not know: decoded weights). Sequence boundaries: a
+forward of the model on an empty KV cache (a prefill, or a forward without a
+cache) starts a new sequence of the activation predictor, whatever the batch;
+``begin_sequence()`` says so explicitly. Under ``torch.compile`` the experts
+are one opaque op (``moeoffload::offload_experts``).
 """
 
 from __future__ import annotations
