@@ -111,18 +111,8 @@ int moe_experts_cuda(const Routing& routing, const std::vector<ExpertMatrices>& 
   float* gu = scratch;
   void* y = scratch + A * 2 * I;
 
-  LinearInput rows;
-  rows.x = x;
-  rows.xt = xt;
-  rows.row_of = row_of.data();
-  int err = szp_linear_group_cuda(rows, gate_up.data(), gate_up.size(), gu, DType::F32, stream);
-  if (err) return err;
-  LinearInput gated;
-  gated.x = gu;
-  gated.xt = xt;
-  gated.gated = true;
-  gated.cfg = cfg;
-  err = szp_linear_group_cuda(gated, down.data(), down.size(), y, xt, stream);
+  const int err = expert_mlp_group_cuda(x, xt, row_of.data(), gate_up.data(), down.data(), experts.size(), cfg, gu, y,
+                                        stream);
   if (err) return err;
   return launch_sum(xt, r, y, weights, tokens, H, out, stream);
 }

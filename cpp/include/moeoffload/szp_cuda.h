@@ -53,4 +53,11 @@ int expert_mlp_cuda(const SzpMatrix& gate_up, const SzpMatrix& down, const void*
                     const MlpConfig& cfg, const void* gate_up_bias, const void* down_bias, float* scratch, void* y,
                     cudaStream_t stream);
 
+// The same for n experts in two launches: member i of gate_up and of down owns the same rows (its
+// tokens; row_of maps them to x's rows, or null: row r is x's row r); the gate and up values go to
+// gu (float32, [rows, 2I]), the outputs with the down members' biases to y ([rows, H] of xt).
+int expert_mlp_group_cuda(const void* x, DType xt, const uint32_t* row_of, const LinearMember* gate_up,
+                          const LinearMember* down, size_t n, const MlpConfig& cfg, float* gu, void* y,
+                          cudaStream_t stream);
+
 }  // namespace moeoffload

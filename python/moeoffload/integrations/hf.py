@@ -159,10 +159,12 @@ class Offload:
                                  backend=backend)
         self.prefetch = None if cfg is None else cfg.source
         self._residual: dict[int, torch.Tensor] = {}
-        self._input_routers: list = [None] * len(self.layers)  # next_router_on_input, per layer
+        # per layer, what predicts the next layer's routing: the next router folded for the experts' input
+        # (next_router_on_input), else that router on the hooked residual stream
+        self._input_routers: list = [None] * len(self.layers)
+        self._residual_routers: list = [None] * len(self.layers)
         self._warned_compiled = False
         self._starts_sequence: bool | None = None  # set by the model's call: an empty KV cache starts one
-        self._router_weights: dict[int, object] = {}  # float32 copies, made at the first prediction
         self._hooks = []
         self._in_sequence = False
         self._tokens = 0
@@ -176,6 +178,7 @@ class Offload:
                 self._input_routers = [next_router_on_input(ml, self.layers[(ml.index + 1) % L]) for ml in self.layers]
                 for ml in self.layers:
                     if ml.norm is not None and self._input_routers[ml.index] is None:
+                        self._residual_routers[ml.index] = router_weights(self.layers[(ml.index + 1) % L])
                         self._hooks.append(ml.norm.register_forward_pre_hook(
                             lambda mod, args, i=ml.index: self._residual.__setitem__(i, args[0].detach())))
             self._hooks.append(model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
@@ -230,10 +233,7 @@ class Offload:
             residual = None if compiled else self._residual.get(layer)
             if residual is None:  # no norm to hook in front of this layer's router, or a compiled graph's stale one
                 return _NO_PREDICTION
-            weights = self._router_weights.get(nxt.index)
-            if weights is None:
-                weights = self._router_weights[nxt.index] = router_weights(nxt)
-            probs = router_probabilities(nxt, residual, weights)
+            probs = router_probabilities(nxt, residual, self._residual_routers[layer])
         p = (probs[0] if probs.shape[0] == 1 else probs.mean(0)).cpu().numpy()
         if not np.isfinite(p).all():  # an overflowed hidden state: a prediction is advice, the forward goes on
             return _NO_PREDICTION
@@ -566,20 +566,16 @@ def from_pretrained(checkpoint_dir, table=None, gpu_budget="6GiB", device="cpu",
                                     "a renaming moeoffload can follow")
     model.eval()
     owned = not isinstance(table, _table.ExpertTable)  # built or loaded here: the Offload closes it
-    if table is None:
+    built = table is None
+    if built:
         table = _table.build(checkpoint_dir, error_bound, codec, mode=offload_kwargs.pop("error_mode", "meanabs"),
                              fuse=True, transpose=codec != "none" and layers[0].experts.is_transposed,
                              out=table_dir, progress=offload_kwargs.pop("progress", False))
-    else:
-        if not isinstance(table, _table.ExpertTable):
-            table = _table.load(table)
-        try:
-            table.check_matches(checkpoint_dir)  # TableMismatchError: built from another model
-        except BaseException:
-            if owned:
-                table.close()
-            raise
+    elif not isinstance(table, _table.ExpertTable):
+        table = _table.load(table)
     try:
+        if not built:
+            table.check_matches(checkpoint_dir)  # TableMismatchError: built from another model
         off = Offload(model, table, gpu_budget, **offload_kwargs)
     except BaseException:
         if owned:
