@@ -127,28 +127,43 @@ def test_from_bytes_and_decompress_into():
     assert torch.equal(again.decompress(out=out), codec.compress(x, 0.01).decompress())
 
 
+def _cuda_decodes(host: np.ndarray, shape, dtype) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """cuda/szpe_decode.cu on a device copy of `host`: (the transcoded szp buffer, the values decoded
+    from it, the values decoded directly), each checked for a clean flag."""
+    stream = torch.cuda.current_stream().cuda_stream
+    dev = torch.from_numpy(host).cuda()
+    szp = torch.empty(_native.szpe_inspect(host)["szp_total_bytes"], dtype=torch.uint8, device="cuda")
+    failed = torch.zeros(1, dtype=torch.int32, device="cuda")
+    via_szp = torch.full(shape, float("nan"), dtype=dtype, device="cuda")  # poisoned: all must be written
+    _native.szpe_decode_cuda(host, dev, szp, failed, via_szp, stream)
+    assert failed.item() == 0
+    direct = torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+    _native.szpe_decode_values_cuda(host, dev, failed, direct, stream)
+    assert failed.item() == 0
+    return szp.cpu().numpy(), via_szp.cpu(), direct.cpu()
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and a CUDA build")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_transcode_gives_the_szp_buffer_and_its_values(dtype):
-    # cuda/szpe_transcode.cu (the runtime's arrival step on a GPU): byte for byte the szp buffer, then
-    # the szp CUDA decoder's values bit for bit those of the CPU; a corrupt stream sets the flag.
+    # cuda/szpe_decode.cu, a warp a stream: the transcode (the runtime's arrival step on a GPU) byte for
+    # byte the szp buffer, whose values the szp CUDA decoder gives bit for bit as the CPU does, and the
+    # direct decode the same values; at the default stream length and at 1 and 3 rows a stream (many
+    # warps, ragged last streams); a corrupt stream sets the flag.
     for name, x in adversarial(dtype):
         x = x.to(dtype)
         fixed = codec.compress(x, 2e-3)
         coded = codec.compress(x, 2e-3, codec="szpe")
-        host = coded.buffer
-        dev = torch.from_numpy(host).cuda()
-        szp = torch.empty(fixed.buffer.size, dtype=torch.uint8, device="cuda")
-        failed = torch.zeros(1, dtype=torch.int32, device="cuda")
-        out = torch.empty(x.shape, dtype=dtype, device="cuda")
-        _native.szpe_decode_cuda(host, dev, szp, failed, out, torch.cuda.current_stream().cuda_stream)
-        assert failed.item() == 0, name
-        assert np.array_equal(szp.cpu().numpy(), fixed.buffer), name
-        assert torch.equal(out.cpu().view(torch.uint8), fixed.decompress().view(torch.uint8)), name
-        assert torch.equal(coded.decompress(device="cuda").cpu().view(torch.uint8),
-                           fixed.decompress().view(torch.uint8)), name
-    at = host.size - 4 - _native.szpe_inspect(host)["payload_bytes"] + 17  # in the first stream's words
+        want = fixed.decompress().view(torch.uint8)
+        for host in (coded.buffer, *(np.asarray(_native.szpe_from_szp(fixed.buffer, g)) for g in (1, 3))):
+            szp, via_szp, direct = _cuda_decodes(host, x.shape, dtype)
+            assert np.array_equal(szp, fixed.buffer), name
+            assert torch.equal(via_szp.view(torch.uint8), want), name
+            assert torch.equal(direct.view(torch.uint8), want), name
+        assert torch.equal(coded.decompress(device="cuda").cpu().view(torch.uint8), want), name
+    host = codec.compress(next(adversarial(dtype))[1].to(dtype), 2e-3, codec="szpe").buffer  # gaussian, one stream
+    at = host.size - 4 - _native.szpe_inspect(host)["payload_bytes"] + 128 + 17  # the first stream's words, past its states
     for flip in range(1, 256):  # a change the stream check catches (a few decode to other values)
         broken = host.copy()
         broken[at] ^= flip
@@ -165,14 +180,11 @@ def test_cuda_transcode_gives_the_szp_buffer_and_its_values(dtype):
 @pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and a CUDA build")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cuda_transcode_writes_exceptions_of_many_streams(dtype):
-    # The device threads write their streams' exception entries and offsets, thread 0 the last offset.
+    # The device warps write their streams' exception entries and offsets, block 0 the last offset;
+    # the direct decode patches each stream's exceptions after its values.
     fixed, bufs = _exceptions_in_many_streams(dtype)
     for buf in bufs:
-        szp = torch.empty(fixed.buffer.size, dtype=torch.uint8, device="cuda")
-        failed = torch.zeros(1, dtype=torch.int32, device="cuda")
-        out = torch.empty(fixed.shape, dtype=dtype, device="cuda")
-        _native.szpe_decode_cuda(buf, torch.from_numpy(buf).cuda(), szp, failed, out,
-                                 torch.cuda.current_stream().cuda_stream)
-        assert failed.item() == 0
-        assert np.array_equal(szp.cpu().numpy(), fixed.buffer)
-        assert torch.equal(out.cpu(), fixed.decompress())
+        szp, via_szp, direct = _cuda_decodes(buf, fixed.shape, dtype)
+        assert np.array_equal(szp, fixed.buffer)
+        assert torch.equal(via_szp, fixed.decompress())
+        assert torch.equal(direct, fixed.decompress())

@@ -141,6 +141,7 @@ def test_another_version_is_named():
     buf[4] = 9
     with pytest.raises(FormatVersionError, match="version 9"):
         _native.szpe_inspect(fix_crc(buf), True)
-    buf[4] = 2  # the layout before per-stream exceptions and 13-bit frequencies
-    with pytest.raises(FormatVersionError, match="version 2 is older.*re-encode"):
-        _native.szpe_inspect(fix_crc(buf), True)
+    for old in (2, 3):  # 2: before per-stream exceptions and 13-bit frequencies; 3: four states a stream
+        buf[4] = old
+        with pytest.raises(FormatVersionError, match=f"version {old} is older.*re-encode"):
+            _native.szpe_inspect(fix_crc(buf), True)

@@ -46,6 +46,36 @@ SzpeView parse_released(const HostBytes& buf, bool verify) {
   return szpe_parse(buf.data(), buf.shape(0), verify);
 }
 
+// The device arguments of a CUDA decode of the buffer `e` was parsed from.
+void check_device_copy(const DeviceBytes& device_buf, const HostBytes& host_buf, const DeviceInt& failed) {
+  if (device_buf.shape(0) != host_buf.shape(0))
+    throw Error(ErrorKind::Shape, "device buffer size differs from the host buffer");
+  if (failed.shape(0) != 1) throw Error(ErrorKind::Shape, "failed must hold one int32");
+}
+
+void check_szp_size(const DeviceBytesOut& szp, const SzpeView& e) {
+  if (szp.shape(0) != e.as_szp.total_bytes)
+    throw Error(ErrorKind::Shape, "the szp output holds " + std::to_string(szp.shape(0)) +
+                                      " bytes, the buffer transcodes to " + std::to_string(e.as_szp.total_bytes));
+}
+
+// Runs launch (the GIL released), which returns a cudaError_t; a named error if it fails or if this
+// build has no CUDA.
+template <typename Launch>
+void cuda_call(const char* what, Launch&& launch) {
+#if MOEOFFLOAD_WITH_CUDA
+  int err;
+  {
+    nb::gil_scoped_release release;
+    err = launch();
+  }
+  if (err) throw Error(ErrorKind::Cuda, std::string(what) + " failed with cudaError " + std::to_string(err));
+#else
+  (void)launch;
+  throw Error(ErrorKind::Cuda, std::string(what) + ": moeoffload was built without CUDA; rebuild with MOEOFFLOAD_CUDA=ON");
+#endif
+}
+
 }  // namespace
 
 void bind_szpe(nb::module_& m) {
@@ -112,30 +142,66 @@ void bind_szpe(nb::module_& m) {
       [](HostBytes host_buf, DeviceBytes device_buf, DeviceBytesOut szp_scratch, DeviceInt failed, DeviceArray out,
          uintptr_t stream) {
         const SzpeView e = parse_released(host_buf, false);
-        if (device_buf.shape(0) != host_buf.shape(0))
-          throw Error(ErrorKind::Shape, "device buffer size differs from the host buffer");
-        if (szp_scratch.shape(0) != e.as_szp.total_bytes)
-          throw Error(ErrorKind::Shape, "szp scratch holds " + std::to_string(szp_scratch.shape(0)) +
-                                            " bytes, the buffer transcodes to " + std::to_string(e.as_szp.total_bytes));
-        if (failed.shape(0) != 1) throw Error(ErrorKind::Shape, "failed must hold one int32");
+        check_device_copy(device_buf, host_buf, failed);
         check_out(out, e.szp);
+        check_szp_size(szp_scratch, e);
+        cuda_call("szpe CUDA transcode and decode", [&] {
 #if MOEOFFLOAD_WITH_CUDA
-        int err;
-        {
-          nb::gil_scoped_release release;
           auto s = reinterpret_cast<cudaStream_t>(stream);
-          err = szpe_to_szp_cuda(e, device_buf.data(), szp_scratch.data(), failed.data(), s);
-          if (!err) err = szp_decode_cuda(e.as_szp, szp_scratch.data(), out.data(), s);
-        }
-        if (err) throw Error(ErrorKind::Cuda, "szpe CUDA decode failed with cudaError " + std::to_string(err));
+          const int err = szpe_to_szp_cuda(e, device_buf.data(), szp_scratch.data(), failed.data(), s);
+          return err ? err : szp_decode_cuda(e.as_szp, szp_scratch.data(), out.data(), s);
 #else
-        (void)stream;
-        throw Error(ErrorKind::Cuda, "moeoffload was built without CUDA; rebuild with MOEOFFLOAD_CUDA=ON");
+          (void)stream;
+          return 0;
 #endif
+        });
       },
       nb::arg("host_buf"), nb::arg("device_buf"), nb::arg("szp_scratch").noconvert(), nb::arg("failed").noconvert(), nb::arg("out").noconvert(),
       nb::arg("stream"),
-      "Transcode a device copy of a (validated) szpe buffer into szp_scratch (the szp buffer, byte for byte) and "
-      "decode that into out, on the given CUDA stream. failed[0] becomes nonzero when a stream is corrupt (read it "
-      "after the stream).");
+      "Transcode a device copy of a (validated) szpe buffer into szp_scratch (the szp buffer, byte for byte: the "
+      "runtime's arrival step) and decode that into out, on the given CUDA stream. failed[0] becomes nonzero when a "
+      "stream is corrupt (read it after the stream).");
+
+  m.def(
+      "szpe_to_szp_cuda",
+      [](HostBytes host_buf, DeviceBytes device_buf, DeviceBytesOut szp_out, DeviceInt failed, uintptr_t stream) {
+        const SzpeView e = parse_released(host_buf, false);
+        check_device_copy(device_buf, host_buf, failed);
+        check_szp_size(szp_out, e);
+        cuda_call("szpe CUDA transcode", [&] {
+#if MOEOFFLOAD_WITH_CUDA
+          return szpe_to_szp_cuda(e, device_buf.data(), szp_out.data(), failed.data(),
+                                  reinterpret_cast<cudaStream_t>(stream));
+#else
+          (void)stream;
+          return 0;
+#endif
+        });
+      },
+      nb::arg("host_buf"), nb::arg("device_buf"), nb::arg("szp_out").noconvert(), nb::arg("failed").noconvert(),
+      nb::arg("stream"),
+      "Transcode a device copy of a (validated) szpe buffer into szp_out: the szp buffer it was made from, byte for "
+      "byte (the runtime's arrival step). failed[0] becomes nonzero when a stream is corrupt.");
+
+  m.def(
+      "szpe_decode_values_cuda",
+      [](HostBytes host_buf, DeviceBytes device_buf, DeviceInt failed, DeviceArray out, uintptr_t stream) {
+        const SzpeView e = parse_released(host_buf, false);
+        check_device_copy(device_buf, host_buf, failed);
+        check_out(out, e.szp);
+        cuda_call("szpe CUDA decode", [&] {
+#if MOEOFFLOAD_WITH_CUDA
+          return szpe_decode_values_cuda(e, device_buf.data(), out.data(), failed.data(),
+                                         reinterpret_cast<cudaStream_t>(stream));
+#else
+          (void)stream;
+          return 0;
+#endif
+        });
+      },
+      nb::arg("host_buf"), nb::arg("device_buf"), nb::arg("failed").noconvert(), nb::arg("out").noconvert(),
+      nb::arg("stream"),
+      "Decode a device copy of a (validated) szpe buffer straight into out (its values, bit for bit the CPU "
+      "decoder's), on the given CUDA stream. failed[0] becomes nonzero when a stream is corrupt (read it after the "
+      "stream).");
 }

@@ -103,8 +103,11 @@ struct Stream {
   std::vector<uint32_t> escapes;
 };
 
-void encode_stream(const std::vector<int32_t>& q, uint32_t alphabet, const std::vector<uint32_t>& freq,
-                   const std::vector<uint32_t>& cum, Stream& out) {
+// A stream's values (whole segments of segment_len, the last maybe short), backwards: value i uses the
+// state of its lane in its szp block, (i mod segment_len) mod 32.
+void encode_stream(const std::vector<int32_t>& q, uint64_t segment_len, uint32_t alphabet,
+                   const std::vector<uint32_t>& freq, const std::vector<uint32_t>& cum, Stream& out) {
+  static_assert(kRansWays == kSzpBlock, "a state per lane of an szp block");
   const size_t n = q.size();
   std::vector<uint8_t> buf(2 * n + 4 * kRansWays + 8);  // at most one u16 a value
   uint8_t* const end = buf.data() + buf.size();
@@ -115,7 +118,7 @@ void encode_stream(const std::vector<int32_t>& q, uint32_t alphabet, const std::
   for (size_t i = n; i-- > 0;) {
     const uint32_t z = zigzag(q[i]);
     const uint32_t sym = std::min(z, esc);
-    rans_put(x[i % kRansWays], ptr, cum[sym], freq[sym]);
+    rans_put(x[i % segment_len % kRansWays], ptr, cum[sym], freq[sym]);
     if (sym == esc) out.escapes.push_back(z);
   }
   std::reverse(out.escapes.begin(), out.escapes.end());  // the decoder reads them forwards
@@ -133,7 +136,7 @@ std::vector<uint8_t> szpe_from_szp(const uint8_t* szp, const SzpView& v, uint64_
   if (stream_segments && stream_segments > std::max<uint64_t>(1, kSzpMaxSegment / v.segment_len))
     throw Error(ErrorKind::Shape, "a stream of " + std::to_string(stream_segments) + " segments of " +
                                       std::to_string(v.segment_len) + " values exceeds 2^24 values");
-  const uint64_t G = stream_segments ? stream_segments : std::max<uint64_t>(1, 16384 / v.segment_len);
+  const uint64_t G = stream_segments ? stream_segments : std::max<uint64_t>(1, kSzpeStreamValues / v.segment_len);
   const uint64_t NS = S ? (S - 1) / G + 1 : 0;
 
   // Pass 1: the symbol histogram (bins 0..255, then everything above) and the largest symbol.
@@ -171,7 +174,7 @@ std::vector<uint8_t> szpe_from_szp(const uint8_t* szp, const SzpView& v, uint64_
     std::vector<int32_t> q;
     for (uint64_t s = s0; s < s1; ++s) {
       stream_q(szp, v, G, s, q);
-      encode_stream(q, A, freq, cum, streams[s]);
+      encode_stream(q, v.segment_len, A, freq, cum, streams[s]);
     }
   });
 

@@ -1,8 +1,9 @@
 // szpe CPU decoders: to values (the cpu backend's decode; bit for bit what szp_decode_cpu gives on
 // the szp buffer the szpe came from) and back to that szp buffer (the transcode a fixed-width device
-// cache would run on arrival). Streams decode in parallel; within a stream kRansWays interleaved rANS
-// states give the core independent chains. Every stream must use up exactly its bytes and escapes and
-// end in the encoder's initial states, or the buffer is corrupt.
+// cache runs on arrival; cuda/szpe_decode.cu is the same on a GPU, a warp a stream). Streams decode in
+// parallel; within a stream the 32 lanes of each szp block are 32 independent rANS chains for the
+// core. Every stream must use up exactly its bytes and escapes and end in the encoder's initial
+// states, or the buffer is corrupt.
 #include <algorithm>
 #include <cstddef>
 #include <cstring>
@@ -13,6 +14,7 @@
 #include "../codec/szp_layout.h"
 #include "moeoffload/errors.h"
 #include "moeoffload/parallel.h"
+#include "moeoffload/szp_block.h"
 #include "moeoffload/szpe.h"
 #include "moeoffload/szpe_stream.h"
 
@@ -34,43 +36,129 @@ using szpe_stream::StreamSpan;
 using szpe_stream::span_of;
 using szpe_stream::unzigzag;
 
-// The q values of stream s into q[0 .. n_values).
-void decode_stream(const uint8_t* buf, const SzpeView& e, const RansTable& table, uint64_t s, int32_t* q) {
-  const StreamSpan sp = span_of(e, s);
-  const uint8_t* payload = buf + e.payload_at;
-  const uint8_t* p = payload + load<uint64_t>(buf + e.stream_offsets_at + 8 * s);
-  const uint8_t* end = payload + load<uint64_t>(buf + e.stream_offsets_at + 8 * (s + 1));
-  uint64_t esc = load<uint64_t>(buf + e.escape_index_at + 8 * s);
-  const uint64_t esc_end = load<uint64_t>(buf + e.escape_index_at + 8 * (s + 1));
-  uint32_t x[kRansWays];
-  memcpy(x, p, sizeof x);  // parse checked every stream holds its states
-  p += sizeof x;
-  const uint32_t escape = e.alphabet - 1;
-  auto value_of = [&](uint32_t symbol) {  // the escape symbol takes the next stored value
-    if (symbol != escape) return unzigzag(symbol);
-    if (esc == esc_end) corrupt_stream(s);
-    return unzigzag(szpe_stream::escape_at(buf, e, esc++));
-  };
-  bool ok = true;
-  uint64_t i = 0;
-  // Fast path: a group of kRansWays values reads at most one word a state, so while that many remain
-  // no read needs its own end check.
-  for (; i + kRansWays <= sp.n_values && end - p >= static_cast<ptrdiff_t>(2 * kRansWays); i += kRansWays) {
-    uint32_t sym[kRansWays];
-    for (uint32_t j = 0; j < kRansWays; ++j) {
-      sym[j] = rans_get(x[j], table);
-      rans_renorm_unchecked(x[j], p);
+// One stream being decoded: its 32 states, bytes and escapes. block() gives the q values of the next
+// szp block; a stream that runs out of bytes or escapes, or does not end where the encoder began, is
+// not ok() (checked once at its end: a corrupt stream decodes garbage until then, never out of bounds).
+class StreamReader {
+ public:
+  StreamReader(const uint8_t* buf, const SzpeView& e, const RansTable& table, uint64_t s)
+      : buf_(buf), e_(e), table_(table), b_(szpe_stream::bounds_of(buf, e, s)) {
+    p_ = buf + e.payload_at + b_.bytes;  // parse checked every stream holds its states
+    end_ = buf + e.payload_at + b_.bytes_end;
+    for (uint32_t j = 0; j < kRansWays; ++j) x_[j] = szpe_stream::initial_state(p_, j);
+    p_ += 4 * kRansWays;
+    esc_ = b_.escape;
+  }
+
+  const szpe_stream::StreamBounds& bounds() const { return b_; }
+
+  // The next block's cnt (<= 32) values: value j with state j, its word (if any) read in value order.
+  void block(uint32_t cnt, int32_t* q) {
+    uint32_t z[kSzpBlock];
+    if (end_ - p_ >= static_cast<ptrdiff_t>(2 * cnt)) {  // at most a word a value: no read needs its own check
+      for (uint32_t j = 0; j < cnt; ++j) {
+        z[j] = rans_get(x_[j], table_);
+        rans_renorm_unchecked(x_[j], p_);
+      }
+    } else {
+      for (uint32_t j = 0; j < cnt; ++j) {
+        z[j] = rans_get(x_[j], table_);
+        ok_ &= rans_renorm(x_[j], p_, end_);
+      }
     }
-    for (uint32_t j = 0; j < kRansWays; ++j) q[i + j] = value_of(sym[j]);
+    const uint32_t escape = e_.alphabet - 1;
+    for (uint32_t j = 0; j < cnt; ++j) {
+      if (z[j] == escape) {  // its zigzag value is the next one stored
+        if (esc_ == b_.escape_end) {
+          ok_ = false;
+          z[j] = 0;
+        } else {
+          z[j] = szpe_stream::escape_at(buf_, e_, esc_++);
+        }
+      }
+      q[j] = unzigzag(z[j]);
+    }
   }
-  for (; i < sp.n_values; ++i) {
-    const uint32_t j = i % kRansWays;
-    const uint32_t symbol = rans_get(x[j], table);
-    ok &= rans_renorm(x[j], p, end);
-    q[i] = value_of(symbol);
+
+  bool ok() const {
+    bool ok = ok_ && p_ == end_ && esc_ == b_.escape_end;
+    for (uint32_t j = 0; j < kRansWays; ++j) ok &= x_[j] == kRansLow;
+    return ok;
   }
-  for (uint32_t j = 0; j < kRansWays; ++j) ok &= x[j] == kRansLow;
-  if (!ok || p != end || esc != esc_end) corrupt_stream(s);
+
+ private:
+  const uint8_t* buf_;
+  const SzpeView& e_;
+  const RansTable& table_;
+  szpe_stream::StreamBounds b_;
+  uint32_t x_[kRansWays];
+  const uint8_t* p_;
+  const uint8_t* end_;
+  uint64_t esc_;
+  bool ok_ = true;
+};
+
+// Stream s's q values into q[0 .. n_values), block by block of each segment.
+void decode_stream(const uint8_t* buf, const SzpeView& e, const RansTable& table, uint64_t s, int32_t* q) {
+  const SzpView& v = e.szp;
+  const StreamSpan sp = span_of(e, s);
+  StreamReader r(buf, e, table, s);
+  for (uint64_t g = sp.first_segment; g < sp.end_segment; ++g) {
+    const uint64_t first = g * v.segment_len, len = std::min(v.segment_len, v.numel - first);
+    int32_t* dst = q + (first - sp.first_value);
+    for (uint64_t k = 0; k < len; k += kSzpBlock) r.block(static_cast<uint32_t>(std::min<uint64_t>(kSzpBlock, len - k)), dst + k);
+  }
+  if (!r.ok()) corrupt_stream(s);
+}
+
+// Transcodes stream s into the szp buffer `out` (view e.as_szp): its segments' widths and blocks, and
+// their entries in the segment offset and exception tables. False on corrupt input; nothing is written
+// outside the stream's stored szp range and its segments' and exceptions' table entries.
+bool transcode_stream(const uint8_t* in, const SzpeView& e, const RansTable& table, uint64_t s, uint8_t* out) {
+  const SzpView& v = e.szp;
+  const SzpView& o = e.as_szp;
+  const StreamSpan sp = span_of(e, s);
+  StreamReader r(in, e, table, s);
+  const szpe_stream::StreamBounds& b = r.bounds();
+  uint64_t at = b.szp, exc = b.exception;
+  uint8_t* const payload = out + o.payload_at;
+  for (uint64_t g = sp.first_segment; g < sp.end_segment; ++g) {
+    szpe_stream::store<uint64_t>(out + o.seg_offsets_at + 8 * g, at);
+    const uint64_t first = g * v.segment_len;
+    const uint64_t len = std::min(v.segment_len, v.numel - first);
+    if (v.n_exceptions) {  // szp's exception table: this segment's offset and entries
+      szpe_stream::store<uint64_t>(out + o.exc_offsets_at + 8 * g, exc);
+      const uint64_t seg_start = first - sp.first_value;  // in the stream
+      for (; exc < b.exception_end; ++exc) {
+        const uint64_t pos = load<uint32_t>(in + e.exc_pos_at + 4 * exc);
+        if (pos >= seg_start + len) break;
+        szpe_stream::store<uint32_t>(out + o.exc_entries_at + 8 * exc, static_cast<uint32_t>(pos - seg_start));
+        szpe_stream::store<uint32_t>(out + o.exc_entries_at + 8 * exc + 4, szpe_stream::exception_raw(in, e, exc));
+      }
+    }
+    const uint64_t nblocks = szp_blocks_in(len);
+    const uint64_t widths_bytes = szp_widths_bytes(nblocks);
+    if (b.szp_end < at || b.szp_end - at < widths_bytes) return false;
+    uint8_t* const widths = payload + at;
+    for (uint64_t k = nblocks; k < widths_bytes; ++k) widths[k] = 0;
+    at += widths_bytes;
+    for (uint64_t k = 0; k < nblocks; ++k) {
+      const uint32_t cnt = static_cast<uint32_t>(std::min<uint64_t>(kSzpBlock, len - k * kSzpBlock));
+      int32_t q[kSzpBlock];
+      r.block(cnt, q);
+      int32_t qmin = 0, qmax = 0;
+      for (uint32_t i = 0; i < cnt; ++i) qmin = std::min(qmin, q[i]), qmax = std::max(qmax, q[i]);
+      const uint32_t w = szp_width_for(qmin, qmax);
+      if (w > o.max_width || b.szp_end - at < szp_block_bytes(w)) return false;
+      widths[k] = static_cast<uint8_t>(w);
+      if (!w) continue;
+      uint32_t words[kSzpMaxWidth];
+      szp_pack_block(q, cnt, w, words);
+      memcpy(payload + at, words, szp_block_bytes(w));
+      at += szp_block_bytes(w);
+    }
+  }
+  return r.ok() && at == b.szp_end && exc == b.exception_end;
 }
 
 template <DType T>
@@ -117,7 +205,7 @@ void szpe_to_szp_into(const uint8_t* buf, const SzpeView& e, uint8_t* out) {
     const auto table = std::make_unique<Table>(buf, e);
     parallel_for(e.n_streams, 1, [&](uint64_t s0, uint64_t s1) {
       for (uint64_t s = s0; s < s1; ++s)
-        if (!szpe_stream::transcode(buf, e, *table, s, out)) corrupt_stream(s);
+        if (!transcode_stream(buf, e, *table, s, out)) corrupt_stream(s);
     });
   }
   memcpy(out + o.total_bytes - 4, &e.szp_crc, 4);

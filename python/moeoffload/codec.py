@@ -262,10 +262,9 @@ class CompressedTensor:
         if self.codec == "szp":
             _native.szp_decode_cuda(self._buf, dev_buf, out, stream)
             return out
-        # szpe: transcoded into szp on the device (the runtime's arrival step), then decoded
-        szp = torch.empty(_native.szpe_inspect(self._buf, False)["szp_total_bytes"], dtype=torch.uint8, device=device)
+        # szpe: straight to values, a warp a stream (the runtime's cache instead transcodes to szp on arrival)
         failed = torch.zeros(1, dtype=torch.int32, device=device)
-        _native.szpe_decode_cuda(self._buf, dev_buf, szp, failed, out, stream)
+        _native.szpe_decode_values_cuda(self._buf, dev_buf, failed, out, stream)
         if failed.item():
             raise CorruptDataError("szpe buffer is corrupt: a stream did not decode on the device. Re-create it from "
                                    "the original weights (moeoffload.codec.compress)")

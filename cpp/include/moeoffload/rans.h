@@ -8,8 +8,12 @@
 // most one a symbol, so the decoder's renormalisation is a conditional move, not a branch the CPU
 // mispredicts (and one load per lane on a GPU). The encoder walks the values backwards and writes
 // words backwards, so the decoder reads forwards.
-// kRansWays states interleave (value i uses state i % kRansWays): independent dependency chains for
-// the CPU's out-of-order core, one byte stream.
+// kRansWays = 32 states interleave, one per value of an szp block: value j of every 32-value block
+// (counted from its segment's start) uses state j, so a warp decodes a block in one step, lane j
+// state j, and a CPU core has 32 independent dependency chains. The renormalisation words are read in
+// value order, so within a block lane j's word follows those of the lanes before it that read one
+// (a ballot and a popcount on a GPU). Each stream stores its 32 final encoder states: 128 bytes,
+// which is why streams are long (about 65536 values).
 //
 // The decoding table has two arrays indexed by the slot: the state step (f and slot - c, one u32) and
 // the symbol (u8). Only the first is on the state's dependency chain. They take 40 KiB: inside a
@@ -26,7 +30,7 @@ namespace moeoffload {
 
 constexpr uint32_t kRansScaleBits = 13;
 constexpr uint32_t kRansLow = 1u << 16;  // lower end of the normalised state interval
-constexpr uint32_t kRansWays = 4;        // interleaved states per stream
+constexpr uint32_t kRansWays = 32;       // interleaved states per stream: one per value of an szp block
 
 // The decoding table of frequencies summing to 2^kRansScaleBits.
 struct RansTable {
@@ -72,12 +76,14 @@ MOEOFFLOAD_HD bool rans_renorm(uint32_t& x, const uint8_t*& ptr, const uint8_t* 
   return true;
 }
 
-// rans_renorm for a caller that knows 2 bytes remain: branch-free.
+// rans_renorm for a caller that knows 2 bytes remain: branch-free by construction (masks and a shift
+// by 0 or 16), since a compiler turned the conditional form into a branch that mispredicts about as
+// often as a symbol needs a word (half the decode speed).
 MOEOFFLOAD_HD void rans_renorm_unchecked(uint32_t& x, const uint8_t*& ptr) {
   const uint32_t word = ptr[0] | (static_cast<uint32_t>(ptr[1]) << 8);
-  const bool read = x < kRansLow;
-  x = read ? (x << 16) | word : x;
-  ptr += read ? 2 : 0;
+  const uint32_t read = x < kRansLow ? 1u : 0u;
+  x = (x << (16 * read)) | (word & (0u - read));
+  ptr += 2 * read;
 }
 
 }  // namespace moeoffload

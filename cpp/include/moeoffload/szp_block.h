@@ -51,12 +51,17 @@ MOEOFFLOAD_HD typename Stored<T>::type szp_value(int32_t q, float step) {
 }
 
 // The width a block of values needs: the fewest bits of two's complement that
-// hold every q (0 when all are 0).
+// hold every q (0 when all are 0). qmin <= 0 <= qmax (callers start both at 0):
+// w - 1 is the bit length of max(qmax, -1 - qmin), since -2^(w-1) <= qmin is
+// -1 - qmin < 2^(w-1). No loop: a GPU warp computes it once a block.
 MOEOFFLOAD_HD uint32_t szp_width_for(int32_t qmin, int32_t qmax) {
   if (qmin == 0 && qmax == 0) return 0;
-  uint32_t w = 1;
-  while (qmin < -(int64_t(1) << (w - 1)) || qmax > (int64_t(1) << (w - 1)) - 1) ++w;
-  return w;
+  const uint32_t m = static_cast<uint32_t>(qmax > -1 - qmin ? qmax : -1 - qmin);
+#if defined(__CUDA_ARCH__)
+  return m ? 33u - static_cast<uint32_t>(__clz(static_cast<int>(m))) : 1u;
+#else
+  return m ? 33u - static_cast<uint32_t>(__builtin_clz(m)) : 1u;
+#endif
 }
 
 // Packs a block's values (cnt <= 32 of them; the missing ones are 0) as w-bit fields (1 <= w <= 25)

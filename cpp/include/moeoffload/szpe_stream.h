@@ -1,19 +1,11 @@
-// The transcode of one szpe stream into its szp segments, written once for the CPU transcoder
-// (one stream per task) and the CUDA one (one stream per thread): the runtime's arrival step when
-// host memory and the bus carry szpe and the device cache holds fixed-width szp.
-//
-// Block by block (32 values): the symbols are decoded (rans.h; value i of the stream uses state
-// i % kRansWays), escapes resolved, the block's width found and its fields packed with
-// szp_pack_block, the encoder's own packer. Each stream's segments start at the szp payload offset
-// that szpe stores for it (docs/format.md), so no stream waits for another; the stream also writes
-// its segments' entries of szp's exception table (offsets per segment, {pos, raw} entries) from its
-// own exceptions. Nothing is written outside the stream's stored szp range, its segments' offset
-// entries and its exceptions' entries, whatever the input: a stream that does not decode cleanly, or
-// does not fill its range exactly, returns false.
+// One szpe stream's layout, written once for the CPU decoders (cpp/kernels/szpe_decode.cpp: a stream
+// per task, the 32 lanes of a block in a loop) and the CUDA ones (cuda/szpe_decode.cu: a stream per
+// warp, lane j state j): where its bytes, escapes, exceptions and szp range start and end, its
+// decoding table, its escapes and exceptions.
 //
 // Alignment: the format keeps every u64 table 8-aligned and the u32 and u16 arrays 4-aligned from the
-// buffer start; the device path needs both buffers 8-aligned (szpe_to_szp_cuda checks) and reads them
-// with plain loads. The host path copies (any alignment).
+// buffer start, a stream's bytes 2-aligned; the device path needs the buffers 8-aligned (its entry
+// points check) and reads them with plain loads. The host path copies (any alignment).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -86,94 +78,30 @@ MOEOFFLOAD_HD uint32_t exception_raw(const uint8_t* buf, const SzpeView& e, uint
                                       : load<uint32_t>(buf + e.exc_raw_at + 4 * i);
 }
 
-// Transcodes stream s of the szpe buffer `in` (view e) into the szp buffer `out` (view e.as_szp):
-// its segments' widths and blocks, and their entries in the segment offset table. False on corrupt
-// input (see above).
-MOEOFFLOAD_HD bool transcode(const uint8_t* in, const SzpeView& e, const RansTable& table, uint64_t s, uint8_t* out) {
-  const SzpView& v = e.szp;
-  const SzpView& o = e.as_szp;
-  const uint64_t g0 = s * e.stream_segments;
-  const uint64_t g1 = g0 + e.stream_segments < v.n_segments ? g0 + e.stream_segments : v.n_segments;
-  const uint8_t* p = in + e.payload_at + load<uint64_t>(in + e.stream_offsets_at + 8 * s);
-  const uint8_t* const end = in + e.payload_at + load<uint64_t>(in + e.stream_offsets_at + 8 * (s + 1));
-  uint64_t esc = load<uint64_t>(in + e.escape_index_at + 8 * s);
-  const uint64_t esc_end = load<uint64_t>(in + e.escape_index_at + 8 * (s + 1));
-  uint64_t at = load<uint64_t>(in + e.szp_stream_offsets_at + 8 * s);
-  const uint64_t stop = load<uint64_t>(in + e.szp_stream_offsets_at + 8 * (s + 1));
-  uint64_t exc = 0, exc_end = 0;  // this stream's exceptions (parse checked their index and positions)
-  if (v.n_exceptions) {
-    exc = load<uint64_t>(in + e.exc_index_at + 8 * s);
-    exc_end = load<uint64_t>(in + e.exc_index_at + 8 * (s + 1));
+// Where stream s's pieces start and end: its bytes (states first), its escapes, its exceptions (none
+// without), and its range of the szp payload it transcodes to.
+struct StreamBounds {
+  uint64_t bytes, bytes_end, escape, escape_end, exception, exception_end, szp, szp_end;
+};
+
+MOEOFFLOAD_HD StreamBounds bounds_of(const uint8_t* buf, const SzpeView& e, uint64_t s) {
+  StreamBounds b{};
+  b.bytes = load<uint64_t>(buf + e.stream_offsets_at + 8 * s);
+  b.bytes_end = load<uint64_t>(buf + e.stream_offsets_at + 8 * (s + 1));
+  b.escape = load<uint64_t>(buf + e.escape_index_at + 8 * s);
+  b.escape_end = load<uint64_t>(buf + e.escape_index_at + 8 * (s + 1));
+  b.szp = load<uint64_t>(buf + e.szp_stream_offsets_at + 8 * s);
+  b.szp_end = load<uint64_t>(buf + e.szp_stream_offsets_at + 8 * (s + 1));
+  if (e.szp.n_exceptions) {
+    b.exception = load<uint64_t>(buf + e.exc_index_at + 8 * s);
+    b.exception_end = load<uint64_t>(buf + e.exc_index_at + 8 * (s + 1));
   }
-  if (end - p < static_cast<int64_t>(4 * kRansWays)) return false;
-  // The states as scalars, rotated after each symbol (x0 is always the next one's): registers, where an
-  // array indexed by i % 4 would live in memory.
-  static_assert(kRansWays == 4, "the rotation below names four states");
-  uint32_t x[kRansWays];
-  for (uint32_t j = 0; j < kRansWays; ++j, p += 4)  // 2-aligned: byte loads
-    x[j] = p[0] | (static_cast<uint32_t>(p[1]) << 8) | (static_cast<uint32_t>(p[2]) << 16) |
-           (static_cast<uint32_t>(p[3]) << 24);
-  uint32_t x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3];
-  const uint32_t escape = e.alphabet - 1;
-  uint8_t* const payload = out + o.payload_at;
-  for (uint64_t g = g0; g < g1; ++g) {
-    store<uint64_t>(out + o.seg_offsets_at + 8 * g, at);
-    const uint64_t first = g * v.segment_len;
-    const uint64_t len = v.numel - first < v.segment_len ? v.numel - first : v.segment_len;
-    if (v.n_exceptions) {  // szp's exception table: this segment's offset and entries
-      store<uint64_t>(out + o.exc_offsets_at + 8 * g, exc);
-      const uint64_t seg_start = (g - g0) * v.segment_len;  // in the stream
-      for (; exc < exc_end; ++exc) {
-        const uint64_t pos = load<uint32_t>(in + e.exc_pos_at + 4 * exc);
-        if (pos >= seg_start + len) break;
-        store<uint32_t>(out + o.exc_entries_at + 8 * exc, static_cast<uint32_t>(pos - seg_start));
-        store<uint32_t>(out + o.exc_entries_at + 8 * exc + 4, exception_raw(in, e, exc));
-      }
-    }
-    const uint64_t nblocks = szp_blocks_in(len);
-    const uint64_t widths_bytes = szp_widths_bytes(nblocks);
-    if (stop < at || stop - at < widths_bytes) return false;
-    uint8_t* const widths = payload + at;
-    for (uint64_t k = nblocks; k < widths_bytes; ++k) widths[k] = 0;
-    at += widths_bytes;
-    for (uint64_t k = 0; k < nblocks; ++k) {
-      const uint32_t cnt = static_cast<uint32_t>(len - k * kSzpBlock < kSzpBlock ? len - k * kSzpBlock : kSzpBlock);
-      int32_t q[kSzpBlock];
-      int32_t qmin = 0, qmax = 0;
-      // A symbol reads at most one word: with 2 * cnt bytes left no read needs its own end check.
-      const bool room = end - p >= static_cast<int64_t>(2 * cnt);
-      for (uint32_t i = 0; i < cnt; ++i) {
-        uint32_t z = rans_get(x0, table);
-        if (room)
-          rans_renorm_unchecked(x0, p);
-        else if (!rans_renorm(x0, p, end))
-          return false;
-        const uint32_t t = x0;
-        x0 = x1, x1 = x2, x2 = x3, x3 = t;
-        if (z == escape) {  // its zigzag value is the next one stored
-          if (esc == esc_end) return false;
-          z = escape_at(in, e, esc++);
-        }
-        q[i] = unzigzag(z);
-        qmin = q[i] < qmin ? q[i] : qmin;
-        qmax = q[i] > qmax ? q[i] : qmax;
-      }
-      const uint32_t w = szp_width_for(qmin, qmax);
-      if (w > o.max_width || stop - at < szp_block_bytes(w)) return false;
-      widths[k] = static_cast<uint8_t>(w);
-      if (!w) continue;
-#if defined(__CUDA_ARCH__)
-      szp_pack_block(q, cnt, w, reinterpret_cast<uint32_t*>(payload + at));
-#else
-      uint32_t words[kSzpMaxWidth];
-      szp_pack_block(q, cnt, w, words);
-      memcpy(payload + at, words, szp_block_bytes(w));
-#endif
-      at += szp_block_bytes(w);
-    }
-  }
-  return at == stop && p == end && esc == esc_end && exc == exc_end && x0 == kRansLow && x1 == kRansLow && x2 == kRansLow &&
-         x3 == kRansLow;
+  return b;
+}
+
+// State j of a stream (its first 4 * kRansWays bytes, 2-aligned: two u16 loads).
+MOEOFFLOAD_HD uint32_t initial_state(const uint8_t* stream, uint32_t j) {
+  return load<uint16_t>(stream + 4 * j) | (static_cast<uint32_t>(load<uint16_t>(stream + 4 * j + 2)) << 16);
 }
 
 }  // namespace moeoffload::szpe_stream
