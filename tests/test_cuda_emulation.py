@@ -1,6 +1,6 @@
-"""The CUDA kernels of cuda/szpe_decode.cuh on the CPU, before any GPU has run them: a warp-synchronous
+"""The decode kernels of cuda/szp_decode.cuh and cuda/szpe_decode.cuh on the CPU, before any GPU has run them: a warp-synchronous
 emulator (tests/cuda_emulation/cuda_emulator.h, a thread a lane, built here with g++ and
-AddressSanitizer) runs them as cuda/szpe_decode.cu launches them, and their output must be the CPU
+AddressSanitizer) runs them as the .cu files launch them, and their output must be the CPU
 decoders', byte for byte, on every buffer: valid ones of any shape, dtype and stream length, and
 corrupted ones, where both must either decode to the same bytes or both call the buffer corrupt, never
 reading or writing out of bounds. On a GPU, tests/test_szpe.py checks the compiled kernels the same way."""
@@ -21,7 +21,7 @@ from conftest import DTYPES, fix_crc
 from test_szpe import _exceptions_in_many_streams, adversarial
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ["tests/cuda_emulation/szpe_decode_emulated.cpp", "cpp/codec/szpe_format.cpp", "cpp/codec/szp_format.cpp",
+SOURCES = ["tests/cuda_emulation/decoders_emulated.cpp", "cpp/codec/szpe_format.cpp", "cpp/codec/szp_format.cpp",
            "cpp/codec/szp_layout.cpp", "cpp/runtime/parallel.cpp"]
 
 
@@ -30,7 +30,7 @@ def emulated(tmp_path_factory) -> Path:
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None or not (ROOT / "cuda").is_dir():
         pytest.skip("needs a C++ compiler and the source tree")
-    exe = tmp_path_factory.mktemp("emulation") / "szpe_decode_emulated"
+    exe = tmp_path_factory.mktemp("emulation") / "decoders_emulated"
     subprocess.run([cxx, "-std=c++17", "-O1", "-g", "-ffp-contract=off", "-pthread", "-fsanitize=address,undefined",
                     "-fno-sanitize-recover=undefined", "-I", str(ROOT / "cpp/include"), "-o", str(exe),
                     *(str(ROOT / s) for s in SOURCES)], check=True, capture_output=True)
@@ -42,8 +42,8 @@ def run(exe: Path, jobs: list[tuple[str, np.ndarray]], tmp: Path) -> list[bytes 
     all jobs in one process (its threads are started once)."""
     args = []
     for i, (mode, buf) in enumerate(jobs):
-        np.asarray(buf, np.uint8).tofile(tmp / f"{i}.szpe")
-        args += [mode, str(tmp / f"{i}.szpe"), str(tmp / f"{i}.{mode}")]
+        np.asarray(buf, np.uint8).tofile(tmp / f"{i}.in")
+        args += [mode, str(tmp / f"{i}.in"), str(tmp / f"{i}.{mode}")]
     r = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"the emulated decoders crashed (rc {r.returncode}):\n{r.stderr[-3000:]}"
     status = r.stdout.split()
@@ -73,7 +73,8 @@ def cpu_transcode(buf: np.ndarray) -> bytes | None:
 def test_the_warp_decoders_give_the_cpu_decoders_bytes(emulated, tmp_path, dtype):
     # A warp a stream: the transcode writes the szp buffer the szpe came from, byte for byte (every
     # byte of a poisoned output), and the value decoder its values; the default stream length (one
-    # stream here) and 1 and 3 rows a stream (several warps and blocks, a ragged last stream).
+    # stream here) and 1 and 3 rows a stream (several warps and blocks, a ragged last stream). And the
+    # szp decoder, a warp a row, the szp buffer's values.
     jobs, want = [], []
     for name, x in adversarial(dtype):
         if x.numel() > 20000:  # each emulated collective wakes 32 threads: the 100003-value row takes minutes
@@ -82,8 +83,10 @@ def test_the_warp_decoders_give_the_cpu_decoders_bytes(emulated, tmp_path, dtype
         values = fixed.decompress().contiguous().view(torch.uint8).numpy().tobytes()
         for rows in (0, 1, 3):
             buf = np.asarray(_native.szpe_from_szp(fixed.buffer, rows))
-            jobs += [("szp", buf), ("values", buf)]
+            jobs += [("szpe-to-szp", buf), ("szpe-values", buf)]
             want += [(name, rows, fixed.buffer.tobytes()), (name, rows, values)]
+        jobs.append(("szp-values", fixed.buffer))  # cuda/szp_decode.cu: a warp a row
+        want.append((name, "szp", values))
     for got, (name, rows, expected) in zip(run(emulated, jobs, tmp_path), want):
         assert got == expected, (name, rows)
 
@@ -91,7 +94,7 @@ def test_the_warp_decoders_give_the_cpu_decoders_bytes(emulated, tmp_path, dtype
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_the_warp_decoders_write_exceptions_of_many_streams(emulated, tmp_path, dtype):
     fixed, bufs = _exceptions_in_many_streams(dtype)
-    got = run(emulated, [(mode, buf) for buf in bufs for mode in ("szp", "values")], tmp_path)
+    got = run(emulated, [(mode, buf) for buf in bufs for mode in ("szpe-to-szp", "szpe-values")], tmp_path)
     assert got == [fixed.buffer.tobytes(), fixed.decompress().view(torch.uint8).numpy().tobytes()] * len(bufs)
 
 
@@ -118,7 +121,7 @@ def test_a_corrupted_buffer_gives_what_the_cpu_gives(emulated, tmp_path):
         except CorruptDataError:
             continue  # parse refuses it: no decoder runs
         cases.append((at, broken))
-    got = run(emulated, [(mode, b) for _, b in cases for mode in ("values", "szp")], tmp_path)
+    got = run(emulated, [(mode, b) for _, b in cases for mode in ("szpe-values", "szpe-to-szp")], tmp_path)
     corrupt = 0
     for (at, broken), values, szp in zip(cases, got[0::2], got[1::2]):
         assert values == cpu_values(broken, x.shape, torch.bfloat16), at

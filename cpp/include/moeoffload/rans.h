@@ -17,8 +17,8 @@
 //
 // The decoding table has two arrays indexed by the slot: the state step (f and slot - c, one u32) and
 // the symbol (u8). Only the first is on the state's dependency chain. They take 40 KiB: inside a
-// 48 KiB L1d, partly in L2 on cores with 32 KiB; on a GPU, static shared memory (5 blocks of 128
-// threads an SM). 12-bit frequencies (16 KiB) lost about 0.02 bits a value to rounding on wide
+// 48 KiB L1d, partly in L2 on cores with 32 KiB; on a GPU, static shared memory shared by the 8
+// warps (streams) of a block. 12-bit frequencies (16 KiB) lost about 0.02 bits a value to rounding on wide
 // alphabets (MiniLM at 0.02-0.05 sigma); 13 bits lose a third of that, and decode as fast on the CPU
 // (bench/results/codec-cpu.md).
 #pragma once
