@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "moeoffload/moe_experts.h"
+#include "launch.cuh"
 #include "moeoffload/szp_cuda.h"
 
 namespace moeoffload {
@@ -58,20 +59,16 @@ int launch_sum(DType xt, const TokenRows& r, const void* y, const float* weights
   const dim3 grid(grid_for(tokens * H));
   switch (xt) {
     case DType::F32:
-      weighted_sum<DType::F32><<<grid, 256, 0, stream>>>(r, static_cast<const uint32_t*>(y), weights, tokens, H,
-                                                         static_cast<uint32_t*>(out));
-      break;
+      return launch_kernel(weighted_sum<DType::F32>, grid, 256, 0, stream, r, static_cast<const uint32_t*>(y), weights,
+                           tokens, H, static_cast<uint32_t*>(out));
     case DType::BF16:
-      weighted_sum<DType::BF16><<<grid, 256, 0, stream>>>(r, static_cast<const uint16_t*>(y), weights, tokens, H,
-                                                          static_cast<uint16_t*>(out));
-      break;
+      return launch_kernel(weighted_sum<DType::BF16>, grid, 256, 0, stream, r, static_cast<const uint16_t*>(y), weights,
+                           tokens, H, static_cast<uint16_t*>(out));
     case DType::F16:
-      weighted_sum<DType::F16><<<grid, 256, 0, stream>>>(r, static_cast<const uint16_t*>(y), weights, tokens, H,
-                                                         static_cast<uint16_t*>(out));
-      break;
-    default: return static_cast<int>(cudaErrorInvalidValue);
+      return launch_kernel(weighted_sum<DType::F16>, grid, 256, 0, stream, r, static_cast<const uint16_t*>(y), weights,
+                           tokens, H, static_cast<uint16_t*>(out));
   }
-  return static_cast<int>(cudaGetLastError());
+  return static_cast<int>(cudaErrorInvalidValue);
 }
 
 }  // namespace

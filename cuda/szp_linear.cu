@@ -21,6 +21,7 @@
 // costs no launch of its own.
 #include <cuda_runtime.h>
 
+#include "launch.cuh"
 #include "moeoffload/mlp_gate.h"
 #include "moeoffload/szp_cuda.h"
 #include "warp_scan.cuh"
@@ -84,7 +85,7 @@ template <DType XT, DType YT, bool Gated, int Tile>
 __global__ void __launch_bounds__(kWarps * 32)
     szp_linear_kernel(const __grid_constant__ GroupArgs a, const void* __restrict__ x,
                       typename Stored<YT>::type* __restrict__ y) {
-  extern __shared__ float xs[];  // [Tile][stride]
+  MOEOFFLOAD_DYNAMIC_SHARED(float, xs);  // [Tile][stride]
   const Member& m = a.m[blockIdx.z];
   const uint32_t t0 = blockIdx.y * Tile;
   if (t0 >= m.count) return;  // the whole block: this member has fewer rows than the largest
@@ -176,9 +177,8 @@ int launch(const GroupArgs& a, uint32_t most, const void* x, void* y, cudaStream
   }
   const dim3 grid(static_cast<unsigned>((a.rows + kWarps - 1) / kWarps),
                   static_cast<unsigned>((static_cast<uint64_t>(most) + Tile - 1) / Tile), a.members);
-  szp_linear_kernel<XT, YT, Gated, Tile><<<grid, kWarps * 32, shared, stream>>>(
-      a, x, static_cast<typename Stored<YT>::type*>(y));
-  return static_cast<int>(cudaGetLastError());
+  return launch_kernel(szp_linear_kernel<XT, YT, Gated, Tile>, grid, dim3(kWarps * 32), shared, stream, a, x,
+                       static_cast<typename Stored<YT>::type*>(y));
 }
 
 template <DType XT, DType YT, bool Gated>

@@ -15,14 +15,240 @@
 // stop and set *failed; it never reads or writes outside its own ranges.
 #include <cuda_runtime.h>
 
+#include "launch.cuh"
 #include "moeoffload/szpe_cuda.h"
-#include "szpe_decode.cuh"
+#include "../cpp/codec/szp_layout.h"
+#include "moeoffload/szp_block.h"
+#include "moeoffload/szpe.h"
+#include "moeoffload/szpe_stream.h"
+#include "warp_scan.cuh"
 
 namespace moeoffload {
 
 namespace {
 
-using namespace szpe_cuda;
+
+
+constexpr int kWarps = 8;  // streams a CTA; they share one 40 KiB decoding table
+constexpr int kThreads = kWarps * 32;
+constexpr unsigned kFull = 0xFFFFFFFFu;
+
+using szpe_stream::load;
+using szpe_stream::store;
+
+// The decoding table, by all threads of the CTA: the cumulative frequencies by warp 0 (8 symbols a
+// lane and a warp scan), then each slot finds its symbol by binary search, so the work is even however
+// skewed the frequencies. The same table as szpe_stream::build_table (parse checked the sum is 2^13).
+__device__ void build_table(const uint8_t* in, const SzpeView& e, RansTable& t, uint32_t* cum) {
+  static_assert(kSzpeMaxAlphabet == 8 * 32, "warp 0 sums 8 symbols a lane");
+  if (threadIdx.x < 32) {
+    const uint32_t lane = threadIdx.x;
+    uint32_t f[8], sum = 0;
+#pragma unroll
+    for (uint32_t i = 0; i < 8; ++i) {
+      const uint32_t a = 8 * lane + i;
+      f[i] = a < e.alphabet ? szpe_stream::freq_of(in, e, a) : 0;
+      sum += f[i];
+    }
+    uint32_t c = warp_inclusive_sum(sum, lane) - sum;
+#pragma unroll
+    for (uint32_t i = 0; i < 8; ++i) {
+      cum[8 * lane + i] = c;
+      c += f[i];
+    }
+    if (lane == 31) cum[kSzpeMaxAlphabet] = c;
+  }
+  __syncthreads();
+  for (uint32_t slot = threadIdx.x; slot < (1u << kRansScaleBits); slot += blockDim.x) {
+    uint32_t lo = 0, hi = e.alphabet;  // cum[lo] <= slot < cum[hi]
+    while (hi - lo > 1) {
+      const uint32_t mid = (lo + hi) / 2;
+      if (cum[mid] <= slot) lo = mid;
+      else hi = mid;
+    }
+    t.step[slot] = (cum[lo + 1] - cum[lo]) | ((slot - cum[lo]) << 16);
+    t.symbol[slot] = static_cast<uint8_t>(lo);
+  }
+  __syncthreads();
+}
+
+// What the streams of a transcode leave to block 0 of its kernel: the szp header and shape, the offset
+// tables' last entries, the CRC.
+struct SzpFrame {
+  uint8_t bytes[kSzpHeaderBytes + 8 * kSzpMaxNdim];
+  uint32_t len;
+};
+struct NoFrame {};
+
+__device__ void write_frame(const SzpeView&, const NoFrame&, void*) {}
+__device__ void write_frame(const SzpeView& e, const SzpFrame& f, uint8_t* out) {
+  const SzpView& o = e.as_szp;
+  for (uint32_t i = threadIdx.x; i < f.len; i += blockDim.x) out[i] = f.bytes[i];
+  if (threadIdx.x == 0) {
+    if (e.szp.numel) store<uint64_t>(out + o.seg_offsets_at + 8 * e.szp.n_segments, o.payload_bytes);
+    if (e.szp.n_exceptions) store<uint64_t>(out + o.exc_offsets_at + 8 * e.szp.n_segments, e.szp.n_exceptions);
+    for (int i = 0; i < 4; ++i) out[o.total_bytes - 4 + i] = static_cast<uint8_t>(e.szp_crc >> (8 * i));
+  }
+}
+
+// Straight to values of dtype T.
+template <DType T>
+struct ValueSink {
+  using O = typename Stored<T>::type;
+  const uint8_t* in;
+  O* out;
+  O* seg = nullptr;  // the current segment's first value
+
+  __device__ void begin_stream(const szpe_stream::StreamBounds&) {}
+  __device__ bool begin_segment(const SzpeView& e, uint64_t g, uint64_t /*len*/, uint32_t /*lane*/) {
+    seg = out + g * e.szp.segment_len;
+    return true;
+  }
+  __device__ bool block(const SzpeView& e, uint64_t k0, uint32_t cnt, int32_t q, uint32_t lane) {
+    if (lane < cnt) seg[k0 + lane] = szp_value<T>(q, e.szp.step);
+    return true;
+  }
+  __device__ bool end_stream(const SzpeView& e, const szpe_stream::StreamSpan& sp, const szpe_stream::StreamBounds& b,
+                             uint32_t lane) {
+    __syncwarp();  // the values before the exceptions that replace some of them
+    O* dst = out + sp.first_value;
+    for (uint64_t x = b.exception + lane; x < b.exception_end; x += 32)  // parse checked the positions
+      dst[load<uint32_t>(in + e.exc_pos_at + 4 * x)] = static_cast<O>(szpe_stream::exception_raw(in, e, x));
+    return true;
+  }
+};
+
+// Into the szp buffer the szpe was made from (its header, last offsets and CRC are the kernel's thread
+// 0's): the stream's segments, their widths and blocks, and their entries of szp's segment offset and
+// exception tables. Nothing outside the stream's szp range and its table entries is written.
+struct SzpSink {
+  const uint8_t* in;
+  uint8_t* out;
+  uint64_t at = 0, stop = 0;  // the next byte of the stream's szp range, and its end
+  uint64_t exc = 0, exc_end = 0;
+  uint64_t seg_start = 0;  // the current segment's first value, in the stream
+  uint8_t* widths = nullptr;
+
+  __device__ void begin_stream(const szpe_stream::StreamBounds& b) {
+    at = b.szp, stop = b.szp_end, exc = b.exception, exc_end = b.exception_end;
+  }
+  __device__ bool begin_segment(const SzpeView& e, uint64_t g, uint64_t len, uint32_t lane) {
+    const SzpView& o = e.as_szp;
+    if (lane == 0) store<uint64_t>(out + o.seg_offsets_at + 8 * g, at);
+    if (e.szp.n_exceptions) {  // this segment's exceptions: few (a lane's work), in position order
+      uint64_t x = exc;
+      if (lane == 0) {
+        store<uint64_t>(out + o.exc_offsets_at + 8 * g, x);
+        for (; x < exc_end; ++x) {
+          const uint64_t pos = load<uint32_t>(in + e.exc_pos_at + 4 * x);
+          if (pos >= seg_start + len) break;
+          store<uint32_t>(out + o.exc_entries_at + 8 * x, static_cast<uint32_t>(pos - seg_start));
+          store<uint32_t>(out + o.exc_entries_at + 8 * x + 4, szpe_stream::exception_raw(in, e, x));
+        }
+      }
+      exc = __shfl_sync(kFull, x, 0);
+    }
+    const uint64_t nblocks = szp_blocks_in(len), widths_bytes = szp_widths_bytes(nblocks);
+    if (stop < at || stop - at < widths_bytes) return false;
+    widths = out + o.payload_at + at;
+    if (lane < widths_bytes - nblocks) widths[nblocks + lane] = 0;  // the padding (under 4 bytes)
+    at += widths_bytes;
+    seg_start += len;  // the next segment's
+    return true;
+  }
+  __device__ bool block(const SzpeView& e, uint64_t k0, uint32_t /*cnt*/, int32_t q, uint32_t lane) {
+    const uint32_t w = szp_width_for(__reduce_min_sync(kFull, q), __reduce_max_sync(kFull, q));
+    if (w > e.as_szp.max_width || stop - at < szp_block_bytes(w)) return false;
+    if (lane == 0) widths[k0 / kSzpBlock] = static_cast<uint8_t>(w);
+    if (!w) return true;
+    // Field `lane` is bits [lane * w, lane * w + w) of the block (szp_block.h): its low part in word
+    // `k`, the part that crosses a word boundary in word k + 1. Word j is the OR of the lanes' parts.
+    const uint32_t field = static_cast<uint32_t>(q) & ((1u << w) - 1u);
+    const uint32_t bit = lane * w, k = bit >> 5, shift = bit & 31u;
+    const uint32_t low = field << shift, high = shift + w > 32u ? field >> (32u - shift) : 0u;
+    uint32_t mine = 0;
+    for (uint32_t j = 0; j < w; ++j) {
+      const uint32_t word = __reduce_or_sync(kFull, (k == j ? low : 0u) | (k + 1 == j ? high : 0u));
+      if (lane == j) mine = word;
+    }
+    if (lane < w) store<uint32_t>(out + e.as_szp.payload_at + at + 4 * lane, mine);
+    at += szp_block_bytes(w);
+    return true;
+  }
+  __device__ bool end_stream(const SzpeView&, const szpe_stream::StreamSpan&, const szpe_stream::StreamBounds&,
+                             uint32_t) {
+    return at == stop && exc == exc_end;
+  }
+};
+
+// Stream s through the sink, the whole warp (every branch below is uniform across it). False when the
+// stream is corrupt (the sink then stopped where it was).
+template <class Sink>
+__device__ bool decode_stream(const uint8_t* in, const SzpeView& e, const RansTable& t, uint64_t s, uint32_t lane,
+                              Sink& sink) {
+  const SzpView& v = e.szp;
+  const szpe_stream::StreamSpan sp = szpe_stream::span_of(e, s);
+  const szpe_stream::StreamBounds b = szpe_stream::bounds_of(in, e, s);
+  const uint8_t* p = in + e.payload_at + b.bytes;  // parse checked the stream holds its states
+  const uint8_t* const end = in + e.payload_at + b.bytes_end;
+  uint32_t x = szpe_stream::initial_state(p, lane);
+  p += 4 * kRansWays;
+  uint64_t esc = b.escape;
+  const uint32_t escape = e.alphabet - 1, below = (1u << lane) - 1u;
+  sink.begin_stream(b);
+  for (uint64_t g = sp.first_segment; g < sp.end_segment; ++g) {
+    const uint64_t len = min(v.segment_len, v.numel - g * v.segment_len);
+    if (!sink.begin_segment(e, g, len, lane)) return false;
+    for (uint64_t k0 = 0; k0 < len; k0 += kSzpBlock) {
+      const uint32_t cnt = static_cast<uint32_t>(min(static_cast<uint64_t>(kSzpBlock), len - k0));
+      const bool active = lane < cnt;
+      uint32_t z = active ? rans_get(x, t) : 0u;
+      const bool reads = active && x < kRansLow;
+      const uint32_t readers = __ballot_sync(kFull, reads);
+      const uint32_t words = __popc(readers);
+      if (end - p < static_cast<int64_t>(2 * words)) return false;
+      if (reads) x = (x << 16) | load<uint16_t>(p + 2 * __popc(readers & below));
+      p += 2 * words;
+      const bool escaped = active && z == escape;
+      const uint32_t escapers = __ballot_sync(kFull, escaped);
+      if (escapers) {  // their zigzag values are the next ones stored, in lane order
+        const uint32_t n = __popc(escapers);
+        if (b.escape_end - esc < n) return false;
+        if (escaped) z = szpe_stream::escape_at(in, e, esc + __popc(escapers & below));
+        esc += n;
+      }
+      if (!sink.block(e, k0, cnt, active ? szpe_stream::unzigzag(z) : 0, lane)) return false;
+    }
+  }
+  const bool clean = p == end && esc == b.escape_end && x == kRansLow;
+  return __all_sync(kFull, clean) && sink.end_stream(e, sp, b, lane);
+}
+
+// A stream a warp, each warp with its own copy of the sink (its state).
+template <class Sink, class Frame>
+__global__ void __launch_bounds__(kThreads)
+    szpe_kernel(const uint8_t* in, SzpeView e, const Sink sink_args, const Frame frame, int* failed) {
+  __shared__ RansTable table;
+  __shared__ uint32_t cum[kSzpeMaxAlphabet + 1];
+  build_table(in, e, table, cum);
+  if (blockIdx.x == 0) write_frame(e, frame, sink_args.out);
+  const uint64_t s = static_cast<uint64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const uint32_t lane = threadIdx.x & 31u;
+  if (s >= e.n_streams) return;  // whole warps
+  Sink sink = sink_args;
+  if (!decode_stream(in, e, table, s, lane, sink) && lane == 0) atomicExch(failed, 1);
+}
+
+// The grid of a decode of e: a warp a stream, at least one block (block 0 writes the frame).
+inline uint64_t grid_blocks(const SzpeView& e) { return e.n_streams ? (e.n_streams + kWarps - 1) / kWarps : 1; }
+
+// The frame of the szp buffer e transcodes to, as its kernel's block 0 writes it.
+inline SzpFrame szp_frame(const SzpeView& e) {
+  SzpFrame frame{};
+  szp_layout::write_header(e.as_szp, e.szp.shape, frame.bytes);
+  frame.len = static_cast<uint32_t>(kSzpHeaderBytes + 8ull * e.szp.ndim);
+  return frame;
+}
 
 bool misaligned(const void* a, const void* b) {
   return ((reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b)) & 7) != 0;
@@ -32,22 +258,22 @@ template <class Sink, class Frame = NoFrame>
 int launch(const SzpeView& e, const uint8_t* device_in, const Sink& sink, int* device_failed, cudaStream_t stream,
            const Frame& frame = Frame{}) {
   const uint64_t blocks = grid_blocks(e);
-  if (blocks > 0x7FFFFFFFull) return cudaErrorInvalidConfiguration;
-  szpe_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(device_in, e, sink, frame, device_failed);
-  return cudaGetLastError();
+  if (blocks > 0x7FFFFFFFull) return static_cast<int>(cudaErrorInvalidConfiguration);
+  return launch_kernel(szpe_kernel<Sink, Frame>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream, device_in,
+                       e, sink, frame, device_failed);
 }
 
 }  // namespace
 
 int szpe_to_szp_cuda(const SzpeView& e, const uint8_t* device_in, uint8_t* device_out, int* device_failed,
                      cudaStream_t stream) {
-  if (misaligned(device_in, device_out)) return cudaErrorMisalignedAddress;
+  if (misaligned(device_in, device_out)) return static_cast<int>(cudaErrorMisalignedAddress);
   return launch(e, device_in, SzpSink{device_in, device_out}, device_failed, stream, szp_frame(e));
 }
 
 int szpe_decode_values_cuda(const SzpeView& e, const uint8_t* device_in, void* device_out, int* device_failed,
                             cudaStream_t stream) {
-  if (misaligned(device_in, device_out)) return cudaErrorMisalignedAddress;
+  if (misaligned(device_in, device_out)) return static_cast<int>(cudaErrorMisalignedAddress);
   switch (e.szp.dtype) {
     case DType::F32:
       return launch(e, device_in, ValueSink<DType::F32>{device_in, static_cast<uint32_t*>(device_out)},
@@ -59,7 +285,7 @@ int szpe_decode_values_cuda(const SzpeView& e, const uint8_t* device_in, void* d
       return launch(e, device_in, ValueSink<DType::F16>{device_in, static_cast<uint16_t*>(device_out)},
                     device_failed, stream);
   }
-  return cudaErrorInvalidValue;
+  return static_cast<int>(cudaErrorInvalidValue);
 }
 
 }  // namespace moeoffload

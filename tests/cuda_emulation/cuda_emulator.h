@@ -1,27 +1,37 @@
-// A CPU emulator of warp-synchronous CUDA device code, for kernels no GPU has run yet: every thread
-// of a block is a std::thread, blocks run one after another. Warp collectives (ballots, shuffles,
-// reductions, __syncwarp) meet at a barrier of the warp's 32 threads and each lane reads every lane's
-// value; __syncthreads is a barrier of the block; __shared__ variables are function statics (one
-// block at a time). Only full-warp masks are supported, and a collective after some lanes of a warp
-// have returned aborts: both are bugs on a GPU too.
+// A CPU emulator of warp-synchronous CUDA device code, for kernels no GPU has run yet. Every thread of
+// a block is a fiber (ucontext) on the calling thread, run round-robin; blocks run one after another.
+// A warp collective (ballot, shuffle, reduction, __syncwarp) stores the lane's value and yields until
+// every lane of the warp has stored its own, then reads them all; __syncthreads yields until every
+// thread of the block has arrived (or returned); __shared__ variables are function statics (one block
+// at a time) and dynamic shared memory one buffer a launch, poisoned before each block. Only
+// full-warp masks are supported, and a collective after some lanes of a warp returned aborts: both
+// are bugs on a GPU too.
 //
 // What it checks is the algorithm: which lane reads which word, ballot and prefix orders, reductions,
-// shared-memory staging, bounds. It does not model the memory system, timing or the device's float
-// intrinsics beyond round-to-nearest (build with -ffp-contract=off, as the CPU kernels are).
+// shared-memory staging, bounds (with AddressSanitizer). It does not model the memory system, timing
+// or the device's float intrinsics beyond round-to-nearest (build with -ffp-contract=off, as the CPU
+// kernels are), and a data race between lanes only where it changes what this schedule computes.
 //
-// Include it before the .cuh of the kernels; launch with moeoffload_emulation::launch(grid, block,
-// kernel, args...).
+// The kernels' .cu files compile unchanged as C++ against it: tests/cuda_emulation/cuda_runtime.h
+// stands in for CUDA's header, and cuda/launch.cuh launches through moeoffload_emulation::launch.
 #pragma once
-#include <condition_variable>
+#include <math.h>
+#include <ucontext.h>
+
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <memory>
-#include <mutex>
-#include <thread>
 #include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)  // tell AddressSanitizer which stack each switch goes to
+#include <sanitizer/common_interface_defs.h>
+#define MOEOFFLOAD_EMULATION_ASAN 1
+#else
+#define MOEOFFLOAD_EMULATION_ASAN 0
+#endif
 
 #define __global__
 #define __device__
@@ -37,8 +47,8 @@ struct dim3 {
   dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 
-inline thread_local dim3 threadIdx, blockIdx;
-inline dim3 blockDim, gridDim;
+// The running fiber's (set by the scheduler before it resumes one).
+inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 namespace moeoffload_emulation {
 
@@ -47,147 +57,160 @@ namespace moeoffload_emulation {
   std::abort();
 }
 
-// A barrier whose party shrinks as threads leave (drop).
-class Barrier {
- public:
-  explicit Barrier(int n) : expected_(n) {}
-  void arrive_and_wait() {
-    std::unique_lock<std::mutex> lock(m_);
-    const uint64_t phase = phase_;
-    if (++arrived_ == expected_) {
-      release();
-    } else {
-      cv_.wait(lock, [&] { return phase_ != phase; });
-    }
-  }
-  void drop() {
-    std::lock_guard<std::mutex> lock(m_);
-    --expected_;
-    if (arrived_ > 0 && arrived_ == expected_) release();
-  }
-
- private:
-  void release() {
-    arrived_ = 0;
-    ++phase_;
-    cv_.notify_all();
-  }
-  std::mutex m_;
-  std::condition_variable cv_;
-  int expected_, arrived_ = 0;
-  uint64_t phase_ = 0;
-};
-
 struct Warp {
-  explicit Warp(int n) : barrier(n), lanes(n) {}
-  Barrier barrier;
-  int lanes, returned = 0;
-  uint64_t slot[32] = {};
+  int lanes = 32, returned = 0;
+  uint64_t entered[32] = {};  // collectives each lane has entered
+  uint64_t slot[2][32] = {};  // by the parity of the collective: a lane may enter the next before all read this one
 };
 
-inline thread_local Warp* this_warp = nullptr;
-inline thread_local unsigned this_lane = 0;
-inline thread_local Barrier* this_block = nullptr;
+struct Fiber {
+  ucontext_t context;
+  char* stack = nullptr;
+  size_t stack_size = 0;
+  bool done = false;
+  uint64_t barriers = 0;  // __syncthreads each thread has entered
+};
 
-// Every lane's value of v (as 64 bits), after all lanes of the warp gave theirs.
+struct Block {
+  std::vector<Fiber> fibers;
+  std::vector<Warp> warps;
+  ucontext_t scheduler;
+  int current = 0;
+  const void* scheduler_stack = nullptr;  // for AddressSanitizer's fiber switches
+  size_t scheduler_stack_size = 0;
+  void* dynamic_shared = nullptr;
+  const std::function<void()>* kernel = nullptr;
+};
+
+inline Block* this_block = nullptr;
+
+inline Warp& this_warp() { return this_block->warps[this_block->current / 32]; }
+inline unsigned this_lane() { return static_cast<unsigned>(this_block->current % 32); }
+inline void* dynamic_shared() { return this_block->dynamic_shared; }
+
+// From the running fiber to the scheduler, and back when it is resumed.
+inline void yield() {
+  Block& b = *this_block;
+#if MOEOFFLOAD_EMULATION_ASAN
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(&fake_stack, b.scheduler_stack, b.scheduler_stack_size);
+#endif
+  swapcontext(&b.fibers[b.current].context, &b.scheduler);
+#if MOEOFFLOAD_EMULATION_ASAN
+  __sanitizer_finish_switch_fiber(fake_stack, &b.scheduler_stack, &b.scheduler_stack_size);
+#endif
+}
+
+// From the scheduler to fiber t, and back when it yields or returns.
+inline void resume(Block& b, int t) {
+  b.current = t;
+#if MOEOFFLOAD_EMULATION_ASAN
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(&fake_stack, b.fibers[t].stack, b.fibers[t].stack_size);
+#endif
+  swapcontext(&b.scheduler, &b.fibers[t].context);
+#if MOEOFFLOAD_EMULATION_ASAN
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#endif
+}
+
+// Every lane's value of v, after all lanes of the warp gave theirs.
 template <typename T>
 void exchange(unsigned mask, T v, T (&all)[32]) {
   static_assert(sizeof(T) <= 8, "a lane's value is at most 64 bits");
-  Warp& w = *this_warp;
+  Warp& w = this_warp();
+  const unsigned lane = this_lane();
   if (mask != 0xFFFFFFFFu) fail("only full-warp masks are emulated");
   if (w.lanes != 32) fail("a warp collective in a partial warp");
-  if (__atomic_load_n(&w.returned, __ATOMIC_SEQ_CST)) fail("a warp collective after some lanes of the warp returned");
+  const uint64_t n = w.entered[lane]++;
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
-  w.slot[this_lane] = bits;
-  w.barrier.arrive_and_wait();
-  for (int i = 0; i < 32; ++i) std::memcpy(&all[i], &w.slot[i], sizeof(T));
-  w.barrier.arrive_and_wait();  // slots free for the next collective
+  w.slot[n & 1][lane] = bits;
+  for (;;) {
+    bool all = true;
+    for (int i = 0; i < 32; ++i) all &= w.entered[i] > n;
+    if (all) break;
+    if (w.returned) fail("a warp collective after some lanes of the warp returned");
+    yield();
+  }
+  for (int i = 0; i < 32; ++i) std::memcpy(&all[i], &w.slot[n & 1][i], sizeof(T));
 }
 
-// The threads of a block, kept across blocks and launches (starting threads is most of the cost of
-// an emulated launch, under a sanitizer especially): run(n, job) calls job(t) on threads t = 0..n-1 and
-// returns when all have returned.
-class ThreadPool {
- public:
-  void run(int n, const std::function<void(int)>& job) {
-    while (static_cast<int>(threads_.size()) < n) {
-      const int t = static_cast<int>(threads_.size());
-      threads_.emplace_back([this, t] { loop(t); });
-    }
-    std::unique_lock<std::mutex> lock(m_);
-    job_ = &job;
-    active_ = n;
-    pending_ = n;
-    ++generation_;
-    cv_.notify_all();
-    done_cv_.wait(lock, [&] { return pending_ == 0; });
+inline void sync_block() {
+  Block& b = *this_block;
+  const uint64_t n = b.fibers[b.current].barriers++;
+  for (;;) {
+    bool all = true;
+    for (const Fiber& f : b.fibers) all &= f.done || f.barriers > n;
+    if (all) return;
+    yield();
   }
-  ~ThreadPool() {
-    {
-      std::lock_guard<std::mutex> lock(m_);
-      stop_ = true;
-      cv_.notify_all();
-    }
-    for (std::thread& th : threads_) th.join();
-  }
+}
 
- private:
-  void loop(int t) {
-    uint64_t seen = 0;
-    for (;;) {
-      const std::function<void(int)>* job;
-      {
-        std::unique_lock<std::mutex> lock(m_);
-        cv_.wait(lock, [&] { return stop_ || (generation_ != seen && t < active_); });
-        if (stop_) return;
-        seen = generation_;
-        job = job_;
-      }
-      (*job)(t);
-      std::lock_guard<std::mutex> lock(m_);
-      if (--pending_ == 0) done_cv_.notify_all();
-    }
-  }
-  std::vector<std::thread> threads_;
-  std::mutex m_;
-  std::condition_variable cv_, done_cv_;
-  const std::function<void(int)>* job_ = nullptr;
-  uint64_t generation_ = 0;
-  int active_ = 0, pending_ = 0;
-  bool stop_ = false;
-};
+inline void fiber_entry() {
+  Block& b = *this_block;
+#if MOEOFFLOAD_EMULATION_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &b.scheduler_stack, &b.scheduler_stack_size);
+#endif
+  (*b.kernel)();
+  b.fibers[b.current].done = true;
+  ++this_warp().returned;
+#if MOEOFFLOAD_EMULATION_ASAN
+  __sanitizer_start_switch_fiber(nullptr, b.scheduler_stack, b.scheduler_stack_size);  // this fiber ends
+#endif
+}  // returns to uc_link: the scheduler
 
-// Runs kernel(args...) over the grid, a thread a CUDA thread, one block at a time.
+// Runs kernel(args...) over the grid, a fiber a CUDA thread, one block at a time, each block with
+// shared_bytes of dynamic shared memory (poisoned: a kernel must write what it reads). Returns 0 (cudaSuccess).
 template <typename... Params, typename... Args>
-void launch(dim3 grid, dim3 block, void (*kernel)(Params...), Args... args) {
-  static ThreadPool pool;
+int launch(dim3 grid, dim3 block, size_t shared_bytes, void (*kernel)(Params...), const Args&... args) {
+  constexpr size_t kStack = 256 * 1024;
   gridDim = grid;
   blockDim = block;
   const int n = static_cast<int>(block.x * block.y * block.z);
+  std::vector<unsigned char> shared(shared_bytes);
+  const std::function<void()> call = [&] { kernel(args...); };
+  static std::vector<std::vector<char>> stacks;  // kept across blocks and launches
+  while (static_cast<int>(stacks.size()) < n) stacks.emplace_back(kStack);
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
-        Barrier block_barrier(n);
-        std::vector<std::unique_ptr<Warp>> warps;
-        for (int t = 0; t < n; t += 32) warps.push_back(std::make_unique<Warp>(n - t < 32 ? n - t : 32));
-        pool.run(n, [&](int t) {
-          threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-          blockIdx = dim3(bx, by, bz);
-          this_warp = warps[t / 32].get();
-          this_lane = t % 32;
-          this_block = &block_barrier;
-          kernel(args...);
-          __atomic_add_fetch(&this_warp->returned, 1, __ATOMIC_SEQ_CST);
-          this_warp->barrier.drop();
-          block_barrier.drop();
-        });
+        Block b;
+        b.fibers.resize(n);
+        b.warps.resize((n + 31) / 32);
+        for (int t = 0; t < n; t += 32) b.warps[t / 32].lanes = n - t < 32 ? n - t : 32;
+        std::fill(shared.begin(), shared.end(), 0xA5);
+        b.dynamic_shared = shared.data();
+        b.kernel = &call;
+        this_block = &b;
+        blockIdx = dim3(bx, by, bz);
+        for (int t = 0; t < n; ++t) {
+          Fiber& f = b.fibers[t];
+          f.stack = stacks[t].data();
+          f.stack_size = kStack;
+          getcontext(&f.context);
+          f.context.uc_stack.ss_sp = stacks[t].data();
+          f.context.uc_stack.ss_size = kStack;
+          f.context.uc_link = &b.scheduler;
+          makecontext(&f.context, fiber_entry, 0);
+        }
+        for (bool running = true; running;) {
+          running = false;
+          for (int t = 0; t < n; ++t) {
+            if (b.fibers[t].done) continue;
+            running = true;
+            threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+            resume(b, t);
+          }
+        }
+        this_block = nullptr;
       }
+  return 0;
 }
 
 }  // namespace moeoffload_emulation
 
-inline void __syncthreads() { moeoffload_emulation::this_block->arrive_and_wait(); }
+inline void __syncthreads() { moeoffload_emulation::sync_block(); }
 inline void __syncwarp(unsigned mask = 0xFFFFFFFFu) {
   int all[32];
   moeoffload_emulation::exchange(mask, 0, all);
@@ -215,7 +238,7 @@ T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
   if (width != 32) moeoffload_emulation::fail("only full-width shuffles are emulated");
   T all[32];
   moeoffload_emulation::exchange(mask, v, all);
-  const unsigned lane = moeoffload_emulation::this_lane;
+  const unsigned lane = moeoffload_emulation::this_lane();
   return lane >= delta ? all[lane - delta] : v;
 }
 template <typename T>
@@ -223,7 +246,7 @@ T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
   if (width != 32) moeoffload_emulation::fail("only full-width shuffles are emulated");
   T all[32];
   moeoffload_emulation::exchange(mask, v, all);
-  const unsigned lane = moeoffload_emulation::this_lane;
+  const unsigned lane = moeoffload_emulation::this_lane();
   return lane + delta < 32 ? all[lane + delta] : v;
 }
 template <typename T>
@@ -231,7 +254,7 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   if (width != 32) moeoffload_emulation::fail("only full-width shuffles are emulated");
   T all[32];
   moeoffload_emulation::exchange(mask, v, all);
-  return all[(moeoffload_emulation::this_lane ^ lane_mask) & 31];
+  return all[(moeoffload_emulation::this_lane() ^ lane_mask) & 31];
 }
 
 template <typename T, typename F>

@@ -1,0 +1,31 @@
+// The one way the kernels are launched, and their dynamic shared memory: the CUDA syntax under nvcc;
+// compiled as C++ (tests/cuda_emulation), the CPU emulator's, so the kernels and the host code that
+// launches them run unchanged on a machine with no GPU.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstddef>
+
+namespace moeoffload {
+
+// kernel<<<grid, block, shared_bytes, stream>>>(args...), then the launch's error (a cudaError_t).
+template <typename... Params, typename... Args>
+int launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
+                  const Args&... args) {
+#if defined(__CUDACC__)
+  kernel<<<grid, block, shared_bytes, stream>>>(args...);
+  return static_cast<int>(cudaGetLastError());
+#else
+  (void)stream;
+  return moeoffload_emulation::launch(grid, block, shared_bytes, kernel, args...);
+#endif
+}
+
+}  // namespace moeoffload
+
+// `type* name`: the block's dynamic shared memory (its size is the launch's shared_bytes).
+#if defined(__CUDACC__)
+#define MOEOFFLOAD_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#else
+#define MOEOFFLOAD_DYNAMIC_SHARED(type, name) type* name = static_cast<type*>(moeoffload_emulation::dynamic_shared())
+#endif

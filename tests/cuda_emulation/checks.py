@@ -1,0 +1,220 @@
+"""The CUDA entry points of cuda/*.cu on the CPU emulator (a library built from them as C++, see
+emulated_kernels.cpp) against the CPU kernels, in a process of its own so that AddressSanitizer can
+come first: `python checks.py LIBRARY CHECK`, CHECK one of CHECKS. Exits 0 when the check holds;
+tests/test_cuda_emulation.py builds the library and runs each check."""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared inputs
+
+from moeoffload import CorruptDataError, _native, codec, ops  # noqa: E402
+
+from conftest import DTYPES, fix_crc  # noqa: E402
+from test_szpe import _exceptions_in_many_streams, adversarial  # noqa: E402
+
+DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "gptoss": 4}
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}  # tests/test_ops.py's, doubled below
+
+
+class Emulated:
+    def __init__(self, path: str):
+        self.lib = ctypes.CDLL(path)
+        self.lib.emu_error.restype = ctypes.c_char_p
+
+    def _call(self, name: str, *args) -> int:
+        rc = getattr(self.lib, name)(*args)
+        if rc == -1:
+            raise RuntimeError(f"{name}: {self.lib.emu_error().decode()}")
+        assert rc == 0, f"{name} returned cudaError {rc}"
+        return rc
+
+    @staticmethod
+    def _buf(a: np.ndarray):
+        return ctypes.c_void_p(a.ctypes.data), ctypes.c_uint64(a.size)
+
+    def szp_decode(self, buf: np.ndarray, shape, dtype) -> torch.Tensor:
+        out = torch.full(shape, float("nan"), dtype=dtype)
+        self._call("emu_szp_decode", *self._buf(buf), ctypes.c_void_p(out.data_ptr()))
+        return out
+
+    def szpe(self, buf: np.ndarray, shape, dtype) -> tuple[bytes | None, bytes | None]:
+        """(the transcoded szp buffer, the values), None where a warp flagged a corrupt stream."""
+        info = _native.szpe_inspect(buf, False)
+        szp = np.full(info["szp_total_bytes"], 0xA5, np.uint8)
+        failed = ctypes.c_int(0)
+        self._call("emu_szpe_to_szp", *self._buf(buf), ctypes.c_void_p(szp.ctypes.data), ctypes.byref(failed))
+        got_szp = None if failed.value else szp.tobytes()
+        out = torch.full(shape, float("nan"), dtype=dtype)
+        failed = ctypes.c_int(0)
+        self._call("emu_szpe_values", *self._buf(buf), ctypes.c_void_p(out.data_ptr()), ctypes.byref(failed))
+        return got_szp, None if failed.value else out.view(torch.uint8).numpy().tobytes()
+
+    def szp_linear(self, x: torch.Tensor, w) -> torch.Tensor:
+        y = torch.full((x.shape[0], w.shape[0]), float("nan"), dtype=x.dtype)
+        self._call("emu_szp_linear", *self._buf(w.buffer), ctypes.c_void_p(x.data_ptr()),
+                   ctypes.c_int(DTYPE_CODES[x.dtype]), ctypes.c_uint32(x.shape[0]), ctypes.c_void_p(y.data_ptr()))
+        return y
+
+    @staticmethod
+    def _gate(act, layout, alpha, limit):
+        return (ctypes.c_int(ACT_CODES[act]), ctypes.c_int(ops.GATE_LAYOUTS[layout]), ctypes.c_float(alpha),
+                ctypes.c_float(limit))
+
+    def expert_mlp(self, x, gu, dn, act, layout, alpha, limit, gu_bias=None, dn_bias=None) -> torch.Tensor:
+        T, I = x.shape[0], dn.shape[1]
+        y = torch.full_like(x, float("nan"))
+        scratch = torch.full((T * 2 * I,), float("nan"))
+        ptr = lambda t: ctypes.c_void_p(None if t is None else t.data_ptr())  # noqa: E731
+        self._call("emu_expert_mlp", *self._buf(gu.buffer), *self._buf(dn.buffer), ptr(x),
+                   ctypes.c_int(DTYPE_CODES[x.dtype]), ctypes.c_uint32(T), *self._gate(act, layout, alpha, limit),
+                   ptr(gu_bias), ptr(dn_bias), ptr(scratch), ptr(y))
+        return y
+
+    def moe_experts(self, x, idx, w, experts, act, layout, alpha, limit, gu_bias=None, dn_bias=None):
+        E, (T, k) = len(experts), idx.shape
+        H, I = x.shape[1], experts[0][1].shape[1]
+        arr = lambda vals, t: (t * E)(*vals)  # noqa: E731
+        gu = arr([ctypes.cast(ctypes.c_void_p(g.buffer.ctypes.data), ctypes.POINTER(ctypes.c_uint8)) for g, _ in experts],
+                 ctypes.POINTER(ctypes.c_uint8))
+        dn = arr([ctypes.cast(ctypes.c_void_p(d.buffer.ctypes.data), ctypes.POINTER(ctypes.c_uint8)) for _, d in experts],
+                 ctypes.POINTER(ctypes.c_uint8))
+        gl = arr([g.buffer.size for g, _ in experts], ctypes.c_uint64)
+        dl = arr([d.buffer.size for _, d in experts], ctypes.c_uint64)
+        gb = None if gu_bias is None else arr([gu_bias[e].data_ptr() for e in range(E)], ctypes.c_void_p)
+        db = None if dn_bias is None else arr([dn_bias[e].data_ptr() for e in range(E)], ctypes.c_void_p)
+        index = idx.to(torch.int64).contiguous()
+        weights = w.to(torch.float32).contiguous()
+        out = torch.full_like(x, float("nan"))
+        scratch = torch.full((T * k * (2 * I + H),), float("nan"))
+        self._call("emu_moe_experts", ctypes.c_uint32(E), gu, gl, dn, dl, gb, db, ctypes.c_void_p(index.data_ptr()),
+                   ctypes.c_uint32(T), ctypes.c_uint32(k), ctypes.c_void_p(weights.data_ptr()),
+                   ctypes.c_void_p(x.data_ptr()), ctypes.c_int(DTYPE_CODES[x.dtype]),
+                   *self._gate(act, layout, alpha, limit), ctypes.c_void_p(scratch.data_ptr()),
+                   ctypes.c_void_p(out.data_ptr()))
+        return out
+
+
+def as_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def check_decoders(emu: Emulated) -> None:
+    """szpe a warp a stream (the transcode byte for byte the szp buffer, the direct decode its values) at
+    the default stream length and 1 and 3 rows a stream; szp a warp a row; poisoned outputs."""
+    for dtype in DTYPES:
+        for name, x in adversarial(dtype):
+            if x.numel() > 20000:  # each emulated collective wakes 32 threads: the 100003-value row takes minutes
+                continue
+            fixed = codec.compress(x.to(dtype), 2e-3)
+            values = as_bytes(fixed.decompress())
+            assert as_bytes(emu.szp_decode(fixed.buffer, x.shape, dtype)) == values, (name, dtype, "szp")
+            for rows in (0, 1, 3):
+                buf = np.asarray(_native.szpe_from_szp(fixed.buffer, rows))
+                assert emu.szpe(buf, x.shape, dtype) == (fixed.buffer.tobytes(), values), (name, dtype, rows)
+        if dtype != torch.bfloat16:
+            fixed, bufs = _exceptions_in_many_streams(dtype)
+            for buf in bufs:
+                assert emu.szpe(buf, fixed.shape, dtype) == (fixed.buffer.tobytes(), as_bytes(fixed.decompress()))
+
+
+def check_corrupt(emu: Emulated) -> None:
+    """Flipped bits in the streams (states and words) and the escapes, the CRC fixed: the emulated value
+    decoder and the CPU's agree on each (the same bytes, or corrupt); the emulated transcode gives the
+    CPU's szp buffer where that passes its CRC check, else nothing or a buffer of the same values."""
+    x = torch.distributions.StudentT(2.0).sample((24, 160)) * 0.01  # heavy tails: escapes
+    fixed = codec.compress(x.to(torch.bfloat16), 1e-3)
+    buf = np.asarray(_native.szpe_from_szp(fixed.buffer, 5))
+    info = _native.szpe_inspect(buf)
+    assert info["n_escapes"] > 0 and info["n_streams"] > 1
+    payload_at = buf.size - 4 - info["payload_bytes"]
+    rng = np.random.default_rng(0)
+    corrupt = 0
+    for at in [*rng.integers(payload_at, buf.size - 4, 24), *rng.integers(payload_at - 64, payload_at, 6)]:
+        broken = buf.copy()
+        broken[at] ^= 1 << int(rng.integers(0, 8))
+        broken = fix_crc(broken)
+        try:
+            _native.szpe_inspect(broken, True)
+        except CorruptDataError:
+            continue  # parse refuses it: no decoder runs
+        szp, values = emu.szpe(broken, x.shape, torch.bfloat16)
+        out = torch.empty(x.shape, dtype=torch.bfloat16)
+        try:
+            _native.szpe_decode(broken, out, True)
+            want = as_bytes(out)
+        except CorruptDataError:
+            want = None
+        assert values == want, at
+        corrupt += values is None
+        try:
+            want_szp = bytes(np.asarray(_native.szpe_to_szp(broken, True)))
+        except CorruptDataError:
+            want_szp = None
+        if want_szp is not None or szp is None:
+            assert szp == want_szp, at
+        else:  # decodes, to values other than those the szp CRC was made with
+            _native.szp_decode(np.frombuffer(szp, np.uint8), out, False)
+            assert as_bytes(out) == values, at
+    assert corrupt >= 10
+
+
+def check_fused(emu: Emulated) -> None:
+    """szp_linear, expert_mlp and moe_experts (grouped launches, row maps, gated staging, biases,
+    exceptions, tiles of 1 and 4) against the CPU kernels, as tests/test_ops.py's CUDA test compares
+    them; moe_experts bit for bit against the eager loop of the emulated expert_mlp; a NaN token."""
+    E, H, I, k = 4, 70, 45, 2  # ragged blocks in both projections
+    for dtype, policy in ((torch.float32, 0.05), (torch.bfloat16, 0.01), (torch.float16, 0.05)):
+        g = torch.Generator().manual_seed(11)
+        experts = [tuple(codec.compress((torch.randn(*s, generator=g) * 0.05).to(dtype), policy * 0.05)
+                         for s in ((2 * I, H), (H, I))) for _ in range(E)]
+        gb, db = ((torch.randn(E, n, generator=g) * 0.1).to(dtype) for n in (2 * I, H))
+        tol = TOL[dtype] * 2
+
+        def close(got, want, what):
+            torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.float().abs().max(),
+                                       msg=lambda m: f"{what}: {m}")
+
+        for T in (1, 5):  # a tile of one row, and a tile of 4 and one of 1 (emulated launches are slow: few)
+            x = torch.randn(T, H, generator=g).to(dtype)
+            close(emu.szp_linear(x, experts[0][0]), ops.szp_linear(x, experts[0][0]), (dtype, T, "szp_linear"))
+            for act, layout, bias in (("silu", "concatenated", False), ("gptoss", "interleaved", True)):
+                gate = dict(act=act, layout=layout, alpha=1.702, limit=0.5)
+                b = dict(gu_bias=gb[2], dn_bias=db[2]) if bias else {}
+                got = emu.expert_mlp(x, *experts[2], **gate, **b)
+                want = ops.expert_mlp(x, *experts[2], **gate, **({"gate_up_bias": gb[2], "down_bias": db[2]} if bias else {}))
+                close(got, want, (dtype, T, act, "expert_mlp"))
+                idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+                w = torch.rand(T, k, generator=g)
+                bb = dict(gu_bias=gb, dn_bias=db) if bias else {}
+                got = emu.moe_experts(x, idx, w, experts, **gate, **bb)
+                want = ops.moe_experts(x, idx, w, experts, **gate, **({"gate_up_bias": gb, "down_bias": db} if bias else {}))
+                close(got, want, (dtype, T, act, "moe_experts"))
+                eager = torch.zeros(T, H, dtype=dtype)
+                for e in idx.unique().tolist():
+                    t, pos = torch.where(idx == e)
+                    be = dict(gu_bias=gb[e], dn_bias=db[e]) if bias else {}
+                    y = emu.expert_mlp(x[t].contiguous(), *experts[e], **gate, **be)
+                    eager.index_add_(0, t, (y * w[t, pos, None]).to(dtype))
+                assert torch.equal(got, eager), (dtype, T, act, "moe_experts against the eager loop")
+        x = torch.randn(3, H, generator=g).to(dtype)
+        x[1, 0] = float("nan")
+        idx, w = torch.tensor([[0, 1], [1, 2], [2, 3]]), torch.rand(3, k, generator=g)
+        gate = dict(act="silu", layout="concatenated", alpha=1.702, limit=7.0)
+        for got in (emu.expert_mlp(x, *experts[0], **gate), emu.moe_experts(x, idx, w, experts, **gate)):
+            nan = got.float().isnan()
+            assert bool(nan[1].all()) and not bool(nan[0].any() or nan[2].any()), (dtype, "a NaN token")
+
+
+CHECKS = {"decoders": check_decoders, "corrupt": check_corrupt, "fused": check_fused}
+
+if __name__ == "__main__":
+    CHECKS[sys.argv[2]](Emulated(sys.argv[1]))
+    print("ok")
