@@ -80,6 +80,9 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+# The published models' depth: a --shape stack of fewer layers also reports its decode rate scaled to it.
+FULL_LAYERS = {"mixtral": 32, "qwen3": 48}
+
 SHAPES = {  # the published configs' MoE shapes; vocabulary cut to 1024 (no download, small embeddings)
     "mixtral": ("MixtralConfig", dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                                       num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2)),
@@ -358,6 +361,14 @@ def table_md(rows: list[dict], meta: dict) -> str:
            "| routing | budget | system | prefill tok/s | decode tok/s | decode ms/token | KiB over the bus/token | hit rate "
            "| stall | peak device MiB | ppl of continuation |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    full = meta.get("full_depth")
+    if full:  # a shallower stack than the model: what its decode rate means at the model's depth
+        out[6:6] = [f"Decode at {full['layers']} layers (the model's depth; this stack has {full['stack_layers']}): "
+                    "the stack's whole decode time per token scaled by "
+                    f"{full['layers']}/{full['stack_layers']}, embedding and head included (so an upper bound on "
+                    "the time, a lower bound on the rate): "
+                    + ", ".join(f"{r['routing']} {r['budget']} {r['system']} {r['decode_tokens_per_s_full_depth']:.1f}"
+                                for r in rows if "decode_tokens_per_s_full_depth" in r) + " tok/s.", ""]
     for r in rows:
         if "skipped" in r:
             out.append(f"| {r['routing']} | {r['budget']} | {r['system']} | skipped: {r['skipped']} |||||||| |")
@@ -473,6 +484,10 @@ def main(argv=None) -> int:
                                                    "history_sequences": args.trace_history} if trace is not None else None,
                 "weights": WEIGHT_STATS if args.shape else "checkpoint",
                 "torch": torch.__version__, "backend_info": moeoffload.backend_info()}
+        scale = 1.0
+        if args.shape and args.layers < FULL_LAYERS[args.shape]:
+            scale = FULL_LAYERS[args.shape] / args.layers
+            meta["full_depth"] = {"layers": FULL_LAYERS[args.shape], "stack_layers": args.layers}
 
         rows = []
         for routing in args.routing:
@@ -486,6 +501,8 @@ def main(argv=None) -> int:
                                      reference, bound, top_k, tmp,
                                      (trace, args.trace_history) if routing == "trace" else None)
                     row.update(routing=routing, budget=f"{share:g}%", budget_share=share / 100)
+                    if "full_depth" in meta and "decode_s_per_token" in row:
+                        row["decode_tokens_per_s_full_depth"] = 1.0 / (row["decode_s_per_token"] * scale)
                     rows.append(row)
                     write_json(out, rows, meta)  # after every row: a run cut short keeps what it measured
                     shown = "skipped" if "skipped" in row else f"decode {row['decode_tokens_per_s']:.2f} tok/s"

@@ -91,3 +91,16 @@ def test_checkpoint_like_weights_have_the_stated_statistics(e2e, role):
         assert 0.3 < kurt < 2.5 and z.abs().max() < 15
     else:
         assert kurt > 4 and z.abs().max() > 15  # heavy tails and the planted outliers
+
+
+def test_a_shallow_stack_reports_its_rate_at_the_models_depth(e2e):
+    # The GPU run decodes a 4-layer Qwen3-shaped stack; the 80 tokens/s target is for 48 layers.
+    meta = {"model": "qwen3-4l", "device": "test", "command": "python bench/e2e.py", "prompts": 1, "prompt_tokens": 8,
+            "new_tokens": 4, "full_depth": {"layers": 48, "stack_layers": 4}}
+    row = {"routing": "trace", "budget": "25%", "system": "moeoffload", "prefill_tokens_per_s": 1.0,
+           "decode_tokens_per_s": 960.0, "decode_s_per_token": 1 / 960, "bus_bytes_per_token": 0.0, "hit_rate": 1.0,
+           "stall_fraction": 0.0, "peak_device_bytes": 0, "perplexity": 1.0,
+           "decode_tokens_per_s_full_depth": 80.0}
+    md = e2e.table_md([row, {"routing": "trace", "budget": "25%", "system": "accelerate", "skipped": "no GPU"}], meta)
+    assert "Decode at 48 layers" in md and "trace 25% moeoffload 80.0 tok/s" in md
+    assert e2e.FULL_LAYERS == {"mixtral": 32, "qwen3": 48}
