@@ -1,6 +1,7 @@
 """The CUDA kernels on the CPU, before any GPU has run them. cuda/*.cu compile unchanged as C++ against a
-warp-synchronous emulator (tests/cuda_emulation/cuda_emulator.h: a fiber a thread; collectives wait
-for the whole warp, __syncthreads for the block), with AddressSanitizer, into a library whose C entry
+warp-synchronous emulator (tests/cuda_emulation/cuda_emulator.h: a fiber a thread, warps scheduled at
+random so they drift apart between barriers; collectives wait for the whole warp, __syncthreads for the
+block), with AddressSanitizer, into a library whose C entry
 points are the .cu files' own host functions. tests/cuda_emulation/checks.py compares them with the CPU
 kernels, in a process of its own with the sanitizer loaded first:
 - decoders: the szpe transcode and direct decode (a warp a stream) and the szp decoder (a warp a row),

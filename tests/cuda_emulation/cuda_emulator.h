@@ -1,5 +1,7 @@
 // A CPU emulator of warp-synchronous CUDA device code, for kernels no GPU has run yet. Every thread of
-// a block is a fiber (ucontext) on the calling thread, run round-robin; blocks run one after another.
+// a block is a fiber (ucontext) on the calling thread; each round the scheduler resumes the lanes of a
+// random half of the warps in a shuffled order (so warps drift apart between barriers); blocks run one
+// after another.
 // A warp collective (ballot, shuffle, reduction, __syncwarp) stores the lane's value and yields until
 // every lane of the warp has stored its own, then reads them all; __syncthreads yields until every
 // thread of the block has arrived (or returned); __shared__ variables are function statics (one block
@@ -10,7 +12,8 @@
 // What it checks is the algorithm: which lane reads which word, ballot and prefix orders, reductions,
 // shared-memory staging, bounds (with AddressSanitizer). It does not model the memory system, timing
 // or the device's float intrinsics beyond round-to-nearest (build with -ffp-contract=off, as the CPU
-// kernels are), and a data race between lanes only where it changes what this schedule computes.
+// kernels are). A race (shared memory read by one warp before another wrote it, with no barrier
+// between) shows where the shuffled schedule changes the result.
 //
 // The kernels' .cu files compile unchanged as C++ against it: tests/cuda_emulation/cuda_runtime.h
 // stands in for CUDA's header, and cuda/launch.cuh launches through moeoffload_emulation::launch.
@@ -160,8 +163,15 @@ inline void fiber_entry() {
 #endif
 }  // returns to uc_link: the scheduler
 
+// The scheduler's randomness (a fixed seed, so a run repeats): xorshift64.
+inline uint64_t next_random() {
+  static uint64_t state = 0x9E3779B97F4A7C15ull;
+  state ^= state << 13, state ^= state >> 7, state ^= state << 17;
+  return state;
+}
+
 // Runs kernel(args...) over the grid, a fiber a CUDA thread, one block at a time, each block with
-// shared_bytes of dynamic shared memory (poisoned: a kernel must write what it reads). Returns 0 (cudaSuccess).
+// shared_bytes of dynamic shared memory (poisoned with NaNs: a kernel must write what it reads). Returns 0 (cudaSuccess).
 template <typename... Params, typename... Args>
 int launch(dim3 grid, dim3 block, size_t shared_bytes, void (*kernel)(Params...), const Args&... args) {
   constexpr size_t kStack = 256 * 1024;
@@ -179,7 +189,7 @@ int launch(dim3 grid, dim3 block, size_t shared_bytes, void (*kernel)(Params...)
         b.fibers.resize(n);
         b.warps.resize((n + 31) / 32);
         for (int t = 0; t < n; t += 32) b.warps[t / 32].lanes = n - t < 32 ? n - t : 32;
-        std::fill(shared.begin(), shared.end(), 0xA5);
+        std::fill(shared.begin(), shared.end(), 0xFF);  // NaN as float32
         b.dynamic_shared = shared.data();
         b.kernel = &call;
         this_block = &b;
@@ -194,13 +204,34 @@ int launch(dim3 grid, dim3 block, size_t shared_bytes, void (*kernel)(Params...)
           f.context.uc_link = &b.scheduler;
           makecontext(&f.context, fiber_entry, 0);
         }
+        // Each round runs a random half of the warps (at least one), their lanes in a shuffled order, so
+        // a warp runs ahead of others by several steps: a kernel that reads what another warp writes
+        // without a barrier between gets schedules that break it.
+        const int n_warps = (n + 31) / 32;
+        std::vector<int> lanes;
         for (bool running = true; running;) {
           running = false;
-          for (int t = 0; t < n; ++t) {
-            if (b.fibers[t].done) continue;
-            running = true;
-            threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-            resume(b, t);
+          std::vector<int> warps;
+          for (int w = 0; w < n_warps; ++w) {
+            bool live = false;
+            for (int t = 32 * w; t < n && t < 32 * w + 32; ++t) live |= !b.fibers[t].done;
+            if (live) warps.push_back(w);
+          }
+          if (warps.empty()) break;
+          running = true;
+          std::vector<int> chosen;
+          for (int w : warps)
+            if (next_random() & 1) chosen.push_back(w);
+          if (chosen.empty()) chosen.push_back(warps[next_random() % warps.size()]);
+          for (int w : chosen) {
+            lanes.clear();
+            for (int t = 32 * w; t < n && t < 32 * w + 32; ++t) lanes.push_back(t);
+            for (size_t i = lanes.size(); i > 1; --i) std::swap(lanes[i - 1], lanes[next_random() % i]);
+            for (int t : lanes) {
+              if (b.fibers[t].done) continue;
+              threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+              resume(b, t);
+            }
           }
         }
         this_block = nullptr;
