@@ -181,6 +181,29 @@ def test_a_layers_experts_are_acquired_and_released_in_one_call():
             cache.release_all(1, [0])
 
 
+def test_a_layers_expert_indices_are_checked_before_anything_is_pinned():
+    # The per-layer calls check their indices in one pass (a decode step's hot path): integers of either
+    # kind pass, and a bool, a float, a negative, one past the end or a bad layer is a named error.
+    from moeoffload.errors import InvalidArgumentError
+
+    t = table.build(mixtral_state_dict(), policy=0.3, mode="meanabs", progress=False)
+    with ExpertCache(t, 4 * slot_bytes(t)) as cache:
+        room = len(cache.acquire_ahead(0, [0, 1, 2, 3]))  # what the budget pins at once
+        cache.release_all(0, [0, 1, 2, 3][:room])
+        assert [s.id for s in cache.acquire_ahead(1, [np.int64(2), 0])] == [E + 2, E]
+        cache.release_all(1, np.array([2, 0]))
+        for bad in ([True], [1.0], [-1], [E], [0, E + 3], ["0"]):
+            with pytest.raises(InvalidArgumentError, match="out of range"):
+                cache.acquire_ahead(0, bad)
+            with pytest.raises(InvalidArgumentError, match="out of range"):
+                cache.record(0, bad)
+        for layer in (-1, t.num_layers, True, 0.0):
+            with pytest.raises(InvalidArgumentError, match="out of range"):
+                cache.acquire_ahead(layer, [0])
+        assert cache.acquire_ahead(0, []) == []
+        assert len(cache.acquire_ahead(0, [0, 1, 2, 3])) == room  # the refused calls left nothing pinned
+
+
 def test_an_acquire_ahead_that_fails_midway_leaves_nothing_pinned(tmp_path):
     # The first expert is a hit (pinned at once); fetching the second fails (the mapped table file changed):
     # the caller gets no slots, so the hit must not stay pinned either.

@@ -169,15 +169,18 @@ class ExpertCache:
         self.cache.release(self.expert_id(layer, expert))
 
     def _layer_ids(self, layer: int, experts) -> list[int]:
-        """The flat ids of a layer's experts (a decode step's handful: Python beats numpy here), range-checked."""
-        base = self.expert_id(layer, 0)  # the layer's range check
+        """The flat ids of a layer's experts, range-checked: a decode step's handful, three times a layer, so
+        the checks are one pass keeping the integers (not bools) and a min and a max (a third of the time
+        of a check of each value)."""
         E = self.table.experts_per_layer
-        bad = next((e for e in experts if isinstance(e, bool) or not isinstance(e, (int, np.integer)) or not 0 <= e < E),
-                   None)
-        if bad is not None:
+        base = layer * E if type(layer) is int and 0 <= layer < self.table.num_layers else self.expert_id(layer, 0)
+        ints = [e for e in experts if type(e) is int or isinstance(e, np.integer)]
+        if len(ints) != len(experts) or (ints and not (0 <= min(ints) and max(ints) < E)):
+            bad = next(e for e in experts if isinstance(e, bool) or not isinstance(e, (int, np.integer))
+                       or not 0 <= e < E)
             raise InvalidArgumentError(f"expert {bad!r} is out of range: the table has {E} experts per layer "
                                        "(integers 0..E-1)")
-        return [base + int(e) for e in experts]
+        return [base + int(e) for e in ints]
 
     def acquire_ahead(self, layer: int, experts, holding_pins: bool = False, timeout: float = 10.0) -> list:
         """A layer's experts in one native call: pins them in order while the budget has room and returns the

@@ -141,6 +141,7 @@ class Offload:
         self._ids_of_layer = [list(range(l * E, (l + 1) * E)) for l in range(len(self.layers))]  # moe_experts' ids
         self.codec = table.manifest["codec"]
         self.names = table.matrix_names
+        self._gate_up_down: list[tuple[int, int] | None] = [None] * len(self.layers)  # matrix indices, at first use
         cfg = None
         lacking = [ml.name for ml in self.layers if ml.router is None or ml.norm is None]
         if prefetch in ("hidden", "combined") and lacking:
@@ -276,7 +277,7 @@ class Offload:
         """Every routed expert is held: the whole layer in one native call (moe_experts)."""
         for slot in held.values():
             self._wait(slot)
-        gu, down = (self.names.index(n) for n in expert_matrix_names(module))
+        gu, down = self._matrix_indices(layer, module)
         ids_of_layer = self._ids_of_layer[layer]
         gu_bias = module.gate_up_proj_bias.to(hidden.dtype) if module.has_bias else None
         down_bias = module.down_proj_bias.to(hidden.dtype) if module.has_bias else None
@@ -287,7 +288,7 @@ class Offload:
     def _forward_fused(self, layer, module, kind, experts, held, hidden, top_k_index, top_k_weights):
         """Expert by expert, as room frees up: when the budget cannot hold all of a layer's experts at once."""
         out = torch.zeros_like(hidden)
-        gu, down = (self.names.index(n) for n in expert_matrix_names(module))
+        gu, down = self._matrix_indices(layer, module)
         handle = self.cache.handle
 
         def run(e: int, slot) -> None:
@@ -304,6 +305,13 @@ class Offload:
 
         self._each_acquired(layer, experts, held, run)
         return out
+
+    def _matrix_indices(self, layer: int, module: nn.Module) -> tuple[int, int]:
+        """The table's indices of the layer's gate_up and down matrices (looked up once a layer)."""
+        found = self._gate_up_down[layer]
+        if found is None:
+            found = self._gate_up_down[layer] = tuple(self.names.index(n) for n in expert_matrix_names(module))
+        return found
 
     def _acquire_ahead(self, layer: int, experts: list[int], held: dict) -> None:
         """Pins `experts` in order into `held` (their copies start now and overlap compute) until the budget
