@@ -23,6 +23,10 @@
 #include "moeoffload/szpe_stream.h"
 #include "warp_scan.cuh"
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "the szpe kernels use warp reductions (__reduce_*_sync): sm_80 or newer"
+#endif
+
 namespace moeoffload {
 
 namespace {
@@ -227,7 +231,8 @@ __device__ bool decode_stream(const uint8_t* in, const SzpeView& e, const RansTa
 // A stream a warp, each warp with its own copy of the sink (its state).
 template <class Sink, class Frame>
 __global__ void __launch_bounds__(kThreads)
-    szpe_kernel(const uint8_t* in, SzpeView e, const Sink sink_args, const Frame frame, int* failed) {
+    szpe_kernel(const uint8_t* __restrict__ in, const __grid_constant__ SzpeView e, const Sink sink_args,
+                const __grid_constant__ Frame frame, int* failed) {
   __shared__ RansTable table;
   __shared__ uint32_t cum[kSzpeMaxAlphabet + 1];
   build_table(in, e, table, cum);

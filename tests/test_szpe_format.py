@@ -145,3 +145,20 @@ def test_another_version_is_named():
         buf[4] = old
         with pytest.raises(FormatVersionError, match=f"version {old} is older.*re-encode"):
             _native.szpe_inspect(fix_crc(buf), True)
+
+
+def test_a_misaligned_stream_offset_is_refused():
+    # A GPU reads a stream's words as u16 and writes its szp blocks as u32: an odd stream offset, or an szp
+    # offset off a multiple of 4, would fault there (and end the CUDA context), so parse refuses both.
+    fixed = codec.compress(torch.randn(40, 64, generator=torch.Generator().manual_seed(3)), 0.01)
+    buf = np.asarray(_native.szpe_from_szp(fixed.buffer, 3))
+    info = _native.szpe_inspect(buf)
+    n = info["n_streams"]
+    stream_offsets_at = 96 + 8 * len(info["shape"]) + 2 * ((info["alphabet"] + 3) & ~3)
+    szp_offsets_at = stream_offsets_at + 2 * 8 * (n + 1)  # after the escape index
+    for at, delta in ((stream_offsets_at + 8, 1), (szp_offsets_at + 8, 2)):
+        mutated = buf.copy()
+        mutated[at:at + 8] = np.frombuffer((int(np.frombuffer(buf[at:at + 8].tobytes(), np.uint64)[0]) + delta)
+                                           .to_bytes(8, "little"), np.uint8)
+        with pytest.raises(CorruptDataError, match="misaligned"):
+            _native.szpe_inspect(fix_crc(mutated), True)

@@ -123,6 +123,10 @@ SzpeView szpe_parse(const uint8_t* buf, size_t len, bool verify_checksum) {
   for (uint64_t s = 0; s < e.n_streams; ++s) {
     if (load<uint64_t>(so + 8 * (s + 1)) < add(load<uint64_t>(so + 8 * s), 4 * kRansWays))
       corrupt("stream " + std::to_string(s) + " is shorter than its states");
+    // A GPU reads a stream's words as u16 and writes its szp blocks as u32: a misaligned offset would be
+    // a fault that ends the CUDA context, not a corrupt stream. The encoder writes 2- and 4-aligned ones.
+    if ((load<uint64_t>(so + 8 * (s + 1)) & 1) || (load<uint64_t>(zo + 8 * (s + 1)) & 3))
+      corrupt("stream " + std::to_string(s) + " ends at a misaligned offset");
     if (load<uint64_t>(ei + 8 * (s + 1)) < load<uint64_t>(ei + 8 * s)) corrupt("escape index decreases");
     if (load<uint64_t>(zo + 8 * (s + 1)) < load<uint64_t>(zo + 8 * s)) corrupt("szp stream offsets decrease");
   }

@@ -16,11 +16,21 @@
 
 namespace moeoffload::szpe_stream {
 
+// The CUDA emulator (tests/cuda_emulation) builds the device code for the host with
+// MOEOFFLOAD_CHECK_ALIGNMENT: a load or store a GPU would fault on aborts there too.
+#if defined(MOEOFFLOAD_CHECK_ALIGNMENT) && !defined(__CUDA_ARCH__)
+#define MOEOFFLOAD_ALIGNED_FOR(T, p) \
+  if (reinterpret_cast<uintptr_t>(p) % sizeof(T)) __builtin_trap()
+#else
+#define MOEOFFLOAD_ALIGNED_FOR(T, p) (void)0
+#endif
+
 template <typename T>
 MOEOFFLOAD_HD T load(const uint8_t* p) {
 #if defined(__CUDA_ARCH__)
   return *reinterpret_cast<const T*>(p);
 #else
+  MOEOFFLOAD_ALIGNED_FOR(T, p);
   T v;
   memcpy(&v, p, sizeof(T));
   return v;
@@ -32,6 +42,7 @@ MOEOFFLOAD_HD void store(uint8_t* p, T v) {
 #if defined(__CUDA_ARCH__)
   *reinterpret_cast<T*>(p) = v;
 #else
+  MOEOFFLOAD_ALIGNED_FOR(T, p);
   memcpy(p, &v, sizeof(T));
 #endif
 }
