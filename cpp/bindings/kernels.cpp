@@ -216,6 +216,9 @@ void bind_kernels(nb::module_& m) {
      nb::arg("scratch").none().noconvert(), nb::arg("stream") = 0);
 
   m.attr("MOE_EXPERTS_MAX_CUDA_ASSIGNMENTS") = kMaxCudaAssignments;
+  m.def("moe_experts_cuda_scratch", &moe_experts_cuda_scratch, nb::arg("assignments"), nb::arg("H"), nb::arg("I"),
+        "float32 values of scratch moe_experts needs on CUDA for T x k assignments (gate and up, then the outputs).");
+
   m.def("moe_experts", [](int64_t handle, const std::vector<uint32_t>& gate_up_ids, uint32_t gu_index,
                           const std::vector<uint32_t>& down_ids, uint32_t down_index, Array x,
                           nb::ndarray<const int64_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> routing, Array weights,

@@ -144,7 +144,8 @@ def _moe_experts_impl(x: torch.Tensor, routing: torch.Tensor, weights: torch.Ten
         first = int(routing.numpy()[0, 0])  # a tensor's own indexing costs 15 µs
         if 0 <= first < len(down_ids):  # else the native call names what is wrong
             H, I = _rows(handle, down_ids[first], down_matrix)
-            scratch = torch.empty(routing.numel() * (2 * I + H), dtype=torch.float32, device=x.device)
+            scratch = torch.empty(_native.moe_experts_cuda_scratch(routing.numel(), H, I), dtype=torch.float32,
+                                  device=x.device)
     _native.moe_experts(handle, gate_up_ids, gate_up_matrix, down_ids, down_matrix, x, routing.numpy(), weights, act,
                         layout, alpha, limit, gate_up_bias, down_bias, out, scratch, _stream(x))
     return out

@@ -93,7 +93,7 @@ class Emulated:
         index = idx.to(torch.int64).contiguous()
         weights = w.to(torch.float32).contiguous()
         out = torch.full_like(x, float("nan"))
-        scratch = torch.full((T * k * (2 * I + H),), float("nan"))
+        scratch = torch.full((_native.moe_experts_cuda_scratch(T * k, H, I),), float("nan"))
         self._call("emu_moe_experts", ctypes.c_uint32(E), gu, gl, dn, dl, gb, db, ctypes.c_void_p(index.data_ptr()),
                    ctypes.c_uint32(T), ctypes.c_uint32(k), ctypes.c_void_p(weights.data_ptr()),
                    ctypes.c_void_p(x.data_ptr()), ctypes.c_int(DTYPE_CODES[x.dtype]),
