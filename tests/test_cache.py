@@ -188,9 +188,15 @@ def test_a_layers_expert_indices_are_checked_before_anything_is_pinned():
 
     t = table.build(mixtral_state_dict(), policy=0.3, mode="meanabs", progress=False)
     with ExpertCache(t, 4 * slot_bytes(t)) as cache:
-        room = len(cache.acquire_ahead(0, [0, 1, 2, 3]))  # what the budget pins at once
+        def pinned(layer, experts):  # the slots pinned, their copies waited for (a loading slot is not evictable)
+            slots = cache.acquire_ahead(layer, experts)
+            for s in slots:
+                s.wait()
+            return slots
+
+        room = len(pinned(0, [0, 1, 2, 3]))  # what the budget pins at once
         cache.release_all(0, [0, 1, 2, 3][:room])
-        assert [s.id for s in cache.acquire_ahead(1, [np.int64(2), 0])] == [E + 2, E]
+        assert [s.id for s in pinned(1, [np.int64(2), 0])] == [E + 2, E]
         cache.release_all(1, np.array([2, 0]))
         for bad in ([True], [1.0], [-1], [E], [0, E + 3], ["0"]):
             with pytest.raises(InvalidArgumentError, match="out of range"):
@@ -201,7 +207,7 @@ def test_a_layers_expert_indices_are_checked_before_anything_is_pinned():
             with pytest.raises(InvalidArgumentError, match="out of range"):
                 cache.acquire_ahead(layer, [0])
         assert cache.acquire_ahead(0, []) == []
-        assert len(cache.acquire_ahead(0, [0, 1, 2, 3])) == room  # the refused calls left nothing pinned
+        assert len(pinned(0, [0, 1, 2, 3])) == room  # the refused calls left nothing pinned
 
 
 def test_an_acquire_ahead_that_fails_midway_leaves_nothing_pinned(tmp_path):
