@@ -86,13 +86,8 @@ struct NoFrame {};
 
 __device__ void write_frame(const SzpeView&, const NoFrame&, void*) {}
 __device__ void write_frame(const SzpeView& e, const SzpFrame& f, uint8_t* out) {
-  const SzpView& o = e.as_szp;
   for (uint32_t i = threadIdx.x; i < f.len; i += blockDim.x) out[i] = f.bytes[i];
-  if (threadIdx.x == 0) {
-    if (e.szp.numel) store<uint64_t>(out + o.seg_offsets_at + 8 * e.szp.n_segments, o.payload_bytes);
-    if (e.szp.n_exceptions) store<uint64_t>(out + o.exc_offsets_at + 8 * e.szp.n_segments, e.szp.n_exceptions);
-    for (int i = 0; i < 4; ++i) out[o.total_bytes - 4 + i] = static_cast<uint8_t>(e.szp_crc >> (8 * i));
-  }
+  if (threadIdx.x == 0) szpe_stream::write_szp_tail(e, out);
 }
 
 // Straight to values of dtype T.
@@ -140,17 +135,9 @@ struct SzpSink {
     const SzpView& o = e.as_szp;
     if (lane == 0) store<uint64_t>(out + o.seg_offsets_at + 8 * g, at);
     if (e.szp.n_exceptions) {  // this segment's exceptions: few (a lane's work), in position order
-      uint64_t x = exc;
-      if (lane == 0) {
-        store<uint64_t>(out + o.exc_offsets_at + 8 * g, x);
-        for (; x < exc_end; ++x) {
-          const uint64_t pos = load<uint32_t>(in + e.exc_pos_at + 4 * x);
-          if (pos >= seg_start + len) break;
-          store<uint32_t>(out + o.exc_entries_at + 8 * x, static_cast<uint32_t>(pos - seg_start));
-          store<uint32_t>(out + o.exc_entries_at + 8 * x + 4, szpe_stream::exception_raw(in, e, x));
-        }
-      }
-      exc = __shfl_sync(kFull, x, 0);
+      const uint64_t next =
+          lane == 0 ? szpe_stream::write_segment_exceptions(in, e, out, g, seg_start, len, exc, exc_end) : exc;
+      exc = __shfl_sync(kFull, next, 0);
     }
     const uint64_t nblocks = szp_blocks_in(len), widths_bytes = szp_widths_bytes(nblocks);
     if (stop < at || stop - at < widths_bytes) return false;

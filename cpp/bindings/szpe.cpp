@@ -9,10 +9,8 @@
 #include "moeoffload/errors.h"
 #include "moeoffload/szpe.h"
 
-#if MOEOFFLOAD_WITH_CUDA
-#include "moeoffload/szp_cuda.h"
+#include "moeoffload/szp_cuda.h"   // declarations only: without CUDA, cuda_call never instantiates a launch
 #include "moeoffload/szpe_cuda.h"
-#endif
 
 namespace nb = nanobind;
 using namespace moeoffload;
@@ -59,19 +57,20 @@ void check_szp_size(const DeviceBytesOut& szp, const SzpeView& e) {
                                       " bytes, the buffer transcodes to " + std::to_string(e.as_szp.total_bytes));
 }
 
-// Runs launch (the GIL released), which returns a cudaError_t; a named error if it fails or if this
-// build has no CUDA.
+// Runs launch(stream) (the GIL released), which returns a cudaError_t; a named error if it fails or if
+// this build has no CUDA. launch is a generic lambda: a build without CUDA never instantiates its body,
+// so the kernels it names need not exist there.
 template <typename Launch>
-void cuda_call(const char* what, Launch&& launch) {
+void cuda_call(const char* what, uintptr_t stream, Launch&& launch) {
 #if MOEOFFLOAD_WITH_CUDA
   int err;
   {
     nb::gil_scoped_release release;
-    err = launch();
+    err = launch(reinterpret_cast<cudaStream_t>(stream));
   }
   if (err) throw Error(ErrorKind::Cuda, std::string(what) + " failed with cudaError " + std::to_string(err));
 #else
-  (void)launch;
+  (void)stream, (void)launch;
   throw Error(ErrorKind::Cuda, std::string(what) + ": moeoffload was built without CUDA; rebuild with MOEOFFLOAD_CUDA=ON");
 #endif
 }
@@ -145,15 +144,9 @@ void bind_szpe(nb::module_& m) {
         check_device_copy(device_buf, host_buf, failed);
         check_out(out, e.szp);
         check_szp_size(szp_scratch, e);
-        cuda_call("szpe CUDA transcode and decode", [&] {
-#if MOEOFFLOAD_WITH_CUDA
-          auto s = reinterpret_cast<cudaStream_t>(stream);
+        cuda_call("szpe CUDA transcode and decode", stream, [&](auto s) {
           const int err = szpe_to_szp_cuda(e, device_buf.data(), szp_scratch.data(), failed.data(), s);
           return err ? err : szp_decode_cuda(e.as_szp, szp_scratch.data(), out.data(), s);
-#else
-          (void)stream;
-          return 0;
-#endif
         });
       },
       nb::arg("host_buf"), nb::arg("device_buf"), nb::arg("szp_scratch").noconvert(), nb::arg("failed").noconvert(), nb::arg("out").noconvert(),
@@ -168,14 +161,8 @@ void bind_szpe(nb::module_& m) {
         const SzpeView e = parse_released(host_buf, false);
         check_device_copy(device_buf, host_buf, failed);
         check_szp_size(szp_out, e);
-        cuda_call("szpe CUDA transcode", [&] {
-#if MOEOFFLOAD_WITH_CUDA
-          return szpe_to_szp_cuda(e, device_buf.data(), szp_out.data(), failed.data(),
-                                  reinterpret_cast<cudaStream_t>(stream));
-#else
-          (void)stream;
-          return 0;
-#endif
+        cuda_call("szpe CUDA transcode", stream, [&](auto s) {
+          return szpe_to_szp_cuda(e, device_buf.data(), szp_out.data(), failed.data(), s);
         });
       },
       nb::arg("host_buf"), nb::arg("device_buf"), nb::arg("szp_out").noconvert(), nb::arg("failed").noconvert(),
@@ -189,14 +176,8 @@ void bind_szpe(nb::module_& m) {
         const SzpeView e = parse_released(host_buf, false);
         check_device_copy(device_buf, host_buf, failed);
         check_out(out, e.szp);
-        cuda_call("szpe CUDA decode", [&] {
-#if MOEOFFLOAD_WITH_CUDA
-          return szpe_decode_values_cuda(e, device_buf.data(), out.data(), failed.data(),
-                                         reinterpret_cast<cudaStream_t>(stream));
-#else
-          (void)stream;
-          return 0;
-#endif
+        cuda_call("szpe CUDA decode", stream, [&](auto s) {
+          return szpe_decode_values_cuda(e, device_buf.data(), out.data(), failed.data(), s);
         });
       },
       nb::arg("host_buf"), nb::arg("device_buf"), nb::arg("failed").noconvert(), nb::arg("out").noconvert(),

@@ -24,12 +24,7 @@ void pack_segment(const int32_t* q, uint64_t len, std::vector<uint8_t>& bytes) {
   for (uint64_t k = 0; k < nblocks; ++k) {
     const uint64_t b0 = k * kSzpBlock;
     const uint32_t cnt = static_cast<uint32_t>(std::min<uint64_t>(kSzpBlock, len - b0));
-    int32_t qmin = 0, qmax = 0;
-    for (uint32_t i = 0; i < cnt; ++i) {
-      qmin = std::min(qmin, q[b0 + i]);
-      qmax = std::max(qmax, q[b0 + i]);
-    }
-    const uint32_t w = szp_width_for(qmin, qmax);
+    const uint32_t w = szp_width_of(q + b0, cnt);
     bytes[seg_start + k] = static_cast<uint8_t>(w);
     if (!w) continue;
     uint32_t words[kSzpMaxWidth];

@@ -126,16 +126,8 @@ bool transcode_stream(const uint8_t* in, const SzpeView& e, const RansTable& tab
     szpe_stream::store<uint64_t>(out + o.seg_offsets_at + 8 * g, at);
     const uint64_t first = g * v.segment_len;
     const uint64_t len = std::min(v.segment_len, v.numel - first);
-    if (v.n_exceptions) {  // szp's exception table: this segment's offset and entries
-      szpe_stream::store<uint64_t>(out + o.exc_offsets_at + 8 * g, exc);
-      const uint64_t seg_start = first - sp.first_value;  // in the stream
-      for (; exc < b.exception_end; ++exc) {
-        const uint64_t pos = load<uint32_t>(in + e.exc_pos_at + 4 * exc);
-        if (pos >= seg_start + len) break;
-        szpe_stream::store<uint32_t>(out + o.exc_entries_at + 8 * exc, static_cast<uint32_t>(pos - seg_start));
-        szpe_stream::store<uint32_t>(out + o.exc_entries_at + 8 * exc + 4, szpe_stream::exception_raw(in, e, exc));
-      }
-    }
+    if (v.n_exceptions)  // szp's exception table: this segment's offset and entries
+      exc = szpe_stream::write_segment_exceptions(in, e, out, g, first - sp.first_value, len, exc, b.exception_end);
     const uint64_t nblocks = szp_blocks_in(len);
     const uint64_t widths_bytes = szp_widths_bytes(nblocks);
     if (b.szp_end < at || b.szp_end - at < widths_bytes) return false;
@@ -146,9 +138,7 @@ bool transcode_stream(const uint8_t* in, const SzpeView& e, const RansTable& tab
       const uint32_t cnt = static_cast<uint32_t>(std::min<uint64_t>(kSzpBlock, len - k * kSzpBlock));
       int32_t q[kSzpBlock];
       r.block(cnt, q);
-      int32_t qmin = 0, qmax = 0;
-      for (uint32_t i = 0; i < cnt; ++i) qmin = std::min(qmin, q[i]), qmax = std::max(qmax, q[i]);
-      const uint32_t w = szp_width_for(qmin, qmax);
+      const uint32_t w = szp_width_of(q, cnt);
       if (w > o.max_width || b.szp_end - at < szp_block_bytes(w)) return false;
       widths[k] = static_cast<uint8_t>(w);
       if (!w) continue;
@@ -199,8 +189,7 @@ void szpe_to_szp_into(const uint8_t* buf, const SzpeView& e, uint8_t* out) {
   const SzpView& v = e.szp;
   const SzpView& o = e.as_szp;
   szp_layout::write_header(o, v.shape, out);
-  if (v.numel) memcpy(out + o.seg_offsets_at + 8 * v.n_segments, &o.payload_bytes, 8);
-  if (v.n_exceptions) memcpy(out + o.exc_offsets_at + 8 * v.n_segments, &v.n_exceptions, 8);  // the rest: per stream
+  szpe_stream::write_szp_tail(e, out);  // the rest: per stream
   if (e.n_streams) {
     const auto table = std::make_unique<Table>(buf, e);
     parallel_for(e.n_streams, 1, [&](uint64_t s0, uint64_t s1) {
@@ -208,7 +197,6 @@ void szpe_to_szp_into(const uint8_t* buf, const SzpeView& e, uint8_t* out) {
         if (!transcode_stream(buf, e, *table, s, out)) corrupt_stream(s);
     });
   }
-  memcpy(out + o.total_bytes - 4, &e.szp_crc, 4);
 }
 
 std::vector<uint8_t> szpe_to_szp(const uint8_t* buf, const SzpeView& e) {

@@ -257,35 +257,35 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
 inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == 0xFFFFFFFFu; }
 inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
 
+namespace moeoffload_emulation {
+
+// A shuffle: the value of lane source(lane), or the lane's own where source gives a lane outside the warp.
+template <typename T, typename Source>
+T shuffle(unsigned mask, T v, int width, Source source) {
+  if (width != 32) fail("only full-width shuffles are emulated");
+  T all[32];
+  exchange(mask, v, all);
+  const int from = source(static_cast<int>(this_lane()));
+  return 0 <= from && from < 32 ? all[from] : v;
+}
+
+}  // namespace moeoffload_emulation
+
 template <typename T>
 T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
-  if (width != 32) moeoffload_emulation::fail("only full-width shuffles are emulated");
-  T all[32];
-  moeoffload_emulation::exchange(mask, v, all);
-  return all[src & 31];
+  return moeoffload_emulation::shuffle(mask, v, width, [&](int) { return src & 31; });
 }
 template <typename T>
 T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
-  if (width != 32) moeoffload_emulation::fail("only full-width shuffles are emulated");
-  T all[32];
-  moeoffload_emulation::exchange(mask, v, all);
-  const unsigned lane = moeoffload_emulation::this_lane();
-  return lane >= delta ? all[lane - delta] : v;
+  return moeoffload_emulation::shuffle(mask, v, width, [&](int lane) { return lane - static_cast<int>(delta); });
 }
 template <typename T>
 T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
-  if (width != 32) moeoffload_emulation::fail("only full-width shuffles are emulated");
-  T all[32];
-  moeoffload_emulation::exchange(mask, v, all);
-  const unsigned lane = moeoffload_emulation::this_lane();
-  return lane + delta < 32 ? all[lane + delta] : v;
+  return moeoffload_emulation::shuffle(mask, v, width, [&](int lane) { return lane + static_cast<int>(delta); });
 }
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
-  if (width != 32) moeoffload_emulation::fail("only full-width shuffles are emulated");
-  T all[32];
-  moeoffload_emulation::exchange(mask, v, all);
-  return all[(moeoffload_emulation::this_lane() ^ lane_mask) & 31];
+  return moeoffload_emulation::shuffle(mask, v, width, [&](int lane) { return (lane ^ lane_mask) & 31; });
 }
 
 template <typename T, typename F>

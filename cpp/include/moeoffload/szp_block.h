@@ -64,6 +64,16 @@ MOEOFFLOAD_HD uint32_t szp_width_for(int32_t qmin, int32_t qmax) {
 #endif
 }
 
+// The width of a block's cnt values (szp_width_for of their min and max).
+MOEOFFLOAD_HD uint32_t szp_width_of(const int32_t* q, uint32_t cnt) {
+  int32_t qmin = 0, qmax = 0;
+  for (uint32_t i = 0; i < cnt; ++i) {
+    qmin = q[i] < qmin ? q[i] : qmin;
+    qmax = q[i] > qmax ? q[i] : qmax;
+  }
+  return szp_width_for(qmin, qmax);
+}
+
 // Packs a block's values (cnt <= 32 of them; the missing ones are 0) as w-bit fields (1 <= w <= 25)
 // into exactly w words at out: the layout szp_field reads. Written once for the szp encoder and the
 // szpe transcoders (CPU and CUDA), so both write the same bytes. A 64-bit accumulator, no array

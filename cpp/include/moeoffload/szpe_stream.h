@@ -110,6 +110,31 @@ MOEOFFLOAD_HD StreamBounds bounds_of(const uint8_t* buf, const SzpeView& e, uint
   return b;
 }
 
+// Segment g's part of szp's exception table, the segment starting at value seg_start of its stream and
+// len values long: its offset (the first exception x), and the entries {position in the segment, bits}
+// of the stream's exceptions from x that fall in it. Returns the first exception after the segment.
+// The transcoders' (CPU, and lane 0 of a GPU warp) one writer of the table.
+MOEOFFLOAD_HD uint64_t write_segment_exceptions(const uint8_t* in, const SzpeView& e, uint8_t* out, uint64_t g,
+                                                uint64_t seg_start, uint64_t len, uint64_t x, uint64_t end) {
+  const SzpView& o = e.as_szp;
+  store<uint64_t>(out + o.exc_offsets_at + 8 * g, x);
+  for (; x < end; ++x) {
+    const uint64_t pos = load<uint32_t>(in + e.exc_pos_at + 4 * x);
+    if (pos >= seg_start + len) break;
+    store<uint32_t>(out + o.exc_entries_at + 8 * x, static_cast<uint32_t>(pos - seg_start));
+    store<uint32_t>(out + o.exc_entries_at + 8 * x + 4, exception_raw(in, e, x));
+  }
+  return x;
+}
+
+// What no stream of a transcode owns in the szp buffer: the offset tables' last entries and the CRC.
+MOEOFFLOAD_HD void write_szp_tail(const SzpeView& e, uint8_t* out) {
+  const SzpView& o = e.as_szp;
+  if (e.szp.numel) store<uint64_t>(out + o.seg_offsets_at + 8 * e.szp.n_segments, o.payload_bytes);
+  if (e.szp.n_exceptions) store<uint64_t>(out + o.exc_offsets_at + 8 * e.szp.n_segments, e.szp.n_exceptions);
+  for (int i = 0; i < 4; ++i) out[o.total_bytes - 4 + i] = static_cast<uint8_t>(e.szp_crc >> (8 * i));
+}
+
 // State j of a stream (its first 4 * kRansWays bytes, 2-aligned: two u16 loads).
 MOEOFFLOAD_HD uint32_t initial_state(const uint8_t* stream, uint32_t j) {
   return load<uint16_t>(stream + 4 * j) | (static_cast<uint32_t>(load<uint16_t>(stream + 4 * j + 2)) << 16);
