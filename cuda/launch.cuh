@@ -16,8 +16,7 @@ int launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t share
   kernel<<<grid, block, shared_bytes, stream>>>(args...);
   return static_cast<int>(cudaGetLastError());
 #else
-  (void)stream;
-  return moeoffload_emulation::launch(grid, block, shared_bytes, kernel, args...);
+  return moeoffload_emulation::launch_on(stream, grid, block, shared_bytes, kernel, args...);
 #endif
 }
 

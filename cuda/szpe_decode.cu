@@ -15,6 +15,8 @@
 // stop and set *failed; it never reads or writes outside its own ranges.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 #include "launch.cuh"
 #include "moeoffload/szpe_cuda.h"
 #include "../cpp/codec/szp_layout.h"
@@ -215,20 +217,42 @@ __device__ bool decode_stream(const uint8_t* in, const SzpeView& e, const RansTa
   return __all_sync(kFull, clean) && sink.end_stream(e, sp, b, lane);
 }
 
-// A stream a warp, each warp with its own copy of the sink (its state).
+// One tensor of a launch: its device copy, view, sink (its output) and frame, and the grid's first
+// block of its streams.
 template <class Sink, class Frame>
-__global__ void __launch_bounds__(kThreads)
-    szpe_kernel(const uint8_t* __restrict__ in, const __grid_constant__ SzpeView e, const Sink sink_args,
-                const __grid_constant__ Frame frame, int* failed) {
+struct Part {
+  const uint8_t* in;
+  SzpeView e;
+  Sink sink;
+  Frame frame;
+  uint32_t first_block;
+};
+
+// The tensors of one launch: their blocks follow one another in the grid, so their streams decode side
+// by side (an expert's arrival takes about its longest stream, not the sum of its matrices').
+template <class Sink, class Frame, int N>
+struct Batch {
+  Part<Sink, Frame> part[N];
+  uint32_t n;
+};
+
+// A stream a warp, each warp with its own copy of the sink (its state).
+template <class Sink, class Frame, int N>
+__global__ void __launch_bounds__(kThreads) szpe_kernel(const __grid_constant__ Batch<Sink, Frame, N> batch, int* failed) {
+  uint32_t j = 0;  // this block's tensor (uniform across the block)
+  while (j + 1 < batch.n && blockIdx.x >= batch.part[j + 1].first_block) ++j;
+  const Part<Sink, Frame>& part = batch.part[j];
+  const uint8_t* __restrict__ in = part.in;
+  const uint32_t block = blockIdx.x - part.first_block;
   __shared__ RansTable table;
   __shared__ uint32_t cum[kSzpeMaxAlphabet + 1];
-  build_table(in, e, table, cum);
-  if (blockIdx.x == 0) write_frame(e, frame, sink_args.out);
-  const uint64_t s = static_cast<uint64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  build_table(in, part.e, table, cum);
+  if (block == 0) write_frame(part.e, part.frame, part.sink.out);
+  const uint64_t s = static_cast<uint64_t>(block) * kWarps + threadIdx.x / 32;
   const uint32_t lane = threadIdx.x & 31u;
-  if (s >= e.n_streams) return;  // whole warps
-  Sink sink = sink_args;
-  if (!decode_stream(in, e, table, s, lane, sink) && lane == 0) atomicExch(failed, 1);
+  if (s >= part.e.n_streams) return;  // whole warps
+  Sink sink = part.sink;
+  if (!decode_stream(in, part.e, table, s, lane, sink) && lane == 0) atomicExch(failed, 1);
 }
 
 // The grid of a decode of e: a warp a stream, at least one block (block 0 writes the frame).
@@ -246,36 +270,72 @@ bool misaligned(const void* a, const void* b) {
   return ((reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b)) & 7) != 0;
 }
 
-template <class Sink, class Frame = NoFrame>
-int launch(const SzpeView& e, const uint8_t* device_in, const Sink& sink, int* device_failed, cudaStream_t stream,
-           const Frame& frame = Frame{}) {
-  const uint64_t blocks = grid_blocks(e);
-  if (blocks > 0x7FFFFFFFull) return static_cast<int>(cudaErrorInvalidConfiguration);
-  return launch_kernel(szpe_kernel<Sink, Frame>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream, device_in,
-                       e, sink, frame, device_failed);
+// One launch of the first batch.n parts (their first_block is filled in here).
+template <class Sink, class Frame, int N>
+int launch(Batch<Sink, Frame, N>& batch, int* device_failed, cudaStream_t stream) {
+  static_assert(sizeof(batch) <= 4096, "kernel parameters are limited to 4 KiB");
+  uint64_t blocks = 0;
+  for (uint32_t j = 0; j < batch.n; ++j) {
+    if (misaligned(batch.part[j].in, batch.part[j].sink.out)) return static_cast<int>(cudaErrorMisalignedAddress);
+    batch.part[j].first_block = static_cast<uint32_t>(blocks);
+    blocks += grid_blocks(batch.part[j].e);
+    if (blocks > 0x7FFFFFFFull) return static_cast<int>(cudaErrorInvalidConfiguration);
+  }
+  if (blocks == 0) return static_cast<int>(cudaSuccess);
+  return launch_kernel(szpe_kernel<Sink, Frame, N>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream,
+                       batch, device_failed);
+}
+
+// A decode of one tensor to values.
+template <class Sink>
+int launch_one(const SzpeView& e, const uint8_t* device_in, const Sink& sink, int* device_failed,
+               cudaStream_t stream) {
+  Batch<Sink, NoFrame, 1> batch{};
+  batch.part[0].in = device_in;
+  batch.part[0].e = e;
+  batch.part[0].sink = sink;
+  batch.n = 1;
+  return launch(batch, device_failed, stream);
 }
 
 }  // namespace
 
+int szpe_to_szp_cuda(const SzpeTranscode* jobs, int n, int* device_failed, cudaStream_t stream) {
+  if (n < 0) return static_cast<int>(cudaErrorInvalidValue);
+  for (int first = 0; first < n; first += kSzpeBatchMax) {
+    Batch<SzpSink, SzpFrame, kSzpeBatchMax> batch{};
+    batch.n = static_cast<uint32_t>(std::min(n - first, kSzpeBatchMax));
+    for (uint32_t j = 0; j < batch.n; ++j) {
+      const SzpeTranscode& job = jobs[first + j];
+      batch.part[j].in = job.device_in;
+      batch.part[j].e = job.view;
+      batch.part[j].sink = SzpSink{job.device_in, job.device_out};
+      batch.part[j].frame = szp_frame(job.view);
+    }
+    const int err = launch(batch, device_failed, stream);
+    if (err != static_cast<int>(cudaSuccess)) return err;
+  }
+  return static_cast<int>(cudaSuccess);
+}
+
 int szpe_to_szp_cuda(const SzpeView& e, const uint8_t* device_in, uint8_t* device_out, int* device_failed,
                      cudaStream_t stream) {
-  if (misaligned(device_in, device_out)) return static_cast<int>(cudaErrorMisalignedAddress);
-  return launch(e, device_in, SzpSink{device_in, device_out}, device_failed, stream, szp_frame(e));
+  const SzpeTranscode job{e, device_in, device_out};
+  return szpe_to_szp_cuda(&job, 1, device_failed, stream);
 }
 
 int szpe_decode_values_cuda(const SzpeView& e, const uint8_t* device_in, void* device_out, int* device_failed,
                             cudaStream_t stream) {
-  if (misaligned(device_in, device_out)) return static_cast<int>(cudaErrorMisalignedAddress);
   switch (e.szp.dtype) {
     case DType::F32:
-      return launch(e, device_in, ValueSink<DType::F32>{device_in, static_cast<uint32_t*>(device_out)},
-                    device_failed, stream);
+      return launch_one(e, device_in, ValueSink<DType::F32>{device_in, static_cast<uint32_t*>(device_out)},
+                        device_failed, stream);
     case DType::BF16:
-      return launch(e, device_in, ValueSink<DType::BF16>{device_in, static_cast<uint16_t*>(device_out)},
-                    device_failed, stream);
+      return launch_one(e, device_in, ValueSink<DType::BF16>{device_in, static_cast<uint16_t*>(device_out)},
+                        device_failed, stream);
     case DType::F16:
-      return launch(e, device_in, ValueSink<DType::F16>{device_in, static_cast<uint16_t*>(device_out)},
-                    device_failed, stream);
+      return launch_one(e, device_in, ValueSink<DType::F16>{device_in, static_cast<uint16_t*>(device_out)},
+                        device_failed, stream);
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }

@@ -10,7 +10,11 @@ kernels, in a process of its own with the sanitizer loaded first:
   or corrupt) and nothing is read or written out of bounds;
 - fused: szp_linear, expert_mlp and moe_experts (grouped launches, row maps, the gated staging, biases,
   exceptions, tiles of 1 and 4) against the CPU kernels, moe_experts bit for bit against the eager loop
-  of the emulated expert_mlp, and a NaN token.
+  of the emulated expert_mlp, and a NaN token;
+- arrival: the runtime's cuda path onto a device (pinned pool, expert store, the copy engine's staging,
+  failure flag and event, the arrival step's one transcode launch per expert), built with the emulator's
+  asynchronous streams (a worker thread a stream, random delays): szpe experts land as szp byte for
+  byte, a corrupt stream fails its own transfer and no other.
 On a GPU, tests/test_szpe.py and tests/test_ops.py check the compiled kernels the same way."""
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ["szp_decode.cu", "szpe_decode.cu", "szp_linear.cu", "expert_mlp.cu", "moe_experts.cu"]
+# The runtime's CUDA paths that put an expert on a device (the emulator's streams stand in for CUDA's).
+RUNTIME = ["parallel.cpp", "memory.cpp", "backend.cpp", "pinned_pool.cpp", "expert_store.cpp", "transfer_engine.cpp",
+           "arrival.cpp"]
 
 
 def _compiler_file(cxx: str, name: str) -> str:
@@ -42,12 +49,14 @@ def emulated(tmp_path_factory) -> tuple[Path, dict]:
         pytest.skip("g++ has no AddressSanitizer runtime")
     lib = tmp_path_factory.mktemp("emulation") / "libemulated_kernels.so"
     sources = [*(str(ROOT / "cuda" / k) for k in KERNELS), "-x", "none",
-               str(ROOT / "tests/cuda_emulation/emulated_kernels.cpp"),
+               *(str(ROOT / "tests/cuda_emulation" / f) for f in ("emulated_kernels.cpp", "emulated_arrival.cpp")),
                *(str(p) for p in sorted((ROOT / "cpp/codec").glob("*.cpp"))),
-               *(str(p) for p in sorted((ROOT / "cpp/kernels").glob("*.cpp"))), str(ROOT / "cpp/runtime/parallel.cpp")]
+               *(str(p) for p in sorted((ROOT / "cpp/kernels").glob("*.cpp"))),
+               *(str(ROOT / "cpp/runtime" / f) for f in RUNTIME)]
     build = subprocess.run([cxx, "-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-ffp-contract=off", "-pthread",
                             "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
                             "-DMOEOFFLOAD_CHECK_ALIGNMENT",  # a load or store a GPU would fault on traps here too
+                            "-DMOEOFFLOAD_WITH_CUDA=1", "-Wl,--no-undefined",
                             "-I", str(ROOT / "tests/cuda_emulation"), "-I", str(ROOT / "cpp/include"),
                             "-x", "c++", *sources, "-o", str(lib)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-4000:]
@@ -56,7 +65,7 @@ def emulated(tmp_path_factory) -> tuple[Path, dict]:
     return lib, env
 
 
-@pytest.mark.parametrize("check", ["decoders", "corrupt", "fused"])
+@pytest.mark.parametrize("check", ["decoders", "corrupt", "fused", "arrival"])
 def test_the_emulated_cuda_kernels_give_the_cpu_kernels_results(emulated, check):
     lib, env = emulated
     r = subprocess.run([sys.executable, str(ROOT / "tests/cuda_emulation/checks.py"), str(lib), check],

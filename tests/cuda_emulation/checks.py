@@ -101,6 +101,47 @@ class Emulated:
                    ctypes.c_void_p(out.data_ptr()))
         return out
 
+    def arrivals(self, experts: list[list[tuple[np.ndarray, bool]]], streams: int) -> list[tuple[bytes, str]]:
+        """Each expert's (buffer, is szpe) matrices through the runtime's store, copy engine and arrival
+        step: (its device slot, read back; the transfer's error or "")."""
+        bufs = [b for e in experts for b, _ in e]
+        sizes = [resident_bytes(e) for e in experts]
+        slots = [np.full(n, 0x5A, np.uint8) for n in sizes]
+        errors = ctypes.create_string_buffer(512 * len(experts))
+        ptrs = lambda arrs: (ctypes.c_void_p * len(arrs))(*(a.ctypes.data for a in arrs))  # noqa: E731
+        rc = self.lib.emu_arrivals(
+            ctypes.c_uint32(len(experts)), (ctypes.c_uint32 * len(experts))(*(len(e) for e in experts)), ptrs(bufs),
+            (ctypes.c_uint64 * len(bufs))(*(b.size for b in bufs)),
+            (ctypes.c_int * len(bufs))(*(int(c) for e in experts for _, c in e)), ctypes.c_int(streams), ptrs(slots),
+            (ctypes.c_uint64 * len(sizes))(*sizes), errors, ctypes.c_uint64(512))
+        if rc == -1:
+            self.lib.emu_arrival_error.restype = ctypes.c_char_p
+            raise RuntimeError(f"emu_arrivals: {self.lib.emu_arrival_error().decode()}")
+        return [(slots[i].tobytes(), errors.raw[512 * i:512 * (i + 1)].split(b"\0")[0].decode())
+                for i in range(len(experts))]
+
+
+def slot_layout(expert: list[tuple[np.ndarray, bool]]) -> list[tuple[int, int]]:
+    """Where each matrix's buffer lies in the expert's device slot (expert_store.cpp): as in the payload
+    (each buffer 8-aligned, as emu_arrivals packs it) when nothing is szpe, else the szp buffers they
+    transcode to (their size from the szpe header), 64-aligned."""
+    coded = any(c for _, c in expert)
+    align, at, out = 64 if coded else 8, 0, []
+    for buf, c in expert:
+        at = (at + align - 1) // align * align
+        out.append((at, _native.szpe_inspect(buf, False)["szp_total_bytes"] if coded and c else buf.size))
+        at += out[-1][1]
+    return out
+
+
+def resident_bytes(expert) -> int:
+    return sum(slot_layout(expert)[-1])
+
+
+def landed_bytes(buf: np.ndarray, szpe: bool, coded: bool) -> bytes:
+    """What a matrix's buffer must be in the slot: its szp buffer, or the bytes copied."""
+    return bytes(np.asarray(_native.szpe_to_szp(buf, True))) if szpe and coded else buf.tobytes()
+
 
 def as_bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().view(torch.uint8).numpy().tobytes()
@@ -213,7 +254,71 @@ def check_fused(emu: Emulated) -> None:
             assert bool(nan[1].all()) and not bool(nan[0].any() or nan[2].any()), (dtype, "a NaN token")
 
 
-CHECKS = {"decoders": check_decoders, "corrupt": check_corrupt, "fused": check_fused}
+def check_arrival(emu: Emulated) -> None:
+    """The runtime's path onto a device with the cuda backend (pinned pool, expert store, the copy
+    engine's staging, failure flag and event, the arrival step's one launch per expert) on emulated
+    asynchronous streams: every szpe matrix lands as its szp buffer byte for byte, szp experts as
+    copied; an expert of five szpe matrices takes two launches; a corrupt stream fails its own transfer
+    (CorruptDataError) and no other, on either stream, before and after it."""
+    g = torch.Generator().manual_seed(21)
+
+    def matrix(rows, cols, dtype, szpe, eb=2e-3, per_stream=0):
+        x = (torch.randn(rows, cols, generator=g) * 0.02).to(dtype)
+        fixed = codec.compress(x, eb)
+        return (np.asarray(_native.szpe_from_szp(fixed.buffer, per_stream)), True) if szpe else (fixed.buffer, False)
+
+    bf16, f32, f16 = torch.bfloat16, torch.float32, torch.float16
+    experts = [
+        [matrix(24, 96, bf16, True, per_stream=5), matrix(96, 12, bf16, True, per_stream=7)],  # an expert
+        [matrix(10, 40, f32, False), matrix(40, 5, f32, False)],  # szp only: copied as it is
+        [matrix(8, 64, f16, True, per_stream=1), matrix(64, 4, f16, False)],  # mixed
+        [matrix(6 + i, 33, bf16, True, per_stream=2) for i in range(5)],  # 5 szpe matrices: 2 launches
+        [matrix(48, 130, bf16, True, per_stream=9), matrix(130, 24, bf16, True, per_stream=11)],  # larger: staging grows
+    ]
+    # A corrupt stream (the CRC recomputed, so the store's parse passes), then clean experts after it.
+    x = torch.distributions.StudentT(2.0).sample((24, 160)) * 0.01
+    good = np.asarray(_native.szpe_from_szp(codec.compress(x.to(bf16), 1e-3).buffer, 5))
+    info = _native.szpe_inspect(good)
+    payload_at = good.size - 4 - info["payload_bytes"]
+    rng = np.random.default_rng(3)
+    while True:
+        broken = good.copy()
+        broken[int(rng.integers(payload_at, good.size - 4))] ^= 1 << int(rng.integers(0, 8))
+        broken = fix_crc(broken)
+        if _parses(broken) and not _decodes(broken, x.shape):
+            break
+    corrupt_at = 3
+    experts.insert(corrupt_at, [matrix(16, 32, bf16, True, per_stream=3), (broken, True)])
+    experts += [list(e) for e in experts[:3]]  # the same again, after the failure
+    for streams in (1, 2):
+        landed = emu.arrivals(experts, streams)
+        for i, (expert, (slot, error)) in enumerate(zip(experts, landed)):
+            if i == corrupt_at:
+                assert error.startswith("CorruptDataError") and "expert 3" in error, (streams, error)
+                continue
+            assert error == "", (streams, i, error)
+            coded = any(c for _, c in expert)
+            for (buf, c), (at, n) in zip(expert, slot_layout(expert)):
+                assert slot[at:at + n] == landed_bytes(buf, c, coded), (streams, i, at)
+
+
+def _parses(buf: np.ndarray) -> bool:
+    try:
+        _native.szpe_inspect(buf, True)
+        return True
+    except CorruptDataError:
+        return False
+
+
+def _decodes(buf: np.ndarray, shape) -> bool:
+    try:
+        _native.szpe_decode(buf, torch.empty(shape, dtype=torch.bfloat16), True)
+        return True
+    except CorruptDataError:
+        return False
+
+
+CHECKS = {"decoders": check_decoders, "corrupt": check_corrupt, "fused": check_fused, "arrival": check_arrival}
 
 if __name__ == "__main__":
     CHECKS[sys.argv[2]](Emulated(sys.argv[1]))

@@ -1,22 +1,274 @@
-// Stands in for CUDA's cuda_runtime.h when the kernels' .cu files compile as C++ against the CPU
-// emulator (cuda_emulator.h): the types, error codes and the few runtime calls they use.
+// Stands in for CUDA's cuda_runtime.h when cuda/*.cu and the runtime's CUDA paths compile as C++
+// against the CPU emulator (cuda_emulator.h): the types, error codes and the runtime calls they use.
+//
+// Device memory is host memory: cudaMalloc'd bytes start poisoned (0xA5), so a kernel or copy that
+// reads what nobody wrote gives garbage, and AddressSanitizer sees every access. A stream created
+// with cudaStreamCreate* is a worker thread running its work in order, each item after a random pause
+// of up to half a millisecond, so host code that reads a copy's destination, reuses its source or frees
+// a buffer before it synchronises sees the wrong bytes (or ASan a use after free), as it would on a
+// GPU. The null stream runs its work at once, on the calling thread. Kernels launched on a stream
+// (cuda/launch.cuh) run on its worker, one kernel at a time across all streams (the emulator's state
+// is global). Events complete when the stream reaches them.
 #pragma once
-#include "cuda_emulator.h"
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <thread>
 
-typedef struct CUstream_st* cudaStream_t;
+#include "cuda_emulator.h"
 
 enum cudaError_t {
   cudaSuccess = 0,
   cudaErrorInvalidValue = 1,
+  cudaErrorMemoryAllocation = 2,
   cudaErrorInvalidConfiguration = 9,
+  cudaErrorNotReady = 600,
   cudaErrorMisalignedAddress = 716,
 };
 
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaMemcpyKind {
+  cudaMemcpyHostToHost = 0,
+  cudaMemcpyHostToDevice = 1,
+  cudaMemcpyDeviceToHost = 2,
+  cudaMemcpyDeviceToDevice = 3,
+  cudaMemcpyDefault = 4,
+};
+constexpr unsigned cudaStreamNonBlocking = 1;
+constexpr unsigned cudaEventDisableTiming = 2;
+constexpr unsigned cudaHostAllocPortable = 1;
+constexpr unsigned cudaHostRegisterPortable = 1;
+constexpr unsigned cudaHostRegisterReadOnly = 8;
+
+struct cudaDeviceProp {
+  char name[256];
+  int major, minor;
+};
+
+namespace moeoffload_emulation {
+
+// A stream: its work in order on a thread of its own.
+struct Stream {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<std::function<void()>> work;
+  bool stopping = false, busy = false;
+  uint64_t seed;
+  std::thread thread;
+
+  explicit Stream(uint64_t s) : seed(s) {
+    thread = std::thread([this] { run(); });
+  }
+  void run() {
+    for (;;) {
+      std::function<void()> item;
+      {
+        std::unique_lock<std::mutex> lock(mu);
+        cv.wait(lock, [&] { return stopping || !work.empty(); });
+        if (work.empty()) return;
+        item = std::move(work.front());
+        work.pop_front();
+        busy = true;
+      }
+      seed ^= seed << 13, seed ^= seed >> 7, seed ^= seed << 17;
+      std::this_thread::sleep_for(std::chrono::microseconds(seed % 500));
+      item();
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        busy = false;
+      }
+      cv.notify_all();
+    }
+  }
+  void push(std::function<void()> f) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      work.push_back(std::move(f));
+    }
+    cv.notify_all();
+  }
+  void drain() {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return work.empty() && !busy; });
+  }
+  ~Stream() {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      stopping = true;
+    }
+    cv.notify_all();
+    thread.join();  // after the work already queued, as cudaStreamDestroy lets it finish
+  }
+};
+
+struct Event {
+  std::mutex mu;
+  std::condition_variable cv;
+  uint64_t recorded = 0, reached = 0;  // records issued, and the last one its stream reached
+};
+
+// Runs f on the stream's worker, or at once on the null stream.
+inline void enqueue(void* stream, std::function<void()> f) {
+  if (stream) static_cast<Stream*>(stream)->push(std::move(f));
+  else f();
+}
+
+inline std::mutex& kernel_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+// cuda/launch.cuh's launch: the kernel's arguments copied now, as a launch copies its parameters.
+template <typename... Params, typename... Args>
+int launch_on(void* stream, dim3 grid, dim3 block, size_t shared_bytes, void (*kernel)(Params...),
+              const Args&... args) {
+  enqueue(stream, [=] {
+    std::lock_guard<std::mutex> lock(kernel_mutex());
+    launch(grid, block, shared_bytes, kernel, args...);
+  });
+  return 0;
+}
+
+}  // namespace moeoffload_emulation
+
+typedef struct CUstream_st* cudaStream_t;
+typedef struct CUevent_st* cudaEvent_t;
 
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-inline const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
+inline const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error (emulated)";
+    case cudaErrorMemoryAllocation: return "out of memory (emulated)";
+    case cudaErrorNotReady: return "device not ready (emulated)";
+    default: return "an error (emulated)";
+  }
+}
 template <typename F>
 cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) {
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaGetDeviceCount(int* n) {
+  *n = 1;
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetDevice(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : cudaErrorInvalidValue; }
+inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int d) {
+  if (d != 0) return cudaErrorInvalidValue;
+  std::memset(p, 0, sizeof(*p));
+  std::strcpy(p->name, "CUDA emulator");
+  p->major = 9, p->minor = 0;
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaMalloc(void** p, size_t bytes) {
+  *p = std::malloc(bytes ? bytes : 1);
+  if (!*p) return cudaErrorMemoryAllocation;
+  std::memset(*p, 0xA5, bytes);
+  return cudaSuccess;
+}
+template <typename T>
+cudaError_t cudaMalloc(T** p, size_t bytes) {
+  return cudaMalloc(reinterpret_cast<void**>(p), bytes);
+}
+inline cudaError_t cudaFree(void* p) {
+  std::free(p);
+  return cudaSuccess;
+}
+inline cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned) {
+  *p = std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096);
+  return *p ? cudaSuccess : cudaErrorMemoryAllocation;
+}
+inline cudaError_t cudaMallocHost(void** p, size_t bytes) { return cudaHostAlloc(p, bytes, 0); }
+template <typename T>
+cudaError_t cudaMallocHost(T** p, size_t bytes) {
+  return cudaHostAlloc(reinterpret_cast<void**>(p), bytes, 0);
+}
+inline cudaError_t cudaFreeHost(void* p) {
+  std::free(p);
+  return cudaSuccess;
+}
+inline cudaError_t cudaHostRegister(void*, size_t, unsigned) { return cudaSuccess; }
+inline cudaError_t cudaHostUnregister(void*) { return cudaSuccess; }
+
+inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) {
+  static uint64_t seeds = 0x2545F4914F6CDD1Dull;
+  *s = reinterpret_cast<cudaStream_t>(new moeoffload_emulation::Stream(seeds += 0x9E3779B97F4A7C15ull));
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamDestroy(cudaStream_t s) {
+  delete reinterpret_cast<moeoffload_emulation::Stream*>(s);
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+  if (s) reinterpret_cast<moeoffload_emulation::Stream*>(s)->drain();
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind, cudaStream_t s) {
+  moeoffload_emulation::enqueue(s, [=] { std::memcpy(dst, src, bytes); });
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStream_t s) {
+  moeoffload_emulation::enqueue(s, [=] { std::memset(dst, value, bytes); });
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) {
+  *e = reinterpret_cast<cudaEvent_t>(new moeoffload_emulation::Event);
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventDestroy(cudaEvent_t e) {
+  delete reinterpret_cast<moeoffload_emulation::Event*>(e);
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
+  auto* ev = reinterpret_cast<moeoffload_emulation::Event*>(e);
+  uint64_t n;
+  {
+    std::lock_guard<std::mutex> lock(ev->mu);
+    n = ++ev->recorded;
+  }
+  moeoffload_emulation::enqueue(s, [ev, n] {
+    {
+      std::lock_guard<std::mutex> lock(ev->mu);
+      ev->reached = std::max(ev->reached, n);
+    }
+    ev->cv.notify_all();
+  });
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+  auto* ev = reinterpret_cast<moeoffload_emulation::Event*>(e);
+  std::unique_lock<std::mutex> lock(ev->mu);
+  const uint64_t n = ev->recorded;
+  ev->cv.wait(lock, [&] { return ev->reached >= n; });
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventQuery(cudaEvent_t e) {
+  auto* ev = reinterpret_cast<moeoffload_emulation::Event*>(e);
+  std::lock_guard<std::mutex> lock(ev->mu);
+  return ev->reached >= ev->recorded ? cudaSuccess : cudaErrorNotReady;
+}
+inline cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned = 0) {
+  auto* ev = reinterpret_cast<moeoffload_emulation::Event*>(e);
+  uint64_t n;
+  {
+    std::lock_guard<std::mutex> lock(ev->mu);
+    n = ev->recorded;
+  }
+  moeoffload_emulation::enqueue(s, [ev, n] {
+    std::unique_lock<std::mutex> lock(ev->mu);
+    ev->cv.wait(lock, [&] { return ev->reached >= n; });
+  });
   return cudaSuccess;
 }

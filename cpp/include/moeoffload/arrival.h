@@ -2,7 +2,7 @@
 // copied; an szpe expert (entropy coded in host memory and over the bus) is transcoded into the szp
 // buffers the kernels read, matrix by matrix at the slot offsets the store laid out: on cpu straight
 // from the host payload (szpe_to_szp_into), on cuda from the engine's staging copy on its copy stream
-// (szpe_to_szp_cuda). The cache holds fixed-width szp either way, so the fused kernels are unchanged.
+// (szpe_to_szp_cuda, the expert's matrices in one launch). The cache holds fixed-width szp either way, so the fused kernels are unchanged.
 #pragma once
 #include <cstdint>
 

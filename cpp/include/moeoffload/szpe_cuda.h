@@ -17,6 +17,18 @@ namespace moeoffload {
 int szpe_to_szp_cuda(const SzpeView& view, const uint8_t* device_in, uint8_t* device_out, int* device_failed,
                      cudaStream_t stream);
 
+// One tensor of a batched transcode.
+struct SzpeTranscode {
+  SzpeView view;
+  const uint8_t* device_in;
+  uint8_t* device_out;
+};
+constexpr int kSzpeBatchMax = 4;  // tensors a launch (its parameters stay under 4 KiB)
+
+// The szp buffers of n tensors, kSzpeBatchMax a launch: their streams decode side by side, so an
+// expert's arrival waits for its longest stream rather than for its matrices one after another.
+int szpe_to_szp_cuda(const SzpeTranscode* jobs, int n, int* device_failed, cudaStream_t stream);
+
 // The values (view.szp.numel of its dtype) at device_out: bit for bit szpe_decode_cpu's.
 int szpe_decode_values_cuda(const SzpeView& view, const uint8_t* device_in, void* device_out, int* device_failed,
                             cudaStream_t stream);

@@ -1,0 +1,89 @@
+// The runtime's way of putting experts on a device, on the CPU emulator with its asynchronous copy
+// streams (cuda_runtime.h here): a pinned pool and an expert store of backend cuda, a TransferEngine
+// whose workers stage each payload, transcode its szpe matrices on their copy stream (arrival.cpp, an
+// expert's matrices in one launch) and read the failure flag back after the stream's event. For
+// tests/cuda_emulation/checks.py, behind a C interface like emulated_kernels.cpp's.
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <cuda_runtime.h>
+
+#include "moeoffload/arrival.h"
+#include "moeoffload/errors.h"
+#include "moeoffload/expert_store.h"
+#include "moeoffload/pinned_pool.h"
+#include "moeoffload/transfer_engine.h"
+
+using namespace moeoffload;
+
+namespace {
+thread_local std::string arrival_error;
+}
+
+extern "C" {
+
+const char* emu_arrival_error() { return arrival_error.c_str(); }
+
+// Expert i has n_matrices[i] matrices, the next ones of buffers/lengths/codings (0 szp, 1 szpe). Each
+// expert's payload is its buffers back to back, each 8-aligned; every expert is copied at once on
+// `streams` copy streams into a device slot of its resident size, then read back into slots[i]
+// (slot_bytes[i] must be that size). An expert whose transfer fails gets its error in
+// errors[i * error_len ...]; "" when it landed. Returns 0, or -1 with emu_arrival_error() when the
+// store or engine refuses the input.
+int emu_arrivals(uint32_t n_experts, const uint32_t* n_matrices, const uint8_t* const* buffers,
+                 const uint64_t* lengths, const int* codings, int streams, uint8_t* const* slots,
+                 const uint64_t* slot_bytes, char* errors, uint64_t error_len) {
+  try {
+    PinnedPool pool(Backend::Cuda);
+    ExpertStore store(pool, 1, n_experts);
+    for (uint32_t id = 0, m = 0; id < n_experts; m += n_matrices[id], ++id) {
+      std::vector<uint8_t> payload;
+      std::vector<MatrixSpec> specs;
+      for (uint32_t j = m; j < m + n_matrices[id]; ++j) {
+        MatrixSpec spec;
+        spec.offset = (payload.size() + 7) / 8 * 8;
+        spec.bytes = lengths[j];
+        spec.coding = codings[j] ? Coding::Szpe : Coding::Szp;
+        const SzpView v = codings[j] ? szpe_parse(buffers[j], lengths[j], true).szp : szp_parse(buffers[j], lengths[j], true);
+        spec.dtype = v.dtype;
+        spec.shape.assign(v.shape, v.shape + v.ndim);
+        payload.resize(spec.offset + spec.bytes);
+        std::memcpy(payload.data() + spec.offset, buffers[j], spec.bytes);
+        specs.push_back(spec);
+      }
+      store.add_copy(id, payload.data(), payload.size());
+      store.set_matrices(id, specs);
+      if (store.resident_bytes(id) != slot_bytes[id])
+        throw Error(ErrorKind::InvalidArgument, "expert " + std::to_string(id) + " takes " +
+                                                    std::to_string(store.resident_bytes(id)) + " bytes in a slot");
+    }
+    TransferEngine engine(Backend::Cuda, streams);
+    std::vector<uint8_t*> device(n_experts);
+    std::vector<std::shared_ptr<Transfer>> transfers;
+    for (uint32_t id = 0; id < n_experts; ++id) {
+      device[id] = static_cast<uint8_t*>(device_alloc(Backend::Cuda, slot_bytes[id]));
+      const Payload p = store.payload(id);
+      transfers.push_back(engine.copy(p.data, device[id], p.bytes, id, {}, arrival_for(store, id, Backend::Cuda)));
+    }
+    for (uint32_t id = 0; id < n_experts; ++id) {
+      std::string error;
+      try {
+        transfers[id]->wait();
+        cuda_check(cudaMemcpyAsync(slots[id], device[id], slot_bytes[id], cudaMemcpyDeviceToHost, nullptr), "read back");
+      } catch (const Error& e) {
+        error = std::string(e.python_name()) + ": " + e.what();
+      }
+      std::strncpy(errors + id * error_len, error.c_str(), error_len - 1);
+    }
+    engine.close();
+    for (uint8_t* d : device) device_free(Backend::Cuda, d);
+    return 0;
+  } catch (const std::exception& e) {
+    arrival_error = e.what();
+    return -1;
+  }
+}
+
+}  // extern "C"
