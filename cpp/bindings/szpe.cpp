@@ -1,6 +1,7 @@
 // Bindings of the szpe codec (szpe.h): argument checks, GIL release, nothing else.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/vector.h>
 
 #include <string>
 #include <vector>
@@ -157,18 +158,28 @@ void bind_szpe(nb::module_& m) {
 
   m.def(
       "szpe_to_szp_cuda",
-      [](HostBytes host_buf, DeviceBytes device_buf, DeviceBytesOut szp_out, DeviceInt failed, uintptr_t stream) {
-        const SzpeView e = parse_released(host_buf, false);
-        check_device_copy(device_buf, host_buf, failed);
-        check_szp_size(szp_out, e);
+      [](std::vector<HostBytes> host_bufs, std::vector<DeviceBytes> device_bufs, std::vector<DeviceBytesOut> szp_outs,
+         DeviceInt failed, uintptr_t stream) {
+        if (device_bufs.size() != host_bufs.size() || szp_outs.size() != host_bufs.size())
+          throw Error(ErrorKind::Shape, "szpe_to_szp_cuda: " + std::to_string(host_bufs.size()) + " host buffers, " +
+                                            std::to_string(device_bufs.size()) + " device copies and " +
+                                            std::to_string(szp_outs.size()) + " outputs");
+        std::vector<SzpeTranscode> jobs;
+        for (size_t i = 0; i < host_bufs.size(); ++i) {
+          const SzpeView e = parse_released(host_bufs[i], false);
+          check_device_copy(device_bufs[i], host_bufs[i], failed);
+          check_szp_size(szp_outs[i], e);
+          jobs.push_back(SzpeTranscode{e, device_bufs[i].data(), szp_outs[i].data()});
+        }
         cuda_call("szpe CUDA transcode", stream, [&](auto s) {
-          return szpe_to_szp_cuda(e, device_buf.data(), szp_out.data(), failed.data(), s);
+          return szpe_to_szp_cuda(jobs.data(), static_cast<int>(jobs.size()), failed.data(), s);
         });
       },
-      nb::arg("host_buf"), nb::arg("device_buf"), nb::arg("szp_out").noconvert(), nb::arg("failed").noconvert(),
+      nb::arg("host_bufs"), nb::arg("device_bufs"), nb::arg("szp_outs"), nb::arg("failed").noconvert(),
       nb::arg("stream"),
-      "Transcode a device copy of a (validated) szpe buffer into szp_out: the szp buffer it was made from, byte for "
-      "byte (the runtime's arrival step). failed[0] becomes nonzero when a stream is corrupt.");
+      "Transcode device copies of (validated) szpe buffers into szp_outs, their streams side by side (one launch for "
+      "up to four: the runtime's arrival step of one expert): each the szp buffer it was made from, byte for byte. "
+      "failed[0] becomes nonzero when a stream is corrupt.");
 
   m.def(
       "szpe_decode_values_cuda",
