@@ -192,7 +192,9 @@ class TraceRouting:
         TraceRouting._live.pop(self.key, None)
 
 
-@torch.library.custom_op("e2e_bench::trace_route", mutates_args=())
+# host work (the trace's choices for this step): never inside a captured CUDA graph
+@torch.library.custom_op("e2e_bench::trace_route", mutates_args=(),
+                         tags=tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None))
 def _trace_route(logits: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, key: int,
                  layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     return TraceRouting._live[key].route(logits, weights, index, layer)
@@ -275,7 +277,9 @@ def run_system(name, model_dir, prompts, new_tokens, budget, tables, device, dty
     if name.endswith("-compiled"):
         torch._dynamo.reset()  # each offload's key is a guard: past 8 systems' graphs dynamo would give up
         gens_model.forward = torch.compile(gens_model.forward)
-        kw = dict(cache_implementation="static")
+        # the static cache the compiled graph needs; disable_compile: on cuda, generate() would otherwise
+        # compile the model a second time itself, with CUDA graphs ("reduce-overhead")
+        kw = dict(cache_implementation="static", disable_compile=True)
     try:
         if routing is not None:
             routing.begin(trace[1])
@@ -304,7 +308,11 @@ def run_system(name, model_dir, prompts, new_tokens, budget, tables, device, dty
             ppl.append(continuation_perplexity(reference, prompt.to(device), gen.tokens))
         peak = device_bytes(model) + (off.stats()["peak_used"] if off is not None else 0)
         if device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(device) + (off.stats()["peak_used"] if off is not None else 0)
+            # torch's allocator has seen this system's tensors and the reference model (kept for the
+            # perplexity of every row); the cache's slots are the runtime's own cudaMalloc of its budget
+            others = device_bytes(reference) if model is not reference else 0
+            peak = (torch.cuda.max_memory_allocated(device) - others
+                    + (off.cache.stats()["budget"] if off is not None else 0))
         row = {
             "system": name,
             "prefill_tokens_per_s": prefill_tokens / prefill_s if prefill_s else float("nan"),

@@ -97,8 +97,9 @@ def test_szpe_experts_cross_as_szpe_and_land_as_their_szp_buffers():
                     at = -(-end // _native.RESIDENT_ALIGN) * _native.RESIDENT_ALIGN
                     np.testing.assert_array_equal(landed[at:at + szp.size], szp)
                     end = at + szp.size
-                    w = ops._szp_decode_op(cache.handle, coded.expert_id(layer, e), k, torch.device("cpu"))
-                    assert torch.equal(w, fixed.decompress(layer, e, name))
+                    w = ops._szp_decode_op(cache.handle, coded.expert_id(layer, e), k,
+                                           torch.device(cache.engine.backend))  # the slots' device ("auto")
+                    assert torch.equal(w.cpu(), fixed.decompress(layer, e, name))
                 cache.release(layer, e)
         assert cache.engine.stats()["bytes"] == copied  # the coded bytes crossed, not the szp ones
 

@@ -120,7 +120,7 @@ if pid == 0:
     except ForkedError:
         pass
     # and a new runtime works in the child
-    c2 = ExpertCache(table.load({str(path)!r}), 10**7)
+    c2 = ExpertCache(table.load({str(path)!r}), 10**7, backend="cpu")  # CUDA does not survive fork() either
     s = c2.acquire(1, 1); s.wait(timeout=5); c2.release(1, 1); c2.close()
     os._exit(0)
 _, status = os.waitpid(pid, 0)
@@ -213,25 +213,26 @@ def test_ops_read_acquired_experts_through_the_handle(saved):
     path, sd = saved
     t = table.load(path)
     names = t.matrix_names  # w1 (gate) [I, H], w2 (down) [H, I], w3 (up) [I, H]
-    with ExpertCache(t, _budget(t, 3)) as cache:
+    with ExpertCache(t, _budget(t, 3)) as cache:  # "auto": the cuda backend where a GPU is
+        dev = torch.device(cache.engine.backend)  # where the slots are, and the ops' inputs must be
         x = torch.randn(5, H).to(torch.bfloat16)
         slot = cache.acquire(1, 2)
         eid = cache.expert_id(1, 2)
         w1 = names.index("w1")
-        y = torch.ops.moeoffload.szp_linear(x, cache.handle, eid, w1)
+        y = torch.ops.moeoffload.szp_linear(x.to(dev), cache.handle, eid, w1).cpu()
         ref = ops.szp_linear(x, t.compressed(1, 2, "w1"))
         torch.testing.assert_close(y, ref)
-        torch.testing.assert_close(torch.ops.moeoffload.szp_decode(cache.handle, eid, w1, torch.device("cpu")),
+        torch.testing.assert_close(torch.ops.moeoffload.szp_decode(cache.handle, eid, w1, dev).cpu(),
                                    t.decompress(1, 2, "w1"))
         cache.release(1, 2)
         with pytest.raises(InvalidArgumentError, match="not acquired"):
-            torch.ops.moeoffload.szp_linear(x, cache.handle, eid, w1)  # released
+            torch.ops.moeoffload.szp_linear(x.to(dev), cache.handle, eid, w1)  # released
         with pytest.raises(InvalidArgumentError):
-            torch.ops.moeoffload.szp_linear(x, cache.handle, 10**6, 0)  # unknown expert
+            torch.ops.moeoffload.szp_linear(x.to(dev), cache.handle, 10**6, 0)  # unknown expert
         assert slot.bytes > 0
         handle = cache.handle
     with pytest.raises(ClosedError):
-        torch.ops.moeoffload.szp_linear(x, handle, eid, w1)  # a closed runtime
+        torch.ops.moeoffload.szp_linear(x.to(dev), handle, eid, w1)  # a closed runtime
 
 
 def test_compressed_tensor_outside_a_runtime_needs_no_table():

@@ -35,6 +35,19 @@ def test_copies_land_and_callbacks_run_on_two_streams():
         eng.copy(srcs[0], dsts[0])
 
 
+def test_order_on_the_cpu_backend_waits_for_the_copy():
+    # Transfer.order(stream) orders a CUDA stream after the copy's event; on cpu it is a wait. (On the
+    # cuda path tests/cuda_emulation's arrival check orders a stream after copies still queued.)
+    eng = _native.TransferEngine("cpu", 1)
+    src = np.arange(64 * 2**20, dtype=np.uint8)
+    dsts = [np.zeros_like(src) for _ in range(3)]
+    handles = [eng.copy(src, d) for d in dsts]
+    handles[-1].order(0)
+    assert handles[-1].done()
+    np.testing.assert_array_equal(dsts[-1], src)
+    eng.close()
+
+
 def test_bad_arguments():
     with pytest.raises(InvalidArgumentError):
         _native.TransferEngine("cpu", 0)

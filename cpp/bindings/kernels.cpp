@@ -54,19 +54,9 @@ void check_2d(const Array& a, uint64_t rows, uint64_t cols, const char* what) {
                                       (a.ndim() ? "[" + std::to_string(a.shape(0)) + (a.ndim() > 1 ? ", " + std::to_string(a.shape(1)) : "") + "]" : ""));
 }
 
-// Waits (cpu) or orders `stream` after (cuda) the copy that brings the bytes.
+// Waits (cpu) or orders `stream` after (cuda) the copy that brings the bytes (Transfer::order).
 void order_after(const MatrixUse& u, uintptr_t stream) {
-  if (!u.transfer) return;
-#if MOEOFFLOAD_WITH_CUDA
-  if (u.backend == Backend::Cuda) {
-    cuda_check(cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(stream),
-                                   reinterpret_cast<cudaEvent_t>(u.transfer->cuda_event()), 0),
-               "cudaStreamWaitEvent");
-    return;
-  }
-#endif
-  (void)stream;
-  u.transfer->wait();
+  if (u.transfer) u.transfer->order(reinterpret_cast<void*>(stream));
 }
 
 [[noreturn]] void no_cuda() {

@@ -184,7 +184,12 @@ void bind_runtime(nb::module_& m) {
       .def_prop_ro("bytes", &Transfer::bytes)
       .def_prop_ro("tag", &Transfer::tag)
       .def_prop_ro("stream_index", &Transfer::stream_index)
-      .def_prop_ro("cuda_event", &Transfer::cuda_event);
+      .def_prop_ro("cuda_event", &Transfer::cuda_event)
+      .def("order", [](const Transfer& t, uintptr_t stream) { t.order(reinterpret_cast<void*>(stream)); },
+           nb::arg("stream"), nb::call_guard<nb::gil_scoped_release>(),
+           "Make work on `stream` (a cudaStream_t as an int, e.g. torch.cuda.current_stream().cuda_stream) see "
+           "the copy: ordered after its event without a host wait on cuda (once the copy worker recorded it), "
+           "waited for on cpu and for szpe arrivals. Raises the copy's error.");
 
   nb::class_<TransferEngine>(m, "TransferEngine")
       .def("__init__", [](TransferEngine* e, const std::string& backend, int streams) {

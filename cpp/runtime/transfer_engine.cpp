@@ -69,6 +69,31 @@ ErrorKind Transfer::error_kind() const {
   return error_kind_;
 }
 
+void Transfer::mark_recorded() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    recorded_ = true;
+  }
+  cv_.notify_all();
+}
+
+void Transfer::order(void* stream) const {
+  if (backend_ == Backend::Cpu || expands_) return wait();
+#if MOEOFFLOAD_WITH_CUDA
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (!done_ && !recorded_ && generation_ != fork_generation())
+      throw Error(ErrorKind::Forked, forked_message("this transfer"));
+    cv_.wait(lock, [&] { return recorded_ || done_; });
+    if (!error_.empty()) throw Error(error_kind_, error_);
+  }
+  cuda_check(cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), static_cast<cudaEvent_t>(event_), 0),
+             "cudaStreamWaitEvent");
+#else
+  (void)stream;
+#endif
+}
+
 void Transfer::add_callback(Callback cb) {
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -154,6 +179,7 @@ std::shared_ptr<Transfer> TransferEngine::copy(const void* src, void* dst, uint6
   }
 #endif
   if (cb) t->callbacks_.push_back(std::move(cb));
+  t->expands_ = static_cast<bool>(expand);
   workers_[best]->queue.push_back(Job{src, dst, bytes, t, std::move(expand)});
   workers_[best]->queued_bytes += bytes;
   stats_.copies += 1;
@@ -237,6 +263,7 @@ std::string TransferEngine::run_job(Worker& w, Job& job, ErrorKind& kind) {
     err = cudaMemcpyAsync(dst, src, job.bytes, cudaMemcpyHostToDevice, s);
   }
   if (err == cudaSuccess) err = cudaEventRecord(ev, s);
+  if (err == cudaSuccess) job.transfer->mark_recorded();  // a compute stream may now wait on it (order())
   if (err == cudaSuccess) err = cudaEventSynchronize(ev);
   if (err != cudaSuccess) {
     cudaGetLastError();

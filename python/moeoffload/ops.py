@@ -151,7 +151,11 @@ def _moe_experts_impl(x: torch.Tensor, routing: torch.Tensor, weights: torch.Ten
     return out
 
 
-_moe_experts_op = torch.library.custom_op("moeoffload::moe_experts", _moe_experts_impl, mutates_args=())
+# Not capturable in a CUDA graph: it reads the routing on the host (the tag, from torch 2.8 on, makes
+# inductor's CUDA graphs partition around it instead of replaying a stale routing).
+_moe_experts_op = torch.library.custom_op(
+    "moeoffload::moe_experts", _moe_experts_impl, mutates_args=(),
+    tags=tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None))
 
 
 @_moe_experts_op.register_fake

@@ -259,7 +259,8 @@ def check_arrival(emu: Emulated) -> None:
     engine's staging, failure flag and event, the arrival step's one launch per expert) on emulated
     asynchronous streams: every szpe matrix lands as its szp buffer byte for byte, szp experts as
     copied; an expert of five szpe matrices takes two launches; a corrupt stream fails its own transfer
-    (CorruptDataError) and no other, on either stream, before and after it."""
+    (CorruptDataError) and no other, on either stream, before and after it. And a compute stream
+    ordered after queued copies (Transfer::order) reads what they bring."""
     g = torch.Generator().manual_seed(21)
 
     def matrix(rows, cols, dtype, szpe, eb=2e-3, per_stream=0):
@@ -290,6 +291,8 @@ def check_arrival(emu: Emulated) -> None:
     corrupt_at = 3
     experts.insert(corrupt_at, [matrix(16, 32, bf16, True, per_stream=3), (broken, True)])
     experts += [list(e) for e in experts[:3]]  # the same again, after the failure
+    # A compute stream ordered after copies still queued behind others (no host wait) sees their bytes.
+    assert emu.lib.emu_ordered_reads(ctypes.c_uint32(16), ctypes.c_uint64(1 << 16)) == 0
     for streams in (1, 2):
         landed = emu.arrivals(experts, streams)
         for i, (expert, (slot, error)) in enumerate(zip(experts, landed)):

@@ -1,8 +1,9 @@
 // The runtime's way of putting experts on a device, on the CPU emulator with its asynchronous copy
 // streams (cuda_runtime.h here): a pinned pool and an expert store of backend cuda, a TransferEngine
 // whose workers stage each payload, transcode its szpe matrices on their copy stream (arrival.cpp, an
-// expert's matrices in one launch) and read the failure flag back after the stream's event. For
-// tests/cuda_emulation/checks.py, behind a C interface like emulated_kernels.cpp's.
+// expert's matrices in one launch) and read the failure flag back after the stream's event; and a
+// compute stream ordered after copies still queued (Transfer::order). For tests/cuda_emulation/checks.py,
+// behind a C interface like emulated_kernels.cpp's.
 #include <cstring>
 #include <memory>
 #include <string>
@@ -80,6 +81,44 @@ int emu_arrivals(uint32_t n_experts, const uint32_t* n_matrices, const uint8_t* 
     engine.close();
     for (uint8_t* d : device) device_free(Backend::Cuda, d);
     return 0;
+  } catch (const std::exception& e) {
+    arrival_error = e.what();
+    return -1;
+  }
+}
+
+// `copies` copies of `bytes` each queued on one copy stream, and at once, for each from the last (queued
+// behind all the others, so its worker has not reached it), a compute stream ordered after it
+// (Transfer::order, no host wait) reading its destination back: the number of copies whose bytes the
+// compute stream did not see, or -1 with emu_arrival_error().
+int emu_ordered_reads(uint32_t copies, uint64_t bytes) {
+  try {
+    TransferEngine engine(Backend::Cuda, 1);
+    cudaStream_t compute = nullptr;
+    cuda_check(cudaStreamCreateWithFlags(&compute, cudaStreamNonBlocking), "compute stream");
+    std::vector<uint8_t*> src(copies), dst(copies);
+    std::vector<std::vector<uint8_t>> seen(copies, std::vector<uint8_t>(bytes));
+    std::vector<std::shared_ptr<Transfer>> transfers;
+    for (uint32_t i = 0; i < copies; ++i) {
+      src[i] = static_cast<uint8_t*>(host_alloc(Backend::Cuda, bytes));
+      std::memset(src[i], static_cast<int>(i + 1), bytes);
+      dst[i] = static_cast<uint8_t*>(device_alloc(Backend::Cuda, bytes));
+      transfers.push_back(engine.copy(src[i], dst[i], bytes, i));
+    }
+    for (uint32_t i = copies; i-- > 0;) {
+      transfers[i]->order(compute);
+      cuda_check(cudaMemcpyAsync(seen[i].data(), dst[i], bytes, cudaMemcpyDeviceToHost, compute), "read back");
+    }
+    cuda_check(cudaStreamSynchronize(compute), "cudaStreamSynchronize");
+    engine.close();
+    cudaStreamDestroy(compute);
+    int wrong = 0;
+    for (uint32_t i = 0; i < copies; ++i) {
+      wrong += std::memcmp(seen[i].data(), src[i], bytes) != 0;
+      host_free(Backend::Cuda, src[i]);
+      device_free(Backend::Cuda, dst[i]);
+    }
+    return wrong;
   } catch (const std::exception& e) {
     arrival_error = e.what();
     return -1;

@@ -43,12 +43,19 @@ class Transfer {
   int stream_index() const { return stream_; }
   uintptr_t cuda_event() const { return reinterpret_cast<uintptr_t>(event_); }
   ErrorKind error_kind() const;
+  // Makes work on `stream` (a cudaStream_t on cuda) see what this copy brings: on cpu it waits for
+  // the copy; on cuda it orders the stream after the copy's event without a host wait, once the copy
+  // worker has recorded it (an event not yet recorded orders nothing). An expanded copy (szpe) is
+  // waited for on the host instead, since whether it decoded is known only there: a kernel must not
+  // read the szp offsets of a stream that did not. Rethrows the copy's error.
+  void order(void* stream) const;
 
  private:
   friend class TransferEngine;
   Transfer(uint64_t bytes, uint64_t tag, int stream)
       : bytes_(bytes), tag_(tag), stream_(stream), generation_(fork_generation()) {}
   void finish(const std::string& error, ErrorKind kind = ErrorKind::Cuda);
+  void mark_recorded();  // the worker recorded event_ on its stream
   const uint64_t bytes_, tag_;
   const int stream_;
   const uint64_t generation_;
@@ -57,6 +64,8 @@ class Transfer {
   mutable std::mutex mu_;
   mutable std::condition_variable cv_;
   bool done_ = false;
+  bool recorded_ = false;  // event_ is recorded (cuda): a stream can wait on it
+  bool expands_ = false;   // lands through an Expand
   std::string error_;
   ErrorKind error_kind_ = ErrorKind::Cuda;
   std::vector<Callback> callbacks_;

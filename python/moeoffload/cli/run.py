@@ -43,6 +43,8 @@ def generate_timed(model, input_ids, max_new_tokens: int, off=None, streamer=Non
 
     class _Clock(LogitsProcessor):
         def __call__(self, ids, scores):
+            if not stamps and scores.is_cuda:
+                torch.cuda.synchronize(scores.device)  # the prefill's kernels have run, not just been queued
             stamps.append(time.perf_counter())
             if off is not None and not at_first:
                 at_first.append(dict(off.stats()))

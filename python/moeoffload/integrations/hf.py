@@ -338,6 +338,10 @@ class Offload:
                 fn(e, slot)
             finally:
                 del held[e]
+                if self.device.type == "cuda":
+                    # fn's kernels are only queued: once released, the slot may be evicted by the next
+                    # acquire and overwritten by a copy stream that nothing orders after them
+                    torch.cuda.current_stream(self.device).synchronize()
                 self.cache.release(layer, e)
 
     def _forward_eager(self, layer, module, held, hidden, top_k_index, top_k_weights):
@@ -416,6 +420,8 @@ class _SlotWeights:
         if e not in self.held:
             self.off._acquire_ahead(self.layer, [e], self.held)
             if e not in self.held:  # no room: the eager code is done with the experts it indexed before
+                if self.device.type == "cuda":  # and its kernels reading their slots have run
+                    torch.cuda.current_stream(self.device).synchronize()
                 self.release()
                 self.off._acquire_ahead(self.layer, [e], self.held)
         slot = self.held[e]
