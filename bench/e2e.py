@@ -23,9 +23,10 @@ bf16 bytes, so compression buys room), same run:
                 compiles, is an extra warm-up.
 
 Per system: prefill and decode tokens/s (and s/token), bytes over the bus per decode token, decode
-hit rate, stall fraction of decode time, peak device bytes (model weights on the device + the
-cache's peak), and the perplexity of each generated continuation under the resident model (a
-faster system cannot win by being wrong). Writes <out>.json, <out>.md and <out>-*.png.
+hit rate, stall fraction of decode time, peak device bytes (on cpu: the model's weights on the device
++ the cache's peak use; on cuda: torch's peak allocation less the resident reference model kept for
+the perplexities, + the budget the cache reserves), and the perplexity of each generated
+continuation under the resident model (a faster system cannot win by being wrong). Writes <out>.json, <out>.md and <out>-*.png.
 
 Routing: "model" lets the routers route (random routers route nearly uniformly); "trace" drives every
 router from a synthetic trace with the locality of real models (TraceRouting; the generator is

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from moeoffload import table
 from moeoffload.cache import ExpertCache, parse_budget, slot_bytes
@@ -27,6 +28,10 @@ def test_expert_cache_serves_a_forward_pass(tmp_path):
         ExpertCache(t, size - 1)
     rng = np.random.default_rng(0)
     with ExpertCache(t, f"{6 * size}B") as cache:
+        # every other release names the stream that may still read the slot: on cuda its bytes keep a fence
+        # that the next fetch into them waits for; on cpu (no queued kernels) a stream means nothing
+        on_cuda = cache.engine.backend == "cuda"
+        stream = torch.cuda.current_stream().cuda_stream if on_cuda else 0x1234
         for _ in range(3):
             cache.begin_sequence()
             for token in range(8):
@@ -37,7 +42,7 @@ def test_expert_cache_serves_a_forward_pass(tmp_path):
                         slot = cache.acquire(layer, int(e))
                         slot.wait()
                         np.testing.assert_array_equal(cache.cache.read(slot), t.payload(layer, int(e)))
-                        cache.release(layer, int(e))
+                        cache.release(layer, int(e), stream if e % 2 else None)
                     cache.cache.check_invariants()
             cache.end_sequence()
         st = cache.stats()

@@ -277,15 +277,19 @@ void bind_runtime(nb::module_& m) {
            nb::keep_alive<1, 5>())
       .def("acquire", &DeviceCache::acquire, nb::arg("id"), nb::arg("timeout") = 10.0,
            nb::call_guard<nb::gil_scoped_release>())
-      .def("release", &DeviceCache::release, nb::arg("id"), nb::call_guard<nb::gil_scoped_release>())
+      .def("release", [](DeviceCache& c, uint32_t id, std::optional<uintptr_t> stream) {
+        c.release(id, stream ? reinterpret_cast<void*>(*stream) : nullptr);
+      }, nb::arg("id"), nb::arg("stream").none() = nb::none(), nb::call_guard<nb::gil_scoped_release>(),
+         "Unpin an expert. stream (cuda, a cudaStream_t as an int): kernels queued on it may still read the slot; "
+         "a later fetch into its bytes waits for them on its copy stream")
       .def("acquire_ahead", [](DeviceCache& c, std::vector<uint32_t> ids, bool holding_pins, double timeout) {
         nb::gil_scoped_release release;
         return c.acquire_ahead(ids.data(), ids.size(), holding_pins, timeout);
       }, nb::arg("ids"), nb::arg("holding_pins"), nb::arg("timeout") = 10.0)
-      .def("release_all", [](DeviceCache& c, std::vector<uint32_t> ids) {
+      .def("release_all", [](DeviceCache& c, std::vector<uint32_t> ids, std::optional<uintptr_t> stream) {
         nb::gil_scoped_release release;
-        c.release_all(ids.data(), ids.size());
-      }, nb::arg("ids"))
+        c.release_all(ids.data(), ids.size(), stream ? reinterpret_cast<void*>(*stream) : nullptr);
+      }, nb::arg("ids"), nb::arg("stream").none() = nb::none())
       .def("prefetch", &DeviceCache::prefetch, nb::arg("id"), nb::arg("priority"),
            nb::call_guard<nb::gil_scoped_release>())
       .def("set_current_layer", &DeviceCache::set_current_layer, nb::arg("layer"))

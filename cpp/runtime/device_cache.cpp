@@ -12,7 +12,8 @@ DeviceCache::DeviceCache(uint64_t budget, EvictionPolicy policy, ExpertStore& st
       store_(store),
       engine_(engine),
       backend_(engine.backend()),
-      index_(budget, policy, store.num_layers(), store.experts_per_layer(), std::max<uint64_t>(1, store.max_resident_bytes())) {
+      index_(budget, policy, store.num_layers(), store.experts_per_layer(), std::max<uint64_t>(1, store.max_resident_bytes())),
+      max_slot_bytes_(std::max<uint64_t>(1, store.max_resident_bytes())) {
   if (store.total_bytes() == 0) throw Error(ErrorKind::InvalidArgument, "DeviceCache over an empty ExpertStore");
   base_ = static_cast<uint8_t*>(device_alloc(backend_, budget_));
 }
@@ -44,7 +45,41 @@ void DeviceCache::refresh_locked() {
 
 std::shared_ptr<Transfer> DeviceCache::fetch_locked(uint32_t id, const Payload& payload, uint64_t offset) {
   store_.check_file();
-  return engine_.copy(payload.data, base_ + offset, payload.bytes, id, {}, arrival_for(store_, id, backend_));
+  const uint64_t end = offset + store_.resident_bytes(id);
+  std::vector<std::shared_ptr<const Fence>> after;
+  // The fences of slots that overlap [offset, end): those starting less than a slot's size before it.
+  auto it = fences_.lower_bound(offset >= max_slot_bytes_ ? offset - max_slot_bytes_ + 1 : 0);
+  while (it != fences_.end() && it->first < end) {
+    const uint64_t at = it->first, bytes = it->second.bytes;
+    if (at + bytes <= offset) {
+      ++it;
+      continue;
+    }
+    after.push_back(it->second.fence);
+    // A fence inside this slot is passed before the copy lands, and the copy lands before anything can
+    // evict it and write here again: this copy is the last that needs it.
+    if ((offset <= at && at + bytes <= end) || it->second.fence->passed()) it = fences_.erase(it);
+    else ++it;
+  }
+  return engine_.copy(payload.data, base_ + offset, payload.bytes, id, {}, arrival_for(store_, id, backend_),
+                      std::move(after));
+}
+
+std::shared_ptr<const Fence> DeviceCache::fence_for(void* stream) const {
+  return stream && backend_ == Backend::Cuda ? std::make_shared<const Fence>(stream) : nullptr;
+}
+
+void DeviceCache::fence_locked(uint32_t id, void* stream, std::shared_ptr<const Fence> fence) {
+  if (!fence) return;
+  const uint64_t at = index_.offset(id), bytes = store_.resident_bytes(id);
+  auto [first, last] = fences_.equal_range(at);
+  for (auto it = first; it != last; ++it) {
+    if (it->second.bytes == bytes && it->second.stream == stream) {
+      it->second.fence = std::move(fence);
+      return;
+    }
+  }
+  fences_.emplace(at, Fenced{bytes, stream, std::move(fence)});
 }
 
 Slot DeviceCache::acquire(uint32_t id, double timeout_s) {
@@ -113,7 +148,8 @@ std::vector<Slot> DeviceCache::acquire_ahead(const uint32_t* ids, size_t n, bool
   return slots;
 }
 
-void DeviceCache::release_all(const uint32_t* ids, size_t n) {
+void DeviceCache::release_all(const uint32_t* ids, size_t n, void* stream) {
+  auto fence = fence_for(stream);  // one for them all: the same stream's work so far
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
   for (size_t i = 0; i < n; ++i) {  // all or nothing: every id must be held as often as it is named
@@ -123,14 +159,19 @@ void DeviceCache::release_all(const uint32_t* ids, size_t n) {
       throw Error(ErrorKind::InvalidArgument, "expert " + std::to_string(ids[i]) + " is not in use (" +
                                                   std::to_string(named) + " releases named)");
   }
-  for (size_t i = 0; i < n; ++i) index_.unpin(ids[i]);
+  for (size_t i = 0; i < n; ++i) {
+    index_.unpin(ids[i]);
+    fence_locked(ids[i], stream, fence);
+  }
   released_.notify_all();
 }
 
-void DeviceCache::release(uint32_t id) {
+void DeviceCache::release(uint32_t id, void* stream) {
+  auto fence = fence_for(stream);
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
   index_.unpin(id);
+  fence_locked(id, stream, std::move(fence));
   released_.notify_all();
 }
 
@@ -257,6 +298,7 @@ void DeviceCache::close() {
     return;
   }
   std::lock_guard<std::mutex> lock(mu_);
+  fences_.clear();
   device_free(backend_, base_);
   base_ = nullptr;
 }

@@ -158,7 +158,8 @@ uintptr_t TransferEngine::cuda_stream(int i) const {
 }
 
 std::shared_ptr<Transfer> TransferEngine::copy(const void* src, void* dst, uint64_t bytes, uint64_t tag,
-                                               Transfer::Callback cb, Expand expand) {
+                                               Transfer::Callback cb, Expand expand,
+                                               std::vector<std::shared_ptr<const Fence>> after) {
   std::lock_guard<std::mutex> lock(mu_);
   check_usable_locked();
   // The stream with the fewest queued bytes takes the copy; ties go round-robin.
@@ -180,7 +181,7 @@ std::shared_ptr<Transfer> TransferEngine::copy(const void* src, void* dst, uint6
 #endif
   if (cb) t->callbacks_.push_back(std::move(cb));
   t->expands_ = static_cast<bool>(expand);
-  workers_[best]->queue.push_back(Job{src, dst, bytes, t, std::move(expand)});
+  workers_[best]->queue.push_back(Job{src, dst, bytes, t, std::move(expand), std::move(after)});
   workers_[best]->queued_bytes += bytes;
   stats_.copies += 1;
   stats_.bytes += bytes;
@@ -238,6 +239,14 @@ std::string TransferEngine::run_job(Worker& w, Job& job, ErrorKind& kind) {
   auto ev = static_cast<cudaEvent_t>(job.transfer->event_);
   cudaError_t err = cudaSuccess;
   std::string expand_error;
+  for (const auto& fence : job.after) {  // kernels still reading dst's old bytes go first
+    try {
+      fence->order(s);
+    } catch (const Error& e) {
+      kind = e.kind();
+      return e.what();
+    }
+  }
   if (job.expand) {
     if (w.staging_bytes < job.bytes) {  // grows to the largest payload, then stays
       if (w.staging) cudaFree(w.staging);

@@ -165,8 +165,12 @@ class ExpertCache:
         up to `timeout` seconds for room, then raises CacheFullError (0: at once)."""
         return self.cache.acquire(self.expert_id(layer, expert), timeout)
 
-    def release(self, layer: int, expert: int) -> None:
-        self.cache.release(self.expert_id(layer, expert))
+    def release(self, layer: int, expert: int, stream: int | None = None) -> None:
+        """Unpins the expert. On cuda, `stream` (a cudaStream_t as an int, such as
+        ``torch.cuda.current_stream().cuda_stream``) names where kernels reading the slot may still be
+        queued: a later fetch into its bytes waits for them on the device (no host wait). Without it the
+        caller must know those kernels are done."""
+        self.cache.release(self.expert_id(layer, expert), stream)
 
     def _layer_ids(self, layer: int, experts) -> list[int]:
         """The flat ids of a layer's experts, range-checked: a decode step's handful, three times a layer, so
@@ -188,9 +192,9 @@ class ExpertCache:
         holds no pins; CacheFullError when not even the first fits."""
         return self.cache.acquire_ahead(self._layer_ids(layer, experts), holding_pins, timeout)
 
-    def release_all(self, layer: int, experts) -> None:
+    def release_all(self, layer: int, experts, stream: int | None = None) -> None:
         """release() of each, in one native call; all or nothing."""
-        self.cache.release_all(self._layer_ids(layer, experts))
+        self.cache.release_all(self._layer_ids(layer, experts), stream)
 
     def stats(self) -> dict:
         return {**self.cache.stats(), "used_bytes": self.cache.used_bytes, "budget": self.cache.budget}

@@ -260,7 +260,8 @@ def check_arrival(emu: Emulated) -> None:
     asynchronous streams: every szpe matrix lands as its szp buffer byte for byte, szp experts as
     copied; an expert of five szpe matrices takes two launches; a corrupt stream fails its own transfer
     (CorruptDataError) and no other, on either stream, before and after it. And a compute stream
-    ordered after queued copies (Transfer::order) reads what they bring."""
+    ordered after queued copies (Transfer::order) reads what they bring, and a slot released with the
+    stream of a read still queued (DeviceCache::release) is not overwritten under it."""
     g = torch.Generator().manual_seed(21)
 
     def matrix(rows, cols, dtype, szpe, eb=2e-3, per_stream=0):
@@ -293,6 +294,11 @@ def check_arrival(emu: Emulated) -> None:
     experts += [list(e) for e in experts[:3]]  # the same again, after the failure
     # A compute stream ordered after copies still queued behind others (no host wait) sees their bytes.
     assert emu.lib.emu_ordered_reads(ctypes.c_uint32(16), ctypes.c_uint64(1 << 16)) == 0
+    # A slot released with the stream of a read still queued keeps its bytes until the read is done; released
+    # without it, the evicting fetch overwrites them under the read (the check can see the hazard).
+    fenced_release = lambda fenced: emu.lib.emu_fenced_release(ctypes.c_uint64(1 << 16), fenced, 12)  # noqa: E731
+    assert fenced_release(1) == 0
+    assert fenced_release(0) > 0
     for streams in (1, 2):
         landed = emu.arrivals(experts, streams)
         for i, (expert, (slot, error)) in enumerate(zip(experts, landed)):

@@ -2,8 +2,9 @@
 // streams (cuda_runtime.h here): a pinned pool and an expert store of backend cuda, a TransferEngine
 // whose workers stage each payload, transcode its szpe matrices on their copy stream (arrival.cpp, an
 // expert's matrices in one launch) and read the failure flag back after the stream's event; and a
-// compute stream ordered after copies still queued (Transfer::order). For tests/cuda_emulation/checks.py,
-// behind a C interface like emulated_kernels.cpp's.
+// compute stream ordered after copies still queued (Transfer::order); and a slot released while a
+// kernel reading it is still queued (DeviceCache::release with its stream). For
+// tests/cuda_emulation/checks.py, behind a C interface like emulated_kernels.cpp's.
 #include <cstring>
 #include <memory>
 #include <string>
@@ -12,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include "moeoffload/arrival.h"
+#include "moeoffload/device_cache.h"
 #include "moeoffload/errors.h"
 #include "moeoffload/expert_store.h"
 #include "moeoffload/pinned_pool.h"
@@ -118,6 +120,47 @@ int emu_ordered_reads(uint32_t copies, uint64_t bytes) {
       host_free(Backend::Cuda, src[i]);
       device_free(Backend::Cuda, dst[i]);
     }
+    return wrong;
+  } catch (const std::exception& e) {
+    arrival_error = e.what();
+    return -1;
+  }
+}
+
+// Two experts of `bytes` each (all 0x11, all 0x22) and a device cache with room for one. A read of
+// expert 0's slot is queued on a compute stream behind `delay` other items; expert 0 is released with
+// that stream (`fenced`) or without, and expert 1's fetch evicts it into the same bytes. Returns how
+// many bytes the read saw that were not expert 0's (0: the fetch waited for it), or -1 with
+// emu_arrival_error() (also when expert 1 did not land whole).
+int emu_fenced_release(uint64_t bytes, int fenced, int delay) {
+  try {
+    PinnedPool pool(Backend::Cuda);
+    ExpertStore store(pool, 1, 2);
+    std::vector<uint8_t> a(bytes, 0x11), b(bytes, 0x22), seen(bytes), landed(bytes);
+    store.add_copy(0, a.data(), bytes);
+    store.add_copy(1, b.data(), bytes);
+    TransferEngine engine(Backend::Cuda, 1);
+    DeviceCache cache(round_up(bytes, 256), EvictionPolicy::Lru, store, engine);
+    cudaStream_t compute = nullptr;
+    cuda_check(cudaStreamCreateWithFlags(&compute, cudaStreamNonBlocking), "compute stream");
+    uint8_t* scratch = static_cast<uint8_t*>(device_alloc(Backend::Cuda, 1));
+    Slot s0 = cache.acquire(0);
+    if (s0.transfer) s0.transfer->order(compute);
+    for (int i = 0; i < delay; ++i) cuda_check(cudaMemsetAsync(scratch, 0, 1, compute), "delay");
+    cuda_check(cudaMemcpyAsync(seen.data(), s0.data, bytes, cudaMemcpyDeviceToHost, compute), "the read");
+    cache.release(0, fenced ? compute : nullptr);
+    Slot s1 = cache.acquire(1);  // evicts expert 0: the same bytes
+    if (s1.data != s0.data) throw Error(ErrorKind::InvalidArgument, "expert 1 did not take expert 0's bytes");
+    s1.wait();
+    cuda_check(cudaStreamSynchronize(compute), "cudaStreamSynchronize");
+    cuda_check(cudaMemcpyAsync(landed.data(), s1.data, bytes, cudaMemcpyDeviceToHost, nullptr), "read back");
+    if (landed != b) throw Error(ErrorKind::InvalidArgument, "expert 1 did not land whole");
+    cache.release(1);
+    cache.close();
+    cudaStreamDestroy(compute);
+    device_free(Backend::Cuda, scratch);
+    int wrong = 0;
+    for (uint8_t v : seen) wrong += v != 0x11;
     return wrong;
   } catch (const std::exception& e) {
     arrival_error = e.what();

@@ -3,9 +3,13 @@
 // expert is more than crossed the bus (ExpertStore::resident_bytes). acquire() pins an expert and returns its slot, fetching it
 // through the TransferEngine on a miss (evicting by policy); release() unpins.
 // prefetch() starts a fetch only when it displaces nothing more valuable.
+// On cuda a caller whose kernels reading a slot are still queued on its stream releases it with that
+// stream: the slot's bytes then keep a fence (fence.h), and a later fetch into them waits for it on
+// its copy stream.
 // Thread-safe: every call takes one lock, never held while waiting on a copy.
 #pragma once
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <condition_variable>
 #include <mutex>
@@ -16,6 +20,7 @@
 #include "moeoffload/cache_index.h"
 #include "moeoffload/decision.h"
 #include "moeoffload/expert_store.h"
+#include "moeoffload/fence.h"
 #include "moeoffload/transfer_engine.h"
 
 namespace moeoffload {
@@ -43,13 +48,15 @@ class DeviceCache {
   // is pinned or in flight it waits up to `timeout_s` for one to free up,
   // then raises CacheFull.
   Slot acquire(uint32_t id, double timeout_s = 10.0);
-  void release(uint32_t id);
+  // Unpins `id`. `stream` (cuda, a cudaStream_t): the work queued on it so far may still read the
+  // slot, and its bytes are not overwritten before that work is done.
+  void release(uint32_t id, void* stream = nullptr);
   // A layer's experts in one call: pins ids in order while the budget has room. The first waits up
   // to timeout_s when the caller holds no pins (holding_pins false), else nothing waits: a caller
   // holding pins would wait for itself. Returns the slots of a prefix of ids; CacheFull only when
   // not even the first fits.
   std::vector<Slot> acquire_ahead(const uint32_t* ids, size_t n, bool holding_pins, double timeout_s = 10.0);
-  void release_all(const uint32_t* ids, size_t n);
+  void release_all(const uint32_t* ids, size_t n, void* stream = nullptr);
   // The slot of `id` when some caller holds it pinned (acquired, not yet
   // released); nullopt otherwise. Ops reach an expert's bytes through it.
   std::optional<Slot> pinned_slot(uint32_t id);
@@ -74,8 +81,12 @@ class DeviceCache {
 
  private:
   void refresh_locked();  // retires landed copies
-  // Starts the copy of `id` into the slot at `offset` (expanded on arrival: arrival.h).
+  // Starts the copy of `id` into the slot at `offset` (expanded on arrival: arrival.h), after the fences
+  // of the bytes it overwrites.
   std::shared_ptr<Transfer> fetch_locked(uint32_t id, const Payload& payload, uint64_t offset);
+  // The fence of a release with a stream, on the released slot's bytes (cuda; nullptr otherwise).
+  std::shared_ptr<const Fence> fence_for(void* stream) const;
+  void fence_locked(uint32_t id, void* stream, std::shared_ptr<const Fence> fence);
   void check_open() const;
   uint64_t budget_;
   ExpertStore& store_;
@@ -86,6 +97,15 @@ class DeviceCache {
   std::condition_variable released_;
   CacheIndex index_;
   std::unordered_map<uint32_t, std::shared_ptr<Transfer>> in_flight_;
+  // Released slots' bytes that kernels queued on some stream may still read, by offset: at most one a
+  // slot and stream (a newer release on the same stream covers the older one's work).
+  struct Fenced {
+    uint64_t bytes;
+    void* stream;
+    std::shared_ptr<const Fence> fence;
+  };
+  std::multimap<uint64_t, Fenced> fences_;
+  uint64_t max_slot_bytes_;
   bool closed_ = false;
 };
 

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "moeoffload/errors.h"
+#include "moeoffload/fence.h"
 #include "moeoffload/memory.h"
 
 namespace moeoffload {
@@ -96,8 +97,10 @@ class TransferEngine {
   // Copies `bytes` from host `src` (pinned on cuda) to device `dst`. `tag` is
   // the caller's label (an expert id); `cb` runs after the copy lands.
   // With `expand`, what lands at dst is expand's output, not the bytes.
+  // `after` (cuda): fences the copy stream waits for before it writes anything (fence.h).
   std::shared_ptr<Transfer> copy(const void* src, void* dst, uint64_t bytes, uint64_t tag = 0,
-                                 Transfer::Callback cb = {}, Expand expand = {});
+                                 Transfer::Callback cb = {}, Expand expand = {},
+                                 std::vector<std::shared_ptr<const Fence>> after = {});
   void synchronize();  // waits for every copy issued so far
   bool closed() const;
   void close();        // finishes queued copies, stops the workers
@@ -113,6 +116,7 @@ class TransferEngine {
     uint64_t bytes;
     std::shared_ptr<Transfer> transfer;
     Expand expand;
+    std::vector<std::shared_ptr<const Fence>> after;
   };
   struct Worker {
     std::deque<Job> queue;

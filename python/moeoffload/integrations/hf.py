@@ -325,7 +325,12 @@ class Offload:
         if held:  # the fused paths release as they go: usually nothing is left
             experts = list(held)
             held.clear()
-            self.cache.release_all(layer, experts)
+            self.cache.release_all(layer, experts, self._compute_stream())
+
+    def _compute_stream(self) -> int | None:
+        """Where the kernels reading the slots are queued (cuda): a release names it, so that no fetch
+        overwrites a slot under them (DeviceCache::release); None on the cpu backend."""
+        return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else None
 
     def _each_acquired(self, layer: int, experts: list[int], held: dict, fn) -> None:
         """fn(expert, slot) for every expert in order, releasing each after its fn; the slots `held` holds
@@ -338,11 +343,7 @@ class Offload:
                 fn(e, slot)
             finally:
                 del held[e]
-                if self.device.type == "cuda":
-                    # fn's kernels are only queued: once released, the slot may be evicted by the next
-                    # acquire and overwritten by a copy stream that nothing orders after them
-                    torch.cuda.current_stream(self.device).synchronize()
-                self.cache.release(layer, e)
+                self.cache.release(layer, e, self._compute_stream())  # fn's kernels may still be queued
 
     def _forward_eager(self, layer, module, held, hidden, top_k_index, top_k_weights):
         """The family's own eager forward, its expert weights read from the slots (views of raw bytes, or
@@ -420,8 +421,6 @@ class _SlotWeights:
         if e not in self.held:
             self.off._acquire_ahead(self.layer, [e], self.held)
             if e not in self.held:  # no room: the eager code is done with the experts it indexed before
-                if self.device.type == "cuda":  # and its kernels reading their slots have run
-                    torch.cuda.current_stream(self.device).synchronize()
                 self.release()
                 self.off._acquire_ahead(self.layer, [e], self.held)
         slot = self.held[e]

@@ -1,0 +1,42 @@
+#include "moeoffload/fence.h"
+
+#include "moeoffload/errors.h"
+#include "moeoffload/memory.h"
+
+#if MOEOFFLOAD_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace moeoffload {
+
+#if MOEOFFLOAD_WITH_CUDA
+Fence::Fence(void* stream) {
+  cudaEvent_t ev = nullptr;
+  cuda_check(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+  event_ = ev;
+  const cudaError_t err = cudaEventRecord(ev, static_cast<cudaStream_t>(stream));
+  if (err != cudaSuccess) {
+    cudaEventDestroy(ev);
+    event_ = nullptr;
+    cuda_check(err, "cudaEventRecord (a slot's release)");
+  }
+}
+
+Fence::~Fence() {
+  if (event_) cudaEventDestroy(static_cast<cudaEvent_t>(event_));
+}
+
+void Fence::order(void* stream) const {
+  cuda_check(cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), static_cast<cudaEvent_t>(event_), 0),
+             "cudaStreamWaitEvent (a released slot's fence)");
+}
+
+bool Fence::passed() const { return cudaEventQuery(static_cast<cudaEvent_t>(event_)) == cudaSuccess; }
+#else
+Fence::Fence(void*) { throw Error(ErrorKind::Cuda, "a stream fence needs a build with CUDA"); }
+Fence::~Fence() = default;
+void Fence::order(void*) const {}
+bool Fence::passed() const { return true; }
+#endif
+
+}  // namespace moeoffload
