@@ -30,6 +30,13 @@ using namespace moeoffload;
 
 namespace {
 
+// A stream argument: None is no stream, an int a cudaStream_t (0 the default stream, not None).
+std::optional<void*> as_stream(std::optional<uintptr_t> stream) {
+  if (!stream) return std::nullopt;
+  return reinterpret_cast<void*>(*stream);
+}
+
+
 using Bytes = nb::ndarray<uint8_t, nb::ndim<1>, nb::c_contig>;
 using bindings::HostBytes;
 using Floats = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
@@ -278,17 +285,17 @@ void bind_runtime(nb::module_& m) {
       .def("acquire", &DeviceCache::acquire, nb::arg("id"), nb::arg("timeout") = 10.0,
            nb::call_guard<nb::gil_scoped_release>())
       .def("release", [](DeviceCache& c, uint32_t id, std::optional<uintptr_t> stream) {
-        c.release(id, stream ? reinterpret_cast<void*>(*stream) : nullptr);
+        c.release(id, as_stream(stream));
       }, nb::arg("id"), nb::arg("stream").none() = nb::none(), nb::call_guard<nb::gil_scoped_release>(),
-         "Unpin an expert. stream (cuda, a cudaStream_t as an int): kernels queued on it may still read the slot; "
-         "a later fetch into its bytes waits for them on its copy stream")
+         "Unpin an expert. stream (cuda, a cudaStream_t as an int; 0 is the default stream): kernels queued on it "
+         "may still read the slot; a later fetch into its bytes waits for them on its copy stream")
       .def("acquire_ahead", [](DeviceCache& c, std::vector<uint32_t> ids, bool holding_pins, double timeout) {
         nb::gil_scoped_release release;
         return c.acquire_ahead(ids.data(), ids.size(), holding_pins, timeout);
       }, nb::arg("ids"), nb::arg("holding_pins"), nb::arg("timeout") = 10.0)
       .def("release_all", [](DeviceCache& c, std::vector<uint32_t> ids, std::optional<uintptr_t> stream) {
         nb::gil_scoped_release release;
-        c.release_all(ids.data(), ids.size(), stream ? reinterpret_cast<void*>(*stream) : nullptr);
+        c.release_all(ids.data(), ids.size(), as_stream(stream));
       }, nb::arg("ids"), nb::arg("stream").none() = nb::none())
       .def("prefetch", &DeviceCache::prefetch, nb::arg("id"), nb::arg("priority"),
            nb::call_guard<nb::gil_scoped_release>())

@@ -175,7 +175,7 @@ void bind_szpe(nb::module_& m) {
           return szpe_to_szp_cuda(jobs.data(), static_cast<int>(jobs.size()), failed.data(), s);
         });
       },
-      nb::arg("host_bufs"), nb::arg("device_bufs"), nb::arg("szp_outs"), nb::arg("failed").noconvert(),
+      nb::arg("host_bufs"), nb::arg("device_bufs"), nb::arg("szp_outs").noconvert(), nb::arg("failed").noconvert(),
       nb::arg("stream"),
       "Transcode device copies of (validated) szpe buffers into szp_outs, their streams side by side (one launch for "
       "up to four: the runtime's arrival step of one expert): each the szp buffer it was made from, byte for byte. "

@@ -47,26 +47,26 @@ std::shared_ptr<Transfer> DeviceCache::fetch_locked(uint32_t id, const Payload& 
   store_.check_file();
   const uint64_t end = offset + store_.resident_bytes(id);
   std::vector<std::shared_ptr<const Fence>> after;
+  std::vector<std::multimap<uint64_t, Fenced>::iterator> done;  // needed by no copy after this one
   // The fences of slots that overlap [offset, end): those starting less than a slot's size before it.
-  auto it = fences_.lower_bound(offset >= max_slot_bytes_ ? offset - max_slot_bytes_ + 1 : 0);
-  while (it != fences_.end() && it->first < end) {
+  for (auto it = fences_.lower_bound(offset >= max_slot_bytes_ ? offset - max_slot_bytes_ + 1 : 0);
+       it != fences_.end() && it->first < end; ++it) {
     const uint64_t at = it->first, bytes = it->second.bytes;
-    if (at + bytes <= offset) {
-      ++it;
-      continue;
-    }
+    if (at + bytes <= offset) continue;
     after.push_back(it->second.fence);
-    // A fence inside this slot is passed before the copy lands, and the copy lands before anything can
-    // evict it and write here again: this copy is the last that needs it.
-    if ((offset <= at && at + bytes <= end) || it->second.fence->passed()) it = fences_.erase(it);
-    else ++it;
+    // A fence inside this slot is passed before the copy writes (the engine's worker waits for its
+    // stream before it reports even a failed copy), and the copy lands before anything can evict it
+    // and write here again: this copy is the last that needs it.
+    if ((offset <= at && at + bytes <= end) || it->second.fence->passed()) done.push_back(it);
   }
-  return engine_.copy(payload.data, base_ + offset, payload.bytes, id, {}, arrival_for(store_, id, backend_),
-                      std::move(after));
+  auto transfer = engine_.copy(payload.data, base_ + offset, payload.bytes, id, {},
+                               arrival_for(store_, id, backend_), std::move(after));
+  for (auto it : done) fences_.erase(it);  // only once the copy that waits for them is queued
+  return transfer;
 }
 
-std::shared_ptr<const Fence> DeviceCache::fence_for(void* stream) const {
-  return stream && backend_ == Backend::Cuda ? std::make_shared<const Fence>(stream) : nullptr;
+std::shared_ptr<const Fence> DeviceCache::fence_for(std::optional<void*> stream) const {
+  return stream && backend_ == Backend::Cuda ? std::make_shared<const Fence>(*stream) : nullptr;
 }
 
 void DeviceCache::fence_locked(uint32_t id, void* stream, std::shared_ptr<const Fence> fence) {
@@ -148,8 +148,7 @@ std::vector<Slot> DeviceCache::acquire_ahead(const uint32_t* ids, size_t n, bool
   return slots;
 }
 
-void DeviceCache::release_all(const uint32_t* ids, size_t n, void* stream) {
-  auto fence = fence_for(stream);  // one for them all: the same stream's work so far
+void DeviceCache::release_all(const uint32_t* ids, size_t n, std::optional<void*> stream) {
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
   for (size_t i = 0; i < n; ++i) {  // all or nothing: every id must be held as often as it is named
@@ -159,20 +158,30 @@ void DeviceCache::release_all(const uint32_t* ids, size_t n, void* stream) {
       throw Error(ErrorKind::InvalidArgument, "expert " + std::to_string(ids[i]) + " is not in use (" +
                                                   std::to_string(named) + " releases named)");
   }
-  for (size_t i = 0; i < n; ++i) {
-    index_.unpin(ids[i]);
-    fence_locked(ids[i], stream, fence);
-  }
-  released_.notify_all();
+  unpin_locked(ids, n, stream);
 }
 
-void DeviceCache::release(uint32_t id, void* stream) {
-  auto fence = fence_for(stream);
+void DeviceCache::release(uint32_t id, std::optional<void*> stream) {
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
-  index_.unpin(id);
-  fence_locked(id, stream, std::move(fence));
+  if (index_.pins(id) == 0) index_.unpin(id);  // raises the index's error for an expert not in use
+  unpin_locked(&id, 1, stream);
+}
+
+void DeviceCache::unpin_locked(const uint32_t* ids, size_t n, std::optional<void*> stream) {
+  std::shared_ptr<const Fence> fence;  // one for them all: the same stream's work so far
+  std::string error;
+  try {
+    fence = fence_for(stream);
+  } catch (const Error& e) {
+    error = e.what();  // unpinned all the same (a caller's finally forgets them), then raised
+  }
+  for (size_t i = 0; i < n; ++i) {
+    index_.unpin(ids[i]);
+    fence_locked(ids[i], stream.value_or(nullptr), fence);
+  }
   released_.notify_all();
+  if (!error.empty()) throw Error(ErrorKind::Cuda, error);
 }
 
 bool DeviceCache::prefetch(uint32_t id, double priority) {
@@ -293,6 +302,8 @@ void DeviceCache::close() {
     if (e.kind() != ErrorKind::Forked) throw;
     std::lock_guard<std::mutex> lock(mu_);
     in_flight_.clear();
+    for (auto& f : fences_) new std::shared_ptr<const Fence>(std::move(f.second.fence));  // leaked: no CUDA here
+    fences_.clear();
     if (backend_ == Backend::Cpu) device_free(backend_, base_);  // a forked child cannot call CUDA
     base_ = nullptr;
     return;

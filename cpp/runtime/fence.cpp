@@ -31,7 +31,11 @@ void Fence::order(void* stream) const {
              "cudaStreamWaitEvent (a released slot's fence)");
 }
 
-bool Fence::passed() const { return cudaEventQuery(static_cast<cudaEvent_t>(event_)) == cudaSuccess; }
+bool Fence::passed() const {
+  const cudaError_t r = cudaEventQuery(static_cast<cudaEvent_t>(event_));
+  if (r != cudaSuccess) cudaGetLastError();  // "not ready" would be the thread's last error: the next launch's
+  return r == cudaSuccess;
+}
 #else
 Fence::Fence(void*) { throw Error(ErrorKind::Cuda, "a stream fence needs a build with CUDA"); }
 Fence::~Fence() = default;

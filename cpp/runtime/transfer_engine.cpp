@@ -239,12 +239,18 @@ std::string TransferEngine::run_job(Worker& w, Job& job, ErrorKind& kind) {
   auto ev = static_cast<cudaEvent_t>(job.transfer->event_);
   cudaError_t err = cudaSuccess;
   std::string expand_error;
-  for (const auto& fence : job.after) {  // kernels still reading dst's old bytes go first
+  // Kernels still reading dst's old bytes go first. A copy that fails after this still waits for them
+  // before it reports (the cache drops the fences of its slot once the copy is queued).
+  auto fail = [&](ErrorKind k, std::string what) {
+    if (!job.after.empty()) cudaStreamSynchronize(s);
+    kind = k;
+    return what;
+  };
+  for (const auto& fence : job.after) {
     try {
       fence->order(s);
     } catch (const Error& e) {
-      kind = e.kind();
-      return e.what();
+      return fail(e.kind(), e.what());
     }
   }
   if (job.expand) {
@@ -276,10 +282,10 @@ std::string TransferEngine::run_job(Worker& w, Job& job, ErrorKind& kind) {
   if (err == cudaSuccess) err = cudaEventSynchronize(ev);
   if (err != cudaSuccess) {
     cudaGetLastError();
-    kind = ErrorKind::Cuda;
-    return std::string("copy of ") + std::to_string(job.bytes) + " bytes failed: " + cudaGetErrorString(err);
+    return fail(ErrorKind::Cuda,
+                std::string("copy of ") + std::to_string(job.bytes) + " bytes failed: " + cudaGetErrorString(err));
   }
-  if (!expand_error.empty()) return expand_error;
+  if (!expand_error.empty()) return fail(kind, expand_error);
   if (job.expand && *w.host_failed) {
     kind = ErrorKind::CorruptData;
     return "szpe payload of expert " + std::to_string(job.transfer->tag()) +

@@ -296,9 +296,12 @@ def check_arrival(emu: Emulated) -> None:
     assert emu.lib.emu_ordered_reads(ctypes.c_uint32(16), ctypes.c_uint64(1 << 16)) == 0
     # A slot released with the stream of a read still queued keeps its bytes until the read is done; released
     # without it, the evicting fetch overwrites them under the read (the check can see the hazard).
-    fenced_release = lambda fenced: emu.lib.emu_fenced_release(ctypes.c_uint64(1 << 16), fenced, 12)  # noqa: E731
-    assert fenced_release(1) == 0
-    assert fenced_release(0) > 0
+    # (Torch's default stream is handle 0: a stream all the same, not "no stream".)
+    for default_stream in (0, 1):
+        fenced_release = lambda fenced: emu.lib.emu_fenced_release(  # noqa: E731
+            ctypes.c_uint64(1 << 16), fenced, 12, default_stream)
+        assert fenced_release(1) == 0, default_stream
+        assert fenced_release(0) > 0, default_stream
     for streams in (1, 2):
         landed = emu.arrivals(experts, streams)
         for i, (expert, (slot, error)) in enumerate(zip(experts, landed)):

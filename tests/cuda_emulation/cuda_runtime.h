@@ -2,13 +2,15 @@
 // against the CPU emulator (cuda_emulator.h): the types, error codes and the runtime calls they use.
 //
 // Device memory is host memory: cudaMalloc'd bytes start poisoned (0xA5), so a kernel or copy that
-// reads what nobody wrote gives garbage, and AddressSanitizer sees every access. A stream created
-// with cudaStreamCreate* is a worker thread running its work in order, each item after a random pause
-// of up to half a millisecond, so host code that reads a copy's destination, reuses its source or frees
-// a buffer before it synchronises sees the wrong bytes (or ASan a use after free), as it would on a
-// GPU. The null stream runs its work at once, on the calling thread. Kernels launched on a stream
-// (cuda/launch.cuh) run on its worker, one kernel at a time across all streams (the emulator's state
-// is global). Events complete when the stream reaches them.
+// reads what nobody wrote gives garbage, and AddressSanitizer sees every access. Every stream, the
+// default (null) one included, is a worker thread running its work in order, each item after a random
+// pause of up to half a millisecond, so host code that reads a copy's destination, reuses its source
+// or frees a buffer before it synchronises sees the wrong bytes (or ASan a use after free), as it
+// would on a GPU. (The default stream does not synchronise with the others: every stream the code
+// makes is non-blocking.) Kernels launched on a stream (cuda/launch.cuh) run on its worker, one kernel
+// at a time across all streams (the emulator's state is global). Events complete when the stream
+// reaches them. As in CUDA, an error (a query's "not ready" too) is the thread's last error until
+// cudaGetLastError reads it, and a launch returns the last error.
 #pragma once
 #include <chrono>
 #include <condition_variable>
@@ -112,10 +114,29 @@ struct Event {
   uint64_t recorded = 0, reached = 0;  // records issued, and the last one its stream reached
 };
 
-// Runs f on the stream's worker, or at once on the null stream.
-inline void enqueue(void* stream, std::function<void()> f) {
-  if (stream) static_cast<Stream*>(stream)->push(std::move(f));
-  else f();
+inline Stream& default_stream() {
+  static Stream s(0x6A09E667F3BCC908ull);
+  return s;
+}
+
+// The streams alive (cudaDeviceSynchronize drains them all).
+inline std::mutex& streams_mutex() {
+  static std::mutex m;
+  return m;
+}
+inline std::vector<Stream*>& live_streams() {
+  static std::vector<Stream*> v;
+  return v;
+}
+
+inline Stream& stream_of(void* stream) { return stream ? *static_cast<Stream*>(stream) : default_stream(); }
+
+// Runs f on the stream's worker (the null stream is the default stream's).
+inline void enqueue(void* stream, std::function<void()> f) { stream_of(stream).push(std::move(f)); }
+
+inline int& last_error() {
+  thread_local int e = 0;
+  return e;
 }
 
 inline std::mutex& kernel_mutex() {
@@ -131,7 +152,9 @@ int launch_on(void* stream, dim3 grid, dim3 block, size_t shared_bytes, void (*k
     std::lock_guard<std::mutex> lock(kernel_mutex());
     launch(grid, block, shared_bytes, kernel, args...);
   });
-  return 0;
+  const int e = last_error();  // a launch returns cudaGetLastError()
+  last_error() = 0;
+  return e;
 }
 
 }  // namespace moeoffload_emulation
@@ -139,7 +162,11 @@ int launch_on(void* stream, dim3 grid, dim3 block, size_t shared_bytes, void (*k
 typedef struct CUstream_st* cudaStream_t;
 typedef struct CUevent_st* cudaEvent_t;
 
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline cudaError_t cudaGetLastError() {
+  const auto e = static_cast<cudaError_t>(moeoffload_emulation::last_error());
+  moeoffload_emulation::last_error() = 0;
+  return e;
+}
 inline const char* cudaGetErrorString(cudaError_t e) {
   switch (e) {
     case cudaSuccess: return "no error (emulated)";
@@ -202,15 +229,32 @@ inline cudaError_t cudaHostUnregister(void*) { return cudaSuccess; }
 
 inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) {
   static uint64_t seeds = 0x2545F4914F6CDD1Dull;
-  *s = reinterpret_cast<cudaStream_t>(new moeoffload_emulation::Stream(seeds += 0x9E3779B97F4A7C15ull));
+  auto* stream = new moeoffload_emulation::Stream(seeds += 0x9E3779B97F4A7C15ull);
+  {
+    std::lock_guard<std::mutex> lock(moeoffload_emulation::streams_mutex());
+    moeoffload_emulation::live_streams().push_back(stream);
+  }
+  *s = reinterpret_cast<cudaStream_t>(stream);
   return cudaSuccess;
 }
 inline cudaError_t cudaStreamDestroy(cudaStream_t s) {
-  delete reinterpret_cast<moeoffload_emulation::Stream*>(s);
+  auto* stream = reinterpret_cast<moeoffload_emulation::Stream*>(s);
+  {
+    std::lock_guard<std::mutex> lock(moeoffload_emulation::streams_mutex());
+    auto& v = moeoffload_emulation::live_streams();
+    v.erase(std::find(v.begin(), v.end(), stream));
+  }
+  delete stream;
   return cudaSuccess;
 }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t s) {
-  if (s) reinterpret_cast<moeoffload_emulation::Stream*>(s)->drain();
+  moeoffload_emulation::stream_of(s).drain();
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceSynchronize() {
+  moeoffload_emulation::default_stream().drain();
+  std::lock_guard<std::mutex> lock(moeoffload_emulation::streams_mutex());
+  for (auto* s : moeoffload_emulation::live_streams()) s->drain();
   return cudaSuccess;
 }
 
@@ -257,7 +301,9 @@ inline cudaError_t cudaEventSynchronize(cudaEvent_t e) {
 inline cudaError_t cudaEventQuery(cudaEvent_t e) {
   auto* ev = reinterpret_cast<moeoffload_emulation::Event*>(e);
   std::lock_guard<std::mutex> lock(ev->mu);
-  return ev->reached >= ev->recorded ? cudaSuccess : cudaErrorNotReady;
+  if (ev->reached >= ev->recorded) return cudaSuccess;
+  moeoffload_emulation::last_error() = cudaErrorNotReady;  // as CUDA does: the caller must clear it
+  return cudaErrorNotReady;
 }
 inline cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned = 0) {
   auto* ev = reinterpret_cast<moeoffload_emulation::Event*>(e);

@@ -75,6 +75,7 @@ int emu_arrivals(uint32_t n_experts, const uint32_t* n_matrices, const uint8_t* 
       try {
         transfers[id]->wait();
         cuda_check(cudaMemcpyAsync(slots[id], device[id], slot_bytes[id], cudaMemcpyDeviceToHost, nullptr), "read back");
+        cuda_check(cudaStreamSynchronize(nullptr), "cudaStreamSynchronize");
       } catch (const Error& e) {
         error = std::string(e.python_name()) + ": " + e.what();
       }
@@ -128,11 +129,12 @@ int emu_ordered_reads(uint32_t copies, uint64_t bytes) {
 }
 
 // Two experts of `bytes` each (all 0x11, all 0x22) and a device cache with room for one. A read of
-// expert 0's slot is queued on a compute stream behind `delay` other items; expert 0 is released with
-// that stream (`fenced`) or without, and expert 1's fetch evicts it into the same bytes. Returns how
-// many bytes the read saw that were not expert 0's (0: the fetch waited for it), or -1 with
-// emu_arrival_error() (also when expert 1 did not land whole).
-int emu_fenced_release(uint64_t bytes, int fenced, int delay) {
+// expert 0's slot is queued on a compute stream (a stream of its own, or with `default_stream` the
+// default one, torch's stream 0) behind `delay` other items; expert 0 is released with that stream
+// (`fenced`) or without, and expert 1's fetch evicts it into the same bytes. Returns how many bytes the
+// read saw that were not expert 0's (0: the fetch waited for it), or -1 with emu_arrival_error() (also
+// when expert 1 did not land whole).
+int emu_fenced_release(uint64_t bytes, int fenced, int delay, int default_stream) {
   try {
     PinnedPool pool(Backend::Cuda);
     ExpertStore store(pool, 1, 2);
@@ -142,22 +144,23 @@ int emu_fenced_release(uint64_t bytes, int fenced, int delay) {
     TransferEngine engine(Backend::Cuda, 1);
     DeviceCache cache(round_up(bytes, 256), EvictionPolicy::Lru, store, engine);
     cudaStream_t compute = nullptr;
-    cuda_check(cudaStreamCreateWithFlags(&compute, cudaStreamNonBlocking), "compute stream");
+    if (!default_stream) cuda_check(cudaStreamCreateWithFlags(&compute, cudaStreamNonBlocking), "compute stream");
     uint8_t* scratch = static_cast<uint8_t*>(device_alloc(Backend::Cuda, 1));
     Slot s0 = cache.acquire(0);
     if (s0.transfer) s0.transfer->order(compute);
     for (int i = 0; i < delay; ++i) cuda_check(cudaMemsetAsync(scratch, 0, 1, compute), "delay");
     cuda_check(cudaMemcpyAsync(seen.data(), s0.data, bytes, cudaMemcpyDeviceToHost, compute), "the read");
-    cache.release(0, fenced ? compute : nullptr);
+    cache.release(0, fenced ? std::optional<void*>(compute) : std::nullopt);
     Slot s1 = cache.acquire(1);  // evicts expert 0: the same bytes
     if (s1.data != s0.data) throw Error(ErrorKind::InvalidArgument, "expert 1 did not take expert 0's bytes");
     s1.wait();
     cuda_check(cudaStreamSynchronize(compute), "cudaStreamSynchronize");
-    cuda_check(cudaMemcpyAsync(landed.data(), s1.data, bytes, cudaMemcpyDeviceToHost, nullptr), "read back");
+    cuda_check(cudaMemcpyAsync(landed.data(), s1.data, bytes, cudaMemcpyDeviceToHost, compute), "read back");
+    cuda_check(cudaStreamSynchronize(compute), "cudaStreamSynchronize");
     if (landed != b) throw Error(ErrorKind::InvalidArgument, "expert 1 did not land whole");
     cache.release(1);
     cache.close();
-    cudaStreamDestroy(compute);
+    if (compute) cudaStreamDestroy(compute);
     device_free(Backend::Cuda, scratch);
     int wrong = 0;
     for (uint8_t v : seen) wrong += v != 0x11;

@@ -2,6 +2,8 @@
 // behind a C interface for ctypes: tests/cuda_emulation/checks.py calls them on host arrays (device
 // memory is host memory here) and compares with the CPU kernels. Each returns 0, a cudaError_t, or -1
 // with the reason in emu_error() (a buffer that does not parse, a shape the op refuses).
+#include <cuda_runtime.h>
+
 #include <cstring>
 #include <string>
 #include <vector>
@@ -17,11 +19,15 @@ namespace {
 
 thread_local std::string last_error;
 
+// f's launches run on the default stream's worker: each entry point returns after they have.
 template <typename F>
 int guarded(F&& f) {
   try {
-    return f();
+    const int rc = f();
+    cudaDeviceSynchronize();
+    return rc;
   } catch (const std::exception& e) {
+    cudaDeviceSynchronize();
     last_error = e.what();
     return -1;
   }

@@ -48,15 +48,16 @@ class DeviceCache {
   // is pinned or in flight it waits up to `timeout_s` for one to free up,
   // then raises CacheFull.
   Slot acquire(uint32_t id, double timeout_s = 10.0);
-  // Unpins `id`. `stream` (cuda, a cudaStream_t): the work queued on it so far may still read the
-  // slot, and its bytes are not overwritten before that work is done.
-  void release(uint32_t id, void* stream = nullptr);
+  // Unpins `id`. `stream` (cuda, a cudaStream_t; nullptr is the default stream, as torch's handle 0):
+  // the work queued on it so far may still read the slot, and its bytes are not overwritten before that
+  // work is done. Without a stream the caller knows that work is done.
+  void release(uint32_t id, std::optional<void*> stream = std::nullopt);
   // A layer's experts in one call: pins ids in order while the budget has room. The first waits up
   // to timeout_s when the caller holds no pins (holding_pins false), else nothing waits: a caller
   // holding pins would wait for itself. Returns the slots of a prefix of ids; CacheFull only when
   // not even the first fits.
   std::vector<Slot> acquire_ahead(const uint32_t* ids, size_t n, bool holding_pins, double timeout_s = 10.0);
-  void release_all(const uint32_t* ids, size_t n, void* stream = nullptr);
+  void release_all(const uint32_t* ids, size_t n, std::optional<void*> stream = std::nullopt);
   // The slot of `id` when some caller holds it pinned (acquired, not yet
   // released); nullopt otherwise. Ops reach an expert's bytes through it.
   std::optional<Slot> pinned_slot(uint32_t id);
@@ -85,8 +86,9 @@ class DeviceCache {
   // of the bytes it overwrites.
   std::shared_ptr<Transfer> fetch_locked(uint32_t id, const Payload& payload, uint64_t offset);
   // The fence of a release with a stream, on the released slot's bytes (cuda; nullptr otherwise).
-  std::shared_ptr<const Fence> fence_for(void* stream) const;
+  std::shared_ptr<const Fence> fence_for(std::optional<void*> stream) const;
   void fence_locked(uint32_t id, void* stream, std::shared_ptr<const Fence> fence);
+  void unpin_locked(const uint32_t* ids, size_t n, std::optional<void*> stream);
   void check_open() const;
   uint64_t budget_;
   ExpertStore& store_;
