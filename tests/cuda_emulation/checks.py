@@ -302,6 +302,8 @@ def check_arrival(emu: Emulated) -> None:
             ctypes.c_uint64(1 << 16), fenced, 12, default_stream)
         assert fenced_release(1) == 0, default_stream
         assert fenced_release(0) > 0, default_stream
+    # A fence a fetch overlaps in part stays for the next fetch into the rest of its bytes (two copy streams).
+    assert emu.lib.emu_partial_fences(12) == 0
     for streams in (1, 2):
         landed = emu.arrivals(experts, streams)
         for i, (expert, (slot, error)) in enumerate(zip(experts, landed)):

@@ -171,4 +171,61 @@ int emu_fenced_release(uint64_t bytes, int fenced, int delay, int default_stream
   }
 }
 
+// A slot's fence that a fetch overlaps only in part is still there for the next fetch into the rest of
+// its bytes. Slots of u = 64 KiB in a cache of 3u on two copy streams: experts A, B, C (u each) land at
+// 0, u, 2u, C stays pinned; a read of B's slot is queued behind `delay` items on a compute stream and B
+// released with it, A without; D (1.5u) evicts A and B and lands at 0 (waiting for B's fence), then E
+// (0.5u) lands at 1.5u, the rest of B's bytes, on the other copy stream. Returns how many bytes the
+// read saw that were not B's, or -1 with emu_arrival_error() (also when D or E did not land whole or
+// not where the cache's first-fit placement puts them).
+int emu_partial_fences(int delay) {
+  try {
+    const uint64_t u = 1 << 16;
+    PinnedPool pool(Backend::Cuda);
+    ExpertStore store(pool, 1, 5);
+    const uint64_t sizes[5] = {u, u, u, u + u / 2, u / 2};
+    std::vector<std::vector<uint8_t>> payload;
+    for (uint32_t id = 0; id < 5; ++id) {
+      payload.emplace_back(sizes[id], static_cast<uint8_t>(0xA0 + id));
+      store.add_copy(id, payload[id].data(), sizes[id]);
+    }
+    TransferEngine engine(Backend::Cuda, 2);
+    DeviceCache cache(3 * u, EvictionPolicy::Lru, store, engine);
+    cudaStream_t compute = nullptr;
+    cuda_check(cudaStreamCreateWithFlags(&compute, cudaStreamNonBlocking), "compute stream");
+    uint8_t* scratch = static_cast<uint8_t*>(device_alloc(Backend::Cuda, 1));
+    std::vector<Slot> slots;
+    for (uint32_t id = 0; id < 3; ++id) {
+      slots.push_back(cache.acquire(id));
+      slots.back().wait();
+    }
+    std::vector<uint8_t> seen(u);
+    for (int i = 0; i < delay; ++i) cuda_check(cudaMemsetAsync(scratch, 0, 1, compute), "delay");
+    cuda_check(cudaMemcpyAsync(seen.data(), slots[1].data, u, cudaMemcpyDeviceToHost, compute), "the read");
+    cache.release(0);
+    cache.release(1, compute);
+    Slot d = cache.acquire(3), e = cache.acquire(4);
+    const uint8_t* base = slots[0].data;
+    if (d.data != base || e.data != base + u + u / 2)
+      throw Error(ErrorKind::InvalidArgument, "D and E are not where first fit puts them");
+    for (const Slot* s : {&d, &e}) {
+      s->wait();
+      std::vector<uint8_t> landed(s->bytes);
+      cuda_check(cudaMemcpyAsync(landed.data(), s->data, s->bytes, cudaMemcpyDeviceToHost, compute), "read back");
+      cuda_check(cudaStreamSynchronize(compute), "cudaStreamSynchronize");
+      if (landed != payload[s->id]) throw Error(ErrorKind::InvalidArgument, "an expert did not land whole");
+    }
+    for (uint32_t id : {2u, 3u, 4u}) cache.release(id);
+    cache.close();
+    cudaStreamDestroy(compute);
+    device_free(Backend::Cuda, scratch);
+    int wrong = 0;
+    for (uint8_t v : seen) wrong += v != 0xA1;
+    return wrong;
+  } catch (const std::exception& e) {
+    arrival_error = e.what();
+    return -1;
+  }
+}
+
 }  // extern "C"
