@@ -4,7 +4,7 @@ import torch
 
 from moeoffload import table
 from moeoffload.cache import ExpertCache, parse_budget, slot_bytes
-from moeoffload.errors import BudgetError
+from moeoffload.errors import BudgetError, InvalidArgumentError
 from moeoffload.prefetch import PrefetchConfig
 from conftest import E, mixtral_state_dict
 
@@ -237,3 +237,23 @@ def test_an_acquire_ahead_that_fails_midway_leaves_nothing_pinned(tmp_path):
             cache.release(0, 1)
         cache.cache.check_invariants()
     t.close()
+
+
+def test_release_takes_a_stream_or_its_handle_and_names_anything_else():
+    t = table.build(mixtral_state_dict(), policy=0.3, mode="meanabs", progress=False)
+
+    class FakeStream:  # what a torch.cuda.Stream offers: its handle
+        cuda_stream = 0
+
+    with ExpertCache(t, 4 * slot_bytes(t), backend="cpu") as cache:
+        for stream in (None, 0, 0x1234, FakeStream()):
+            cache.acquire(0, 1).wait()
+            cache.release(0, 1, stream)
+        cache.acquire_ahead(1, [0, 1])
+        cache.release_all(1, [0, 1], FakeStream())
+        for bad in ("x", -1, 1.5, True):
+            cache.acquire(0, 2).wait()
+            with pytest.raises(InvalidArgumentError, match="stream must be"):
+                cache.release(0, 2, bad)
+            cache.release(0, 2)  # still held after the refused release: nothing was unpinned
+

@@ -165,12 +165,12 @@ class ExpertCache:
         up to `timeout` seconds for room, then raises CacheFullError (0: at once)."""
         return self.cache.acquire(self.expert_id(layer, expert), timeout)
 
-    def release(self, layer: int, expert: int, stream: int | None = None) -> None:
-        """Unpins the expert. On cuda, `stream` (a cudaStream_t as an int, such as
-        ``torch.cuda.current_stream().cuda_stream``) names where kernels reading the slot may still be
-        queued: a later fetch into its bytes waits for them on the device (no host wait). Without it the
-        caller must know those kernels are done."""
-        self.cache.release(self.expert_id(layer, expert), stream)
+    def release(self, layer: int, expert: int, stream=None) -> None:
+        """Unpins the expert. On cuda, `stream` (a torch.cuda.Stream, or its cudaStream_t as an int such
+        as ``torch.cuda.current_stream().cuda_stream``; 0 is the default stream) names where kernels
+        reading the slot may still be queued: a later fetch into its bytes waits for them on the device
+        (no host wait). Without it the caller must know those kernels are done."""
+        self.cache.release(self.expert_id(layer, expert), _stream_handle(stream))
 
     def _layer_ids(self, layer: int, experts) -> list[int]:
         """The flat ids of a layer's experts, range-checked: a decode step's handful, three times a layer, so
@@ -192,9 +192,9 @@ class ExpertCache:
         holds no pins; CacheFullError when not even the first fits."""
         return self.cache.acquire_ahead(self._layer_ids(layer, experts), holding_pins, timeout)
 
-    def release_all(self, layer: int, experts, stream: int | None = None) -> None:
+    def release_all(self, layer: int, experts, stream=None) -> None:
         """release() of each, in one native call; all or nothing."""
-        self.cache.release_all(self._layer_ids(layer, experts), stream)
+        self.cache.release_all(self._layer_ids(layer, experts), _stream_handle(stream))
 
     def stats(self) -> dict:
         return {**self.cache.stats(), "used_bytes": self.cache.used_bytes, "budget": self.cache.budget}
@@ -211,3 +211,13 @@ class ExpertCache:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _stream_handle(stream) -> int | None:
+    """None, or the cudaStream_t of a torch.cuda.Stream or of an int."""
+    if stream is None or (type(stream) is int and stream >= 0):
+        return stream
+    handle = getattr(stream, "cuda_stream", None)
+    if type(handle) is int:
+        return handle
+    raise InvalidArgumentError(f"stream must be a torch.cuda.Stream or its cuda_stream (an int >= 0), got {stream!r}")
