@@ -393,6 +393,28 @@ def test_a_non_finite_norm_scale_is_not_folded_and_the_op_names_bad_keys():
             torch.ops.moeoffload.offload_experts(h, idx, w, off.key, 99)
 
 
+@pytest.mark.parametrize("codec,one_slot", [("none", False), ("szp", False), ("szp", True)])
+def test_every_path_refuses_an_expert_routed_twice_for_a_token(codec, one_slot):
+    # moe_experts (the fused layer) refused it; the eager path (codec "none") and the expert-by-expert
+    # path (a budget of one slot) summed both; now each names it the same way.
+    from moeoffload.errors import InvalidArgumentError
+
+    kw = {} if codec == "none" else {"error_bound": 0.1}
+    budget = "50%"
+    if one_slot:
+        probe = moeoffload.offload(tiny("qwen3_moe"), codec=codec, gpu_budget=10**8, prefetch=None, **kw)
+        budget = slot_bytes(probe.table)
+        probe.close()
+    model = tiny("qwen3_moe")
+    with moeoffload.offload(model, codec=codec, gpu_budget=budget, prefetch=None, **kw) as off, torch.no_grad():
+        model(_prompt(1))
+        h, w = torch.zeros(2, 64, dtype=torch.bfloat16), torch.ones(2, 2)
+        with pytest.raises(InvalidArgumentError, match="expert 1 is routed twice for token 1"):
+            torch.ops.moeoffload.offload_experts(h, torch.tensor([[0, 1], [1, 1]]), w, off.key, 0)
+        y = torch.ops.moeoffload.offload_experts(h, torch.tensor([[0, 1], [1, 2]]), w, off.key, 0)
+        assert y.shape == h.shape  # and the offload still serves
+
+
 def test_a_post_norm_layer_has_no_router_norm():
     # FlexOlmo normalises the attention's output before the residual add: its MLP reads the raw residual
     # stream, so no norm stands in front of its router and the hidden-state prediction does not apply.

@@ -265,10 +265,12 @@ class Offload:
             self._acquire_ahead(layer, experts, held)  # the layer's own fetches go first, and stay pinned
             self.cache.record(layer, ids, hidden_next=self._hidden_next(layer, hidden, compiled))  # then the decision step prefetches
             kind = self.kinds[layer]
+            if kind is not None and self.codec in _table.FUSED_CODECS and len(held) == len(experts) and (
+                    hidden.device.type == "cpu" or ids.size <= _ops.MAX_CUDA_ASSIGNMENTS):
+                return self._forward_layer(layer, module, kind, held, hidden, ids, top_k_weights)  # checks routing
+            _check_each_token_routes_an_expert_once(ids, top_k_index.shape[-1])  # as moe_experts does
             if kind is None or self.codec not in _table.FUSED_CODECS:
                 return self._forward_eager(layer, module, held, hidden, top_k_index, top_k_weights)
-            if len(held) == len(experts) and (hidden.device.type == "cpu" or ids.size <= _ops.MAX_CUDA_ASSIGNMENTS):
-                return self._forward_layer(layer, module, kind, held, hidden, ids, top_k_weights)
             return self._forward_fused(layer, module, kind, experts, held, hidden, top_k_index, top_k_weights)
         finally:
             self._release_all(layer, held)
@@ -452,6 +454,18 @@ class _ExpertsView:
 
     def __getattr__(self, name):
         return getattr(self._module, name)
+
+
+def _check_each_token_routes_an_expert_once(ids: np.ndarray, k: int) -> None:
+    """The paths that do not go through moe_experts refuse what it refuses (cpp/kernels/moe_experts.cpp):
+    an expert routed twice for one token (top-k never does; the grouped kernel writes a row once an expert)."""
+    if k < 2 or ids.size == 0:
+        return
+    rows = np.sort(ids.reshape(-1, k), axis=1)
+    same = rows[:, 1:] == rows[:, :-1]
+    if same.any():
+        token, at = map(int, np.argwhere(same)[0])
+        raise InvalidArgumentError(f"expert {int(rows[token, at])} is routed twice for token {token}")
 
 
 def _view(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
