@@ -60,6 +60,7 @@ import moeoffload
 from moeoffload.cache import slot_bytes
 from moeoffload.cli.run import generate_timed
 from moeoffload.models.adapters import moe_layers
+from moeoffload.ops import UNSAFE_IN_CUDA_GRAPHS
 from moeoffload.sim import activation_matrices, synthetic_trace
 
 SYSTEMS = ("resident", "accelerate", "naive", "lru-bf16", "moeoffload", "moeoffload-noprefetch", "moeoffload-szpe",
@@ -194,8 +195,7 @@ class TraceRouting:
 
 
 # host work (the trace's choices for this step): never inside a captured CUDA graph
-@torch.library.custom_op("e2e_bench::trace_route", mutates_args=(),
-                         tags=tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None))
+@torch.library.custom_op("e2e_bench::trace_route", mutates_args=(), tags=UNSAFE_IN_CUDA_GRAPHS)
 def _trace_route(logits: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, key: int,
                  layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     return TraceRouting._live[key].route(logits, weights, index, layer)

@@ -12,8 +12,8 @@ DeviceCache::DeviceCache(uint64_t budget, EvictionPolicy policy, ExpertStore& st
       store_(store),
       engine_(engine),
       backend_(engine.backend()),
-      index_(budget, policy, store.num_layers(), store.experts_per_layer(), std::max<uint64_t>(1, store.max_resident_bytes())),
-      max_slot_bytes_(std::max<uint64_t>(1, store.max_resident_bytes())) {
+      max_slot_bytes_(std::max<uint64_t>(1, store.max_resident_bytes())),
+      index_(budget, policy, store.num_layers(), store.experts_per_layer(), max_slot_bytes_) {
   if (store.total_bytes() == 0) throw Error(ErrorKind::InvalidArgument, "DeviceCache over an empty ExpertStore");
   base_ = static_cast<uint8_t*>(device_alloc(backend_, budget_));
 }
@@ -164,24 +164,16 @@ void DeviceCache::release_all(const uint32_t* ids, size_t n, std::optional<void*
 void DeviceCache::release(uint32_t id, std::optional<void*> stream) {
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
-  if (index_.pins(id) == 0) index_.unpin(id);  // raises the index's error for an expert not in use
   unpin_locked(&id, 1, stream);
 }
 
 void DeviceCache::unpin_locked(const uint32_t* ids, size_t n, std::optional<void*> stream) {
-  std::shared_ptr<const Fence> fence;  // one for them all: the same stream's work so far
-  std::string error;
-  try {
-    fence = fence_for(stream);
-  } catch (const Error& e) {
-    error = e.what();  // unpinned all the same (a caller's finally forgets them), then raised
-  }
-  for (size_t i = 0; i < n; ++i) {
-    index_.unpin(ids[i]);
-    fence_locked(ids[i], stream.value_or(nullptr), fence);
-  }
-  released_.notify_all();
-  if (!error.empty()) throw Error(ErrorKind::Cuda, error);
+  for (size_t i = 0; i < n; ++i) index_.unpin(ids[i]);  // an expert not in use raises before anything changed
+  released_.notify_all();  // a waiter needs mu_, held until the fences are in place
+  // One fence for them all (the same stream's work so far). Made after the unpins: when CUDA refuses it,
+  // the experts are released all the same (a caller's finally forgets them) and the error is raised.
+  const auto fence = fence_for(stream);
+  for (size_t i = 0; i < n; ++i) fence_locked(ids[i], stream.value_or(nullptr), fence);
 }
 
 bool DeviceCache::prefetch(uint32_t id, double priority) {

@@ -151,11 +151,12 @@ def _moe_experts_impl(x: torch.Tensor, routing: torch.Tensor, weights: torch.Ten
     return out
 
 
-# Not capturable in a CUDA graph: it reads the routing on the host (the tag, from torch 2.8 on, makes
-# inductor's CUDA graphs partition around it instead of replaying a stale routing).
-_moe_experts_op = torch.library.custom_op(
-    "moeoffload::moe_experts", _moe_experts_impl, mutates_args=(),
-    tags=tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None))
+# The tags of an op that does host work (reads the routing, fetches experts): inductor's CUDA graphs
+# then partition around it instead of replaying what it did once (the tag exists from torch 2.8 on).
+UNSAFE_IN_CUDA_GRAPHS = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None)
+
+_moe_experts_op = torch.library.custom_op("moeoffload::moe_experts", _moe_experts_impl, mutates_args=(),
+                                          tags=UNSAFE_IN_CUDA_GRAPHS)
 
 
 @_moe_experts_op.register_fake

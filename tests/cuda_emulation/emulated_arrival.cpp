@@ -23,7 +23,39 @@ using namespace moeoffload;
 
 namespace {
 thread_local std::string arrival_error;
-}
+
+// Where the checks' "kernels" run: a stream of its own, or the default one (torch's stream 0), whose
+// reads can be queued behind other work so that they run well after the host has moved on.
+class ComputeStream {
+ public:
+  explicit ComputeStream(bool default_stream) {
+    if (!default_stream) cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "compute stream");
+    scratch_ = static_cast<uint8_t*>(device_alloc(Backend::Cuda, 1));
+  }
+  ~ComputeStream() {
+    cudaStreamSynchronize(stream_);
+    if (stream_) cudaStreamDestroy(stream_);
+    device_free(Backend::Cuda, scratch_);
+  }
+  cudaStream_t get() const { return stream_; }
+  // Queues, behind `delay` other items, a read of `out.size()` bytes at `device` into `out`.
+  void read_later(std::vector<uint8_t>& out, const uint8_t* device, int delay) {
+    for (int i = 0; i < delay; ++i) cuda_check(cudaMemsetAsync(scratch_, 0, 1, stream_), "delay");
+    cuda_check(cudaMemcpyAsync(out.data(), device, out.size(), cudaMemcpyDeviceToHost, stream_), "the read");
+  }
+  // The `bytes` at `device`, read after the work queued so far.
+  std::vector<uint8_t> read_now(const uint8_t* device, uint64_t bytes) {
+    std::vector<uint8_t> out(bytes);
+    read_later(out, device, 0);
+    cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    return out;
+  }
+
+ private:
+  cudaStream_t stream_ = nullptr;
+  uint8_t* scratch_ = nullptr;
+};
+}  // namespace
 
 extern "C" {
 
@@ -96,11 +128,10 @@ int emu_arrivals(uint32_t n_experts, const uint32_t* n_matrices, const uint8_t* 
 // compute stream did not see, or -1 with emu_arrival_error().
 int emu_ordered_reads(uint32_t copies, uint64_t bytes) {
   try {
+    std::vector<std::vector<uint8_t>> seen(copies, std::vector<uint8_t>(bytes));  // before compute: it reads into them
     TransferEngine engine(Backend::Cuda, 1);
-    cudaStream_t compute = nullptr;
-    cuda_check(cudaStreamCreateWithFlags(&compute, cudaStreamNonBlocking), "compute stream");
+    ComputeStream compute(false);
     std::vector<uint8_t*> src(copies), dst(copies);
-    std::vector<std::vector<uint8_t>> seen(copies, std::vector<uint8_t>(bytes));
     std::vector<std::shared_ptr<Transfer>> transfers;
     for (uint32_t i = 0; i < copies; ++i) {
       src[i] = static_cast<uint8_t*>(host_alloc(Backend::Cuda, bytes));
@@ -109,12 +140,11 @@ int emu_ordered_reads(uint32_t copies, uint64_t bytes) {
       transfers.push_back(engine.copy(src[i], dst[i], bytes, i));
     }
     for (uint32_t i = copies; i-- > 0;) {
-      transfers[i]->order(compute);
-      cuda_check(cudaMemcpyAsync(seen[i].data(), dst[i], bytes, cudaMemcpyDeviceToHost, compute), "read back");
+      transfers[i]->order(compute.get());
+      compute.read_later(seen[i], dst[i], 0);
     }
-    cuda_check(cudaStreamSynchronize(compute), "cudaStreamSynchronize");
+    cuda_check(cudaStreamSynchronize(compute.get()), "cudaStreamSynchronize");
     engine.close();
-    cudaStreamDestroy(compute);
     int wrong = 0;
     for (uint32_t i = 0; i < copies; ++i) {
       wrong += std::memcmp(seen[i].data(), src[i], bytes) != 0;
@@ -138,30 +168,22 @@ int emu_fenced_release(uint64_t bytes, int fenced, int delay, int default_stream
   try {
     PinnedPool pool(Backend::Cuda);
     ExpertStore store(pool, 1, 2);
-    std::vector<uint8_t> a(bytes, 0x11), b(bytes, 0x22), seen(bytes), landed(bytes);
+    std::vector<uint8_t> a(bytes, 0x11), b(bytes, 0x22), seen(bytes);  // before compute: it reads into seen
     store.add_copy(0, a.data(), bytes);
     store.add_copy(1, b.data(), bytes);
     TransferEngine engine(Backend::Cuda, 1);
     DeviceCache cache(round_up(bytes, 256), EvictionPolicy::Lru, store, engine);
-    cudaStream_t compute = nullptr;
-    if (!default_stream) cuda_check(cudaStreamCreateWithFlags(&compute, cudaStreamNonBlocking), "compute stream");
-    uint8_t* scratch = static_cast<uint8_t*>(device_alloc(Backend::Cuda, 1));
+    ComputeStream compute(default_stream != 0);
     Slot s0 = cache.acquire(0);
-    if (s0.transfer) s0.transfer->order(compute);
-    for (int i = 0; i < delay; ++i) cuda_check(cudaMemsetAsync(scratch, 0, 1, compute), "delay");
-    cuda_check(cudaMemcpyAsync(seen.data(), s0.data, bytes, cudaMemcpyDeviceToHost, compute), "the read");
-    cache.release(0, fenced ? std::optional<void*>(compute) : std::nullopt);
+    if (s0.transfer) s0.transfer->order(compute.get());
+    compute.read_later(seen, s0.data, delay);
+    cache.release(0, fenced ? std::optional<void*>(compute.get()) : std::nullopt);
     Slot s1 = cache.acquire(1);  // evicts expert 0: the same bytes
     if (s1.data != s0.data) throw Error(ErrorKind::InvalidArgument, "expert 1 did not take expert 0's bytes");
     s1.wait();
-    cuda_check(cudaStreamSynchronize(compute), "cudaStreamSynchronize");
-    cuda_check(cudaMemcpyAsync(landed.data(), s1.data, bytes, cudaMemcpyDeviceToHost, compute), "read back");
-    cuda_check(cudaStreamSynchronize(compute), "cudaStreamSynchronize");
-    if (landed != b) throw Error(ErrorKind::InvalidArgument, "expert 1 did not land whole");
+    if (compute.read_now(s1.data, bytes) != b) throw Error(ErrorKind::InvalidArgument, "expert 1 did not land whole");
     cache.release(1);
     cache.close();
-    if (compute) cudaStreamDestroy(compute);
-    device_free(Backend::Cuda, scratch);
     int wrong = 0;
     for (uint8_t v : seen) wrong += v != 0x11;
     return wrong;
@@ -189,36 +211,29 @@ int emu_partial_fences(int delay) {
       payload.emplace_back(sizes[id], static_cast<uint8_t>(0xA0 + id));
       store.add_copy(id, payload[id].data(), sizes[id]);
     }
+    std::vector<uint8_t> seen(u);  // before compute: it reads into seen
     TransferEngine engine(Backend::Cuda, 2);
     DeviceCache cache(3 * u, EvictionPolicy::Lru, store, engine);
-    cudaStream_t compute = nullptr;
-    cuda_check(cudaStreamCreateWithFlags(&compute, cudaStreamNonBlocking), "compute stream");
-    uint8_t* scratch = static_cast<uint8_t*>(device_alloc(Backend::Cuda, 1));
+    ComputeStream compute(false);
     std::vector<Slot> slots;
     for (uint32_t id = 0; id < 3; ++id) {
       slots.push_back(cache.acquire(id));
       slots.back().wait();
     }
-    std::vector<uint8_t> seen(u);
-    for (int i = 0; i < delay; ++i) cuda_check(cudaMemsetAsync(scratch, 0, 1, compute), "delay");
-    cuda_check(cudaMemcpyAsync(seen.data(), slots[1].data, u, cudaMemcpyDeviceToHost, compute), "the read");
+    compute.read_later(seen, slots[1].data, delay);
     cache.release(0);
-    cache.release(1, compute);
+    cache.release(1, compute.get());
     Slot d = cache.acquire(3), e = cache.acquire(4);
     const uint8_t* base = slots[0].data;
     if (d.data != base || e.data != base + u + u / 2)
       throw Error(ErrorKind::InvalidArgument, "D and E are not where first fit puts them");
     for (const Slot* s : {&d, &e}) {
       s->wait();
-      std::vector<uint8_t> landed(s->bytes);
-      cuda_check(cudaMemcpyAsync(landed.data(), s->data, s->bytes, cudaMemcpyDeviceToHost, compute), "read back");
-      cuda_check(cudaStreamSynchronize(compute), "cudaStreamSynchronize");
-      if (landed != payload[s->id]) throw Error(ErrorKind::InvalidArgument, "an expert did not land whole");
+      if (compute.read_now(s->data, s->bytes) != payload[s->id])
+        throw Error(ErrorKind::InvalidArgument, "an expert did not land whole");
     }
     for (uint32_t id : {2u, 3u, 4u}) cache.release(id);
     cache.close();
-    cudaStreamDestroy(compute);
-    device_free(Backend::Cuda, scratch);
     int wrong = 0;
     for (uint8_t v : seen) wrong += v != 0xA1;
     return wrong;

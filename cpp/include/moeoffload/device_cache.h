@@ -97,6 +97,7 @@ class DeviceCache {
   uint8_t* base_ = nullptr;
   std::mutex mu_;
   std::condition_variable released_;
+  uint64_t max_slot_bytes_;  // the largest expert's resident bytes (at least 1)
   CacheIndex index_;
   std::unordered_map<uint32_t, std::shared_ptr<Transfer>> in_flight_;
   // Released slots' bytes that kernels queued on some stream may still read, by offset: at most one a
@@ -107,7 +108,6 @@ class DeviceCache {
     std::shared_ptr<const Fence> fence;
   };
   std::multimap<uint64_t, Fenced> fences_;
-  uint64_t max_slot_bytes_;
   bool closed_ = false;
 };
 

@@ -80,11 +80,7 @@ _LIVE: dict[int, weakref.ref] = {}  # Offload.key -> the Offload, for the op (it
 _keys = itertools.count(1)
 
 
-# not capturable in a CUDA graph (the tag exists from torch 2.8 on; without it inductor does not know)
-_UNSAFE_IN_GRAPHS = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None)
-
-
-@torch.library.custom_op("moeoffload::offload_experts", mutates_args=(), tags=_UNSAFE_IN_GRAPHS)
+@torch.library.custom_op("moeoffload::offload_experts", mutates_args=(), tags=_ops.UNSAFE_IN_CUDA_GRAPHS)
 def _offload_experts_op(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                         offload: int, layer: int) -> torch.Tensor:
     # Not capturable in a CUDA graph: it reads the routing on the host and fetches what is missing.
