@@ -12,11 +12,13 @@ kernels, in a process of its own with the sanitizer loaded first:
   exceptions, tiles of 1 and 4) against the CPU kernels, moe_experts bit for bit against the eager loop
   of the emulated expert_mlp, and a NaN token;
 - arrival: the runtime's cuda path onto a device (pinned pool, expert store, the copy engine's staging,
-  failure flag and event, the arrival step's one transcode launch per expert), built with the emulator's
-  asynchronous streams (a worker thread a stream, random delays): szpe experts land as szp byte for
-  byte, a corrupt stream fails its own transfer and no other; a compute stream ordered after queued
-  copies reads what they bring; a slot released with the stream of a kernel still reading it is not
-  overwritten under that kernel by the fetch that evicts it (and is, without the stream).
+  its failure flag a copy and events, up to 8 copies issued ahead of the one completing, the arrival
+  step's one transcode launch per expert), built with the emulator's asynchronous streams (a worker
+  thread a stream, random delays; a destroyed stream's handle goes to the next one): szpe experts land
+  as szp byte for byte, a corrupt stream fails its own transfer and no other; a compute stream ordered
+  after queued copies reads what they bring; a slot released with the stream of a kernel still reading
+  it is not overwritten under that kernel by the fetch that evicts it (and is, without the stream), nor
+  when that stream is destroyed and the next stream, with its handle, releases the slot again.
 On a GPU, tests/test_szpe.py and tests/test_ops.py check the compiled kernels the same way."""
 
 from __future__ import annotations

@@ -51,6 +51,10 @@ def test_order_on_the_cpu_backend_waits_for_the_copy():
 def test_bad_arguments():
     with pytest.raises(InvalidArgumentError):
         _native.TransferEngine("cpu", 0)
+    for ahead in (0, 9):
+        with pytest.raises(InvalidArgumentError, match="issue_ahead"):
+            _native.TransferEngine("cpu", 1, ahead)
+    assert _native.TransferEngine("cpu", 1).issue_ahead == 8
     eng = _native.TransferEngine("cpu", 1)
     with pytest.raises(ShapeError):
         eng.copy(np.zeros(10, np.uint8), np.zeros(5, np.uint8))

@@ -6,9 +6,11 @@
 #   3. bench/codec.py --cuda-only: szp and szpe decode GB/s on a 1 GiB expert-like tensor, the
 #      pinned H2D copy of each codec's bytes (issue 12's 300 GB/s), and the arrival latency of one
 #      Qwen3-shaped szpe expert at three stream lengths;
-#   4. bench/e2e.py on a Qwen3-30B-A3B-shaped stack (E2E_LAYERS layers, 25% budget, trace and model
+#   4. bench/transfer_overlap.py: copies against compute, and 1.7 MB expert copies with each copy
+#      stream issuing 8 ahead (the engine's default) against one at a time;
+#   5. bench/e2e.py on a Qwen3-30B-A3B-shaped stack (E2E_LAYERS layers, 25% budget, trace and model
 #      routing, every system including accelerate, szpe and the torch.compile'd path): issue 11's table;
-#   5. the rest of the test files that touch the runtime, whose caches ("auto") are on the cuda
+#   6. the rest of the test files that touch the runtime, whose caches ("auto") are on the cuda
 #      backend there, with the time left.
 # Each stage has its own time limit and the script goes on past a failed one, so a call returns all
 # it could measure: logs, JSON and tables under $OUT, a summary printed last.
@@ -74,6 +76,9 @@ if stage build 300 env MOEOFFLOAD_CUDA=${MOEOFFLOAD_CUDA:-ON} \
 
   stage codec 120 $PY bench/codec.py --cuda-only --out "$OUT"
 
+  # the copy engine: copies overlapping compute, and expert-sized copies issued ahead against one at a time
+  stage transfer 45 $PY bench/transfer_overlap.py --mib 64 --copies 16 --expert-copies 192 --out "$OUT"
+
   # trace routing first (the 80 tokens/s target), the compiled path before the variants: rows are
   # written as they come, so a stage cut short keeps the ones that matter most
   e2e_args=(--shape qwen3 --layers "$E2E_LAYERS" --budgets 25 --routing trace model --prompts 2
@@ -93,7 +98,8 @@ fi
 echo
 echo "== summary (total ${SECONDS}s); results in $OUT"
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
-for md in "$OUT"/codec-cuda-*.md "$OUT"/e2e-*.md; do [ -f "$md" ] && sed -n '/```/,/```/p;/^|/p' "$md" | head -40; done
+for md in "$OUT"/codec-cuda-*.md "$OUT"/transfer_overlap-*.md "$OUT"/e2e-*.md; do [ -f "$md" ] && sed -n '/```/,/```/p;/^|/p' "$md" | head -40; done
 # The device tool brings back at most 8 files: the tables and JSON stay apart, the rest goes in one archive.
-(cd "$OUT" && tar czf logs.tar.gz --remove-files *.log *.xml *.png backend_info.txt 2>/dev/null; ls -la)
+(cd "$OUT" && tar czf logs.tar.gz --remove-files *.log *.xml *.png backend_info.txt transfer_overlap-* 2>/dev/null
+ ls -la)
 exit 0

@@ -199,9 +199,10 @@ void bind_runtime(nb::module_& m) {
            "waited for on cpu and for szpe arrivals. Raises the copy's error.");
 
   nb::class_<TransferEngine>(m, "TransferEngine")
-      .def("__init__", [](TransferEngine* e, const std::string& backend, int streams) {
-        new (e) TransferEngine(parse_backend(backend), streams);
-      }, nb::arg("backend") = "auto", nb::arg("num_streams") = 2)
+      .def("__init__", [](TransferEngine* e, const std::string& backend, int streams, int issue_ahead) {
+        new (e) TransferEngine(parse_backend(backend), streams, issue_ahead);
+      }, nb::arg("backend") = "auto", nb::arg("num_streams") = 2, nb::arg("issue_ahead") = TransferEngine::kMaxIssued,
+           "issue_ahead (cuda, 1 to 8): copies a stream queues on the device ahead of the one it completes")
       .def("copy", [](TransferEngine& e, HostBytes src, Bytes dst, uint64_t tag, nb::object callback) {
         check_device(e.backend(), dst, "dst");
         if (dst.shape(0) < src.shape(0))
@@ -215,6 +216,7 @@ void bind_runtime(nb::module_& m) {
       .def("synchronize", &TransferEngine::synchronize, nb::call_guard<nb::gil_scoped_release>())
       .def("close", &TransferEngine::close, nb::call_guard<nb::gil_scoped_release>())
       .def_prop_ro("num_streams", &TransferEngine::num_streams)
+      .def_prop_ro("issue_ahead", &TransferEngine::issue_ahead)
       .def_prop_ro("backend", [](const TransferEngine& e) { return std::string(backend_name(e.backend())); })
       .def("cuda_stream", &TransferEngine::cuda_stream, nb::arg("index"))
       .def("stats", [](const TransferEngine& e) {

@@ -1,6 +1,7 @@
 #include "moeoffload/device_cache.h"
 
 #include <chrono>
+#include <iterator>
 
 #include "moeoffload/arrival.h"
 #include "moeoffload/errors.h"
@@ -69,17 +70,15 @@ std::shared_ptr<const Fence> DeviceCache::fence_for(std::optional<void*> stream)
   return stream && backend_ == Backend::Cuda ? std::make_shared<const Fence>(*stream) : nullptr;
 }
 
-void DeviceCache::fence_locked(uint32_t id, void* stream, std::shared_ptr<const Fence> fence) {
+void DeviceCache::fence_locked(uint32_t id, std::shared_ptr<const Fence> fence) {
   if (!fence) return;
   const uint64_t at = index_.offset(id), bytes = store_.resident_bytes(id);
-  auto [first, last] = fences_.equal_range(at);
-  for (auto it = first; it != last; ++it) {
-    if (it->second.bytes == bytes && it->second.stream == stream) {
-      it->second.fence = std::move(fence);
-      return;
-    }
-  }
-  fences_.emplace(at, Fenced{bytes, stream, std::move(fence)});
+  // The slot's earlier fences go once the device has passed them. One not yet passed stays even when
+  // the same stream handle made it: a stream destroyed with work still queued hands its handle to the
+  // next stream created, whose new fence says nothing about the old stream's work.
+  auto [it, last] = fences_.equal_range(at);
+  while (it != last) it = it->second.bytes == bytes && it->second.fence->passed() ? fences_.erase(it) : std::next(it);
+  fences_.emplace(at, Fenced{bytes, std::move(fence)});
 }
 
 Slot DeviceCache::acquire(uint32_t id, double timeout_s) {
@@ -173,7 +172,7 @@ void DeviceCache::unpin_locked(const uint32_t* ids, size_t n, std::optional<void
   // One fence for them all (the same stream's work so far). Made after the unpins: when CUDA refuses it,
   // the experts are released all the same (a caller's finally forgets them) and the error is raised.
   const auto fence = fence_for(stream);
-  for (size_t i = 0; i < n; ++i) fence_locked(ids[i], stream.value_or(nullptr), fence);
+  for (size_t i = 0; i < n; ++i) fence_locked(ids[i], fence);
 }
 
 bool DeviceCache::prefetch(uint32_t id, double priority) {

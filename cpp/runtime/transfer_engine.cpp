@@ -126,11 +126,14 @@ void Transfer::finish(const std::string& error, ErrorKind kind) {
 
 // ---- TransferEngine ---------------------------------------------------------
 
-TransferEngine::TransferEngine(Backend backend, int num_streams)
-    : backend_(backend), generation_(fork_generation()) {
+TransferEngine::TransferEngine(Backend backend, int num_streams, int issue_ahead)
+    : backend_(backend), issue_ahead_(issue_ahead), generation_(fork_generation()) {
   (void)g_fork_hook;
   if (num_streams < 1 || num_streams > 16)
     throw Error(ErrorKind::InvalidArgument, "TransferEngine needs 1 to 16 streams, got " + std::to_string(num_streams));
+  if (issue_ahead < 1 || issue_ahead > kMaxIssued)
+    throw Error(ErrorKind::InvalidArgument, "TransferEngine's issue_ahead must be 1 to " + std::to_string(kMaxIssued) +
+                                                ", got " + std::to_string(issue_ahead));
 #if MOEOFFLOAD_WITH_CUDA
   if (backend_ == Backend::Cuda) cuda_check(cudaGetDevice(&device_), "cudaGetDevice");
 #else
@@ -147,7 +150,10 @@ TransferEngine::TransferEngine(Backend backend, int num_streams)
 #endif
     workers_.push_back(std::move(w));
   }
-  for (int i = 0; i < num_streams; ++i) workers_[i]->thread = std::thread([this, i] { run(i); });
+  for (int i = 0; i < num_streams; ++i) {
+    workers_[i]->thread = std::thread([this, i] { run(i); });
+    if (backend_ == Backend::Cuda) workers_[i]->completer = std::thread([this, i] { complete(i); });
+  }
 }
 
 TransferEngine::~TransferEngine() { close(); }
@@ -199,103 +205,177 @@ void TransferEngine::run(int index) {
     Job job;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      work_cv_.wait(lock, [&] { return stopping_ || !w.queue.empty(); });
-      if (w.queue.empty()) return;  // stopping, and nothing left to copy
+      work_cv_.wait(lock, [&] {
+        return (stopping_ && w.queue.empty()) ||
+               (!w.queue.empty() && (backend_ == Backend::Cpu || w.issued.size() < static_cast<size_t>(issue_ahead_)));
+      });
+      if (w.queue.empty()) {  // stopping, and nothing left to copy
+        w.issuer_done = true;
+        lock.unlock();
+        work_cv_.notify_all();  // the completer ends once what was issued is done
+        return;
+      }
       job = std::move(w.queue.front());
       w.queue.pop_front();
     }
-    ErrorKind kind = ErrorKind::Cuda;
-    const std::string error = run_job(w, job, kind);
-    job.transfer->finish(error, kind);  // callbacks run before synchronize() can return
+    if (backend_ == Backend::Cpu) {
+      ErrorKind kind = ErrorKind::Cuda;
+      const std::string error = run_on_cpu(job, kind);
+      finish(w, job, error, kind);
+      continue;
+    }
+    Issued issued = issue(w, std::move(job));
     {
       std::lock_guard<std::mutex> lock(mu_);
-      w.queued_bytes -= job.bytes;
-      stats_.in_flight -= 1;
+      w.issued.push_back(std::move(issued));
+      w.issued_total += 1;
     }
-    idle_cv_.notify_all();
+    work_cv_.notify_all();
   }
 }
 
-std::string TransferEngine::run_job(Worker& w, Job& job, ErrorKind& kind) {
+void TransferEngine::complete(int index) {
+  Worker& w = *workers_[index];
+#if MOEOFFLOAD_WITH_CUDA
+  cudaSetDevice(device_);
+#endif
+  for (;;) {
+    Issued issued;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      work_cv_.wait(lock, [&] { return !w.issued.empty() || w.issuer_done; });
+      if (w.issued.empty()) return;  // the issuer has ended and everything it issued is done
+      issued = std::move(w.issued.front());  // its place stays taken, for the issuer's limit, until finish()
+    }
+    const std::string error = await(w, issued);
+    finish(w, issued.job, error, issued.kind);
+  }
+}
+
+void TransferEngine::finish(Worker& w, Job& job, const std::string& error, ErrorKind kind) {
+  job.transfer->finish(error, kind);  // callbacks run before synchronize() can return
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (backend_ == Backend::Cuda) w.issued.pop_front();  // the issuer may queue one more
+    w.queued_bytes -= job.bytes;
+    stats_.in_flight -= 1;
+  }
+  work_cv_.notify_all();
+  idle_cv_.notify_all();
+}
+
+std::string TransferEngine::run_on_cpu(Job& job, ErrorKind& kind) {
   const auto* src = static_cast<const uint8_t*>(job.src);
   auto* dst = static_cast<uint8_t*>(job.dst);
-  if (backend_ == Backend::Cpu) {
-    try {
-      if (job.expand)
-        job.expand(src, dst, nullptr, nullptr);
-      else
-        std::memcpy(dst, src, job.bytes);
-    } catch (const Error& e) {
-      kind = e.kind();
-      return e.what();
-    } catch (const std::exception& e) {
-      kind = ErrorKind::Codec;  // the expansion failed (say, out of memory)
-      return e.what();
-    }
-    return "";
+  try {
+    if (job.expand)
+      job.expand(src, dst, nullptr, nullptr);
+    else
+      std::memcpy(dst, src, job.bytes);
+  } catch (const Error& e) {
+    kind = e.kind();
+    return e.what();
+  } catch (const std::exception& e) {
+    kind = ErrorKind::Codec;  // the expansion failed (say, out of memory)
+    return e.what();
   }
+  return "";
+}
+
+TransferEngine::Issued TransferEngine::issue(Worker& w, Job job) {
+  Issued out;
+  out.job = std::move(job);
 #if MOEOFFLOAD_WITH_CUDA
+  Job& j = out.job;
   auto s = static_cast<cudaStream_t>(w.stream);
-  auto ev = static_cast<cudaEvent_t>(job.transfer->event_);
-  cudaError_t err = cudaSuccess;
-  std::string expand_error;
-  // Kernels still reading dst's old bytes go first. A copy that fails after this still waits for them
-  // before it reports (the cache drops the fences of its slot once the copy is queued).
-  auto fail = [&](ErrorKind k, std::string what) {
-    if (!job.after.empty()) cudaStreamSynchronize(s);
-    kind = k;
-    return what;
-  };
-  for (const auto& fence : job.after) {
+  auto ev = static_cast<cudaEvent_t>(j.transfer->event_);
+  // Kernels still reading dst's old bytes go first.
+  for (const auto& fence : j.after) {
     try {
       fence->order(s);
     } catch (const Error& e) {
-      return fail(e.kind(), e.what());
+      out.kind = e.kind();
+      out.error = e.what();
+      return out;
     }
   }
-  if (job.expand) {
-    if (w.staging_bytes < job.bytes) {  // grows to the largest payload, then stays
-      if (w.staging) cudaFree(w.staging);
-      w.staging = nullptr;
-      w.staging_bytes = 0;
-      err = cudaMalloc(reinterpret_cast<void**>(&w.staging), job.bytes);
-      if (err == cudaSuccess) w.staging_bytes = job.bytes;
+  cudaError_t err = cudaSuccess;
+  if (j.expand) {
+    if (w.staging_bytes < j.bytes) {  // grows to the largest payload, then stays
+      err = cudaStreamSynchronize(s);  // the copies issued before still read the old buffer
+      if (err == cudaSuccess && w.staging) cudaFree(w.staging);
+      if (err == cudaSuccess) {
+        w.staging = nullptr;
+        w.staging_bytes = 0;
+        err = cudaMalloc(reinterpret_cast<void**>(&w.staging), j.bytes);
+      }
+      if (err == cudaSuccess) w.staging_bytes = j.bytes;
     }
     if (err == cudaSuccess && !w.device_failed) err = cudaMalloc(reinterpret_cast<void**>(&w.device_failed), sizeof(int));
-    if (err == cudaSuccess && !w.host_failed) err = cudaMallocHost(reinterpret_cast<void**>(&w.host_failed), sizeof(int));
+    if (err == cudaSuccess && !w.host_failed)
+      err = cudaMallocHost(reinterpret_cast<void**>(&w.host_failed), kMaxIssued * sizeof(int));
+    int* host_failed = w.host_failed ? w.host_failed + w.issued_total % kMaxIssued : nullptr;
     if (err == cudaSuccess) err = cudaMemsetAsync(w.device_failed, 0, sizeof(int), s);
-    if (err == cudaSuccess) err = cudaMemcpyAsync(w.staging, src, job.bytes, cudaMemcpyHostToDevice, s);
+    if (err == cudaSuccess) err = cudaMemcpyAsync(w.staging, j.src, j.bytes, cudaMemcpyHostToDevice, s);
     if (err == cudaSuccess) {
       try {
-        job.expand(w.staging, dst, s, w.device_failed);
+        j.expand(w.staging, static_cast<uint8_t*>(j.dst), s, w.device_failed);
       } catch (const Error& e) {
-        kind = e.kind();
-        expand_error = e.what();
+        out.kind = e.kind();
+        out.error = e.what();
+      } catch (const std::exception& e) {  // (say, out of host memory): this copy fails, the thread goes on
+        out.kind = ErrorKind::Codec;
+        out.error = e.what();
       }
     }
-    if (err == cudaSuccess) err = cudaMemcpyAsync(w.host_failed, w.device_failed, sizeof(int), cudaMemcpyDeviceToHost, s);
+    if (err == cudaSuccess) err = cudaMemcpyAsync(host_failed, w.device_failed, sizeof(int), cudaMemcpyDeviceToHost, s);
+    if (err == cudaSuccess) out.host_failed = host_failed;
   } else {
-    err = cudaMemcpyAsync(dst, src, job.bytes, cudaMemcpyHostToDevice, s);
+    err = cudaMemcpyAsync(j.dst, j.src, j.bytes, cudaMemcpyHostToDevice, s);
   }
   if (err == cudaSuccess) err = cudaEventRecord(ev, s);
-  if (err == cudaSuccess) job.transfer->mark_recorded();  // a compute stream may now wait on it (order())
-  if (err == cudaSuccess) err = cudaEventSynchronize(ev);
-  if (err != cudaSuccess) {
+  if (err == cudaSuccess) {
+    out.recorded = true;
+    j.transfer->mark_recorded();  // a compute stream may now wait on it (order())
+  } else {
     cudaGetLastError();
-    return fail(ErrorKind::Cuda,
-                std::string("copy of ") + std::to_string(job.bytes) + " bytes failed: " + cudaGetErrorString(err));
+    out.kind = ErrorKind::Cuda;
+    out.error = "copy of " + std::to_string(j.bytes) + " bytes failed: " + cudaGetErrorString(err);
+    out.host_failed = nullptr;
   }
-  if (!expand_error.empty()) return fail(kind, expand_error);
-  if (job.expand && *w.host_failed) {
-    kind = ErrorKind::CorruptData;
-    return "szpe payload of expert " + std::to_string(job.transfer->tag()) +
+#else
+  (void)w;
+  out.error = "the cuda backend needs a build with CUDA";
+#endif
+  return out;
+}
+
+std::string TransferEngine::await(Worker& w, Issued& issued) {
+#if MOEOFFLOAD_WITH_CUDA
+  Job& j = issued.job;
+  if (issued.recorded) {
+    const cudaError_t err = cudaEventSynchronize(static_cast<cudaEvent_t>(j.transfer->event_));
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      issued.kind = ErrorKind::Cuda;
+      issued.error = "copy of " + std::to_string(j.bytes) + " bytes failed: " + cudaGetErrorString(err);
+    }
+  }
+  if (!issued.error.empty()) {
+    // The cache drops the fences of the slot once the copy is queued: a copy that failed waits for
+    // them before it reports, so the slot is not reused under the kernels they guard.
+    if (!j.after.empty()) cudaStreamSynchronize(static_cast<cudaStream_t>(w.stream));
+    return issued.error;
+  }
+  if (issued.host_failed && *issued.host_failed) {
+    issued.kind = ErrorKind::CorruptData;
+    return "szpe payload of expert " + std::to_string(j.transfer->tag()) +
            " did not decode on the device: a stream is corrupt. Rebuild the table from the original weights";
   }
   return "";
 #else
   (void)w;
-  kind = ErrorKind::Cuda;
-  return "the cuda backend needs a build with CUDA";
+  return issued.error;
 #endif
 }
 
@@ -337,8 +417,12 @@ void TransferEngine::close() {
       // fail) and let the queued transfers fail.
       for (auto& w : workers_) {
         (void)new std::thread(std::move(w->thread));  // never joined nor destroyed: leaked on purpose
+        if (w->completer.joinable()) (void)new std::thread(std::move(w->completer));
         for (auto& job : w->queue) job.transfer->finish("the copy thread did not survive fork()");
+        for (auto& issued : w->issued)  // (the one the parent was completing has been moved out)
+          if (issued.job.transfer) issued.job.transfer->finish("the copy thread did not survive fork()");
         w->queue.clear();
+        w->issued.clear();
       }
       workers_.clear();
       stats_.in_flight = 0;
@@ -347,7 +431,8 @@ void TransferEngine::close() {
   }
   work_cv_.notify_all();
   for (auto& w : workers_) {
-    if (w->thread.joinable()) w->thread.join();
+    if (w->thread.joinable()) w->thread.join();  // then the completer ends once the last copy is done
+    if (w->completer.joinable()) w->completer.join();
     free_worker(*w);
   }
   std::lock_guard<std::mutex> lock(mu_);

@@ -261,7 +261,8 @@ def check_arrival(emu: Emulated) -> None:
     copied; an expert of five szpe matrices takes two launches; a corrupt stream fails its own transfer
     (CorruptDataError) and no other, on either stream, before and after it. And a compute stream
     ordered after queued copies (Transfer::order) reads what they bring, and a slot released with the
-    stream of a read still queued (DeviceCache::release) is not overwritten under it."""
+    stream of a read still queued (DeviceCache::release) is not overwritten under it, nor when that stream
+    is destroyed and its handle taken by the next."""
     g = torch.Generator().manual_seed(21)
 
     def matrix(rows, cols, dtype, szpe, eb=2e-3, per_stream=0):
@@ -289,9 +290,11 @@ def check_arrival(emu: Emulated) -> None:
         broken = fix_crc(broken)
         if _parses(broken) and not _decodes(broken, x.shape):
             break
-    corrupt_at = 3
-    experts.insert(corrupt_at, [matrix(16, 32, bf16, True, per_stream=3), (broken, True)])
     experts += [list(e) for e in experts[:3]]  # the same again, after the failure
+    # Each next to szpe experts that decode: their failure flags must not swap (each copy reads its own).
+    corrupt_at = (3, 6, 8)
+    for at in corrupt_at:
+        experts.insert(at, [matrix(16, 32, bf16, True, per_stream=3), (broken, True)])
     # A compute stream ordered after copies still queued behind others (no host wait) sees their bytes.
     assert emu.lib.emu_ordered_reads(ctypes.c_uint32(16), ctypes.c_uint64(1 << 16)) == 0
     # A slot released with the stream of a read still queued keeps its bytes until the read is done; released
@@ -299,16 +302,24 @@ def check_arrival(emu: Emulated) -> None:
     # (Torch's default stream is handle 0: a stream all the same, not "no stream".)
     for default_stream in (0, 1):
         fenced_release = lambda fenced: emu.lib.emu_fenced_release(  # noqa: E731
-            ctypes.c_uint64(1 << 16), fenced, 12, default_stream)
+            ctypes.c_uint64(1 << 16), fenced, 300, default_stream)
         assert fenced_release(1) == 0, default_stream
         assert fenced_release(0) > 0, default_stream
+    # A fence stays until passed, though a stream destroyed under it hands its handle to the next stream.
+    assert emu.lib.emu_reused_stream_handle(ctypes.c_uint64(1 << 16), 300) == 0
     # A fence a fetch overlaps in part stays for the next fetch into the rest of its bytes (two copy streams).
-    assert emu.lib.emu_partial_fences(12) == 0
-    for streams in (1, 2):
-        landed = emu.arrivals(experts, streams)
+    assert emu.lib.emu_partial_fences(300) == 0
+    # The copy engine's completing thread resuming up to 400 ms late (one time in two; an emulated transcode
+    # takes about 100 ms): an arrival's failure flag must still be its own when that thread reads it.
+    emu.lib.emu_set_late_wake(ctypes.c_uint32(400_000))
+    try:
+        landed_on = {streams: emu.arrivals(experts, streams) for streams in (1, 2)}
+    finally:
+        emu.lib.emu_set_late_wake(ctypes.c_uint32(20_000))
+    for streams, landed in landed_on.items():
         for i, (expert, (slot, error)) in enumerate(zip(experts, landed)):
-            if i == corrupt_at:
-                assert error.startswith("CorruptDataError") and "expert 3" in error, (streams, error)
+            if i in corrupt_at:
+                assert error.startswith("CorruptDataError") and f"expert {i}" in error, (streams, i, error)
                 continue
             assert error == "", (streams, i, error)
             coded = any(c for _, c in expert)

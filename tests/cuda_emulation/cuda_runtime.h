@@ -9,9 +9,13 @@
 // would on a GPU. (The default stream does not synchronise with the others: every stream the code
 // makes is non-blocking.) Kernels launched on a stream (cuda/launch.cuh) run on its worker, one kernel
 // at a time across all streams (the emulator's state is global). Events complete when the stream
-// reaches them. As in CUDA, an error (a query's "not ready" too) is the thread's last error until
-// cudaGetLastError reads it, and a launch returns the last error.
+// reaches them; a host thread waiting for one resumes late, the streams going on meanwhile.
+// cudaStreamDestroy returns at once, the stream's queued work still runs, and the next stream created
+// gets the same handle back (as CUDA's handles are reused); an event destroyed under queued work lives
+// until that work is done. As in CUDA, an error (a query's "not ready" too) is the thread's last error
+// until cudaGetLastError reads it, and a launch returns the last error.
 #pragma once
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -19,6 +23,7 @@
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <thread>
 
@@ -98,14 +103,28 @@ struct Stream {
     std::unique_lock<std::mutex> lock(mu);
     cv.wait(lock, [&] { return work.empty() && !busy; });
   }
-  ~Stream() {
+  // cudaStreamDestroy: the work already queued still runs, then the thread ends
+  void retire() {
     {
       std::lock_guard<std::mutex> lock(mu);
       stopping = true;
     }
     cv.notify_all();
-    thread.join();  // after the work already queued, as cudaStreamDestroy lets it finish
   }
+  bool drained() {
+    std::lock_guard<std::mutex> lock(mu);
+    return work.empty() && !busy;
+  }
+  ~Stream() {
+    retire();
+    thread.join();
+  }
+};
+
+// What a cudaStream_t points at: the stream it names now. A destroyed stream's handle names the next
+// stream created.
+struct StreamHandle {
+  Stream* stream = nullptr;
 };
 
 struct Event {
@@ -114,12 +133,20 @@ struct Event {
   uint64_t recorded = 0, reached = 0;  // records issued, and the last one its stream reached
 };
 
+// What a cudaEvent_t points at. Work queued on a stream holds the event itself, so an event destroyed
+// before its stream reaches a record or a wait of it lives until then, as cudaEventDestroy allows.
+struct EventHandle {
+  std::shared_ptr<Event> event = std::make_shared<Event>();
+};
+inline std::shared_ptr<Event> event_of(void* e) { return static_cast<EventHandle*>(e)->event; }
+
 inline Stream& default_stream() {
   static Stream s(0x6A09E667F3BCC908ull);
   return s;
 }
 
-// The streams alive (cudaDeviceSynchronize drains them all).
+// The streams made by cudaStreamCreate, alive or destroyed with work still queued (cudaDeviceSynchronize
+// drains them all), and the handles of destroyed streams, for the next streams created. Under streams_mutex.
 inline std::mutex& streams_mutex() {
   static std::mutex m;
   return m;
@@ -128,8 +155,18 @@ inline std::vector<Stream*>& live_streams() {
   static std::vector<Stream*> v;
   return v;
 }
+inline std::vector<Stream*>& retired_streams() {
+  static std::vector<Stream*> v;
+  return v;
+}
+inline std::vector<StreamHandle*>& free_handles() {
+  static std::vector<StreamHandle*> v;
+  return v;
+}
 
-inline Stream& stream_of(void* stream) { return stream ? *static_cast<Stream*>(stream) : default_stream(); }
+inline Stream& stream_of(void* stream) {
+  return stream ? *static_cast<StreamHandle*>(stream)->stream : default_stream();
+}
 
 // Runs f on the stream's worker (the null stream is the default stream's).
 inline void enqueue(void* stream, std::function<void()> f) { stream_of(stream).push(std::move(f)); }
@@ -137,6 +174,21 @@ inline void enqueue(void* stream, std::function<void()> f) { stream_of(stream).p
 inline int& last_error() {
   thread_local int e = 0;
   return e;
+}
+
+// A host thread that waited for the device resumes after a random pause, up to 1.5 ms and one time in
+// two up to late_wake_us() (20 ms unless a check sets it), as one the OS runs late would, while the
+// streams go on: whatever the host reads then may have been written again by work queued after the
+// point it waited for (an emulated kernel takes tens of milliseconds).
+inline std::atomic<uint32_t>& late_wake_us() {
+  static std::atomic<uint32_t> us{20000};
+  return us;
+}
+inline void host_wakes_late() {
+  thread_local uint64_t seed = 0x3C6EF372FE94F82Bull ^ std::hash<std::thread::id>()(std::this_thread::get_id());
+  seed ^= seed << 13, seed ^= seed >> 7, seed ^= seed << 17;
+  const uint64_t most = seed % 2 ? late_wake_us().load() : 1500;
+  std::this_thread::sleep_for(std::chrono::microseconds((seed >> 8) % (most + 1)));
 }
 
 inline std::mutex& kernel_mutex() {
@@ -228,23 +280,35 @@ inline cudaError_t cudaHostRegister(void*, size_t, unsigned) { return cudaSucces
 inline cudaError_t cudaHostUnregister(void*) { return cudaSuccess; }
 
 inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) {
+  using namespace moeoffload_emulation;
   static uint64_t seeds = 0x2545F4914F6CDD1Dull;
-  auto* stream = new moeoffload_emulation::Stream(seeds += 0x9E3779B97F4A7C15ull);
-  {
-    std::lock_guard<std::mutex> lock(moeoffload_emulation::streams_mutex());
-    moeoffload_emulation::live_streams().push_back(stream);
+  std::lock_guard<std::mutex> lock(streams_mutex());
+  auto& retired = retired_streams();
+  for (auto it = retired.begin(); it != retired.end();) {  // those whose work has run end here
+    if ((*it)->drained()) {
+      delete *it;
+      it = retired.erase(it);
+    } else {
+      ++it;
+    }
   }
-  *s = reinterpret_cast<cudaStream_t>(stream);
+  StreamHandle* handle = free_handles().empty() ? new StreamHandle : free_handles().back();
+  if (!free_handles().empty()) free_handles().pop_back();
+  handle->stream = new Stream(seeds += 0x9E3779B97F4A7C15ull);
+  live_streams().push_back(handle->stream);
+  *s = reinterpret_cast<cudaStream_t>(handle);
   return cudaSuccess;
 }
 inline cudaError_t cudaStreamDestroy(cudaStream_t s) {
-  auto* stream = reinterpret_cast<moeoffload_emulation::Stream*>(s);
-  {
-    std::lock_guard<std::mutex> lock(moeoffload_emulation::streams_mutex());
-    auto& v = moeoffload_emulation::live_streams();
-    v.erase(std::find(v.begin(), v.end(), stream));
-  }
-  delete stream;
+  using namespace moeoffload_emulation;
+  auto* handle = reinterpret_cast<StreamHandle*>(s);
+  std::lock_guard<std::mutex> lock(streams_mutex());
+  auto& live = live_streams();
+  live.erase(std::find(live.begin(), live.end(), handle->stream));
+  handle->stream->retire();
+  retired_streams().push_back(handle->stream);
+  handle->stream = nullptr;
+  free_handles().push_back(handle);
   return cudaSuccess;
 }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t s) {
@@ -255,6 +319,7 @@ inline cudaError_t cudaDeviceSynchronize() {
   moeoffload_emulation::default_stream().drain();
   std::lock_guard<std::mutex> lock(moeoffload_emulation::streams_mutex());
   for (auto* s : moeoffload_emulation::live_streams()) s->drain();
+  for (auto* s : moeoffload_emulation::retired_streams()) s->drain();
   return cudaSuccess;
 }
 
@@ -268,15 +333,15 @@ inline cudaError_t cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStrea
 }
 
 inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) {
-  *e = reinterpret_cast<cudaEvent_t>(new moeoffload_emulation::Event);
+  *e = reinterpret_cast<cudaEvent_t>(new moeoffload_emulation::EventHandle);
   return cudaSuccess;
 }
 inline cudaError_t cudaEventDestroy(cudaEvent_t e) {
-  delete reinterpret_cast<moeoffload_emulation::Event*>(e);
+  delete reinterpret_cast<moeoffload_emulation::EventHandle*>(e);
   return cudaSuccess;
 }
 inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
-  auto* ev = reinterpret_cast<moeoffload_emulation::Event*>(e);
+  auto ev = moeoffload_emulation::event_of(e);
   uint64_t n;
   {
     std::lock_guard<std::mutex> lock(ev->mu);
@@ -292,21 +357,24 @@ inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
   return cudaSuccess;
 }
 inline cudaError_t cudaEventSynchronize(cudaEvent_t e) {
-  auto* ev = reinterpret_cast<moeoffload_emulation::Event*>(e);
-  std::unique_lock<std::mutex> lock(ev->mu);
-  const uint64_t n = ev->recorded;
-  ev->cv.wait(lock, [&] { return ev->reached >= n; });
+  auto ev = moeoffload_emulation::event_of(e);
+  {
+    std::unique_lock<std::mutex> lock(ev->mu);
+    const uint64_t n = ev->recorded;
+    ev->cv.wait(lock, [&] { return ev->reached >= n; });
+  }
+  moeoffload_emulation::host_wakes_late();
   return cudaSuccess;
 }
 inline cudaError_t cudaEventQuery(cudaEvent_t e) {
-  auto* ev = reinterpret_cast<moeoffload_emulation::Event*>(e);
+  auto ev = moeoffload_emulation::event_of(e);
   std::lock_guard<std::mutex> lock(ev->mu);
   if (ev->reached >= ev->recorded) return cudaSuccess;
   moeoffload_emulation::last_error() = cudaErrorNotReady;  // as CUDA does: the caller must clear it
   return cudaErrorNotReady;
 }
 inline cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned = 0) {
-  auto* ev = reinterpret_cast<moeoffload_emulation::Event*>(e);
+  auto ev = moeoffload_emulation::event_of(e);
   uint64_t n;
   {
     std::lock_guard<std::mutex> lock(ev->mu);

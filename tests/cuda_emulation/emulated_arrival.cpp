@@ -33,11 +33,21 @@ class ComputeStream {
     scratch_ = static_cast<uint8_t*>(device_alloc(Backend::Cuda, 1));
   }
   ~ComputeStream() {
-    cudaStreamSynchronize(stream_);
-    if (stream_) cudaStreamDestroy(stream_);
+    if (destroyed_) {
+      cudaDeviceSynchronize();  // the destroyed stream's work still reads scratch_
+    } else {
+      cudaStreamSynchronize(stream_);
+      if (stream_) cudaStreamDestroy(stream_);
+    }
     device_free(Backend::Cuda, scratch_);
   }
   cudaStream_t get() const { return stream_; }
+  // cudaStreamDestroy now: it returns at once and the work queued still runs; the handle goes to the
+  // next stream created.
+  void destroy() {
+    cuda_check(cudaStreamDestroy(stream_), "cudaStreamDestroy");
+    destroyed_ = true;
+  }
   // Queues, behind `delay` other items, a read of `out.size()` bytes at `device` into `out`.
   void read_later(std::vector<uint8_t>& out, const uint8_t* device, int delay) {
     for (int i = 0; i < delay; ++i) cuda_check(cudaMemsetAsync(scratch_, 0, 1, stream_), "delay");
@@ -54,12 +64,16 @@ class ComputeStream {
  private:
   cudaStream_t stream_ = nullptr;
   uint8_t* scratch_ = nullptr;
+  bool destroyed_ = false;
 };
 }  // namespace
 
 extern "C" {
 
 const char* emu_arrival_error() { return arrival_error.c_str(); }
+
+// The longest pause of a host thread resuming after a wait for the device (cuda_runtime.h), in µs.
+void emu_set_late_wake(uint32_t us) { moeoffload_emulation::late_wake_us() = us; }
 
 // Expert i has n_matrices[i] matrices, the next ones of buffers/lengths/codings (0 szp, 1 szpe). Each
 // expert's payload is its buffers back to back, each 8-aligned; every expert is copied at once on
@@ -182,6 +196,48 @@ int emu_fenced_release(uint64_t bytes, int fenced, int delay, int default_stream
     if (s1.data != s0.data) throw Error(ErrorKind::InvalidArgument, "expert 1 did not take expert 0's bytes");
     s1.wait();
     if (compute.read_now(s1.data, bytes) != b) throw Error(ErrorKind::InvalidArgument, "expert 1 did not land whole");
+    cache.release(1);
+    cache.close();
+    int wrong = 0;
+    for (uint8_t v : seen) wrong += v != 0x11;
+    return wrong;
+  } catch (const std::exception& e) {
+    arrival_error = e.what();
+    return -1;
+  }
+}
+
+// A stream destroyed with a read still queued hands its handle to the next stream: a fence of the new
+// stream on the same slot does not stand for the old one's. Two experts of `bytes` (0x11, 0x22), room
+// for one: a read of expert 0 is queued on stream A behind `delay` items, expert 0 released with A, A
+// destroyed; stream B (A's handle again) acquires expert 0 (a hit) and releases it with nothing queued;
+// expert 1's fetch evicts it. Returns how many bytes the read saw that were not expert 0's, or -1 with
+// emu_arrival_error() (also when B did not get A's handle or expert 1 did not land whole).
+int emu_reused_stream_handle(uint64_t bytes, int delay) {
+  try {
+    PinnedPool pool(Backend::Cuda);
+    ExpertStore store(pool, 1, 2);
+    std::vector<uint8_t> a(bytes, 0x11), b(bytes, 0x22), seen(bytes);  // before the streams: they read into seen
+    store.add_copy(0, a.data(), bytes);
+    store.add_copy(1, b.data(), bytes);
+    TransferEngine engine(Backend::Cuda, 1);
+    DeviceCache cache(round_up(bytes, 256), EvictionPolicy::Lru, store, engine);
+    ComputeStream first(false);
+    Slot s0 = cache.acquire(0);
+    if (s0.transfer) s0.transfer->order(first.get());
+    first.read_later(seen, s0.data, delay);
+    cache.release(0, first.get());
+    const cudaStream_t handle = first.get();
+    first.destroy();
+    ComputeStream second(false);
+    if (second.get() != handle) throw Error(ErrorKind::InvalidArgument, "the new stream did not get the old handle");
+    Slot again = cache.acquire(0);
+    if (again.data != s0.data) throw Error(ErrorKind::InvalidArgument, "expert 0 moved");
+    cache.release(0, second.get());
+    Slot s1 = cache.acquire(1);  // evicts expert 0: the same bytes
+    s1.wait();
+    if (second.read_now(s1.data, bytes) != b) throw Error(ErrorKind::InvalidArgument, "expert 1 did not land whole");
+    cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");  // the destroyed stream's read, before close frees
     cache.release(1);
     cache.close();
     int wrong = 0;

@@ -87,7 +87,7 @@ class DeviceCache {
   std::shared_ptr<Transfer> fetch_locked(uint32_t id, const Payload& payload, uint64_t offset);
   // The fence of a release with a stream, on the released slot's bytes (cuda; nullptr otherwise).
   std::shared_ptr<const Fence> fence_for(std::optional<void*> stream) const;
-  void fence_locked(uint32_t id, void* stream, std::shared_ptr<const Fence> fence);
+  void fence_locked(uint32_t id, std::shared_ptr<const Fence> fence);
   void unpin_locked(const uint32_t* ids, size_t n, std::optional<void*> stream);
   void check_open() const;
   uint64_t budget_;
@@ -100,11 +100,10 @@ class DeviceCache {
   uint64_t max_slot_bytes_;  // the largest expert's resident bytes (at least 1)
   CacheIndex index_;
   std::unordered_map<uint32_t, std::shared_ptr<Transfer>> in_flight_;
-  // Released slots' bytes that kernels queued on some stream may still read, by offset: at most one a
-  // slot and stream (a newer release on the same stream covers the older one's work).
+  // Released slots' bytes that kernels queued on some stream may still read, by offset: a slot keeps
+  // the fences of its releases until the device has passed them or a copy into it has waited for them.
   struct Fenced {
     uint64_t bytes;
-    void* stream;
     std::shared_ptr<const Fence> fence;
   };
   std::multimap<uint64_t, Fenced> fences_;

@@ -1,11 +1,15 @@
 // Asynchronous host-to-device copies of compressed payloads on dedicated copy
 // streams, each optionally expanded on arrival (an entropy-coded payload is
-// transcoded into what the device cache holds: Expand). Each stream has a worker thread: on cuda it issues cudaMemcpyAsync
-// on its own non-blocking stream, records an event and waits for it; on cpu it
-// runs the memcpy itself. Either way copy() returns at once with a Transfer to
-// poll or wait on, and callbacks run on the worker thread after the bytes
-// have landed. A compute stream that reads the destination orders itself after
-// the copy with Transfer::cuda_event() (cudaStreamWaitEvent), no host wait.
+// transcoded into what the device cache holds: Expand). On cuda each copy stream
+// has two threads: one issues each copy (cudaMemcpyAsync, the expansion's
+// kernels, an event) on its own non-blocking stream as soon as it is queued, up
+// to issue_ahead (8) ahead, and one waits for those events in order and completes
+// the transfers; so the stream always has its next copy queued and the bus
+// does not idle while a host thread wakes up. On cpu one thread a stream runs
+// the memcpy itself. Either way copy() returns at once with a Transfer to poll
+// or wait on, and callbacks run on a worker thread after the bytes have
+// landed. A compute stream that reads the destination orders itself after the
+// copy with Transfer::order (cudaStreamWaitEvent), no host wait.
 #pragma once
 #include <condition_variable>
 #include <cstdint>
@@ -89,7 +93,12 @@ using Expand = std::function<void(const uint8_t* src, uint8_t* dst, void* stream
 
 class TransferEngine {
  public:
-  TransferEngine(Backend backend, int num_streams = 2);
+  // The most copies a stream issues ahead of the one it completes (cuda): each expanded one reads its
+  // failure flag back into a pinned int of its own.
+  static constexpr int kMaxIssued = 8;
+  // issue_ahead (1 to kMaxIssued): how many a stream issues ahead; 1 issues each copy only once the one
+  // before it has landed and its thread has woken up (the baseline bench/transfer_overlap.py measures).
+  TransferEngine(Backend backend, int num_streams = 2, int issue_ahead = kMaxIssued);
   ~TransferEngine();
   TransferEngine(const TransferEngine&) = delete;
   TransferEngine& operator=(const TransferEngine&) = delete;
@@ -105,6 +114,7 @@ class TransferEngine {
   bool closed() const;
   void close();        // finishes queued copies, stops the workers
   int num_streams() const { return static_cast<int>(workers_.size()); }
+  int issue_ahead() const { return issue_ahead_; }
   uintptr_t cuda_stream(int i) const;
   Backend backend() const { return backend_; }
   TransferStats stats() const;
@@ -118,23 +128,43 @@ class TransferEngine {
     Expand expand;
     std::vector<std::shared_ptr<const Fence>> after;
   };
+  // cuda: a job whose work is queued on its copy stream (or that failed to queue)
+  struct Issued {
+    Job job;
+    bool recorded = false;  // its event is recorded after its work: the completer waits for it
+    std::string error;      // the issue failed, or the expansion threw: reported once the stream is past it
+    ErrorKind kind = ErrorKind::Cuda;
+    const int* host_failed = nullptr;  // an expanded copy's failure flag, read back
+  };
   struct Worker {
     std::deque<Job> queue;
+    std::deque<Issued> issued;  // cuda: in the order issued, at most issue_ahead_
+    uint64_t issued_total = 0;
+    bool issuer_done = false;
     uint64_t queued_bytes = 0;
     void* stream = nullptr;  // cudaStream_t on cuda
-    // cuda, for expanded copies: the staged bytes and the failure flag (device, and pinned host)
+    // cuda, for expanded copies: the staged bytes, the device's failure flag, and kMaxIssued pinned
+    // host flags (a job's is issued_total % kMaxIssued when issued). The stream's order keeps one
+    // staging buffer and one device flag safe for every job on it.
     uint8_t* staging = nullptr;
     uint64_t staging_bytes = 0;
     int* device_failed = nullptr;
     int* host_failed = nullptr;
-    std::thread thread;
+    std::thread thread;     // cpu: runs each job; cuda: issues each job
+    std::thread completer;  // cuda: completes each issued job
   };
   void run(int index);
-  // Runs one job on worker w; returns the error ("" when it landed) and its kind.
-  std::string run_job(Worker& w, Job& job, ErrorKind& kind);
+  void complete(int index);  // cuda
+  // cpu: runs one job; returns the error ("" when it landed) and its kind.
+  std::string run_on_cpu(Job& job, ErrorKind& kind);
+  Issued issue(Worker& w, Job job);              // cuda
+  std::string await(Worker& w, Issued& issued);  // cuda: "" when it landed, else the error (kind in issued)
+  // A job is done: finishes its transfer, then frees its place (stats, the issuer's limit, synchronize).
+  void finish(Worker& w, Job& job, const std::string& error, ErrorKind kind);
   void free_worker(Worker& w);
   void check_usable_locked() const;  // Closed after close(), Forked in a child
   Backend backend_;
+  int issue_ahead_;
   uint64_t generation_;
   int device_ = 0;
   mutable std::mutex mu_;
