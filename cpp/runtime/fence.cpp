@@ -36,11 +36,16 @@ bool Fence::passed() const {
   if (r != cudaSuccess) cudaGetLastError();  // "not ready" would be the thread's last error: the next launch's
   return r == cudaSuccess;
 }
+
+void Fence::wait() const {
+  if (cudaEventSynchronize(static_cast<cudaEvent_t>(event_)) != cudaSuccess) cudaGetLastError();
+}
 #else
 Fence::Fence(void*) { throw Error(ErrorKind::Cuda, "a stream fence needs a build with CUDA"); }
 Fence::~Fence() = default;
 void Fence::order(void*) const {}
 bool Fence::passed() const { return true; }
+void Fence::wait() const {}
 #endif
 
 }  // namespace moeoffload

@@ -82,8 +82,7 @@ void Transfer::order(void* stream) const {
 #if MOEOFFLOAD_WITH_CUDA
   {
     std::unique_lock<std::mutex> lock(mu_);
-    if (!done_ && !recorded_ && generation_ != fork_generation())
-      throw Error(ErrorKind::Forked, forked_message("this transfer"));
+    if (!done_ && generation_ != fork_generation()) throw Error(ErrorKind::Forked, forked_message("this transfer"));
     cv_.wait(lock, [&] { return recorded_ || done_; });
     if (!error_.empty()) throw Error(error_kind_, error_);
   }
@@ -289,8 +288,20 @@ TransferEngine::Issued TransferEngine::issue(Worker& w, Job job) {
   Job& j = out.job;
   auto s = static_cast<cudaStream_t>(w.stream);
   auto ev = static_cast<cudaEvent_t>(j.transfer->event_);
+  cudaError_t err = cudaSuccess;
+  if (j.expand && w.staging_bytes < j.bytes) {  // grows to the largest payload, then stays
+    err = cudaStreamSynchronize(s);  // the copies issued before still read the old buffer (not this one's fences)
+    if (err == cudaSuccess && w.staging) cudaFree(w.staging);
+    if (err == cudaSuccess) {
+      w.staging = nullptr;
+      w.staging_bytes = 0;
+      err = cudaMalloc(reinterpret_cast<void**>(&w.staging), j.bytes);
+    }
+    if (err == cudaSuccess) w.staging_bytes = j.bytes;
+  }
   // Kernels still reading dst's old bytes go first.
   for (const auto& fence : j.after) {
+    if (err != cudaSuccess) break;
     try {
       fence->order(s);
     } catch (const Error& e) {
@@ -299,18 +310,7 @@ TransferEngine::Issued TransferEngine::issue(Worker& w, Job job) {
       return out;
     }
   }
-  cudaError_t err = cudaSuccess;
   if (j.expand) {
-    if (w.staging_bytes < j.bytes) {  // grows to the largest payload, then stays
-      err = cudaStreamSynchronize(s);  // the copies issued before still read the old buffer
-      if (err == cudaSuccess && w.staging) cudaFree(w.staging);
-      if (err == cudaSuccess) {
-        w.staging = nullptr;
-        w.staging_bytes = 0;
-        err = cudaMalloc(reinterpret_cast<void**>(&w.staging), j.bytes);
-      }
-      if (err == cudaSuccess) w.staging_bytes = j.bytes;
-    }
     if (err == cudaSuccess && !w.device_failed) err = cudaMalloc(reinterpret_cast<void**>(&w.device_failed), sizeof(int));
     if (err == cudaSuccess && !w.host_failed)
       err = cudaMallocHost(reinterpret_cast<void**>(&w.host_failed), kMaxIssued * sizeof(int));
@@ -330,7 +330,7 @@ TransferEngine::Issued TransferEngine::issue(Worker& w, Job job) {
     }
     if (err == cudaSuccess) err = cudaMemcpyAsync(host_failed, w.device_failed, sizeof(int), cudaMemcpyDeviceToHost, s);
     if (err == cudaSuccess) out.host_failed = host_failed;
-  } else {
+  } else if (err == cudaSuccess) {
     err = cudaMemcpyAsync(j.dst, j.src, j.bytes, cudaMemcpyHostToDevice, s);
   }
   if (err == cudaSuccess) err = cudaEventRecord(ev, s);
@@ -362,9 +362,12 @@ std::string TransferEngine::await(Worker& w, Issued& issued) {
     }
   }
   if (!issued.error.empty()) {
-    // The cache drops the fences of the slot once the copy is queued: a copy that failed waits for
-    // them before it reports, so the slot is not reused under the kernels they guard.
-    if (!j.after.empty()) cudaStreamSynchronize(static_cast<cudaStream_t>(w.stream));
+    // A failed copy reports once nothing it queued can still write dst and the kernels its fences
+    // guard are done (the cache drops a slot's fences once the copy is queued, and may hand the slot
+    // to a copy on another stream as soon as this one reports).
+    cudaStreamSynchronize(static_cast<cudaStream_t>(w.stream));
+    for (const auto& fence : j.after) fence->wait();
+    cudaGetLastError();
     return issued.error;
   }
   if (issued.host_failed && *issued.host_failed) {

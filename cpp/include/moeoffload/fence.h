@@ -20,6 +20,8 @@ class Fence {
   void order(void* stream) const;
   // True once the device has passed it.
   bool passed() const;
+  // Waits on the host until the device has passed it (a failed copy's last resort); errors are ignored.
+  void wait() const;
 
  private:
   void* event_ = nullptr;  // cudaEvent_t, this fence's own (one record, never reused)
