@@ -12,7 +12,7 @@ kernels, in a process of its own with the sanitizer loaded first:
   exceptions, tiles of 1 and 4) against the CPU kernels, moe_experts bit for bit against the eager loop
   of the emulated expert_mlp, and a NaN token;
 - arrival: the runtime's cuda path onto a device (pinned pool, expert store, the copy engine's staging,
-  its failure flag a copy and events, up to 8 copies issued ahead of the one completing, the arrival
+  its failure flag a copy and events, 8 or 2 copies issued ahead of the one completing, the arrival
   step's one transcode launch per expert), built with the emulator's asynchronous streams (a worker
   thread a stream, random delays; a destroyed stream's handle goes to the next one): szpe experts land
   as szp byte for byte, a corrupt stream fails its own transfer and no other; a compute stream ordered

@@ -313,8 +313,8 @@ TransferEngine::Issued TransferEngine::issue(Worker& w, Job job) {
   if (j.expand) {
     if (err == cudaSuccess && !w.device_failed) err = cudaMalloc(reinterpret_cast<void**>(&w.device_failed), sizeof(int));
     if (err == cudaSuccess && !w.host_failed)
-      err = cudaMallocHost(reinterpret_cast<void**>(&w.host_failed), kMaxIssued * sizeof(int));
-    int* host_failed = w.host_failed ? w.host_failed + w.issued_total % kMaxIssued : nullptr;
+      err = cudaMallocHost(reinterpret_cast<void**>(&w.host_failed), issue_ahead_ * sizeof(int));
+    int* host_failed = w.host_failed ? w.host_failed + w.issued_total % issue_ahead_ : nullptr;
     if (err == cudaSuccess) err = cudaMemsetAsync(w.device_failed, 0, sizeof(int), s);
     if (err == cudaSuccess) err = cudaMemcpyAsync(w.staging, j.src, j.bytes, cudaMemcpyHostToDevice, s);
     if (err == cudaSuccess) {

@@ -101,7 +101,8 @@ class Emulated:
                    ctypes.c_void_p(out.data_ptr()))
         return out
 
-    def arrivals(self, experts: list[list[tuple[np.ndarray, bool]]], streams: int) -> list[tuple[bytes, str]]:
+    def arrivals(self, experts: list[list[tuple[np.ndarray, bool]]], streams: int,
+                 issue_ahead: int = 8) -> list[tuple[bytes, str]]:
         """Each expert's (buffer, is szpe) matrices through the runtime's store, copy engine and arrival
         step: (its device slot, read back; the transfer's error or "")."""
         bufs = [b for e in experts for b, _ in e]
@@ -112,7 +113,8 @@ class Emulated:
         rc = self.lib.emu_arrivals(
             ctypes.c_uint32(len(experts)), (ctypes.c_uint32 * len(experts))(*(len(e) for e in experts)), ptrs(bufs),
             (ctypes.c_uint64 * len(bufs))(*(b.size for b in bufs)),
-            (ctypes.c_int * len(bufs))(*(int(c) for e in experts for _, c in e)), ctypes.c_int(streams), ptrs(slots),
+            (ctypes.c_int * len(bufs))(*(int(c) for e in experts for _, c in e)), ctypes.c_int(streams),
+            ctypes.c_int(issue_ahead), ptrs(slots),
             (ctypes.c_uint64 * len(sizes))(*sizes), errors, ctypes.c_uint64(512))
         if rc == -1:
             self.lib.emu_arrival_error.restype = ctypes.c_char_p
@@ -310,10 +312,11 @@ def check_arrival(emu: Emulated) -> None:
     # A fence a fetch overlaps in part stays for the next fetch into the rest of its bytes (two copy streams).
     assert emu.lib.emu_partial_fences(300) == 0
     # The copy engine's completing thread resuming up to 400 ms late (one time in two; an emulated transcode
-    # takes about 100 ms): an arrival's failure flag must still be its own when that thread reads it.
+    # takes about 100 ms): an arrival's failure flag must still be its own when that thread reads it, with
+    # 8 copies a stream in flight, and with 2 (one flag each: a third in flight would share one).
     emu.lib.emu_set_late_wake(ctypes.c_uint32(400_000))
     try:
-        landed_on = {streams: emu.arrivals(experts, streams) for streams in (1, 2)}
+        landed_on = {(streams, ahead): emu.arrivals(experts, streams, ahead) for streams, ahead in ((1, 8), (2, 8), (1, 2))}
     finally:
         emu.lib.emu_set_late_wake(ctypes.c_uint32(20_000))
     for streams, landed in landed_on.items():

@@ -77,12 +77,12 @@ void emu_set_late_wake(uint32_t us) { moeoffload_emulation::late_wake_us() = us;
 
 // Expert i has n_matrices[i] matrices, the next ones of buffers/lengths/codings (0 szp, 1 szpe). Each
 // expert's payload is its buffers back to back, each 8-aligned; every expert is copied at once on
-// `streams` copy streams into a device slot of its resident size, then read back into slots[i]
+// `streams` copy streams (each issuing `issue_ahead` copies ahead) into a device slot of its resident size, then read back into slots[i]
 // (slot_bytes[i] must be that size). An expert whose transfer fails gets its error in
 // errors[i * error_len ...]; "" when it landed. Returns 0, or -1 with emu_arrival_error() when the
 // store or engine refuses the input.
 int emu_arrivals(uint32_t n_experts, const uint32_t* n_matrices, const uint8_t* const* buffers,
-                 const uint64_t* lengths, const int* codings, int streams, uint8_t* const* slots,
+                 const uint64_t* lengths, const int* codings, int streams, int issue_ahead, uint8_t* const* slots,
                  const uint64_t* slot_bytes, char* errors, uint64_t error_len) {
   try {
     PinnedPool pool(Backend::Cuda);
@@ -108,7 +108,7 @@ int emu_arrivals(uint32_t n_experts, const uint32_t* n_matrices, const uint8_t* 
         throw Error(ErrorKind::InvalidArgument, "expert " + std::to_string(id) + " takes " +
                                                     std::to_string(store.resident_bytes(id)) + " bytes in a slot");
     }
-    TransferEngine engine(Backend::Cuda, streams);
+    TransferEngine engine(Backend::Cuda, streams, issue_ahead);
     std::vector<uint8_t*> device(n_experts);
     std::vector<std::shared_ptr<Transfer>> transfers;
     for (uint32_t id = 0; id < n_experts; ++id) {

@@ -93,8 +93,7 @@ using Expand = std::function<void(const uint8_t* src, uint8_t* dst, void* stream
 
 class TransferEngine {
  public:
-  // The most copies a stream issues ahead of the one it completes (cuda): each expanded one reads its
-  // failure flag back into a pinned int of its own.
+  // The most copies a stream issues ahead of the one it completes (cuda).
   static constexpr int kMaxIssued = 8;
   // issue_ahead (1 to kMaxIssued): how many a stream issues ahead; 1 issues each copy only once the one
   // before it has landed and its thread has woken up (the baseline bench/transfer_overlap.py measures).
@@ -143,9 +142,9 @@ class TransferEngine {
     bool issuer_done = false;
     uint64_t queued_bytes = 0;
     void* stream = nullptr;  // cudaStream_t on cuda
-    // cuda, for expanded copies: the staged bytes, the device's failure flag, and kMaxIssued pinned
-    // host flags (a job's is issued_total % kMaxIssued when issued). The stream's order keeps one
-    // staging buffer and one device flag safe for every job on it.
+    // cuda, for expanded copies: the staged bytes, the device's failure flag, and issue_ahead_ pinned
+    // host flags, one for each copy in flight (a job's is issued_total % issue_ahead_ when issued). The
+    // stream's order keeps one staging buffer and one device flag safe for every job on it.
     uint8_t* staging = nullptr;
     uint64_t staging_bytes = 0;
     int* device_failed = nullptr;
