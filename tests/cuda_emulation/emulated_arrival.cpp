@@ -7,6 +7,7 @@
 // tests/cuda_emulation/checks.py, behind a C interface like emulated_kernels.cpp's.
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -66,6 +67,36 @@ class ComputeStream {
   uint8_t* scratch_ = nullptr;
   bool destroyed_ = false;
 };
+
+// Two experts of `bytes` each (all 0x11, all 0x22) and a device cache with room for one, on one copy stream.
+struct TwoExperts {
+  explicit TwoExperts(uint64_t bytes) : a(bytes, 0x11), b(bytes, 0x22) {
+    store.add_copy(0, a.data(), bytes);
+    store.add_copy(1, b.data(), bytes);
+    cache.emplace(round_up(bytes, 256), EvictionPolicy::Lru, store, engine);  // over the experts just added
+  }
+  // Expert 0 released (from the slot s0 it had), expert 1's fetch evicts it into the same bytes; throws
+  // unless expert 1 lands there whole as `compute` reads it. Expert 1 is released again.
+  void evict_into(const Slot& s0, ComputeStream& compute) {
+    Slot s1 = cache->acquire(1);
+    if (s1.data != s0.data) throw Error(ErrorKind::InvalidArgument, "expert 1 did not take expert 0's bytes");
+    s1.wait();
+    if (compute.read_now(s1.data, b.size()) != b) throw Error(ErrorKind::InvalidArgument, "expert 1 did not land whole");
+    cache->release(1);
+  }
+  std::vector<uint8_t> a, b;
+  PinnedPool pool{Backend::Cuda};
+  ExpertStore store{pool, 1, 2};
+  TransferEngine engine{Backend::Cuda, 1};
+  std::optional<DeviceCache> cache;
+};
+
+// How many of the bytes a queued read saw are not `want`.
+int bytes_other_than(const std::vector<uint8_t>& seen, uint8_t want) {
+  int n = 0;
+  for (uint8_t v : seen) n += v != want;
+  return n;
+}
 }  // namespace
 
 extern "C" {
@@ -180,27 +211,16 @@ int emu_ordered_reads(uint32_t copies, uint64_t bytes) {
 // when expert 1 did not land whole).
 int emu_fenced_release(uint64_t bytes, int fenced, int delay, int default_stream) {
   try {
-    PinnedPool pool(Backend::Cuda);
-    ExpertStore store(pool, 1, 2);
-    std::vector<uint8_t> a(bytes, 0x11), b(bytes, 0x22), seen(bytes);  // before compute: it reads into seen
-    store.add_copy(0, a.data(), bytes);
-    store.add_copy(1, b.data(), bytes);
-    TransferEngine engine(Backend::Cuda, 1);
-    DeviceCache cache(round_up(bytes, 256), EvictionPolicy::Lru, store, engine);
+    std::vector<uint8_t> seen(bytes);  // before compute: it reads into seen
+    TwoExperts two(bytes);
     ComputeStream compute(default_stream != 0);
-    Slot s0 = cache.acquire(0);
+    Slot s0 = two.cache->acquire(0);
     if (s0.transfer) s0.transfer->order(compute.get());
     compute.read_later(seen, s0.data, delay);
-    cache.release(0, fenced ? std::optional<void*>(compute.get()) : std::nullopt);
-    Slot s1 = cache.acquire(1);  // evicts expert 0: the same bytes
-    if (s1.data != s0.data) throw Error(ErrorKind::InvalidArgument, "expert 1 did not take expert 0's bytes");
-    s1.wait();
-    if (compute.read_now(s1.data, bytes) != b) throw Error(ErrorKind::InvalidArgument, "expert 1 did not land whole");
-    cache.release(1);
-    cache.close();
-    int wrong = 0;
-    for (uint8_t v : seen) wrong += v != 0x11;
-    return wrong;
+    two.cache->release(0, fenced ? std::optional<void*>(compute.get()) : std::nullopt);
+    two.evict_into(s0, compute);
+    two.cache->close();
+    return bytes_other_than(seen, 0x11);
   } catch (const std::exception& e) {
     arrival_error = e.what();
     return -1;
@@ -215,34 +235,24 @@ int emu_fenced_release(uint64_t bytes, int fenced, int delay, int default_stream
 // emu_arrival_error() (also when B did not get A's handle or expert 1 did not land whole).
 int emu_reused_stream_handle(uint64_t bytes, int delay) {
   try {
-    PinnedPool pool(Backend::Cuda);
-    ExpertStore store(pool, 1, 2);
-    std::vector<uint8_t> a(bytes, 0x11), b(bytes, 0x22), seen(bytes);  // before the streams: they read into seen
-    store.add_copy(0, a.data(), bytes);
-    store.add_copy(1, b.data(), bytes);
-    TransferEngine engine(Backend::Cuda, 1);
-    DeviceCache cache(round_up(bytes, 256), EvictionPolicy::Lru, store, engine);
+    std::vector<uint8_t> seen(bytes);  // before the streams: they read into seen
+    TwoExperts two(bytes);
     ComputeStream first(false);
-    Slot s0 = cache.acquire(0);
+    Slot s0 = two.cache->acquire(0);
     if (s0.transfer) s0.transfer->order(first.get());
     first.read_later(seen, s0.data, delay);
-    cache.release(0, first.get());
+    two.cache->release(0, first.get());
     const cudaStream_t handle = first.get();
     first.destroy();
     ComputeStream second(false);
     if (second.get() != handle) throw Error(ErrorKind::InvalidArgument, "the new stream did not get the old handle");
-    Slot again = cache.acquire(0);
+    Slot again = two.cache->acquire(0);
     if (again.data != s0.data) throw Error(ErrorKind::InvalidArgument, "expert 0 moved");
-    cache.release(0, second.get());
-    Slot s1 = cache.acquire(1);  // evicts expert 0: the same bytes
-    s1.wait();
-    if (second.read_now(s1.data, bytes) != b) throw Error(ErrorKind::InvalidArgument, "expert 1 did not land whole");
+    two.cache->release(0, second.get());
+    two.evict_into(s0, second);
     cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");  // the destroyed stream's read, before close frees
-    cache.release(1);
-    cache.close();
-    int wrong = 0;
-    for (uint8_t v : seen) wrong += v != 0x11;
-    return wrong;
+    two.cache->close();
+    return bytes_other_than(seen, 0x11);
   } catch (const std::exception& e) {
     arrival_error = e.what();
     return -1;
@@ -290,9 +300,7 @@ int emu_partial_fences(int delay) {
     }
     for (uint32_t id : {2u, 3u, 4u}) cache.release(id);
     cache.close();
-    int wrong = 0;
-    for (uint8_t v : seen) wrong += v != 0xA1;
-    return wrong;
+    return bytes_other_than(seen, 0xA1);
   } catch (const std::exception& e) {
     arrival_error = e.what();
     return -1;
