@@ -55,8 +55,8 @@ std::shared_ptr<Transfer> DeviceCache::fetch_locked(uint32_t id, const Payload& 
     const uint64_t at = it->first, bytes = it->second.bytes;
     if (at + bytes <= offset) continue;
     after.push_back(it->second.fence);
-    // A fence inside this slot is passed before the copy writes (the engine's worker waits for its
-    // stream before it reports even a failed copy), and the copy lands before anything can evict it
+    // A fence inside this slot is passed before the copy writes (the engine waits for the copy's
+    // stream and fences before it reports even a failed copy), and the copy lands before anything can evict it
     // and write here again: this copy is the last that needs it.
     if ((offset <= at && at + bytes <= end) || it->second.fence->passed()) done.push_back(it);
   }

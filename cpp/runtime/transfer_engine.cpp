@@ -424,8 +424,10 @@ void TransferEngine::close() {
         for (auto& job : w->queue) job.transfer->finish("the copy thread did not survive fork()");
         for (auto& issued : w->issued)  // (the one the parent was completing has been moved out)
           if (issued.job.transfer) issued.job.transfer->finish("the copy thread did not survive fork()");
-        w->queue.clear();
-        w->issued.clear();
+        // Leaked as well: dropping them would destroy their fences' events through CUDA in this child
+        // (DeviceCache::close leaks its fences there for the same reason).
+        (void)new std::deque<Job>(std::move(w->queue));
+        (void)new std::deque<Issued>(std::move(w->issued));
       }
       workers_.clear();
       stats_.in_flight = 0;
