@@ -120,7 +120,7 @@ Slot DeviceCache::acquire(uint32_t id, double timeout_s) {
       }
       lock.lock();
     } else {
-      released_.wait_until(lock, deadline);
+      released_->wait_until(lock, deadline);
     }
     check_open();
     refresh_locked();
@@ -168,7 +168,7 @@ void DeviceCache::release(uint32_t id, std::optional<void*> stream) {
 
 void DeviceCache::unpin_locked(const uint32_t* ids, size_t n, std::optional<void*> stream) {
   for (size_t i = 0; i < n; ++i) index_.unpin(ids[i]);  // an expert not in use raises before anything changed
-  released_.notify_all();  // a waiter needs mu_, held until the fences are in place
+  released_->notify_all();  // a waiter needs mu_, held until the fences are in place
   // One fence for them all (the same stream's work so far). Made after the unpins: when CUDA refuses it,
   // the experts are released all the same (a caller's finally forgets them) and the error is raised.
   const auto fence = fence_for(stream);
@@ -293,8 +293,7 @@ void DeviceCache::close() {
     if (e.kind() != ErrorKind::Forked) throw;
     std::lock_guard<std::mutex> lock(mu_);
     in_flight_.clear();
-    for (auto& f : fences_) new std::shared_ptr<const Fence>(std::move(f.second.fence));  // leaked: no CUDA here
-    fences_.clear();
+    fences_.clear();  // (a fence made before fork() leaks its event here: fence.h)
     if (backend_ == Backend::Cpu) device_free(backend_, base_);  // a forked child cannot call CUDA
     base_ = nullptr;
     return;

@@ -1,6 +1,7 @@
 #include "moeoffload/fence.h"
 
 #include "moeoffload/errors.h"
+#include "moeoffload/fork.h"
 #include "moeoffload/memory.h"
 
 #if MOEOFFLOAD_WITH_CUDA
@@ -10,7 +11,7 @@
 namespace moeoffload {
 
 #if MOEOFFLOAD_WITH_CUDA
-Fence::Fence(void* stream) {
+Fence::Fence(void* stream) : generation_(fork_generation()) {
   cudaEvent_t ev = nullptr;
   cuda_check(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreateWithFlags");
   event_ = ev;
@@ -23,7 +24,7 @@ Fence::Fence(void* stream) {
 }
 
 Fence::~Fence() {
-  if (event_) cudaEventDestroy(static_cast<cudaEvent_t>(event_));
+  if (event_ && generation_ == fork_generation()) cudaEventDestroy(static_cast<cudaEvent_t>(event_));
 }
 
 void Fence::order(void* stream) const {
@@ -41,7 +42,7 @@ void Fence::wait() const {
   if (cudaEventSynchronize(static_cast<cudaEvent_t>(event_)) != cudaSuccess) cudaGetLastError();
 }
 #else
-Fence::Fence(void*) { throw Error(ErrorKind::Cuda, "a stream fence needs a build with CUDA"); }
+Fence::Fence(void*) : generation_(0) { throw Error(ErrorKind::Cuda, "a stream fence needs a build with CUDA"); }
 Fence::~Fence() = default;
 void Fence::order(void*) const {}
 bool Fence::passed() const { return true; }

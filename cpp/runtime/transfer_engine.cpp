@@ -1,8 +1,5 @@
 #include "moeoffload/transfer_engine.h"
 
-#include <pthread.h>
-
-#include <atomic>
 #include <chrono>
 #include <cstring>
 
@@ -15,77 +12,64 @@
 namespace moeoffload {
 
 namespace {
-std::atomic<uint64_t> g_fork_generation{0};
-const bool g_fork_hook = [] {
-  pthread_atfork(nullptr, nullptr, [] { g_fork_generation.fetch_add(1); });
-  return true;
-}();
-
 std::string forked_message(const char* what) {
   return std::string(what) + " was created before fork(): its copy threads do not exist in this child process. "
                              "Build a new runtime (ExpertCache) in the child";
 }
 }  // namespace
 
-uint64_t fork_generation() { return g_fork_generation.load(); }
-
 // ---- Transfer ---------------------------------------------------------------
 
 Transfer::~Transfer() {
 #if MOEOFFLOAD_WITH_CUDA
-  if (event_) cudaEventDestroy(static_cast<cudaEvent_t>(event_));
+  if (event_ && !waiting_.forked()) cudaEventDestroy(static_cast<cudaEvent_t>(event_));  // no CUDA in a child
 #endif
 }
 
-bool Transfer::done() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  return done_;
-}
+bool Transfer::done() const { return done_.load(std::memory_order_acquire); }
 
-bool Transfer::failed() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  return done_ && !error_.empty();
-}
+bool Transfer::failed() const { return done() && !error_.empty(); }
 
-std::string Transfer::error() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  return error_;
+std::string Transfer::error() const { return done() ? error_ : std::string(); }
+
+ErrorKind Transfer::error_kind() const { return done() ? error_kind_ : ErrorKind::Cuda; }
+
+void Transfer::check_not_orphaned() const {
+  if (!done() && generation_ != fork_generation()) throw Error(ErrorKind::Forked, forked_message("this transfer"));
 }
 
 void Transfer::wait(double timeout_s) const {
-  std::unique_lock<std::mutex> lock(mu_);
-  if (!done_ && generation_ != fork_generation()) throw Error(ErrorKind::Forked, forked_message("this transfer"));
-  if (timeout_s < 0) {
-    cv_.wait(lock, [&] { return done_; });
-  } else if (!cv_.wait_for(lock, std::chrono::duration<double>(timeout_s), [&] { return done_; })) {
-    throw Error(ErrorKind::Timeout, "transfer of " + std::to_string(bytes_) + " bytes (tag " + std::to_string(tag_) +
-                                        ") not done after " + fmt_number(timeout_s) + " s");
+  if (!done()) {
+    check_not_orphaned();
+    std::unique_lock<std::mutex> lock(waiting_->mu);
+    auto is_done = [&] { return done(); };
+    if (timeout_s < 0) {
+      waiting_->cv.wait(lock, is_done);
+    } else if (!waiting_->cv.wait_for(lock, std::chrono::duration<double>(timeout_s), is_done)) {
+      throw Error(ErrorKind::Timeout, "transfer of " + std::to_string(bytes_) + " bytes (tag " + std::to_string(tag_) +
+                                          ") not done after " + fmt_number(timeout_s) + " s");
+    }
   }
   if (!error_.empty()) throw Error(error_kind_, error_);
 }
 
-ErrorKind Transfer::error_kind() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  return error_kind_;
-}
-
 void Transfer::mark_recorded() {
   {
-    std::lock_guard<std::mutex> lock(mu_);
-    recorded_ = true;
+    std::lock_guard<std::mutex> lock(waiting_->mu);
+    waiting_->recorded = true;
   }
-  cv_.notify_all();
+  waiting_->cv.notify_all();
 }
 
 void Transfer::order(void* stream) const {
   if (backend_ == Backend::Cpu || expands_) return wait();
 #if MOEOFFLOAD_WITH_CUDA
-  {
-    std::unique_lock<std::mutex> lock(mu_);
-    if (!done_ && generation_ != fork_generation()) throw Error(ErrorKind::Forked, forked_message("this transfer"));
-    cv_.wait(lock, [&] { return recorded_ || done_; });
-    if (!error_.empty()) throw Error(error_kind_, error_);
+  if (!done()) {
+    check_not_orphaned();
+    std::unique_lock<std::mutex> lock(waiting_->mu);
+    waiting_->cv.wait(lock, [&] { return waiting_->recorded || done(); });
   }
+  if (done() && !error_.empty()) throw Error(error_kind_, error_);
   cuda_check(cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), static_cast<cudaEvent_t>(event_), 0),
              "cudaStreamWaitEvent");
 #else
@@ -94,10 +78,11 @@ void Transfer::order(void* stream) const {
 }
 
 void Transfer::add_callback(Callback cb) {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!done_) {
-      callbacks_.push_back(std::move(cb));
+  if (!done()) {
+    check_not_orphaned();  // it would never run
+    std::lock_guard<std::mutex> lock(waiting_->mu);
+    if (!done()) {
+      waiting_->callbacks.push_back(std::move(cb));
       return;
     }
   }
@@ -107,13 +92,13 @@ void Transfer::add_callback(Callback cb) {
 void Transfer::finish(const std::string& error, ErrorKind kind) {
   std::vector<Callback> cbs;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::lock_guard<std::mutex> lock(waiting_->mu);
     error_ = error;
     error_kind_ = kind;
-    done_ = true;
-    cbs.swap(callbacks_);
+    done_.store(true, std::memory_order_release);
+    cbs.swap(waiting_->callbacks);
   }
-  cv_.notify_all();
+  waiting_->cv.notify_all();
   for (auto& cb : cbs) {
     try {
       cb(*this);
@@ -127,7 +112,6 @@ void Transfer::finish(const std::string& error, ErrorKind kind) {
 
 TransferEngine::TransferEngine(Backend backend, int num_streams, int issue_ahead)
     : backend_(backend), issue_ahead_(issue_ahead), generation_(fork_generation()) {
-  (void)g_fork_hook;
   if (num_streams < 1 || num_streams > 16)
     throw Error(ErrorKind::InvalidArgument, "TransferEngine needs 1 to 16 streams, got " + std::to_string(num_streams));
   if (issue_ahead < 1 || issue_ahead > kMaxIssued)
@@ -184,14 +168,14 @@ std::shared_ptr<Transfer> TransferEngine::copy(const void* src, void* dst, uint6
     t->event_ = ev;
   }
 #endif
-  if (cb) t->callbacks_.push_back(std::move(cb));
+  if (cb) t->waiting_->callbacks.push_back(std::move(cb));
   t->expands_ = static_cast<bool>(expand);
   workers_[best]->queue.push_back(Job{src, dst, bytes, t, std::move(expand), std::move(after)});
   workers_[best]->queued_bytes += bytes;
   stats_.copies += 1;
   stats_.bytes += bytes;
   stats_.in_flight += 1;
-  work_cv_.notify_all();
+  work_cv_->notify_all();
   return t;
 }
 
@@ -204,14 +188,14 @@ void TransferEngine::run(int index) {
     Job job;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      work_cv_.wait(lock, [&] {
+      work_cv_->wait(lock, [&] {
         return (stopping_ && w.queue.empty()) ||
                (!w.queue.empty() && (backend_ == Backend::Cpu || w.issued.size() < static_cast<size_t>(issue_ahead_)));
       });
       if (w.queue.empty()) {  // stopping, and nothing left to copy
         w.issuer_done = true;
         lock.unlock();
-        work_cv_.notify_all();  // the completer ends once what was issued is done
+        work_cv_->notify_all();  // the completer ends once what was issued is done
         return;
       }
       job = std::move(w.queue.front());
@@ -229,7 +213,7 @@ void TransferEngine::run(int index) {
       w.issued.push_back(std::move(issued));
       w.issued_total += 1;
     }
-    work_cv_.notify_all();
+    work_cv_->notify_all();
   }
 }
 
@@ -242,7 +226,7 @@ void TransferEngine::complete(int index) {
     Issued issued;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      work_cv_.wait(lock, [&] { return !w.issued.empty() || w.issuer_done; });
+      work_cv_->wait(lock, [&] { return !w.issued.empty() || w.issuer_done; });
       if (w.issued.empty()) return;  // the issuer has ended and everything it issued is done
       issued = std::move(w.issued.front());  // its place stays taken, for the issuer's limit, until finish()
     }
@@ -259,8 +243,8 @@ void TransferEngine::finish(Worker& w, Job& job, const std::string& error, Error
     w.queued_bytes -= job.bytes;
     stats_.in_flight -= 1;
   }
-  work_cv_.notify_all();
-  idle_cv_.notify_all();
+  work_cv_->notify_all();
+  idle_cv_->notify_all();
 }
 
 std::string TransferEngine::run_on_cpu(Job& job, ErrorKind& kind) {
@@ -407,7 +391,7 @@ bool TransferEngine::closed() const {
 void TransferEngine::synchronize() {
   std::unique_lock<std::mutex> lock(mu_);
   if (generation_ != fork_generation()) throw Error(ErrorKind::Forked, forked_message("this TransferEngine"));
-  idle_cv_.wait(lock, [&] { return stats_.in_flight == 0; });
+  idle_cv_->wait(lock, [&] { return stats_.in_flight == 0; });
 }
 
 void TransferEngine::close() {
@@ -416,25 +400,17 @@ void TransferEngine::close() {
     if (stopping_ && workers_.empty()) return;
     stopping_ = true;
     if (generation_ != fork_generation()) {
-      // In a forked child the threads do not exist: forget them (joining would
-      // fail) and let the queued transfers fail.
-      for (auto& w : workers_) {
-        (void)new std::thread(std::move(w->thread));  // never joined nor destroyed: leaked on purpose
-        if (w->completer.joinable()) (void)new std::thread(std::move(w->completer));
-        for (auto& job : w->queue) job.transfer->finish("the copy thread did not survive fork()");
-        for (auto& issued : w->issued)  // (the one the parent was completing has been moved out)
-          if (issued.job.transfer) issued.job.transfer->finish("the copy thread did not survive fork()");
-        // Leaked as well: dropping them would destroy their fences' events through CUDA in this child
-        // (DeviceCache::close leaks its fences there for the same reason).
-        (void)new std::deque<Job>(std::move(w->queue));
-        (void)new std::deque<Issued>(std::move(w->issued));
-      }
+      // A forked child has none of the copy threads (fork() held mu_, so what they left is whole).
+      // Everything a worker owns is leaked, not destroyed: its threads cannot be joined, its copies'
+      // fences and events would go through CUDA, and its copies' callbacks (Python ones included)
+      // must not run for copies that never happen. Those transfers stay not done: they raise Forked.
+      for (auto& w : workers_) (void)w.release();
       workers_.clear();
       stats_.in_flight = 0;
       return;
     }
   }
-  work_cv_.notify_all();
+  work_cv_->notify_all();
   for (auto& w : workers_) {
     if (w->thread.joinable()) w->thread.join();  // then the completer ends once the last copy is done
     if (w->completer.joinable()) w->completer.join();

@@ -21,6 +21,7 @@
 #include "moeoffload/decision.h"
 #include "moeoffload/expert_store.h"
 #include "moeoffload/fence.h"
+#include "moeoffload/fork.h"
 #include "moeoffload/transfer_engine.h"
 
 namespace moeoffload {
@@ -96,7 +97,8 @@ class DeviceCache {
   Backend backend_;
   uint8_t* base_ = nullptr;
   std::mutex mu_;
-  std::condition_variable released_;
+  HeldAcrossFork mu_across_fork_{mu_, 0};  // taken before the engine's: fetch_locked copies under it
+  ParentOnly<std::condition_variable> released_;
   uint64_t max_slot_bytes_;  // the largest expert's resident bytes (at least 1)
   CacheIndex index_;
   std::unordered_map<uint32_t, std::shared_ptr<Transfer>> in_flight_;

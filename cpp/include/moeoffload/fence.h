@@ -5,6 +5,7 @@
 // overwritten under a running kernel and no host thread waits. cuda only: on the cpu backend the
 // kernels have run when their call returns, and no fence is ever made.
 #pragma once
+#include <cstdint>
 #include <memory>
 
 namespace moeoffload {
@@ -25,6 +26,7 @@ class Fence {
 
  private:
   void* event_ = nullptr;  // cudaEvent_t, this fence's own (one record, never reused)
+  uint64_t generation_;    // fork_generation() when made: a forked child leaks the event (no CUDA there)
 };
 
 }  // namespace moeoffload

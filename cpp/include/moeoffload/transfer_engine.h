@@ -11,6 +11,7 @@
 // landed. A compute stream that reads the destination orders itself after the
 // copy with Transfer::order (cudaStreamWaitEvent), no host wait.
 #pragma once
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -23,13 +24,10 @@
 
 #include "moeoffload/errors.h"
 #include "moeoffload/fence.h"
+#include "moeoffload/fork.h"
 #include "moeoffload/memory.h"
 
 namespace moeoffload {
-
-// Incremented in the child after every fork(): copy threads do not survive a
-// fork, so objects made in an earlier generation raise Forked there.
-uint64_t fork_generation();
 
 class Transfer {
  public:
@@ -61,19 +59,26 @@ class Transfer {
       : bytes_(bytes), tag_(tag), stream_(stream), generation_(fork_generation()) {}
   void finish(const std::string& error, ErrorKind kind = ErrorKind::Cuda);
   void mark_recorded();  // the worker recorded event_ on its stream
+  // Not done and made before a fork this process descends from: it never will be (raises Forked).
+  void check_not_orphaned() const;
   const uint64_t bytes_, tag_;
   const int stream_;
   const uint64_t generation_;
   void* event_ = nullptr;  // cudaEvent_t on cuda
   Backend backend_ = Backend::Cpu;
-  mutable std::mutex mu_;
-  mutable std::condition_variable cv_;
-  bool done_ = false;
-  bool recorded_ = false;  // event_ is recorded (cuda): a stream can wait on it
-  bool expands_ = false;   // lands through an Expand
+  bool expands_ = false;  // lands through an Expand
+  // Set once, with error_ and error_kind_ written before it and never after: a done transfer is read
+  // without its lock, which a forked child must not take (a copy thread may have held it).
+  std::atomic<bool> done_{false};
   std::string error_;
   ErrorKind error_kind_ = ErrorKind::Cuda;
-  std::vector<Callback> callbacks_;
+  struct Waiting {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool recorded = false;  // event_ is recorded (cuda): a stream can wait on it
+    std::vector<Callback> callbacks;
+  };
+  ParentOnly<Waiting> waiting_;
 };
 
 struct TransferStats {
@@ -167,7 +172,8 @@ class TransferEngine {
   uint64_t generation_;
   int device_ = 0;
   mutable std::mutex mu_;
-  std::condition_variable work_cv_, idle_cv_;
+  HeldAcrossFork mu_across_fork_{mu_, 1};
+  ParentOnly<std::condition_variable> work_cv_, idle_cv_;
   std::vector<std::unique_ptr<Worker>> workers_;
   bool stopping_ = false;
   int next_stream_ = 0;

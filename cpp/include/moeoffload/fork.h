@@ -1,0 +1,50 @@
+// What the runtime keeps sound across fork(). A forked child has only the thread that forked: the
+// copy threads are gone, and with them any lock they held and any wait they were in. So:
+// - fork_generation() counts the forks this process descends from; objects that own threads record
+//   it, and raise Forked when used in a later one.
+// - HeldAcrossFork: the mutexes the runtime's own threads take are registered, and fork() takes every
+//   one of them before it copies the process (pthread_atfork), so a child never inherits one locked by
+//   a thread it does not have, nor the state behind it half changed.
+// - ParentOnly<T>: glibc's pthread_cond_destroy waits until every thread that waited on the variable
+//   has left it, which the parent's threads never do in a child; a condition variable (and what
+//   else must not be torn down there) is held in a ParentOnly, which a child leaks instead of destroying.
+#pragma once
+#include <cstdint>
+#include <mutex>
+
+namespace moeoffload {
+
+uint64_t fork_generation();
+
+class HeldAcrossFork {
+ public:
+  // rank: fork takes lower ranks first; a thread holding a mutex of one rank may go on to take one of
+  // a higher rank, never the reverse (the device cache, rank 0, copies through the engine, rank 1).
+  HeldAcrossFork(std::mutex& mu, int rank);
+  ~HeldAcrossFork();
+  HeldAcrossFork(const HeldAcrossFork&) = delete;
+  HeldAcrossFork& operator=(const HeldAcrossFork&) = delete;
+
+ private:
+  std::mutex& mu_;
+};
+
+template <class T>
+class ParentOnly {
+ public:
+  ParentOnly() : value_(new T()), generation_(fork_generation()) {}
+  ~ParentOnly() {
+    if (generation_ == fork_generation()) delete value_;  // else leaked: see above
+  }
+  ParentOnly(const ParentOnly&) = delete;
+  ParentOnly& operator=(const ParentOnly&) = delete;
+  T& operator*() const { return *value_; }
+  T* operator->() const { return value_; }
+  bool forked() const { return generation_ != fork_generation(); }
+
+ private:
+  T* value_;
+  uint64_t generation_;
+};
+
+}  // namespace moeoffload
