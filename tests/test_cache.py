@@ -109,9 +109,9 @@ def test_szpe_experts_cross_as_szpe_and_land_as_their_szp_buffers():
         assert cache.engine.stats()["bytes"] == copied  # the coded bytes crossed, not the szp ones
 
 
-def test_szpe_expert_that_does_not_decode_fails_its_fetch_with_corrupt_data(tmp_path):
-    # A payload whose CRCs were forged after a stream byte changed passes the load checks; its arrival
-    # fails as CorruptDataError (named, not a crash), and the cache stays consistent.
+def _table_with_an_expert_that_does_not_decode():
+    """An szpe table whose expert (0, 0) has a stream byte changed and its CRCs forged after: it passes the
+    load checks, and its arrival fails."""
     from moeoffload import _native
     from moeoffload.errors import CorruptDataError
 
@@ -133,6 +133,14 @@ def test_szpe_expert_that_does_not_decode_fails_its_fetch_with_corrupt_data(tmp_
     blob[m["offset"]:m["offset"] + m["bytes"]] = trial
     t._payloads[t.entry(0, 0)["tensor"]] = blob  # an in-memory table: its bytes as the store will copy them
     t.entry(0, 0)["crc32"] = int(_native.crc32(blob))
+    return t
+
+
+def test_szpe_expert_that_does_not_decode_fails_its_fetch_with_corrupt_data():
+    # Its arrival fails as CorruptDataError (named, not a crash), and the cache stays consistent.
+    from moeoffload.errors import CorruptDataError
+
+    t = _table_with_an_expert_that_does_not_decode()
     with ExpertCache(t, 4 * slot_bytes(t)) as cache:
         slot = cache.acquire(0, 0)
         with pytest.raises(CorruptDataError, match="stream"):
@@ -144,6 +152,41 @@ def test_szpe_expert_that_does_not_decode_fails_its_fetch_with_corrupt_data(tmp_
         slot = cache.acquire(0, 1)  # the others still land
         slot.wait()
         cache.release(0, 1)
+
+
+
+
+def test_a_failed_fetch_stays_held_until_its_holders_release_it():
+    # Once, the next call that looked at the copies dropped a failed expert while its caller still held it:
+    # the caller's release then raised "not cached", and a layer's release_all left its other experts
+    # pinned for good. Now a failed fetch keeps its slot, and its error for whoever acquires it, until the
+    # last holder releases; the next acquire fetches it again.
+    from moeoffload.errors import CorruptDataError
+
+    t = _table_with_an_expert_that_does_not_decode()
+    with ExpertCache(t, 4 * slot_bytes(t), prefetch=None) as cache:
+        slots = cache.acquire_ahead(0, [0, 1])
+        with pytest.raises(CorruptDataError):
+            slots[0].wait()
+        slots[1].wait()
+        cache.acquire(0, 2).wait()  # looks at the copies: the failed one is still held
+        with pytest.raises(CorruptDataError):
+            cache.acquire(0, 0).wait()  # a second holder gets the same error, no fetch
+        assert cache.stats()["misses"] == 3
+        cache.release(0, 0)
+        cache.release_all(0, [0, 1])
+        cache.release(0, 2)
+        cache.cache.check_invariants()
+        assert t.expert_id(0, 0) not in cache.cache.resident()
+        with pytest.raises(CorruptDataError):
+            cache.acquire(0, 0).wait()  # fetched again (and fails again: the payload is what it is)
+        assert cache.stats()["misses"] == 4
+        cache.release(0, 0)
+        cache.cache.synchronize()  # returns: a failed copy is not one to wait for
+        for e in (1, 2, 3):
+            cache.acquire(0, e).wait()
+            cache.release(0, e)
+        cache.cache.check_invariants()
 
 
 def test_table_with_an_older_szpe_payload_says_to_rebuild():

@@ -32,8 +32,8 @@ void DeviceCache::check_open() const {
 
 void DeviceCache::refresh_locked() {
   for (auto it = in_flight_.begin(); it != in_flight_.end();) {
-    if (!it->second->done()) {
-      ++it;
+    if (!it->second->done() || (it->second->failed() && index_.pins(it->first) > 0)) {
+      ++it;  // still copying, or failed and still held: it keeps its slot and its error until released
       continue;
     }
     if (it->second->failed())
@@ -42,6 +42,12 @@ void DeviceCache::refresh_locked() {
       index_.mark_ready(it->first);
     it = in_flight_.erase(it);
   }
+}
+
+std::shared_ptr<Transfer> DeviceCache::next_copy_locked() const {
+  for (const auto& [id, transfer] : in_flight_)
+    if (!transfer->done()) return transfer;
+  return nullptr;
 }
 
 std::shared_ptr<Transfer> DeviceCache::fetch_locked(uint32_t id, const Payload& payload, uint64_t offset) {
@@ -111,8 +117,7 @@ Slot DeviceCache::acquire(uint32_t id, double timeout_s) {
       }
     }
     // Every slot is pinned or loading: wait for a copy to land or a release.
-    if (!in_flight_.empty()) {
-      auto t = in_flight_.begin()->second;
+    if (auto t = next_copy_locked()) {
       lock.unlock();
       try {
         t->wait();
@@ -168,11 +173,13 @@ void DeviceCache::release(uint32_t id, std::optional<void*> stream) {
 
 void DeviceCache::unpin_locked(const uint32_t* ids, size_t n, std::optional<void*> stream) {
   for (size_t i = 0; i < n; ++i) index_.unpin(ids[i]);  // an expert not in use raises before anything changed
+  refresh_locked();  // drops a failed fetch its last holder released: nothing read its slot
   released_->notify_all();  // a waiter needs mu_, held until the fences are in place
   // One fence for them all (the same stream's work so far). Made after the unpins: when CUDA refuses it,
   // the experts are released all the same (a caller's finally forgets them) and the error is raised.
   const auto fence = fence_for(stream);
-  for (size_t i = 0; i < n; ++i) fence_locked(ids[i], fence);
+  for (size_t i = 0; i < n; ++i)
+    if (index_.contains(ids[i])) fence_locked(ids[i], fence);
 }
 
 bool DeviceCache::prefetch(uint32_t id, double priority) {
@@ -255,8 +262,8 @@ void DeviceCache::synchronize() {
     {
       std::lock_guard<std::mutex> lock(mu_);
       refresh_locked();
-      if (in_flight_.empty()) return;
-      t = in_flight_.begin()->second;
+      t = next_copy_locked();
+      if (!t) return;
     }
     try {
       t->wait();

@@ -2,7 +2,9 @@
 // `budget` bytes. A slot holds what the kernels read (szp), which for an szpe
 // expert is more than crossed the bus (ExpertStore::resident_bytes). acquire() pins an expert and returns its slot, fetching it
 // through the TransferEngine on a miss (evicting by policy); release() unpins.
-// prefetch() starts a fetch only when it displaces nothing more valuable.
+// prefetch() starts a fetch only when it displaces nothing more valuable. A fetch that fails keeps its
+// slot, and its error for whoever acquires it, until its last holder releases it; then the slot is
+// dropped and the next acquire fetches the expert again.
 // On cuda a caller whose kernels reading a slot are still queued on its stream releases it with that
 // stream: the slot's bytes then keep a fence (fence.h), and a later fetch into them waits for it on
 // its copy stream.
@@ -82,7 +84,7 @@ class DeviceCache {
   void close();        // waits for fetches, frees the device memory
 
  private:
-  void refresh_locked();  // retires landed copies
+  void refresh_locked();  // retires landed copies, and failed ones nobody holds (dropping their slots)
   // Starts the copy of `id` into the slot at `offset` (expanded on arrival: arrival.h), after the fences
   // of the bytes it overwrites.
   std::shared_ptr<Transfer> fetch_locked(uint32_t id, const Payload& payload, uint64_t offset);
@@ -91,6 +93,7 @@ class DeviceCache {
   void fence_locked(uint32_t id, std::shared_ptr<const Fence> fence);
   void unpin_locked(const uint32_t* ids, size_t n, std::optional<void*> stream);
   void check_open() const;
+  std::shared_ptr<Transfer> next_copy_locked() const;  // one of in_flight_ not done yet, or nullptr
   uint64_t budget_;
   ExpertStore& store_;
   TransferEngine& engine_;
