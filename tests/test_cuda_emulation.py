@@ -18,7 +18,11 @@ kernels, in a process of its own with the sanitizer loaded first:
   as szp byte for byte, a corrupt stream fails its own transfer and no other; a compute stream ordered
   after queued copies reads what they bring; a slot released with the stream of a kernel still reading
   it is not overwritten under that kernel by the fetch that evicts it (and is, without the stream), nor
-  when that stream is destroyed and the next stream, with its handle, releases the slot again.
+  when that stream is destroyed and the next stream, with its handle, releases the slot again;
+- faults: each CUDA call the copy path makes (allocations, copies, memsets, launches, events, stream
+  waits and synchronizations) fails in turn, once: the one fetch or release that met it raises
+  CudaError and nothing else does, no queued read sees its slot overwritten, and with the fault gone
+  every expert lands again byte for byte.
 On a GPU, tests/test_szpe.py and tests/test_ops.py check the compiled kernels the same way."""
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ def emulated(tmp_path_factory) -> tuple[Path, dict]:
     return lib, env
 
 
-@pytest.mark.parametrize("check", ["decoders", "corrupt", "fused", "arrival"])
+@pytest.mark.parametrize("check", ["decoders", "corrupt", "fused", "arrival", "faults"])
 def test_the_emulated_cuda_kernels_give_the_cpu_kernels_results(emulated, check):
     lib, env = emulated
     r = subprocess.run([sys.executable, str(ROOT / "tests/cuda_emulation/checks.py"), str(lib), check],

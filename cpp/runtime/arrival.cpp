@@ -31,8 +31,9 @@ Expand arrival_for(const ExpertStore& store, uint32_t id, Backend backend) {
   return [matrices, id](const uint8_t* src, uint8_t* dst, void* stream, int* device_failed) {
     auto s = static_cast<cudaStream_t>(stream);
     auto check = [id](int err) {
-      if (err != cudaSuccess)
-        throw Error(ErrorKind::Cuda, "the arrival of expert " + std::to_string(id) + " failed: " +
+      if (err == cudaSuccess) return;
+      cudaGetLastError();  // read here: else the next launch on this thread returns it, failing another expert
+      throw Error(ErrorKind::Cuda, "the arrival of expert " + std::to_string(id) + " failed: " +
                                          cudaGetErrorString(static_cast<cudaError_t>(err)));
     };
     std::vector<SzpeTranscode> transcodes;  // one launch for all of them: their streams run side by side

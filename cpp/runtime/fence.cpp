@@ -12,15 +12,24 @@ namespace moeoffload {
 
 #if MOEOFFLOAD_WITH_CUDA
 Fence::Fence(void* stream) : generation_(fork_generation()) {
+  const auto s = static_cast<cudaStream_t>(stream);
   cudaEvent_t ev = nullptr;
-  cuda_check(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreateWithFlags");
-  event_ = ev;
-  const cudaError_t err = cudaEventRecord(ev, static_cast<cudaStream_t>(stream));
-  if (err != cudaSuccess) {
+  const char* what = "cudaEventCreateWithFlags (a slot's release)";
+  cudaError_t err = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
+  if (err == cudaSuccess) {
+    what = "cudaEventRecord (a slot's release)";
+    err = cudaEventRecord(ev, s);
+    if (err == cudaSuccess) {
+      event_ = ev;
+      return;
+    }
     cudaEventDestroy(ev);
-    event_ = nullptr;
-    cuda_check(err, "cudaEventRecord (a slot's release)");
   }
+  // No fence, and the slot is released all the same (the caller forgets its pin): the work queued on
+  // the stream, which may still read its bytes, is waited for here, before any copy can write them.
+  cudaGetLastError();
+  cudaStreamSynchronize(s);
+  cuda_check(err, what);
 }
 
 Fence::~Fence() {

@@ -122,6 +122,32 @@ class Emulated:
         return [(slots[i].tobytes(), errors.raw[512 * i:512 * (i + 1)].split(b"\0")[0].decode())
                 for i in range(len(experts))]
 
+    def faulty_fetches(self, experts, call: str, nth: int, streams: int = 2, delay: int = 40):
+        """emu_faulty_fetches: (fired, [(what round one's read saw or None, round two's slot, round one's
+        error) for each expert])."""
+        bufs = [b for e in experts for b, _ in e]
+        sizes = [resident_bytes(e) for e in experts]
+        seen = [np.full(n, 0x5A, np.uint8) for n in sizes]
+        slots = [np.full(n, 0x5A, np.uint8) for n in sizes]
+        errors = ctypes.create_string_buffer(512 * len(experts))
+        ptrs = lambda arrs: (ctypes.c_void_p * len(arrs))(*(a.ctypes.data for a in arrs))  # noqa: E731
+        fired = self.lib.emu_faulty_fetches(
+            call.encode(), ctypes.c_int(nth), ctypes.c_uint32(len(experts)),
+            (ctypes.c_uint32 * len(experts))(*(len(e) for e in experts)), ptrs(bufs),
+            (ctypes.c_uint64 * len(bufs))(*(b.size for b in bufs)),
+            (ctypes.c_int * len(bufs))(*(int(c) for e in experts for _, c in e)), ctypes.c_int(streams),
+            ctypes.c_int(delay), ptrs(seen), ptrs(slots), (ctypes.c_uint64 * len(sizes))(*sizes), errors,
+            ctypes.c_uint64(512))
+        if fired == -1:
+            self.lib.emu_arrival_error.restype = ctypes.c_char_p
+            raise RuntimeError(f"emu_faulty_fetches({call}, {nth}): {self.lib.emu_arrival_error().decode()}")
+        out = []
+        for i in range(len(experts)):
+            error = errors.raw[512 * i:512 * (i + 1)].split(b"\0")[0].decode()
+            read = error == "" or error.startswith("release ")  # its read was queued before the release
+            out.append((seen[i].tobytes() if read else None, slots[i].tobytes(), error))
+        return fired, out
+
 
 def slot_layout(expert: list[tuple[np.ndarray, bool]]) -> list[tuple[int, int]]:
     """Where each matrix's buffer lies in the expert's device slot (expert_store.cpp): as in the payload
@@ -256,6 +282,25 @@ def check_fused(emu: Emulated) -> None:
             assert bool(nan[1].all()) and not bool(nan[0].any() or nan[2].any()), (dtype, "a NaN token")
 
 
+def _matrix(g, rows, cols, dtype, szpe, eb=2e-3, per_stream=0):
+    x = (torch.randn(rows, cols, generator=g) * 0.02).to(dtype)
+    fixed = codec.compress(x, eb)
+    return (np.asarray(_native.szpe_from_szp(fixed.buffer, per_stream)), True) if szpe else (fixed.buffer, False)
+
+
+def _experts(g) -> list[list[tuple[np.ndarray, bool]]]:
+    """Experts of (buffer, is szpe) matrices: szpe, szp only, mixed, five szpe matrices (two launches),
+    and a larger one (the staging buffer grows)."""
+    bf16, f32, f16 = torch.bfloat16, torch.float32, torch.float16
+    return [
+        [_matrix(g, 24, 96, bf16, True, per_stream=5), _matrix(g, 96, 12, bf16, True, per_stream=7)],
+        [_matrix(g, 10, 40, f32, False), _matrix(g, 40, 5, f32, False)],
+        [_matrix(g, 8, 64, f16, True, per_stream=1), _matrix(g, 64, 4, f16, False)],
+        [_matrix(g, 6 + i, 33, bf16, True, per_stream=2) for i in range(5)],
+        [_matrix(g, 48, 130, bf16, True, per_stream=9), _matrix(g, 130, 24, bf16, True, per_stream=11)],
+    ]
+
+
 def check_arrival(emu: Emulated) -> None:
     """The runtime's path onto a device with the cuda backend (pinned pool, expert store, the copy
     engine's staging, failure flag and event, the arrival step's one launch per expert) on emulated
@@ -266,20 +311,8 @@ def check_arrival(emu: Emulated) -> None:
     stream of a read still queued (DeviceCache::release) is not overwritten under it, nor when that stream
     is destroyed and its handle taken by the next."""
     g = torch.Generator().manual_seed(21)
-
-    def matrix(rows, cols, dtype, szpe, eb=2e-3, per_stream=0):
-        x = (torch.randn(rows, cols, generator=g) * 0.02).to(dtype)
-        fixed = codec.compress(x, eb)
-        return (np.asarray(_native.szpe_from_szp(fixed.buffer, per_stream)), True) if szpe else (fixed.buffer, False)
-
-    bf16, f32, f16 = torch.bfloat16, torch.float32, torch.float16
-    experts = [
-        [matrix(24, 96, bf16, True, per_stream=5), matrix(96, 12, bf16, True, per_stream=7)],  # an expert
-        [matrix(10, 40, f32, False), matrix(40, 5, f32, False)],  # szp only: copied as it is
-        [matrix(8, 64, f16, True, per_stream=1), matrix(64, 4, f16, False)],  # mixed
-        [matrix(6 + i, 33, bf16, True, per_stream=2) for i in range(5)],  # 5 szpe matrices: 2 launches
-        [matrix(48, 130, bf16, True, per_stream=9), matrix(130, 24, bf16, True, per_stream=11)],  # larger: staging grows
-    ]
+    experts = _experts(g)
+    bf16 = torch.bfloat16
     # A corrupt stream (the CRC recomputed, so the store's parse passes), then clean experts after it.
     x = torch.distributions.StudentT(2.0).sample((24, 160)) * 0.01
     good = np.asarray(_native.szpe_from_szp(codec.compress(x.to(bf16), 1e-3).buffer, 5))
@@ -296,7 +329,7 @@ def check_arrival(emu: Emulated) -> None:
     # Each next to szpe experts that decode: their failure flags must not swap (each copy reads its own).
     corrupt_at = (3, 6, 8)
     for at in corrupt_at:
-        experts.insert(at, [matrix(16, 32, bf16, True, per_stream=3), (broken, True)])
+        experts.insert(at, [_matrix(g, 16, 32, bf16, True, per_stream=3), (broken, True)])
     # A compute stream ordered after copies still queued behind others (no host wait) sees their bytes.
     assert emu.lib.emu_ordered_reads(ctypes.c_uint32(16), ctypes.c_uint64(1 << 16)) == 0
     # A slot released with the stream of a read still queued keeps its bytes until the read is done; released
@@ -330,6 +363,40 @@ def check_arrival(emu: Emulated) -> None:
                 assert slot[at:at + n] == landed_bytes(buf, c, coded), (streams, i, at)
 
 
+# The runtime functions the copy path calls (and "launch": a kernel launch), each made to fail in turn.
+FAULTY_CALLS = ("cudaMalloc", "cudaHostAlloc", "cudaMemsetAsync", "cudaMemcpyAsync", "launch", "cudaEventCreateWithFlags",
+                "cudaEventRecord", "cudaStreamWaitEvent", "cudaEventSynchronize", "cudaStreamSynchronize")
+
+
+def check_faults(emu: Emulated) -> None:
+    """The copy path's error paths, which a GPU that works never takes: each CUDA call it makes fails in
+    turn (the 1st, 2nd or 5th call of it, while experts are fetched into a cache a quarter their
+    size, released with a compute stream whose reads of them are still queued, and evicted). The one
+    fetch or release that met the failure raises CudaError, named, and nothing else does; no read
+    queued before a release sees its slot overwritten (a release that could not make its fence still
+    keeps the bytes from being written under the read); nothing hangs; and once the fault is gone every
+    expert is fetched again and lands byte for byte, the cache's invariants whole."""
+    g = torch.Generator().manual_seed(22)
+    experts = _experts(g)
+    experts += [list(e) for e in _experts(g)]  # ten experts: the cache holds about three
+    for call in FAULTY_CALLS:
+        for nth in (1, 2, 5):
+            # A release's fence (an event made and recorded) failing: its read is queued long enough that
+            # the fetches after it evict the slot while the read still waits.
+            delay = 300 if call in ("cudaEventCreateWithFlags", "cudaEventRecord") else 40
+            fired, results = emu.faulty_fetches(experts, call, nth, delay=delay)
+            assert nth > 1 or fired == 1, (call, "never called: the check reaches nothing")
+            failed = [i for i, (_, _, error) in enumerate(results) if error]
+            assert len(failed) == fired, (call, nth, [r[2] for r in results])
+            for i, (expert, (seen, slot, error)) in enumerate(zip(experts, results)):
+                assert error == "" or ("CudaError" in error and "(emulated" in error), (call, nth, i, error)
+                coded = any(c for _, c in expert)
+                for (buf, c), (at, n) in zip(expert, slot_layout(expert)):
+                    want = landed_bytes(buf, c, coded)
+                    assert slot[at:at + n] == want, (call, nth, i, "round two")
+                    assert seen is None or seen[at:at + n] == want, (call, nth, i, "overwritten under a read", error)
+
+
 def _parses(buf: np.ndarray) -> bool:
     try:
         _native.szpe_inspect(buf, True)
@@ -346,7 +413,8 @@ def _decodes(buf: np.ndarray, shape) -> bool:
         return False
 
 
-CHECKS = {"decoders": check_decoders, "corrupt": check_corrupt, "fused": check_fused, "arrival": check_arrival}
+CHECKS = {"decoders": check_decoders, "corrupt": check_corrupt, "fused": check_fused, "arrival": check_arrival,
+          "faults": check_faults}
 
 if __name__ == "__main__":
     CHECKS[sys.argv[2]](Emulated(sys.argv[1]))

@@ -13,7 +13,9 @@
 // cudaStreamDestroy returns at once, the stream's queued work still runs, and the next stream created
 // gets the same handle back (as CUDA's handles are reused); an event destroyed under queued work lives
 // until that work is done. As in CUDA, an error (a query's "not ready" too) is the thread's last error
-// until cudaGetLastError reads it, and a launch returns the last error.
+// until cudaGetLastError reads it, and a launch returns the last error. A check can make one call fail
+// (fail_call: the nth call of a runtime function from then on), to reach the error paths of the code
+// that calls it.
 #pragma once
 #include <atomic>
 #include <chrono>
@@ -25,6 +27,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 
 #include "cuda_emulator.h"
@@ -36,6 +39,7 @@ enum cudaError_t {
   cudaErrorInvalidConfiguration = 9,
   cudaErrorNotReady = 600,
   cudaErrorMisalignedAddress = 716,
+  cudaErrorLaunchFailure = 719,
 };
 
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
@@ -191,6 +195,53 @@ inline void host_wakes_late() {
   std::this_thread::sleep_for(std::chrono::microseconds((seed >> 8) % (most + 1)));
 }
 
+// One call made to fail: the nth call of `name` (a runtime function, or "launch") from when it was set,
+// counting only calls not made under Uncounted (a check's own work on the device).
+struct FaultPlan {
+  std::mutex mu;
+  std::string name;
+  int countdown = 0;
+  int fired = 0;
+};
+inline FaultPlan& fault_plan() {
+  static FaultPlan p;
+  return p;
+}
+inline bool& uncounted() {
+  thread_local bool u = false;
+  return u;
+}
+class Uncounted {
+ public:
+  Uncounted() : was_(uncounted()) { uncounted() = true; }
+  ~Uncounted() { uncounted() = was_; }
+
+ private:
+  bool was_;
+};
+inline void fail_call(const std::string& name, int nth) {  // nth 0: none fails from now on
+  FaultPlan& p = fault_plan();
+  std::lock_guard<std::mutex> lock(p.mu);
+  p.name = name;
+  p.countdown = nth;
+  p.fired = 0;
+}
+inline int fault_fired() {
+  FaultPlan& p = fault_plan();
+  std::lock_guard<std::mutex> lock(p.mu);
+  return p.fired;
+}
+// True when this call of `name` is the one to fail: `error` is then the thread's last error, as CUDA's are.
+inline bool fails(const char* name, int error = 719 /* cudaErrorLaunchFailure */) {
+  if (uncounted()) return false;
+  FaultPlan& p = fault_plan();
+  std::lock_guard<std::mutex> lock(p.mu);
+  if (p.countdown <= 0 || p.name != name || --p.countdown > 0) return false;
+  p.fired += 1;
+  last_error() = error;
+  return true;
+}
+
 inline std::mutex& kernel_mutex() {
   static std::mutex m;
   return m;
@@ -200,6 +251,10 @@ inline std::mutex& kernel_mutex() {
 template <typename... Params, typename... Args>
 int launch_on(void* stream, dim3 grid, dim3 block, size_t shared_bytes, void (*kernel)(Params...),
               const Args&... args) {
+  if (fails("launch")) {
+    last_error() = 0;
+    return 719;
+  }
   enqueue(stream, [=] {
     std::lock_guard<std::mutex> lock(kernel_mutex());
     launch(grid, block, shared_bytes, kernel, args...);
@@ -224,6 +279,7 @@ inline const char* cudaGetErrorString(cudaError_t e) {
     case cudaSuccess: return "no error (emulated)";
     case cudaErrorMemoryAllocation: return "out of memory (emulated)";
     case cudaErrorNotReady: return "device not ready (emulated)";
+    case cudaErrorLaunchFailure: return "unspecified launch failure (emulated, injected)";
     default: return "an error (emulated)";
   }
 }
@@ -250,6 +306,7 @@ inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int d) {
 }
 
 inline cudaError_t cudaMalloc(void** p, size_t bytes) {
+  if (moeoffload_emulation::fails("cudaMalloc", cudaErrorMemoryAllocation)) return cudaErrorMemoryAllocation;
   *p = std::malloc(bytes ? bytes : 1);
   if (!*p) return cudaErrorMemoryAllocation;
   std::memset(*p, 0xA5, bytes);
@@ -264,6 +321,7 @@ inline cudaError_t cudaFree(void* p) {
   return cudaSuccess;
 }
 inline cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned) {
+  if (moeoffload_emulation::fails("cudaHostAlloc", cudaErrorMemoryAllocation)) return cudaErrorMemoryAllocation;
   *p = std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096);
   return *p ? cudaSuccess : cudaErrorMemoryAllocation;
 }
@@ -312,6 +370,7 @@ inline cudaError_t cudaStreamDestroy(cudaStream_t s) {
   return cudaSuccess;
 }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+  if (moeoffload_emulation::fails("cudaStreamSynchronize", cudaErrorLaunchFailure)) return cudaErrorLaunchFailure;
   moeoffload_emulation::stream_of(s).drain();
   return cudaSuccess;
 }
@@ -324,15 +383,18 @@ inline cudaError_t cudaDeviceSynchronize() {
 }
 
 inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind, cudaStream_t s) {
+  if (moeoffload_emulation::fails("cudaMemcpyAsync", cudaErrorLaunchFailure)) return cudaErrorLaunchFailure;
   moeoffload_emulation::enqueue(s, [=] { std::memcpy(dst, src, bytes); });
   return cudaSuccess;
 }
 inline cudaError_t cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStream_t s) {
+  if (moeoffload_emulation::fails("cudaMemsetAsync", cudaErrorLaunchFailure)) return cudaErrorLaunchFailure;
   moeoffload_emulation::enqueue(s, [=] { std::memset(dst, value, bytes); });
   return cudaSuccess;
 }
 
 inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) {
+  if (moeoffload_emulation::fails("cudaEventCreateWithFlags", cudaErrorLaunchFailure)) return cudaErrorLaunchFailure;
   *e = reinterpret_cast<cudaEvent_t>(new moeoffload_emulation::EventHandle);
   return cudaSuccess;
 }
@@ -341,6 +403,7 @@ inline cudaError_t cudaEventDestroy(cudaEvent_t e) {
   return cudaSuccess;
 }
 inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
+  if (moeoffload_emulation::fails("cudaEventRecord", cudaErrorLaunchFailure)) return cudaErrorLaunchFailure;
   auto ev = moeoffload_emulation::event_of(e);
   uint64_t n;
   {
@@ -357,6 +420,7 @@ inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
   return cudaSuccess;
 }
 inline cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+  if (moeoffload_emulation::fails("cudaEventSynchronize", cudaErrorLaunchFailure)) return cudaErrorLaunchFailure;
   auto ev = moeoffload_emulation::event_of(e);
   {
     std::unique_lock<std::mutex> lock(ev->mu);
@@ -374,6 +438,7 @@ inline cudaError_t cudaEventQuery(cudaEvent_t e) {
   return cudaErrorNotReady;
 }
 inline cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned = 0) {
+  if (moeoffload_emulation::fails("cudaStreamWaitEvent", cudaErrorLaunchFailure)) return cudaErrorLaunchFailure;
   auto ev = moeoffload_emulation::event_of(e);
   uint64_t n;
   {

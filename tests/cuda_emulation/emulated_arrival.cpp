@@ -5,6 +5,7 @@
 // compute stream ordered after copies still queued (Transfer::order); and a slot released while a
 // kernel reading it is still queued (DeviceCache::release with its stream). For
 // tests/cuda_emulation/checks.py, behind a C interface like emulated_kernels.cpp's.
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -30,10 +31,12 @@ thread_local std::string arrival_error;
 class ComputeStream {
  public:
   explicit ComputeStream(bool default_stream) {
+    moeoffload_emulation::Uncounted harness;  // (a check's own device work never has a call made to fail)
     if (!default_stream) cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "compute stream");
     scratch_ = static_cast<uint8_t*>(device_alloc(Backend::Cuda, 1));
   }
   ~ComputeStream() {
+    moeoffload_emulation::Uncounted harness;
     if (destroyed_) {
       cudaDeviceSynchronize();  // the destroyed stream's work still reads scratch_
     } else {
@@ -51,11 +54,13 @@ class ComputeStream {
   }
   // Queues, behind `delay` other items, a read of `out.size()` bytes at `device` into `out`.
   void read_later(std::vector<uint8_t>& out, const uint8_t* device, int delay) {
+    moeoffload_emulation::Uncounted harness;
     for (int i = 0; i < delay; ++i) cuda_check(cudaMemsetAsync(scratch_, 0, 1, stream_), "delay");
     cuda_check(cudaMemcpyAsync(out.data(), device, out.size(), cudaMemcpyDeviceToHost, stream_), "the read");
   }
   // The `bytes` at `device`, read after the work queued so far.
   std::vector<uint8_t> read_now(const uint8_t* device, uint64_t bytes) {
+    moeoffload_emulation::Uncounted harness;
     std::vector<uint8_t> out(bytes);
     read_later(out, device, 0);
     cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
@@ -91,6 +96,34 @@ struct TwoExperts {
   std::optional<DeviceCache> cache;
 };
 
+// Expert i has n_matrices[i] matrices, the next ones of buffers/lengths/codings (0 szp, 1 szpe): each
+// expert's payload is its buffers back to back, each 8-aligned. Throws unless expert i takes
+// slot_bytes[i] in a device slot.
+void add_experts(ExpertStore& store, uint32_t n_experts, const uint32_t* n_matrices, const uint8_t* const* buffers,
+                 const uint64_t* lengths, const int* codings, const uint64_t* slot_bytes) {
+  for (uint32_t id = 0, m = 0; id < n_experts; m += n_matrices[id], ++id) {
+    std::vector<uint8_t> payload;
+    std::vector<MatrixSpec> specs;
+    for (uint32_t j = m; j < m + n_matrices[id]; ++j) {
+      MatrixSpec spec;
+      spec.offset = (payload.size() + 7) / 8 * 8;
+      spec.bytes = lengths[j];
+      spec.coding = codings[j] ? Coding::Szpe : Coding::Szp;
+      const SzpView v = codings[j] ? szpe_parse(buffers[j], lengths[j], true).szp : szp_parse(buffers[j], lengths[j], true);
+      spec.dtype = v.dtype;
+      spec.shape.assign(v.shape, v.shape + v.ndim);
+      payload.resize(spec.offset + spec.bytes);
+      std::memcpy(payload.data() + spec.offset, buffers[j], spec.bytes);
+      specs.push_back(spec);
+    }
+    store.add_copy(id, payload.data(), payload.size());
+    store.set_matrices(id, specs);
+    if (store.resident_bytes(id) != slot_bytes[id])
+      throw Error(ErrorKind::InvalidArgument, "expert " + std::to_string(id) + " takes " +
+                                                  std::to_string(store.resident_bytes(id)) + " bytes in a slot");
+  }
+}
+
 // How many of the bytes a queued read saw are not `want`.
 int bytes_other_than(const std::vector<uint8_t>& seen, uint8_t want) {
   int n = 0;
@@ -106,8 +139,7 @@ const char* emu_arrival_error() { return arrival_error.c_str(); }
 // The longest pause of a host thread resuming after a wait for the device (cuda_runtime.h), in µs.
 void emu_set_late_wake(uint32_t us) { moeoffload_emulation::late_wake_us() = us; }
 
-// Expert i has n_matrices[i] matrices, the next ones of buffers/lengths/codings (0 szp, 1 szpe). Each
-// expert's payload is its buffers back to back, each 8-aligned; every expert is copied at once on
+// Expert i has n_matrices[i] matrices, the next ones of buffers/lengths/codings (as add_experts); every expert is copied at once on
 // `streams` copy streams (each issuing `issue_ahead` copies ahead) into a device slot of its resident size, then read back into slots[i]
 // (slot_bytes[i] must be that size). An expert whose transfer fails gets its error in
 // errors[i * error_len ...]; "" when it landed. Returns 0, or -1 with emu_arrival_error() when the
@@ -118,27 +150,7 @@ int emu_arrivals(uint32_t n_experts, const uint32_t* n_matrices, const uint8_t* 
   try {
     PinnedPool pool(Backend::Cuda);
     ExpertStore store(pool, 1, n_experts);
-    for (uint32_t id = 0, m = 0; id < n_experts; m += n_matrices[id], ++id) {
-      std::vector<uint8_t> payload;
-      std::vector<MatrixSpec> specs;
-      for (uint32_t j = m; j < m + n_matrices[id]; ++j) {
-        MatrixSpec spec;
-        spec.offset = (payload.size() + 7) / 8 * 8;
-        spec.bytes = lengths[j];
-        spec.coding = codings[j] ? Coding::Szpe : Coding::Szp;
-        const SzpView v = codings[j] ? szpe_parse(buffers[j], lengths[j], true).szp : szp_parse(buffers[j], lengths[j], true);
-        spec.dtype = v.dtype;
-        spec.shape.assign(v.shape, v.shape + v.ndim);
-        payload.resize(spec.offset + spec.bytes);
-        std::memcpy(payload.data() + spec.offset, buffers[j], spec.bytes);
-        specs.push_back(spec);
-      }
-      store.add_copy(id, payload.data(), payload.size());
-      store.set_matrices(id, specs);
-      if (store.resident_bytes(id) != slot_bytes[id])
-        throw Error(ErrorKind::InvalidArgument, "expert " + std::to_string(id) + " takes " +
-                                                    std::to_string(store.resident_bytes(id)) + " bytes in a slot");
-    }
+    add_experts(store, n_experts, n_matrices, buffers, lengths, codings, slot_bytes);
     TransferEngine engine(Backend::Cuda, streams, issue_ahead);
     std::vector<uint8_t*> device(n_experts);
     std::vector<std::shared_ptr<Transfer>> transfers;
@@ -302,6 +314,77 @@ int emu_partial_fences(int delay) {
     cache.close();
     return bytes_other_than(seen, 0xA1);
   } catch (const std::exception& e) {
+    arrival_error = e.what();
+    return -1;
+  }
+}
+
+// The copy path with one CUDA call failing: the nth call of `call` (a runtime function, or "launch":
+// cuda_runtime.h's fail_call) counted from the first fetch. The experts (as emu_arrivals'), a device
+// cache with room for about a quarter of them, `streams` copy streams. Round one, with the fault armed:
+// each expert in turn is acquired, waited for, read on a compute stream behind `delay` items into
+// seen[i], and released with that stream, so that later fetches evict it and wait for its fence.
+// Round two, disarmed: each is acquired again, waited for and read back into slots[i]. errors[i]: what
+// round one's acquire, wait or release of expert i raised, after which of them ("wait CudaError: ...";
+// "" if nothing). Returns how many times the
+// fault fired (0 or 1), or -1 with emu_arrival_error() when anything else failed (round two included).
+int emu_faulty_fetches(const char* call, int nth, uint32_t n_experts, const uint32_t* n_matrices,
+                       const uint8_t* const* buffers, const uint64_t* lengths, const int* codings, int streams,
+                       int delay, uint8_t* const* seen, uint8_t* const* slots, const uint64_t* slot_bytes,
+                       char* errors, uint64_t error_len) {
+  try {
+    PinnedPool pool(Backend::Cuda);
+    ExpertStore store(pool, 1, n_experts);
+    add_experts(store, n_experts, n_matrices, buffers, lengths, codings, slot_bytes);
+    uint64_t total = 0, largest = 0;
+    for (uint32_t id = 0; id < n_experts; ++id) {
+      total += round_up(slot_bytes[id], 256);
+      largest = std::max(largest, round_up(slot_bytes[id], 256));
+    }
+    TransferEngine engine(Backend::Cuda, streams);
+    DeviceCache cache(std::max(largest, total / 4), EvictionPolicy::Lru, store, engine);
+    ComputeStream compute(false);
+    std::vector<std::vector<uint8_t>> read(n_experts);
+    moeoffload_emulation::fail_call(call, nth);
+    for (uint32_t id = 0; id < n_experts; ++id) {
+      std::string error;
+      const char* stage = "acquire";
+      try {
+        Slot slot = cache.acquire(id);
+        try {
+          stage = "wait";
+          slot.wait();
+          read[id].resize(slot_bytes[id]);
+          compute.read_later(read[id], slot.data, delay);
+        } catch (const Error& e) {
+          error = std::string(stage) + " " + e.python_name() + ": " + e.what();
+        }
+        stage = "release";
+        cache.release(id, compute.get());
+      } catch (const Error& e) {
+        if (error.empty()) error = std::string(stage) + " " + e.python_name() + ": " + e.what();
+      }
+      std::strncpy(errors + id * error_len, error.c_str(), error_len - 1);
+    }
+    cache.synchronize();
+    const int fired = moeoffload_emulation::fault_fired();
+    moeoffload_emulation::fail_call("", 0);
+    cuda_check(cudaStreamSynchronize(compute.get()), "cudaStreamSynchronize");
+    for (uint32_t id = 0; id < n_experts; ++id)
+      if (!read[id].empty()) std::memcpy(seen[id], read[id].data(), slot_bytes[id]);
+    for (uint32_t id = 0; id < n_experts; ++id) {
+      Slot slot = cache.acquire(id);
+      slot.wait();
+      const std::vector<uint8_t> now = compute.read_now(slot.data, slot_bytes[id]);
+      std::memcpy(slots[id], now.data(), slot_bytes[id]);
+      cache.release(id, compute.get());
+    }
+    cache.check_invariants();
+    cache.close();
+    engine.close();
+    return fired;
+  } catch (const std::exception& e) {
+    moeoffload_emulation::fail_call("", 0);
     arrival_error = e.what();
     return -1;
   }

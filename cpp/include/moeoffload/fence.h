@@ -12,7 +12,8 @@ namespace moeoffload {
 
 class Fence {
  public:
-  // Records a new event on `stream` (a cudaStream_t). Throws Error(Cuda) when the calls fail.
+  // Records a new event on `stream` (a cudaStream_t). When CUDA refuses, waits on the host for the
+  // stream's work so far (what the fence would have stood for), then throws Error(Cuda).
   explicit Fence(void* stream);
   ~Fence();
   Fence(const Fence&) = delete;
