@@ -307,7 +307,8 @@ def check_arrival(emu: Emulated) -> None:
     asynchronous streams: every szpe matrix lands as its szp buffer byte for byte, szp experts as
     copied; an expert of five szpe matrices takes two launches; a corrupt stream fails its own transfer
     (CorruptDataError) and no other, on either stream, before and after it. And a compute stream
-    ordered after queued copies (Transfer::order) reads what they bring, and a slot released with the
+    ordered after queued copies (Transfer::order) reads what they bring, close() lands the copies still
+    queued, and a slot released with the
     stream of a read still queued (DeviceCache::release) is not overwritten under it, nor when that stream
     is destroyed and its handle taken by the next."""
     g = torch.Generator().manual_seed(21)
@@ -332,6 +333,8 @@ def check_arrival(emu: Emulated) -> None:
         experts.insert(at, [_matrix(g, 16, 32, bf16, True, per_stream=3), (broken, True)])
     # A compute stream ordered after copies still queued behind others (no host wait) sees their bytes.
     assert emu.lib.emu_ordered_reads(ctypes.c_uint32(16), ctypes.c_uint64(1 << 16)) == 0
+    # Closing the engine with copies queued and in flight on both streams lands every one.
+    assert emu.lib.emu_close_in_flight(ctypes.c_uint32(40), ctypes.c_uint64(1 << 15)) == 0
     # A slot released with the stream of a read still queued keeps its bytes until the read is done; released
     # without it, the evicting fetch overwrites them under the read (the check can see the hazard).
     # (Torch's default stream is handle 0: a stream all the same, not "no stream".)

@@ -215,6 +215,41 @@ int emu_ordered_reads(uint32_t copies, uint64_t bytes) {
   }
 }
 
+// `copies` copies of `bytes` each (every fourth one expanded: an szp-only arrival, copied matrix by
+// matrix on the copy stream) queued on two copy streams, and the engine closed at once, with them all
+// still queued or in flight: close() must land every one. Returns how many did not land whole, or -1
+// with emu_arrival_error().
+int emu_close_in_flight(uint32_t copies, uint64_t bytes) {
+  try {
+    std::vector<uint8_t*> src(copies), dst(copies);
+    std::vector<std::shared_ptr<Transfer>> transfers;
+    TransferEngine engine(Backend::Cuda, 2);
+    for (uint32_t i = 0; i < copies; ++i) {
+      src[i] = static_cast<uint8_t*>(host_alloc(Backend::Cuda, bytes));
+      std::memset(src[i], static_cast<int>(i + 1), bytes);
+      dst[i] = static_cast<uint8_t*>(device_alloc(Backend::Cuda, bytes));
+      Expand copy_through = [bytes](const uint8_t* staged, uint8_t* out, void* stream, int*) {
+        cuda_check(cudaMemcpyAsync(out, staged, bytes, cudaMemcpyDeviceToDevice, static_cast<cudaStream_t>(stream)),
+                   "cudaMemcpyAsync");
+      };
+      transfers.push_back(engine.copy(src[i], dst[i], bytes, i, {}, i % 4 == 3 ? copy_through : Expand{}));
+    }
+    engine.close();
+    int wrong = 0;
+    ComputeStream compute(false);
+    for (uint32_t i = 0; i < copies; ++i) {
+      wrong += !transfers[i]->done() || transfers[i]->failed() ||
+               compute.read_now(dst[i], bytes) != std::vector<uint8_t>(bytes, static_cast<uint8_t>(i + 1));
+      host_free(Backend::Cuda, src[i]);
+      device_free(Backend::Cuda, dst[i]);
+    }
+    return wrong;
+  } catch (const std::exception& e) {
+    arrival_error = e.what();
+    return -1;
+  }
+}
+
 // Two experts of `bytes` each (all 0x11, all 0x22) and a device cache with room for one. A read of
 // expert 0's slot is queued on a compute stream (a stream of its own, or with `default_stream` the
 // default one, torch's stream 0) behind `delay` other items; expert 0 is released with that stream
