@@ -47,26 +47,30 @@ while not os.waitpid(pid, os.WNOHANG)[0]:
 
 
 def test_forks_landing_while_copies_flow(tmp_path):
-    # A fork could land while a copy thread held the engine's lock, or a caller the cache's: the
-    # child's close() then waited forever (about one fork in twenty). Each child must find an expert
-    # either resident or orphaned (ForkedError), never time out, and get through close and exit.
+    # A fork could land while a copy thread held the engine's lock, or a caller the cache's, or an op
+    # the runtime's: the child's close() then waited forever (about one fork in twenty). Each child must
+    # find an expert either resident or orphaned (ForkedError), get ForkedError from an op, never time
+    # out, and get through close and exit.
     # (Driven through ExpertCache, which runs no Python on its copy threads: the engine's own Python
     # API drops its callbacks there, and CPython 3.11 can hang a child forked while another thread
     # makes its thread state, python/cpython#112275, whatever this project does.)
     table.build(mixtral_state_dict(), policy=0.3, mode="meanabs", progress=False).save(tmp_path / "t")
     _run(f"""
 import os, sys, threading, time
-from moeoffload import table
+import torch
+from moeoffload import ops, table
 from moeoffload.cache import ExpertCache, slot_bytes
 from moeoffload.errors import ForkedError
 t = table.load({str(tmp_path / "t")!r})
 cache = ExpertCache(t, 3 * slot_bytes(t), prefetch=None)  # fewer slots than experts: every pass misses
 experts = [(layer, e) for layer in range(t.num_layers) for e in range(t.experts_per_layer)]
+cpu = torch.device("cpu")
 stop = threading.Event()
 def feed():
     while not stop.is_set():
         for layer, e in experts:
             cache.acquire(layer, e).wait()
+            ops._szp_decode_op(cache.handle, t.expert_id(layer, e), 0, cpu)  # holds the runtime's op lock
             cache.release(layer, e)
 feeder = threading.Thread(target=feed)
 feeder.start()
@@ -76,6 +80,11 @@ for _ in range(60):
     pid = os.fork()
     if pid == 0:
         code = 0
+        try:
+            ops._szp_decode_op(cache.handle, 0, 0, cpu)
+            code = 4
+        except ForkedError:
+            pass
         for layer, e in experts:
             try:
                 cache.acquire(layer, e).wait(timeout=2)

@@ -111,7 +111,8 @@ Slot DeviceCache::acquire(uint32_t id, double timeout_s) {
       break;
     } catch (const Error& e) {
       if (e.kind() != ErrorKind::CacheFull) throw;
-      if (std::chrono::steady_clock::now() >= deadline) {
+      // (in a forked child nothing can free a slot: no copy lands and no other thread releases)
+      if (std::chrono::steady_clock::now() >= deadline || released_.forked()) {
         index_.uncount_miss();  // nothing was fetched: this acquire did not happen
         throw;
       }
@@ -121,7 +122,8 @@ Slot DeviceCache::acquire(uint32_t id, double timeout_s) {
       lock.unlock();
       try {
         t->wait();
-      } catch (const Error&) {
+      } catch (const Error& e) {
+        if (e.kind() == ErrorKind::Forked) throw;  // it will never land
       }
       lock.lock();
     } else {
@@ -173,13 +175,17 @@ void DeviceCache::release(uint32_t id, std::optional<void*> stream) {
 
 void DeviceCache::unpin_locked(const uint32_t* ids, size_t n, std::optional<void*> stream) {
   for (size_t i = 0; i < n; ++i) index_.unpin(ids[i]);  // an expert not in use raises before anything changed
-  refresh_locked();  // drops a failed fetch its last holder released: nothing read its slot
-  released_->notify_all();  // a waiter needs mu_, held until the fences are in place
+  // A waiter needs mu_, held until the fences are in place. (Not in a forked child: a wake may wait for
+  // the parent's waiters, which do not exist there.)
+  if (!released_.forked()) released_->notify_all();
   // One fence for them all (the same stream's work so far). Made after the unpins: when CUDA refuses it,
-  // the experts are released all the same (a caller's finally forgets them) and the error is raised.
+  // the experts are released all the same (a caller's finally forgets them), after a host wait for the
+  // stream (fence.cpp), and the error is raised.
   const auto fence = fence_for(stream);
-  for (size_t i = 0; i < n; ++i)
-    if (index_.contains(ids[i])) fence_locked(ids[i], fence);
+  for (size_t i = 0; i < n; ++i) fence_locked(ids[i], fence);
+  // Then a failed fetch its last holder released is dropped; its fence stays on its bytes (a kernel
+  // ordered after the copy's event may have read them before the copy was known to fail).
+  refresh_locked();
 }
 
 bool DeviceCache::prefetch(uint32_t id, double priority) {
@@ -293,18 +299,15 @@ void DeviceCache::close() {
     std::lock_guard<std::mutex> lock(mu_);
     if (closed_) return;
     closed_ = true;  // no new fetches from here on
+    if (released_.forked()) {  // a child forked after the cache was made: no copy lands, no CUDA call
+      in_flight_.clear();
+      fences_.clear();  // (a fence made before fork() leaks its event here: fence.h)
+      if (backend_ == Backend::Cpu) device_free(backend_, base_);
+      base_ = nullptr;
+      return;
+    }
   }
-  try {
-    synchronize();
-  } catch (const Error& e) {
-    if (e.kind() != ErrorKind::Forked) throw;
-    std::lock_guard<std::mutex> lock(mu_);
-    in_flight_.clear();
-    fences_.clear();  // (a fence made before fork() leaks its event here: fence.h)
-    if (backend_ == Backend::Cpu) device_free(backend_, base_);  // a forked child cannot call CUDA
-    base_ = nullptr;
-    return;
-  }
+  synchronize();
   std::lock_guard<std::mutex> lock(mu_);
   fences_.clear();
   device_free(backend_, base_);

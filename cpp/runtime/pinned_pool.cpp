@@ -4,7 +4,7 @@
 
 namespace moeoffload {
 
-PinnedPool::PinnedPool(Backend backend) : backend_(backend) {}
+PinnedPool::PinnedPool(Backend backend) : backend_(backend), generation_(fork_generation()) {}
 
 PinnedPool::~PinnedPool() { close(); }
 
@@ -46,7 +46,7 @@ void PinnedPool::release(void* p) {
 void PinnedPool::trim() {
   std::lock_guard<std::mutex> lock(mu_);
   for (auto& [size, p] : free_) {
-    host_free(backend_, p);
+    if (frees_here()) host_free(backend_, p);
     stats_.bytes_reserved -= size;
   }
   free_.clear();
@@ -65,7 +65,7 @@ void PinnedPool::unregister_range(void* p) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = registered_.find(p);
   if (it == registered_.end()) return;
-  host_unregister(backend_, p);
+  if (frees_here()) host_unregister(backend_, p);
   stats_.bytes_registered -= it->second;
   registered_.erase(it);
 }
@@ -73,9 +73,11 @@ void PinnedPool::unregister_range(void* p) {
 void PinnedPool::close() {
   std::lock_guard<std::mutex> lock(mu_);
   if (closed_) return;
-  for (auto& [p, size] : live_) host_free(backend_, p);
-  for (auto& [size, p] : free_) host_free(backend_, p);
-  for (auto& [p, size] : registered_) host_unregister(backend_, p);
+  if (frees_here()) {
+    for (auto& [p, size] : live_) host_free(backend_, p);
+    for (auto& [size, p] : free_) host_free(backend_, p);
+    for (auto& [p, size] : registered_) host_unregister(backend_, p);
+  }
   live_.clear();
   free_.clear();
   registered_.clear();

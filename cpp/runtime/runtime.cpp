@@ -71,7 +71,7 @@ MatrixUse HostMatrices::use_locked(uint32_t expert, uint32_t index) {
 // ---- Runtime ------------------------------------------------------------------
 
 Runtime::Runtime(Backend backend, uint32_t num_layers, uint32_t experts_per_layer, int num_streams)
-    : backend_(backend) {
+    : backend_(backend), generation_(fork_generation()) {
   pool_ = std::make_unique<PinnedPool>(backend);
   store_ = std::make_unique<ExpertStore>(*pool_, num_layers, experts_per_layer);
   engine_ = std::make_unique<TransferEngine>(backend, num_streams);
@@ -82,6 +82,12 @@ Runtime::~Runtime() {
     close();
   } catch (...) {
   }
+}
+
+// The op lock may be held by a thread a forked child does not have: the child never takes it.
+void Runtime::check_not_forked() const {
+  if (generation_ != fork_generation())
+    throw Error(ErrorKind::Forked, "this runtime (ExpertCache) was created before fork(): build a new one in the child");
 }
 
 void Runtime::check_open() const {
@@ -107,6 +113,7 @@ DeviceCache& Runtime::cache() {
 }
 
 void Runtime::start(uint64_t budget, EvictionPolicy policy) {
+  check_not_forked();
   std::unique_lock<std::shared_mutex> lock(use_mu_);
   check_open();
   if (cache_) throw Error(ErrorKind::InvalidArgument, "the runtime is started already");
@@ -133,13 +140,24 @@ MatrixUse Runtime::use_locked(uint32_t expert, uint32_t index) {
 }
 
 int64_t Runtime::handle() {
+  check_not_forked();
   std::unique_lock<std::shared_mutex> lock(use_mu_);
   check_open();
   if (handle_ < 0) handle_ = register_source(shared_from_this());
   return handle_;
 }
 
+std::shared_lock<std::shared_mutex> Runtime::lock() {
+  check_not_forked();
+  return std::shared_lock<std::shared_mutex>(use_mu_);
+}
+
 void Runtime::close() {
+  if (generation_ != fork_generation()) {
+    if (closed_.exchange(true)) return;
+    (void)cache_.release(), (void)engine_.release(), (void)store_.release(), (void)pool_.release();
+    return;
+  }
   std::unique_lock<std::shared_mutex> lock(use_mu_);  // waits for ops in progress
   if (closed_) return;
   closed_ = true;
@@ -150,9 +168,6 @@ void Runtime::close() {
   pool_->close();
 }
 
-bool Runtime::closed() const {
-  std::shared_lock<std::shared_mutex> lock(use_mu_);
-  return closed_;
-}
+bool Runtime::closed() const { return closed_; }
 
 }  // namespace moeoffload

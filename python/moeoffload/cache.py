@@ -163,8 +163,8 @@ class ExpertCache:
     def acquire(self, layer: int, expert: int, timeout: float = 10.0):
         """The expert's slot, pinned (fetched on a miss). When every slot is pinned or loading it waits
         up to `timeout` seconds for room, then raises CacheFullError (0: at once). When the fetch fails,
-        the slot's wait() raises its error, and so does every acquire of the expert until each holder has
-        released it; the next acquire then fetches it again."""
+        the slot's wait() raises its error, and so does the slot of every acquire of the expert until each
+        holder has released it; the next acquire then fetches it again."""
         return self.cache.acquire(self.expert_id(layer, expert), timeout)
 
     def release(self, layer: int, expert: int, stream=None) -> None:

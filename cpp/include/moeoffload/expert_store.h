@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "moeoffload/fork.h"
 #include "moeoffload/pinned_pool.h"
 #include "moeoffload/szp.h"
 #include "moeoffload/szpe.h"
@@ -100,6 +101,7 @@ class ExpertStore {
   PinnedPool& pool_;
   uint32_t num_layers_, experts_per_layer_;
   mutable std::mutex mu_;
+  HeldAcrossFork mu_across_fork_{mu_, 1};
   std::vector<Payload> payloads_;
   std::vector<std::vector<MatrixInfo>> matrices_;
   std::vector<uint64_t> resident_bytes_;  // 0: as the payload

@@ -10,6 +10,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "moeoffload/fork.h"
 #include "moeoffload/memory.h"
 
 namespace moeoffload {
@@ -41,8 +42,12 @@ class PinnedPool {
 
  private:
   void check_open() const;
+  // False in a child forked after a cuda pool was made: no CUDA there, so its blocks are leaked, not freed.
+  bool frees_here() const { return backend_ == Backend::Cpu || generation_ == fork_generation(); }
   Backend backend_;
+  uint64_t generation_;
   mutable std::mutex mu_;
+  HeldAcrossFork mu_across_fork_{mu_, 2};
   bool closed_ = false;
   std::unordered_map<void*, size_t> live_;
   std::multimap<size_t, void*> free_;  // rounded size -> block

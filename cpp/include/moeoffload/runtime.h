@@ -8,6 +8,7 @@
 // unmaps/unpins the store and frees the pool. Python objects handed out
 // (slots, transfers) hold no raw ownership; after close they raise Closed.
 #pragma once
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -83,22 +84,26 @@ class Runtime : public MatrixSource {
   void start(uint64_t budget, EvictionPolicy policy);  // creates the device cache
   // The matrix of a pinned (acquired) expert; InvalidArgument when the
   // caller does not hold it pinned.
-  std::shared_lock<std::shared_mutex> lock() override { return std::shared_lock<std::shared_mutex>(use_mu_); }
+  std::shared_lock<std::shared_mutex> lock() override;  // Forked in a child (see close())
   MatrixUse use_locked(uint32_t expert, uint32_t index) override;
   int64_t handle();       // registers on first call
   Backend backend() const { return backend_; }
+  // In a child forked after the runtime was made, close() takes no lock (an op of a thread the child
+  // does not have may hold the op lock) and leaks the pool, store, engine and cache: no CUDA there.
   void close();
   bool closed() const;
 
  private:
   void check_open() const;
+  void check_not_forked() const;
   Backend backend_;
+  uint64_t generation_;
   std::unique_ptr<PinnedPool> pool_;
   std::unique_ptr<ExpertStore> store_;
   std::unique_ptr<TransferEngine> engine_;
   std::unique_ptr<DeviceCache> cache_;
   mutable std::shared_mutex use_mu_;  // ops hold it shared; close() exclusively
-  bool closed_ = false;
+  std::atomic<bool> closed_{false};
   int64_t handle_ = -1;
 };
 

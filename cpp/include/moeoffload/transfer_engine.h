@@ -172,7 +172,7 @@ class TransferEngine {
   uint64_t generation_;
   int device_ = 0;
   mutable std::mutex mu_;
-  HeldAcrossFork mu_across_fork_{mu_, 1};
+  HeldAcrossFork mu_across_fork_{mu_, 3};
   ParentOnly<std::condition_variable> work_cv_, idle_cv_;
   std::vector<std::unique_ptr<Worker>> workers_;
   bool stopping_ = false;
