@@ -101,52 +101,61 @@ class Emulated:
                    ctypes.c_void_p(out.data_ptr()))
         return out
 
+    def _failed(self, what: str) -> RuntimeError:
+        self.lib.emu_arrival_error.restype = ctypes.c_char_p
+        return RuntimeError(f"{what}: {self.lib.emu_arrival_error().decode()}")
+
     def arrivals(self, experts: list[list[tuple[np.ndarray, bool]]], streams: int,
                  issue_ahead: int = 8) -> list[tuple[bytes, str]]:
         """Each expert's (buffer, is szpe) matrices through the runtime's store, copy engine and arrival
         step: (its device slot, read back; the transfer's error or "")."""
-        bufs = [b for e in experts for b, _ in e]
         sizes = [resident_bytes(e) for e in experts]
         slots = [np.full(n, 0x5A, np.uint8) for n in sizes]
-        errors = ctypes.create_string_buffer(512 * len(experts))
-        ptrs = lambda arrs: (ctypes.c_void_p * len(arrs))(*(a.ctypes.data for a in arrs))  # noqa: E731
-        rc = self.lib.emu_arrivals(
-            ctypes.c_uint32(len(experts)), (ctypes.c_uint32 * len(experts))(*(len(e) for e in experts)), ptrs(bufs),
-            (ctypes.c_uint64 * len(bufs))(*(b.size for b in bufs)),
-            (ctypes.c_int * len(bufs))(*(int(c) for e in experts for _, c in e)), ctypes.c_int(streams),
-            ctypes.c_int(issue_ahead), ptrs(slots),
-            (ctypes.c_uint64 * len(sizes))(*sizes), errors, ctypes.c_uint64(512))
+        errors = ctypes.create_string_buffer(ERROR_LEN * len(experts))
+        rc = self.lib.emu_arrivals(*_experts_args(experts), ctypes.c_int(streams), ctypes.c_int(issue_ahead),
+                                   _ptrs(slots), (ctypes.c_uint64 * len(sizes))(*sizes), errors,
+                                   ctypes.c_uint64(ERROR_LEN))
         if rc == -1:
-            self.lib.emu_arrival_error.restype = ctypes.c_char_p
-            raise RuntimeError(f"emu_arrivals: {self.lib.emu_arrival_error().decode()}")
-        return [(slots[i].tobytes(), errors.raw[512 * i:512 * (i + 1)].split(b"\0")[0].decode())
-                for i in range(len(experts))]
+            raise self._failed("emu_arrivals")
+        return [(slot.tobytes(), error) for slot, error in zip(slots, _errors(errors, len(experts)))]
 
     def faulty_fetches(self, experts, call: str, nth: int, streams: int = 2, delay: int = 40):
         """emu_faulty_fetches: (fired, [(what round one's read saw or None, round two's slot, round one's
         error) for each expert])."""
-        bufs = [b for e in experts for b, _ in e]
         sizes = [resident_bytes(e) for e in experts]
         seen = [np.full(n, 0x5A, np.uint8) for n in sizes]
         slots = [np.full(n, 0x5A, np.uint8) for n in sizes]
-        errors = ctypes.create_string_buffer(512 * len(experts))
-        ptrs = lambda arrs: (ctypes.c_void_p * len(arrs))(*(a.ctypes.data for a in arrs))  # noqa: E731
-        fired = self.lib.emu_faulty_fetches(
-            call.encode(), ctypes.c_int(nth), ctypes.c_uint32(len(experts)),
-            (ctypes.c_uint32 * len(experts))(*(len(e) for e in experts)), ptrs(bufs),
-            (ctypes.c_uint64 * len(bufs))(*(b.size for b in bufs)),
-            (ctypes.c_int * len(bufs))(*(int(c) for e in experts for _, c in e)), ctypes.c_int(streams),
-            ctypes.c_int(delay), ptrs(seen), ptrs(slots), (ctypes.c_uint64 * len(sizes))(*sizes), errors,
-            ctypes.c_uint64(512))
+        errors = ctypes.create_string_buffer(ERROR_LEN * len(experts))
+        fired = self.lib.emu_faulty_fetches(call.encode(), ctypes.c_int(nth), *_experts_args(experts),
+                                            ctypes.c_int(streams), ctypes.c_int(delay), _ptrs(seen), _ptrs(slots),
+                                            (ctypes.c_uint64 * len(sizes))(*sizes), errors, ctypes.c_uint64(ERROR_LEN))
         if fired == -1:
-            self.lib.emu_arrival_error.restype = ctypes.c_char_p
-            raise RuntimeError(f"emu_faulty_fetches({call}, {nth}): {self.lib.emu_arrival_error().decode()}")
+            raise self._failed(f"emu_faulty_fetches({call}, {nth})")
         out = []
-        for i in range(len(experts)):
-            error = errors.raw[512 * i:512 * (i + 1)].split(b"\0")[0].decode()
+        for i, error in enumerate(_errors(errors, len(experts))):
             read = error == "" or error.startswith("release ")  # its read was queued before the release
             out.append((seen[i].tobytes() if read else None, slots[i].tobytes(), error))
         return fired, out
+
+
+ERROR_LEN = 512  # the bytes each expert's error has in the errors buffer of emu_arrivals and emu_faulty_fetches
+
+
+def _ptrs(arrays):
+    return (ctypes.c_void_p * len(arrays))(*(a.ctypes.data for a in arrays))
+
+
+def _experts_args(experts: list[list[tuple[np.ndarray, bool]]]) -> tuple:
+    """The experts as emu_arrivals and emu_faulty_fetches take them: their count, each one's number of
+    matrices, and every matrix's buffer, length and coding (1 szpe)."""
+    bufs = [b for e in experts for b, _ in e]
+    return (ctypes.c_uint32(len(experts)), (ctypes.c_uint32 * len(experts))(*(len(e) for e in experts)), _ptrs(bufs),
+            (ctypes.c_uint64 * len(bufs))(*(b.size for b in bufs)),
+            (ctypes.c_int * len(bufs))(*(int(c) for e in experts for _, c in e)))
+
+
+def _errors(errors, n: int) -> list[str]:
+    return [errors.raw[ERROR_LEN * i:ERROR_LEN * (i + 1)].split(b"\0")[0].decode() for i in range(n)]
 
 
 def slot_layout(expert: list[tuple[np.ndarray, bool]]) -> list[tuple[int, int]]:

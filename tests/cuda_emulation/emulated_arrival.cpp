@@ -124,6 +124,23 @@ void add_experts(ExpertStore& store, uint32_t n_experts, const uint32_t* n_matri
   }
 }
 
+// `copies` pinned host buffers of `bytes` each, buffer i all i + 1, and as many device buffers; freed
+// when it goes (declare it before the engine and streams that copy from and into them).
+struct NumberedBuffers {
+  NumberedBuffers(uint32_t copies, uint64_t bytes) : src(copies), dst(copies) {
+    for (uint32_t i = 0; i < copies; ++i) {
+      src[i] = static_cast<uint8_t*>(host_alloc(Backend::Cuda, bytes));
+      std::memset(src[i], static_cast<int>(i + 1), bytes);
+      dst[i] = static_cast<uint8_t*>(device_alloc(Backend::Cuda, bytes));
+    }
+  }
+  ~NumberedBuffers() {
+    for (uint8_t* p : src) host_free(Backend::Cuda, p);
+    for (uint8_t* p : dst) device_free(Backend::Cuda, p);
+  }
+  std::vector<uint8_t*> src, dst;
+};
+
 // How many of the bytes a queued read saw are not `want`.
 int bytes_other_than(const std::vector<uint8_t>& seen, uint8_t want) {
   int n = 0;
@@ -186,28 +203,19 @@ int emu_arrivals(uint32_t n_experts, const uint32_t* n_matrices, const uint8_t* 
 int emu_ordered_reads(uint32_t copies, uint64_t bytes) {
   try {
     std::vector<std::vector<uint8_t>> seen(copies, std::vector<uint8_t>(bytes));  // before compute: it reads into them
+    NumberedBuffers buffers(copies, bytes);
     TransferEngine engine(Backend::Cuda, 1);
     ComputeStream compute(false);
-    std::vector<uint8_t*> src(copies), dst(copies);
     std::vector<std::shared_ptr<Transfer>> transfers;
-    for (uint32_t i = 0; i < copies; ++i) {
-      src[i] = static_cast<uint8_t*>(host_alloc(Backend::Cuda, bytes));
-      std::memset(src[i], static_cast<int>(i + 1), bytes);
-      dst[i] = static_cast<uint8_t*>(device_alloc(Backend::Cuda, bytes));
-      transfers.push_back(engine.copy(src[i], dst[i], bytes, i));
-    }
+    for (uint32_t i = 0; i < copies; ++i) transfers.push_back(engine.copy(buffers.src[i], buffers.dst[i], bytes, i));
     for (uint32_t i = copies; i-- > 0;) {
       transfers[i]->order(compute.get());
-      compute.read_later(seen[i], dst[i], 0);
+      compute.read_later(seen[i], buffers.dst[i], 0);
     }
     cuda_check(cudaStreamSynchronize(compute.get()), "cudaStreamSynchronize");
     engine.close();
     int wrong = 0;
-    for (uint32_t i = 0; i < copies; ++i) {
-      wrong += std::memcmp(seen[i].data(), src[i], bytes) != 0;
-      host_free(Backend::Cuda, src[i]);
-      device_free(Backend::Cuda, dst[i]);
-    }
+    for (uint32_t i = 0; i < copies; ++i) wrong += std::memcmp(seen[i].data(), buffers.src[i], bytes) != 0;
     return wrong;
   } catch (const std::exception& e) {
     arrival_error = e.what();
@@ -221,28 +229,21 @@ int emu_ordered_reads(uint32_t copies, uint64_t bytes) {
 // with emu_arrival_error().
 int emu_close_in_flight(uint32_t copies, uint64_t bytes) {
   try {
-    std::vector<uint8_t*> src(copies), dst(copies);
+    NumberedBuffers buffers(copies, bytes);
     std::vector<std::shared_ptr<Transfer>> transfers;
     TransferEngine engine(Backend::Cuda, 2);
-    for (uint32_t i = 0; i < copies; ++i) {
-      src[i] = static_cast<uint8_t*>(host_alloc(Backend::Cuda, bytes));
-      std::memset(src[i], static_cast<int>(i + 1), bytes);
-      dst[i] = static_cast<uint8_t*>(device_alloc(Backend::Cuda, bytes));
-      Expand copy_through = [bytes](const uint8_t* staged, uint8_t* out, void* stream, int*) {
-        cuda_check(cudaMemcpyAsync(out, staged, bytes, cudaMemcpyDeviceToDevice, static_cast<cudaStream_t>(stream)),
-                   "cudaMemcpyAsync");
-      };
-      transfers.push_back(engine.copy(src[i], dst[i], bytes, i, {}, i % 4 == 3 ? copy_through : Expand{}));
-    }
+    Expand copy_through = [bytes](const uint8_t* staged, uint8_t* out, void* stream, int*) {
+      cuda_check(cudaMemcpyAsync(out, staged, bytes, cudaMemcpyDeviceToDevice, static_cast<cudaStream_t>(stream)),
+                 "cudaMemcpyAsync");
+    };
+    for (uint32_t i = 0; i < copies; ++i)
+      transfers.push_back(engine.copy(buffers.src[i], buffers.dst[i], bytes, i, {}, i % 4 == 3 ? copy_through : Expand{}));
     engine.close();
     int wrong = 0;
     ComputeStream compute(false);
-    for (uint32_t i = 0; i < copies; ++i) {
+    for (uint32_t i = 0; i < copies; ++i)
       wrong += !transfers[i]->done() || transfers[i]->failed() ||
-               compute.read_now(dst[i], bytes) != std::vector<uint8_t>(bytes, static_cast<uint8_t>(i + 1));
-      host_free(Backend::Cuda, src[i]);
-      device_free(Backend::Cuda, dst[i]);
-    }
+               compute.read_now(buffers.dst[i], bytes) != std::vector<uint8_t>(bytes, static_cast<uint8_t>(i + 1));
     return wrong;
   } catch (const std::exception& e) {
     arrival_error = e.what();
