@@ -2,10 +2,15 @@
 It must decode to szp's values bit for bit, give back the szp buffer byte for byte, keep the bound, and
 come near the order-0 entropy of the quantised values."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
+import moeoffload
 from moeoffload import CorruptDataError, ShapeError, _native, codec
 from moeoffload.codec_eval import order0_bits
 
@@ -116,6 +121,41 @@ def test_escapes_code_rare_large_values():
     assert _native.szpe_inspect(coded.buffer)["escape_bytes"] == 4
     assert np.array_equal(coded.to_szp().buffer, codec.compress(x, 1e-3).buffer)
 
+
+
+_EVERY_WIDTH = """
+import numpy as np, torch, moeoffload
+from moeoffload import codec
+widths = set()
+def check(x, eb):
+    fixed, coded = codec.compress(x, eb), codec.compress(x, eb, codec="szpe")
+    widths.update(int(w) for w in codec.width_histogram(fixed).nonzero()[0])
+    assert np.array_equal(coded.to_szp().buffer, fixed.buffer), (x.dtype, eb)
+    assert torch.equal(coded.decompress().view(torch.uint8), fixed.decompress().view(torch.uint8)), (x.dtype, eb)
+for i, dtype in enumerate([torch.float32, torch.bfloat16, torch.float16]):
+    g = torch.Generator().manual_seed(i)
+    x = (torch.randn(97, 1000, generator=g) * torch.logspace(-3, 1, 1000)).to(dtype)
+    for eb in (2.5e-6, 3e-5, 1e-3, 0.05):
+        check(x, eb)
+x = torch.randn(97, 1000, generator=g)
+check(x, float(x.abs().max()) / (2**25 - 8) * 1.01)  # |q| near 2^24: width 25
+assert widths >= set(range(26)), sorted(set(range(26)) - widths)
+print(moeoffload.backend_info()["cpu_isa"])
+"""
+
+
+def test_every_simd_path_gives_szps_bytes_at_every_width():
+    """The CPU decoders step the 32 rANS states and pack szp blocks with the SIMD path cpu_isa() picked
+    (rans_block.h, block_pack.h): each path this CPU has must give szp's buffer and values bit for
+    bit, at every block width 0..25, with escapes, short blocks and stream ends."""
+    ran = set()
+    for isa in ("avx512", "avx2", "portable"):
+        env = {**os.environ, "MOEOFFLOAD_ISA": isa}
+        out = subprocess.run([sys.executable, "-c", _EVERY_WIDTH], capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        ran.add(out.stdout.split()[-1])
+    assert "portable" in ran
+    assert ran >= {moeoffload.backend_info()["cpu_isa_supported"]}, ran
 
 
 def test_from_bytes_and_decompress_into():

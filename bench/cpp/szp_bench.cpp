@@ -1,5 +1,8 @@
 // google-benchmark microbenchmarks of the szp CPU codec on weight-like data
-// (Gaussian, eb = 0.05 std), reported as bytes/s of the stored dtype.
+// (Gaussian, eb = 0.05 std), reported as bytes/s of the stored dtype, and of
+// szpe's CPU decoders (eb = 0.2 and 1.0 std): to values, and the transcode to
+// szp that a fixed-width cache runs on arrival (bytes/s of bf16 it stands for).
+// MOEOFFLOAD_ISA=portable|avx2 runs the slower paths (cpu_isa.h).
 //   cmake -S . -B build/bench -DMOEOFFLOAD_BENCH=ON && cmake --build build/bench && build/bench/szp_bench
 #include <benchmark/benchmark.h>
 
@@ -7,6 +10,7 @@
 #include <vector>
 
 #include "moeoffload/szp.h"
+#include "moeoffload/szpe.h"
 
 using namespace moeoffload;
 
@@ -58,8 +62,41 @@ void BM_decode(benchmark::State& state, DType t) {
   state.counters["bits_per_value"] = 8.0 * enc.bytes.size() / n;
 }
 
+// An szpe buffer of n_rows x 4096 bf16 weights at eb = state.range(1) / 10 std.
+std::vector<uint8_t> szpe_of(const benchmark::State& state) {
+  const uint64_t rows = state.range(0), cols = 4096;
+  auto w = bf16_weights(rows * cols);
+  SzpEncodeResult enc = szp_encode(w.data(), DType::BF16, {rows, cols}, state.range(1) / 10.0 * 0.02);
+  return szpe_from_szp(enc.bytes.data(), szp_parse(enc.bytes.data(), enc.bytes.size(), true));
+}
+
+void BM_szpe_decode(benchmark::State& state) {
+  const std::vector<uint8_t> buf = szpe_of(state);
+  const SzpeView e = szpe_parse(buf.data(), buf.size(), true);
+  std::vector<uint16_t> out(e.szp.numel);
+  for (auto _ : state) {
+    szpe_decode_cpu(buf.data(), e, out.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(state.iterations() * e.szp.numel * 2);
+  state.counters["bits_per_value"] = 8.0 * buf.size() / e.szp.numel;
+}
+
+void BM_szpe_to_szp(benchmark::State& state) {
+  const std::vector<uint8_t> buf = szpe_of(state);
+  const SzpeView e = szpe_parse(buf.data(), buf.size(), true);
+  std::vector<uint8_t> out(e.as_szp.total_bytes);
+  for (auto _ : state) {
+    szpe_to_szp_into(buf.data(), e, out.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(state.iterations() * e.szp.numel * 2);
+}
+
 }  // namespace
 
+BENCHMARK(BM_szpe_decode)->Args({1024, 2})->Args({1024, 10})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_szpe_to_szp)->Args({1024, 2})->Args({1024, 10})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK_CAPTURE(BM_encode, bf16, DType::BF16)->Arg(256)->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_decode, bf16, DType::BF16)->Arg(256)->Arg(4096)->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_decode, f32, DType::F32)->Arg(256)->Arg(4096)->Unit(benchmark::kMillisecond);

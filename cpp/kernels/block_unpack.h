@@ -24,7 +24,7 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define MOEOFFLOAD_X86 1
-#define MOEOFFLOAD_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define MOEOFFLOAD_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2")))
 #define MOEOFFLOAD_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #else
 #define MOEOFFLOAD_X86 0

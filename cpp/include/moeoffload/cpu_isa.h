@@ -1,5 +1,5 @@
 // Which SIMD path the CPU kernels take, chosen once at run time: AVX-512
-// (F/BW/VL/DQ), AVX2 (+FMA, F16C) or the portable C++ path. MOEOFFLOAD_ISA =
+// (F/BW/VL/DQ, with BMI2), AVX2 (+FMA, F16C) or the portable C++ path. MOEOFFLOAD_ISA =
 // avx512 | avx2 | portable caps the choice (tests run every path this machine
 // has and compare them).
 #pragma once
