@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cstdint>
 
 namespace moeoffload {
 
@@ -19,6 +20,11 @@ int launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t share
   return moeoffload_emulation::launch_on(stream, grid, block, shared_bytes, kernel, args...);
 #endif
 }
+
+// Whether a buffer the kernels read with 8-byte loads (szp's and szpe's u64 offset tables) is not
+// 8-aligned: a GPU faults on such a load and the context is lost, so the entry points refuse it
+// (cudaErrorMisalignedAddress) before they launch.
+inline bool misaligned8(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 7) != 0; }
 
 }  // namespace moeoffload
 

@@ -94,6 +94,7 @@ inline uint64_t grid_blocks(const SzpView& v) { return (v.n_segments + kWarpsPer
 
 int szp_decode_cuda(const SzpView& v, const uint8_t* buf, void* out, cudaStream_t stream) {
   if (v.n_segments == 0) return 0;
+  if (misaligned8(buf)) return static_cast<int>(cudaErrorMisalignedAddress);
   const DecodeArgs a = decode_args(v, buf);
   const uint64_t blocks = grid_blocks(v);
   if (blocks > 0x7FFFFFFFull) return static_cast<int>(cudaErrorInvalidConfiguration);

@@ -21,6 +21,9 @@
 // costs no launch of its own.
 #include <cuda_runtime.h>
 
+#include <bitset>
+#include <mutex>
+
 #include "launch.cuh"
 #include "moeoffload/mlp_gate.h"
 #include "moeoffload/szp_cuda.h"
@@ -32,6 +35,7 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr uint32_t kChunkCols = 8192;  // input columns staged at a time
+constexpr int kMaxDevices = 64;         // devices whose shared memory limit a kernel records it raised
 constexpr uint32_t kMaxMembers = 16;   // members a launch (its parameters stay under 4 KiB)
 
 struct Member {
@@ -171,9 +175,22 @@ template <DType XT, DType YT, bool Gated, int Tile>
 int launch(const GroupArgs& a, uint32_t most, const void* x, void* y, cudaStream_t stream) {
   const size_t shared = sizeof(float) * Tile * a.stride;
   if (shared > 48 * 1024) {  // past the default: opt in (sm_80 allows up to 163 KiB, sm_90 227 KiB)
-    const cudaError_t err = cudaFuncSetAttribute(szp_linear_kernel<XT, YT, Gated, Tile>,
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
+    // Once per kernel and device, to the most any launch of it asks (a stride is at most kChunkCols):
+    // set per launch to each launch's own size, a thread launching with a larger stride could find
+    // the limit lowered by another's between its set and its launch. A failed set is tried again.
+    static std::mutex mu;
+    static std::bitset<kMaxDevices> opted_in;
+    int device = 0;
+    cudaError_t err = cudaGetDevice(&device);
     if (err != cudaSuccess) return static_cast<int>(err);
+    if (device < 0 || device >= kMaxDevices) return static_cast<int>(cudaErrorInvalidDevice);
+    std::lock_guard<std::mutex> lock(mu);
+    if (!opted_in[device]) {
+      err = cudaFuncSetAttribute(szp_linear_kernel<XT, YT, Gated, Tile>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(sizeof(float) * Tile * kChunkCols));
+      if (err != cudaSuccess) return static_cast<int>(err);
+      opted_in[device] = true;
+    }
   }
   const dim3 grid(static_cast<unsigned>((a.rows + kWarps - 1) / kWarps),
                   static_cast<unsigned>((static_cast<uint64_t>(most) + Tile - 1) / Tile), a.members);
@@ -212,6 +229,7 @@ int szp_linear_group_cuda(const LinearInput& in, const LinearMember* members, si
   for (size_t i = 0; i < n; ++i) {
     const LinearMember& lm = members[i];
     if (lm.w.rows != a.rows || lm.w.cols != a.cols) return static_cast<int>(cudaErrorInvalidValue);
+    if (misaligned8(lm.w.buf)) return static_cast<int>(cudaErrorMisalignedAddress);
     const uint64_t end = static_cast<uint64_t>(lm.first) + lm.count;
     input_rows = end > input_rows ? end : input_rows;
   }

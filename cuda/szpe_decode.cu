@@ -266,17 +266,13 @@ inline SzpFrame szp_frame(const SzpeView& e) {
   return frame;
 }
 
-bool misaligned(const void* a, const void* b) {
-  return ((reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b)) & 7) != 0;
-}
-
 // One launch of the first batch.n parts (their first_block is filled in here).
 template <class Sink, class Frame, int N>
 int launch(Batch<Sink, Frame, N>& batch, int* device_failed, cudaStream_t stream) {
   static_assert(sizeof(batch) <= 4096, "kernel parameters are limited to 4 KiB");
   uint64_t blocks = 0;
   for (uint32_t j = 0; j < batch.n; ++j) {
-    if (misaligned(batch.part[j].in, batch.part[j].sink.out)) return static_cast<int>(cudaErrorMisalignedAddress);
+    if (misaligned8(batch.part[j].in) || misaligned8(batch.part[j].sink.out)) return static_cast<int>(cudaErrorMisalignedAddress);
     batch.part[j].first_block = static_cast<uint32_t>(blocks);
     blocks += grid_blocks(batch.part[j].e);
     if (blocks > 0x7FFFFFFFull) return static_cast<int>(cudaErrorInvalidConfiguration);

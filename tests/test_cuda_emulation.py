@@ -71,7 +71,7 @@ def emulated(tmp_path_factory) -> tuple[Path, dict]:
     return lib, env
 
 
-@pytest.mark.parametrize("check", ["decoders", "corrupt", "fused", "arrival", "faults"])
+@pytest.mark.parametrize("check", ["decoders", "misaligned", "corrupt", "fused", "arrival", "faults"])
 def test_the_emulated_cuda_kernels_give_the_cpu_kernels_results(emulated, check):
     lib, env = emulated
     r = subprocess.run([sys.executable, str(ROOT / "tests/cuda_emulation/checks.py"), str(lib), check],

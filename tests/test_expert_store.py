@@ -44,3 +44,24 @@ def test_unreadable_files_are_named_errors(tmp_path):
         store.map_file(str(tmp_path / "empty"))
     with pytest.raises(InvalidArgumentError, match="before map_file"):
         store.add_mapped(0, 0, 1)
+
+
+def test_matrices_must_lie_8_aligned_inside_their_payload():
+    """The CUDA kernels read a matrix's offset tables with u64 loads from the slot's base plus its
+    offset: a matrix 4 bytes off 8-alignment is refused when added, never launched on."""
+    from moeoffload import codec
+    from moeoffload.errors import TableError
+
+    buf = codec.compress(np.linspace(-1, 1, 256, dtype=np.float32).reshape(4, 64), 1e-3).buffer
+    pool = _native.PinnedPool("cpu")
+    store = _native.ExpertStore(pool, 1, 2)
+    for eid, at in ((0, 8), (1, 4)):
+        payload = np.zeros(at + buf.size, np.uint8)
+        payload[at:] = buf
+        store.add_copy(eid, payload)
+    store.set_matrices(0, [(8, buf.size, 1, [4, 64])])
+    assert store.num_matrices(0) == 1
+    with pytest.raises(TableError, match="8-aligned"):
+        store.set_matrices(1, [(4, buf.size, 1, [4, 64])])
+    store.close()
+    pool.close()

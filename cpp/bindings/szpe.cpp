@@ -90,7 +90,7 @@ void bind_szpe(nb::module_& m) {
         return make_bytes([&] { return szpe_from_szp(szp.data(), v, stream_segments); });
       },
       nb::arg("szp"), nb::arg("stream_segments") = 0,
-      "Entropy-code an szp buffer's quantised values (rANS streams of stream_segments rows; 0: ~16K values).");
+      "Entropy-code an szp buffer's quantised values (rANS streams of stream_segments rows; 0: about 65536 values a stream).");
 
   m.def(
       "szpe_inspect",

@@ -17,6 +17,7 @@ DeviceCache::DeviceCache(uint64_t budget, EvictionPolicy policy, ExpertStore& st
       index_(budget, policy, store.num_layers(), store.experts_per_layer(), max_slot_bytes_) {
   if (store.total_bytes() == 0) throw Error(ErrorKind::InvalidArgument, "DeviceCache over an empty ExpertStore");
   base_ = static_cast<uint8_t*>(device_alloc(backend_, budget_));
+  engine_.reserve_staging(store.max_payload_bytes());  // (used only if an expert is coded)
 }
 
 DeviceCache::~DeviceCache() {

@@ -122,11 +122,12 @@ void ExpertStore::set_matrices(uint32_t id, const std::vector<MatrixSpec>& specs
   for (size_t i = 0; i < specs.size(); ++i) {
     const MatrixSpec& s = specs[i];
     const std::string where = "expert " + std::to_string(id) + " matrix " + std::to_string(i);
-    const uint64_t align = s.coding == Coding::Szpe ? 8 : 4;  // the kernels' loads
-    if (s.offset > p.bytes || s.bytes > p.bytes - s.offset || s.offset % align)
+    // 8-aligned: the CUDA kernels read szp's and szpe's offset tables with u64 loads, from the slot's
+    // (256-aligned) base plus this offset
+    if (s.offset > p.bytes || s.bytes > p.bytes - s.offset || s.offset % 8)
       throw Error(ErrorKind::Table, where + ": [" + std::to_string(s.offset) + ", +" + std::to_string(s.bytes) +
-                                        ") does not lie " + std::to_string(align) +
-                                        "-aligned inside its payload of " + std::to_string(p.bytes) + " bytes");
+                                        ") does not lie 8-aligned inside its payload of " + std::to_string(p.bytes) +
+                                        " bytes");
     MatrixInfo m;
     m.coding = s.coding;
     m.host_offset = s.offset;

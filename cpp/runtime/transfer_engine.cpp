@@ -1,5 +1,6 @@
 #include "moeoffload/transfer_engine.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 
@@ -273,15 +274,16 @@ TransferEngine::Issued TransferEngine::issue(Worker& w, Job job) {
   auto s = static_cast<cudaStream_t>(w.stream);
   auto ev = static_cast<cudaEvent_t>(j.transfer->event_);
   cudaError_t err = cudaSuccess;
-  if (j.expand && w.staging_bytes < j.bytes) {  // grows to the largest payload, then stays
+  if (j.expand && w.staging_bytes < j.bytes) {  // the reserve, or grows to the largest payload, then stays
+    const uint64_t bytes = std::max(j.bytes, staging_reserve_.load());
     err = cudaStreamSynchronize(s);  // the copies issued before still read the old buffer (not this one's fences)
     if (err == cudaSuccess && w.staging) cudaFree(w.staging);
     if (err == cudaSuccess) {
       w.staging = nullptr;
       w.staging_bytes = 0;
-      err = cudaMalloc(reinterpret_cast<void**>(&w.staging), j.bytes);
+      err = cudaMalloc(reinterpret_cast<void**>(&w.staging), bytes);
     }
-    if (err == cudaSuccess) w.staging_bytes = j.bytes;
+    if (err == cudaSuccess) w.staging_bytes = bytes;
   }
   // Kernels still reading dst's old bytes go first.
   for (const auto& fence : j.after) {

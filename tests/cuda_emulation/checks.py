@@ -203,6 +203,29 @@ def check_decoders(emu: Emulated) -> None:
                 assert emu.szpe(buf, fixed.shape, dtype) == (fixed.buffer.tobytes(), as_bytes(fixed.decompress()))
 
 
+def check_misaligned(emu: Emulated) -> None:
+    """A buffer 4 bytes off 8-alignment is refused (cudaErrorMisalignedAddress) before any launch by
+    each entry point: a GPU faults on the kernels' u64 loads of its offset tables."""
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
+    fixed = codec.compress(x, 1e-3)
+    szpe = np.asarray(_native.szpe_from_szp(fixed.buffer, 0))
+    space = np.zeros(max(fixed.buffer.size, szpe.size) + 16, np.uint8)
+    at = (-space.ctypes.data) % 8 + 4
+
+    def off(buf):
+        space[at:at + buf.size] = buf
+        return space[at:at + buf.size]
+
+    out, y = torch.empty(8, 64), torch.empty(1, 8)
+    assert emu.lib.emu_szp_decode(*emu._buf(off(fixed.buffer)), ctypes.c_void_p(out.data_ptr())) == 716
+    assert emu.lib.emu_szp_linear(*emu._buf(off(fixed.buffer)), ctypes.c_void_p(torch.ones(1, 64).data_ptr()),
+                                  ctypes.c_int(DTYPE_CODES[torch.float32]), ctypes.c_uint32(1),
+                                  ctypes.c_void_p(y.data_ptr())) == 716
+    failed = ctypes.c_int(0)
+    assert emu.lib.emu_szpe_values(*emu._buf(off(szpe)), ctypes.c_void_p(out.data_ptr()), ctypes.byref(failed)) == 716
+    assert emu.szp_decode(fixed.buffer, x.shape, torch.float32).equal(fixed.decompress())  # aligned: decodes
+
+
 def check_corrupt(emu: Emulated) -> None:
     """Flipped bits in the streams (states and words) and the escapes, the CRC fixed: the emulated value
     decoder and the CPU's agree on each (the same bytes, or corrupt); the emulated transcode gives the
@@ -425,8 +448,8 @@ def _decodes(buf: np.ndarray, shape) -> bool:
         return False
 
 
-CHECKS = {"decoders": check_decoders, "corrupt": check_corrupt, "fused": check_fused, "arrival": check_arrival,
-          "faults": check_faults}
+CHECKS = {"decoders": check_decoders, "misaligned": check_misaligned, "corrupt": check_corrupt, "fused": check_fused,
+          "arrival": check_arrival, "faults": check_faults}
 
 if __name__ == "__main__":
     CHECKS[sys.argv[2]](Emulated(sys.argv[1]))

@@ -114,6 +114,10 @@ class TransferEngine {
   std::shared_ptr<Transfer> copy(const void* src, void* dst, uint64_t bytes, uint64_t tag = 0,
                                  Transfer::Callback cb = {}, Expand expand = {},
                                  std::vector<std::shared_ptr<const Fence>> after = {});
+  // cuda: each stream's staging buffer for expanded copies, made at its first one, takes at least
+  // `bytes` (a device cache passes its store's largest payload). Without it the buffer grows to each
+  // larger payload as it comes, and growing frees the old one: cudaFree waits for the whole device.
+  void reserve_staging(uint64_t bytes) { staging_reserve_.store(bytes); }
   void synchronize();  // waits for every copy issued so far
   bool closed() const;
   void close();        // finishes queued copies, stops the workers
@@ -169,6 +173,7 @@ class TransferEngine {
   void check_usable_locked() const;  // Closed after close(), Forked in a child
   Backend backend_;
   int issue_ahead_;
+  std::atomic<uint64_t> staging_reserve_{0};
   uint64_t generation_;
   int device_ = 0;
   mutable std::mutex mu_;
