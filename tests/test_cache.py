@@ -300,3 +300,49 @@ def test_release_takes_a_stream_or_its_handle_and_names_anything_else():
                 cache.release(0, 2, bad)
             cache.release(0, 2)  # still held after the refused release: nothing was unpinned
 
+
+
+_RECORDERS = """
+import sys, threading, time, numpy as np
+from moeoffload import table
+from moeoffload.cache import ExpertCache, slot_bytes
+from moeoffload.prefetch import PrefetchConfig
+t = table.load(sys.argv[1])
+L, E = t.num_layers, t.experts_per_layer
+c = ExpertCache(t, budget=3 * slot_bytes(t), prefetch=PrefetchConfig(depth=3, per_layer=E, min_probability=0.0))
+for s in range(20):  # a history, so every step plans prefetches
+    c.begin_sequence()
+    for l in range(L):
+        c.record(l, [s % E, (s + 1) % E])
+    c.end_sequence()
+errors, stop = [], time.monotonic() + float(sys.argv[2])
+def recorder(seed):
+    rng = np.random.default_rng(seed)
+    while time.monotonic() < stop:
+        try:
+            c.record(int(rng.integers(L)), [int(rng.integers(E))])
+        except Exception as e:
+            errors.append(repr(e))
+def sequences():
+    while time.monotonic() < stop:
+        time.sleep(0.05)
+        c.end_sequence(); c.begin_sequence()
+        c.decisions.matrix(); c.decisions.prediction()
+threads = [threading.Thread(target=recorder, args=(i,)) for i in range(3)] + [threading.Thread(target=sequences)]
+[th.start() for th in threads]; [th.join() for th in threads]
+c.close()
+print(len(errors), errors[:3])
+"""
+
+
+def test_records_from_several_threads_interleave_whole(tmp_path):
+    """record() steps the cache's one decision step with the GIL released: steps from several threads
+    (and sequences begun and ended beside them) must serialise. Unserialised, two threads rewrote the
+    plan one was applying: garbage expert ids, double frees, segfaults within seconds."""
+    import subprocess
+    import sys
+
+    table.build(mixtral_state_dict(), policy=0.3, mode="meanabs", progress=False).save(tmp_path / "t")
+    r = subprocess.run([sys.executable, "-c", _RECORDERS, str(tmp_path / "t"), "4"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "0 []", (r.returncode, r.stdout[-2000:], r.stderr[-2000:])

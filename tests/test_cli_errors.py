@@ -59,6 +59,7 @@ CASES = {
     "seq-zero": (["sensitivity", "--seq", "0", "--out", "{t}/o"], "--seq"),
     "seq-negative": (["sensitivity", "--seq", "-3", "--out", "{t}/o"], "--seq"),
     "seq-nan": (["sensitivity", "--seq", "nan", "--out", "{t}/o"], "--seq"),
+    "seq-one-after-bos": (["sensitivity", "--seq", "1", "--out", "{t}/o", "--no-plots"], "--seq 1"),
     "seq-beyond-the-model": (["sensitivity", "--seq", "100000", "--out", "{t}/o"], "--seq"),
     "seq-beyond-the-text": (["sensitivity", "--seq", "1000", "--max-bytes", "300", "--out", "{t}/o"], "--seq"),
     "max-bytes-zero": (["sensitivity", "--max-bytes", "0", "--out", "{t}/o"], "--max-bytes"),
@@ -83,6 +84,12 @@ CASES = {
     "compress-policy-missing": (["compress", "--policy", "{t}/nowhere.json", "--out", "{t}/tab"], "--policy"),
     "compress-bound-zero": (["compress", "--error-bound", "0", "--out", "{t}/tab"], "--error-bound"),
     "compress-out-is-a-file": (["compress", "--out", "{t}/afile"], "--out"),
+    "compress-policy-not-a-policy": (["compress", "--policy", "{t}/bogus-policy.json", "--out", "{t}/tab"],
+                                     "MoE layer numbers"),
+    "compress-policy-without-bounds": (["compress", "--policy", "{t}/no-bounds.json", "--out", "{t}/tab"],
+                                       '"bounds"'),
+    "compress-policy-nested-deep": (["compress", "--policy", "{t}/deep.json", "--out", "{t}/tab"],
+                                    "cannot read the bound policy"),
     "compress-both-bounds": (["compress", "--error-bound", "0.3", "--policy", "{t}/afile", "--out", "{t}/tab"],
                              "not allowed"),
     # run
@@ -97,6 +104,9 @@ CASES = {
     "run-error-bound-negative": (["run", "--error-bound", "-1"], "--error-bound"),
     "run-max-new-tokens-zero": (["run", "--max-new-tokens", "0"], "--max-new-tokens"),
     "run-codec-unknown": (["run", "--codec", "zip"], "--codec"),
+    "run-table-and-codec": (["run", "--table", "{t}/empty", "--codec", "none"], "--codec with --table"),
+    "run-table-and-bound": (["run", "--table", "{t}/empty", "--error-bound", "0.3"], "--error-bound with --table"),
+    "run-error-bound-not-a-policy": (["run", "--error-bound", "{t}/bogus-policy.json"], "MoE layer numbers"),
     "run-prefetch-unknown": (["run", "--prefetch", "psychic"], "--prefetch"),
     "demo-alpha-nan": (["demo", "--alpha", "nan"], "--alpha"),
     "demo-alpha-empty": (["demo", "--alpha", ","], "--alpha"),
@@ -154,6 +164,9 @@ def scratch(tmp_path_factory) -> Path:
     (t / "broken_out").mkdir()
     (t / "broken_out" / "results.json").write_text("[1, 2")
     (t / "list.json").write_text("[]")
+    (t / "bogus-policy.json").write_text(json.dumps({"bogus": 1}))
+    (t / "no-bounds.json").write_text(json.dumps({"format": "moeoffload-bound-policy"}))
+    (t / "deep.json").write_text("[" * 100_000)
     (t / "other.json").write_text(json.dumps({"format": "moeoffload-bound-policy", "bounds": {}}))
     (t / "study.json").write_text(json.dumps(STUDY))
     gone = json.loads(json.dumps(STUDY))
@@ -202,6 +215,7 @@ def test_user_mistake_is_one_line_and_exit_2(report, name):
 def test_nothing_was_computed_or_written(report, scratch):
     assert not (scratch / "o").exists()  # every sensitivity mistake above was found before --out was made
     assert not (scratch / "p.json").exists()
+    assert not (scratch / "tab").exists()  # nor --out of a compress whose policy was malformed
     assert (scratch / "broken_out" / "results.json").read_text() == "[1, 2"
 
 

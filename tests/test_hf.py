@@ -52,6 +52,29 @@ def _prompt(seed=1):
     return torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(seed))
 
 
+def test_an_sz3_table_or_codec_is_refused_before_the_model_is_touched(tmp_path):
+    """No kernel reads sz3: offload() said so only at the first forward pass, after it had freed the dense
+    experts. Now it refuses first, and the model still runs."""
+    from moeoffload import table as _table
+    from moeoffload.errors import InvalidArgumentError
+
+    model = tiny("mixtral")
+    ids = _prompt()
+    with torch.no_grad():
+        ref = model(ids).logits
+    with pytest.raises(InvalidArgumentError, match="'szp', 'szpe' or 'none'.*codec is 'sz3'"):
+        moeoffload.offload(model, codec="sz3", gpu_budget=10**8)
+    from moeoffload.integrations.hf import _source_state_dict
+
+    layers = moe_layers(model)
+    sz3 = _table.build(_source_state_dict(layers), 0.3, "sz3", progress=False)
+    with pytest.raises(InvalidArgumentError, match="table is 'sz3'"):
+        moeoffload.offload(model, table=sz3, gpu_budget=10**8)
+    assert not any(getattr(ml.experts, n).is_meta for ml in layers for n in expert_matrix_names(ml.experts))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_codec_none_is_exact(family):
     model = tiny(family)

@@ -261,6 +261,23 @@ def test_sizes_and_shapes_altered(scratch):
             load(path)
 
 
+def test_a_raw_table_whose_matrix_sizes_disagree_with_their_shape_and_dtype(tmp_path):
+    """Codec "none" stores the values raw: a matrix's bytes must be numel x itemsize of its dtype, or the
+    load would reinterpret or overrun them (a torch error at the first decompress, before)."""
+    path = tmp_path / "t"
+    table.build(mixtral_state_dict(), policy=0.01, codec="none", progress=False).save(path)
+    good = json.loads((path / table.MANIFEST_FILE).read_text())
+    m = good["experts"][2]["matrices"][0]
+    for key, value in (("dtype", "float32"), ("bytes", m["bytes"] - 2), ("shape", [m["shape"][0] * 2, m["shape"][1]])):
+        doc = copy.deepcopy(good)
+        doc["experts"][2]["matrices"][0][key] = value
+        write(path, doc)
+        with pytest.raises(TableError, match=r"experts\[2\]\.matrices\[0\]\.bytes.*stores them raw"):
+            load(path)
+    write(path, good)
+    load(path)
+
+
 def test_experts_duplicated_missing_or_out_of_range(scratch):
     path, good = scratch
     doc = copy.deepcopy(good)
@@ -284,6 +301,22 @@ def test_experts_duplicated_missing_or_out_of_range(scratch):
         write(path, doc)
         with pytest.raises(TableError, match=rf"experts\[0\]\.{key}"):
             load(path)
+
+
+def test_matrices_listed_out_of_order(scratch):
+    """The runtime and the ops index an expert's matrices by position (table.matrix_names): a list in
+    another order (the table's, or one expert's) would compute with the wrong matrix, so it is refused."""
+    path, good = scratch
+    doc = copy.deepcopy(good)
+    doc["matrices"] = doc["matrices"][::-1]
+    write(path, doc)
+    with pytest.raises(TableError, match=r"experts\[0\]\.matrices.*not in the order"):
+        load(path)
+    doc = copy.deepcopy(good)
+    doc["experts"][5]["matrices"] = doc["experts"][5]["matrices"][::-1]
+    write(path, doc)
+    with pytest.raises(TableError, match=r"experts\[5\]\.matrices.*not in the order"):
+        load(path)
 
 
 def test_counts_that_disagree(scratch):

@@ -171,6 +171,33 @@ def test_expert_mlp_matches_reference(dtype, act, layout, bias):
                                    ref.float().abs().max().item())
 
 
+def test_a_meta_tensor_beside_a_real_x_is_refused():
+    """A meta tensor among a call's tensors makes the dispatcher run the fake kernel, which would hand
+    back uninitialised memory for a real x: each entry refuses it by name (the direct path too)."""
+    from moeoffload.errors import InvalidArgumentError
+
+    H, I = 32, 16
+    gu, dn, gb, db = _expert(H, I, torch.float32, seed=1, bias=True)
+    x = torch.randn(3, H)
+    meta_db = torch.zeros(H, device="meta")
+    with pytest.raises(InvalidArgumentError, match="down_bias is on the meta device"):
+        ops.expert_mlp(x, gu, dn, down_bias=meta_db)
+    gh, ge = ops.matrix_handle(gu)
+    dh, de = ops.matrix_handle(dn)
+    with pytest.raises(InvalidArgumentError, match="gate_up_bias is on the meta device"):
+        torch.ops.moeoffload.expert_mlp(x, gh, ge, 0, dh, de, 0, torch.zeros(2 * I, device="meta"), None, "silu", 0,
+                                        1.702, 7.0)
+    experts = [(gu, dn), _expert(H, I, torch.float32, seed=2)[:2]]
+    idx, w = torch.tensor([[0], [1], [0]]), torch.rand(3, 1)
+    for grad in (True, False):  # the dispatcher, and the direct path of inference
+        with torch.set_grad_enabled(grad), pytest.raises(InvalidArgumentError, match="top_k_weights is on the meta"):
+            ops.moe_experts(x, idx, w.to("meta"), experts)
+    with pytest.raises(InvalidArgumentError, match="down_bias is on the meta"):
+        ops.moe_experts(x, idx, w, experts, down_bias=torch.zeros(2, H, device="meta"))
+    ref = ops.expert_mlp(x, gu, dn, gate_up_bias=gb, down_bias=db)  # a meta x still traces
+    assert ops.expert_mlp(x.to("meta"), gu, dn, gate_up_bias=gb.to("meta"), down_bias=db.to("meta")).shape == ref.shape
+
+
 # ---- moe_experts ---------------------------------------------------------------------------------
 
 

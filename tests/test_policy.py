@@ -68,3 +68,26 @@ def test_non_bounds_are_refused(bound):
         BoundPolicy.from_any({0: bound})
     with pytest.raises(InvalidBoundError):
         sensitivity.check_args("szp", [bound], "meanabs", ["layer"])
+
+
+@pytest.mark.parametrize("doc,says", [
+    ({"bogus": 1}, "MoE layer numbers"), ({"1.5": 0.1}, "MoE layer numbers"), ({"-4": 0.1}, "MoE layer numbers"),
+    ({True: 0.1}, "MoE layer numbers"), ({"format": POLICY_FORMAT}, '"bounds"'),
+    ({"format": POLICY_FORMAT, "bounds": [1]}, '"bounds"'), ({"format": POLICY_FORMAT, "bounds": {"x": 0.1}}, "layer"),
+    ({"format": POLICY_FORMAT, "mode": 3, "bounds": {"0": 0.1}}, "mode"),
+])
+def test_malformed_policies_are_named(tmp_path, doc, says):
+    """A policy document of the wrong shape is InvalidBoundError naming what is wrong (it was KeyError,
+    AttributeError or ValueError), as a mapping and as a file."""
+    with pytest.raises(InvalidBoundError, match=says):
+        BoundPolicy.from_any(doc)
+    if not any(isinstance(k, bool) for k in doc):
+        (tmp_path / "p.json").write_text(json.dumps(doc))
+        with pytest.raises(InvalidBoundError, match=says):
+            BoundPolicy.from_any(tmp_path / "p.json")
+
+
+def test_a_policy_file_nested_past_the_parser_is_named(tmp_path):
+    (tmp_path / "deep.json").write_text("[" * 100_000)
+    with pytest.raises(InvalidBoundError, match="cannot read the bound policy"):
+        BoundPolicy.from_any(tmp_path / "deep.json")

@@ -10,6 +10,7 @@
 #include <nanobind/stl/vector.h>
 
 #include <cstring>
+#include <mutex>
 
 #include "arrays.h"
 #include "moeoffload/activation.h"
@@ -98,6 +99,13 @@ std::vector<uint32_t> id_list(const std::vector<uint32_t>& ids) { return ids; }
 const float* hidden_data(const std::optional<Floats>& hidden) {
   static const float none = 0.0f;
   return !hidden ? nullptr : hidden->size() ? hidden->data() : &none;
+}
+
+// A lock a GIL-released call may hold (its holders never wait for the GIL), taken with the GIL released
+// while it waits, so the waiter does not block the holder's Python threads.
+std::unique_lock<std::mutex> lock_without_gil(std::mutex& mu) {
+  nb::gil_scoped_release release;
+  return std::unique_lock<std::mutex>(mu);
 }
 
 nb::list plan_list(const std::vector<PrefetchItem>& plan) {
@@ -304,6 +312,7 @@ void bind_runtime(nb::module_& m) {
       .def("set_current_layer", &DeviceCache::set_current_layer, nb::arg("layer"))
       .def("decide", [](DeviceCache& c, DecisionStep& d, uint32_t layer, Counts experts, std::optional<Floats> hidden) {
         nb::gil_scoped_release release;
+        std::lock_guard<std::mutex> lock(d.mutex());  // its holders never wait for the GIL
         return c.apply(d.step(layer, experts.data(), experts.size(), hidden_data(hidden), hidden ? hidden->size() : 0));
       }, nb::arg("step"), nb::arg("layer"), nb::arg("experts"), nb::arg("hidden_next").none() = nb::none())
       .def("set_activation", [](DeviceCache& c, Floats a) { c.set_activation(a.data(), a.size()); }, nb::arg("activation"))
@@ -395,9 +404,16 @@ void bind_runtime(nb::module_& m) {
          nb::arg("activation_priorities"), nb::arg("depth") = 2, nb::arg("per_layer") = 3,
          nb::arg("min_probability") = 0.05, nb::arg("top_matches") = 4, nb::arg("recency") = 1.0,
          nb::arg("self_weight") = 1.0)
-      .def("begin_sequence", &DecisionStep::begin_sequence)
-      .def("end_sequence", &DecisionStep::end_sequence)
+      .def("begin_sequence", [](DecisionStep& d) {
+        const auto lock = lock_without_gil(d.mutex());
+        d.begin_sequence();
+      })
+      .def("end_sequence", [](DecisionStep& d) {
+        const auto lock = lock_without_gil(d.mutex());
+        return d.end_sequence();
+      })
       .def("step", [](DecisionStep& d, uint32_t layer, Counts experts, std::optional<Floats> hidden, CacheIndex* index) {
+        const auto lock = lock_without_gil(d.mutex());
         const Decision& dec = d.step(layer, experts.data(), experts.size(), hidden_data(hidden),
                                      hidden ? hidden->size() : 0);
         if (index) apply_priorities(dec, *index);
@@ -406,12 +422,14 @@ void bind_runtime(nb::module_& m) {
          nb::arg("index").none() = nb::none())
       .def("prediction", [](const DecisionStep& d) -> nb::object {
         // The last step's [layers, experts] prediction (a copy), None when that step made none.
+        const auto lock = lock_without_gil(d.mutex());
         if (d.tracer().layers_seen() == 0 || !d.predicts()) return nb::none();
         auto* v = new std::vector<float>(d.last().activation, d.last().activation + d.last().activation_size);
         nb::capsule owner(v, [](void* p) noexcept { delete static_cast<std::vector<float>*>(p); });
         return nb::cast(nb::ndarray<nb::numpy, float, nb::ndim<2>>(v->data(), {d.num_layers(), d.experts_per_layer()}, owner));
       })
       .def("matrix", [](const DecisionStep& d) {
+        const auto lock = lock_without_gil(d.mutex());
         auto* v = new std::vector<uint32_t>(d.tracer().matrix());
         nb::capsule owner(v, [](void* p) noexcept { delete static_cast<std::vector<uint32_t>*>(p); });
         return nb::ndarray<nb::numpy, uint32_t, nb::ndim<2>>(v->data(), {d.num_layers(), d.experts_per_layer()}, owner);

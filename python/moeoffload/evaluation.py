@@ -24,6 +24,8 @@ def encode(model_dir: Path, model, text: bytes) -> list[int]:
 
 def windows(ids: list[int], seq: int, bos: int | None) -> torch.Tensor:
     body = seq - (1 if bos is not None else 0)
+    if body < 1:
+        raise ValueError(f"a window of {seq} tokens holds no text after its BOS token: it needs at least 2")
     n = len(ids) // body
     if n == 0:
         raise ValueError(f"need at least {body} tokens of evaluation text, got {len(ids)}")

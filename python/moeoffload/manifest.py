@@ -18,6 +18,7 @@ import math
 from .errors import MissingExpertError, TableError, TableVersionError
 
 DTYPES = ("float32", "bfloat16", "float16")
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 MAX_VALUES = 2**62  # elements of one matrix: beyond this no index type holds them
 
 
@@ -165,12 +166,15 @@ def _check_matrices(c: _Checker, mats: list, f: str, size: int, names: list, ali
         numel = math.prod(shape)
         if numel > MAX_VALUES:
             raise c.fail(f"{g}.shape", f"{_shown(shape)} describes more than 2**62 values")
-        c.str_(c.key(mat, "dtype", g), f"{g}.dtype", DTYPES)
+        dtype = c.str_(c.key(mat, "dtype", g), f"{g}.dtype", DTYPES)
         c.bound(c.key(mat, "eb", g), f"{g}.eb")
         offset = c.int_(c.key(mat, "offset", g), f"{g}.offset")
         if offset % align:
             raise c.fail(f"{g}.offset", f"must be a multiple of {align}, got {offset}")
         nbytes = c.int_(c.key(mat, "bytes", g), f"{g}.bytes", lo=1)
+        if c.lossless and nbytes != numel * ITEMSIZE[dtype]:  # codec "none": the bytes are the values
+            raise c.fail(f"{g}.bytes", f"is {nbytes}, but {_shown(shape)} {dtype} values take {numel * ITEMSIZE[dtype]} "
+                                       "(codec 'none' stores them raw)")
         if offset + nbytes > size:
             raise c.fail(g, f"[offset, offset + bytes) = [{offset}, {offset + nbytes}) is outside the expert's "
                             f"{size} bytes")
@@ -183,6 +187,9 @@ def _check_matrices(c: _Checker, mats: list, f: str, size: int, names: list, ali
         spans.append((offset, offset + nbytes, j))
     if seen != set(names):
         raise c.fail(f"{f}.matrices", f"has {sorted(seen)}, the table's matrices are {sorted(names)}")
+    order = [mat["name"] for mat in mats]
+    if order != list(names):  # the runtime and the ops index an expert's matrices by position
+        raise c.fail(f"{f}.matrices", f"lists {order}, not in the order of the table's matrices {list(names)}")
     spans.sort()
     for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
         if begin < end:

@@ -121,9 +121,21 @@ def _expert_mlp_op(x: torch.Tensor, gate_up_handle: int, gate_up_expert: int, ga
     return y
 
 
+def _no_meta_beside(x: torch.Tensor, **tensors) -> None:
+    """The fake kernels run for a real call too when one of its tensors is on the meta device (the
+    dispatcher picks them): with x real, that call would return uninitialised memory, so it is refused.
+    (Traced, every tensor is fake on the device it stands for, none on meta.)"""
+    if x.device.type == "meta":
+        return
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.device.type == "meta":
+            raise InvalidArgumentError(f"{name} is on the meta device (it holds no values), x on {x.device}")
+
+
 @_expert_mlp_op.register_fake
 def _(x, gate_up_handle, gate_up_expert, gate_up_matrix, down_handle, down_expert, down_matrix, gate_up_bias,
       down_bias, act, layout, alpha, limit):
+    _no_meta_beside(x, gate_up_bias=gate_up_bias, down_bias=down_bias)
     H, _ = _rows(down_handle, down_expert, down_matrix)
     return x.new_empty(x.shape[0], H)
 
@@ -162,6 +174,7 @@ _moe_experts_op = torch.library.custom_op("moeoffload::moe_experts", _moe_expert
 @_moe_experts_op.register_fake
 def _(x, routing, weights, handle, gate_up_ids, gate_up_matrix, down_ids, down_matrix, gate_up_bias, down_bias, act,
       layout, alpha, limit):
+    _no_meta_beside(x, top_k_index=routing, top_k_weights=weights, gate_up_bias=gate_up_bias, down_bias=down_bias)
     return x.new_empty(x.shape)  # contiguous, as the op's output is whatever x's strides
 
 
@@ -257,6 +270,7 @@ def expert_mlp(x: torch.Tensor, gate_up: CompressedTensor, down: CompressedTenso
                                  layout, alpha, limit)
     H = gate_up.shape[1]
     x2, lead = _as_tokens(x, H, "x")
+    _no_meta_beside(x2, gate_up_bias=gate_up_bias, down_bias=down_bias)
     gh, ge = matrix_handle(gate_up)
     dh, de = matrix_handle(down)
     y = torch.ops.moeoffload.expert_mlp(x2, gh, ge, 0, dh, de, 0, gate_up_bias, down_bias, act, GATE_LAYOUTS[layout],
@@ -279,6 +293,8 @@ def moe_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch
             raise UnsupportedDtypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if x.dim() != 2 or top_k_index.dim() != 2 or top_k_index.shape != top_k_weights.shape:
         raise ShapeError("moe_experts needs x [T, H] and top_k_index, top_k_weights [T, k]")
+    _no_meta_beside(x, top_k_index=top_k_index, top_k_weights=top_k_weights, gate_up_bias=gate_up_bias,
+                    down_bias=down_bias)
     if not experts or not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in experts):
         raise ShapeError("moe_experts needs the layer's experts: a list of (gate_up, down) CompressedTensors")
     gu = [matrix_handle(g) for g, _ in experts]  # standalone tensors share one registry handle

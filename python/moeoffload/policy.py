@@ -62,17 +62,35 @@ class BoundPolicy:
         if isinstance(policy, (str, Path)):
             try:
                 policy = json.loads(Path(policy).read_text())
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, RecursionError) as e:  # (nesting deeper than the parser's stack)
                 raise InvalidBoundError(f"cannot read the bound policy {policy}: {e}") from e
         if isinstance(policy, Mapping) and policy.get("format") == POLICY_FORMAT:
-            per = {int(k): _check_bound(v, f"layer {k}") for k, v in policy["bounds"].items()}
-            return cls(mode or policy.get("mode", "abs"), None, per)
+            bounds = policy.get("bounds")
+            if not isinstance(bounds, Mapping):
+                raise InvalidBoundError(f"a {POLICY_FORMAT} document needs \"bounds\": {{layer: bound}}, "
+                                        f"got {type(bounds).__name__}")
+            mode = mode or policy.get("mode", "abs")
+            if not isinstance(mode, str):
+                raise InvalidBoundError(f"policy mode must be one of {MODES}, got {mode!r}")
+            return cls(mode, None, _per_layer(bounds))
         if isinstance(policy, Mapping):
-            per = {int(k): _check_bound(v, f"layer {k}") for k, v in policy.items()}
-            return cls(mode or "abs", None, per)
+            return cls(mode or "abs", None, _per_layer(policy))
         if callable(policy):
             return cls(mode or "abs", None, {}, policy)
         return cls(mode or "abs", _check_bound(policy, "policy"))
+
+
+def _per_layer(bounds: Mapping) -> dict[int, float]:
+    """{MoE layer: bound} from a mapping whose keys are layer numbers (ints, or their decimal strings)."""
+    per = {}
+    for k, v in bounds.items():
+        layer = k if isinstance(k, int) and not isinstance(k, bool) else None
+        if isinstance(k, str) and k.strip().isdigit():
+            layer = int(k)
+        if layer is None or layer < 0:
+            raise InvalidBoundError(f"a policy's keys are MoE layer numbers (0, 1, ...), got {k!r}")
+        per[layer] = _check_bound(v, f"layer {k}")
+    return per
 
 
 def choose_bounds(options: dict[int, list[tuple[float, float, float]]], budget: float, bins: int = 400) -> dict[int, float] | None:

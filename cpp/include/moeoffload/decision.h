@@ -19,6 +19,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -62,6 +63,11 @@ class DecisionStep {
   const Decision& step(uint32_t layer, const uint32_t* experts, size_t n, const float* hidden_next, size_t hidden_n);
 
   const Decision& last() const { return decision_; }
+  // One decode sequence's state, not thread-safe itself: callers that may step it from several
+  // threads (the bindings release the GIL for a step and its prefetches) hold this lock across a
+  // step and every use of its decision, begin_sequence, end_sequence and the reads of tracer() and
+  // last(). Concurrent records then interleave whole, in some order.
+  std::mutex& mutex() const { return mu_; }
   bool needs_hidden() const { return config_.source == PrefetchSource::Hidden || config_.source == PrefetchSource::Combined; }
   bool predicts() const;
   const DecisionConfig& config() const { return config_; }
@@ -82,6 +88,7 @@ class DecisionStep {
   bool blend_all_ = true;          // every row of prediction_ is to be made again
   std::vector<float> source_;      // the plan's input when it differs from the prediction
   Decision decision_;
+  mutable std::mutex mu_;
 };
 
 // The cache's side of a decision: the layer now running, and the activation

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -329,6 +330,8 @@ def _check_text(data, max_bytes: int, seq: int, model_dir: Path, config, flag: s
     except Exception as e:  # noqa: BLE001 - a broken tokenizer in the checkpoint
         raise UsageError(f"--model {model_dir}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
     bos = getattr(config, "bos_token_id", None)
+    if seq - (bos is not None) < 1:
+        raise UsageError(f"--seq {seq}: a window starts with the BOS token and needs at least one more: 2 or more")
     try:
         evaluation.windows(ids, seq, bos)
     except ValueError:
@@ -515,6 +518,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moeoffload: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as a killed-by-SIGPIPE tool would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush must not raise again)
+        return 141
     except UsageError as e:
         message = str(e)
     except MoeoffloadError as e:  # the named errors: a table, a bound, a budget, a model without experts, ...

@@ -9,6 +9,7 @@ The table stores the experts as the transformers 5 experts modules hold them
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 
@@ -35,11 +36,16 @@ def cmd(args) -> int:
     from . import UsageError, _check_model, _writable_dir
 
     model_dir, config = _check_model(args.model)
-    if args.policy is not None and not Path(args.policy).is_file():
-        raise UsageError(f"--policy {args.policy}: no such file")
+    if args.policy is not None:
+        if not Path(args.policy).is_file():
+            raise UsageError(f"--policy {args.policy}: no such file")
+        from moeoffload.policy import BoundPolicy
+
+        BoundPolicy.from_any(args.policy)  # a malformed one is named before --out is made
     out = Path(args.out)
     if (out / table.MANIFEST_FILE).exists():
         raise UsageError(f"--out {out}: a table is there already; choose another directory or remove it")
+    made = not out.exists()
     _writable_dir(out)
     bound = args.policy or (args.error_bound if args.error_bound is not None else
                             (str(model_dir / "policy.json") if (model_dir / "policy.json").exists() else 0.3))
@@ -48,8 +54,13 @@ def cmd(args) -> int:
 
     with torch.device("meta"):
         transposed = moe_layers(AutoModelForCausalLM.from_config(config))[0].experts.is_transposed
-    t = table.build(model_dir, bound, args.codec, mode="meanabs", fuse=True,
-                    transpose=transposed and args.codec != "none", out=out, progress=not args.quiet)
+    try:
+        t = table.build(model_dir, bound, args.codec, mode="meanabs", fuse=True,
+                        transpose=transposed and args.codec != "none", out=out, progress=not args.quiet)
+    except BaseException:
+        if made:  # what this command made and could not finish (a bound too small, say): nothing half-written stays
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     print(f"{out}: {t.num_layers} MoE layers x {t.experts_per_layer} experts, codec {args.codec}, "
           f"{t.bits_per_weight():.3f} bits/weight, {int(t.expert_bytes().sum()) / 2**20:.2f} MiB")
     t.close()

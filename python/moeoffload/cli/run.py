@@ -83,7 +83,8 @@ def add_parser(sub) -> None:
     p.add_argument("--gpu-budget", "--budget", dest="budget", default="25%",
                    help="device memory for experts: a size ('6GiB') or a share of the experts ('25%%')")
     p.add_argument("--table", default=None, help="a table built by `moeoffload compress` (default: build one now)")
-    p.add_argument("--codec", choices=("szp", "szpe", "none"), default="szp")
+    p.add_argument("--codec", choices=("szp", "szpe", "none"), default=None,
+                   help="the experts' coding when the table is built now (default szp)")
     p.add_argument("--error-bound", default=None,
                    help="x mean|w| per matrix, or a policy JSON (default: the model's policy.json, else 0.3)")
     p.add_argument("--cache-policy", choices=("activation", "lru", "lfu"), default="activation")
@@ -99,6 +100,9 @@ def _error_bound(args, model_dir: Path):
         policy = model_dir / "policy.json"
         return str(policy) if policy.exists() else 0.3
     if Path(args.error_bound).is_file():
+        from moeoffload.policy import BoundPolicy
+
+        BoundPolicy.from_any(args.error_bound)  # a malformed policy is named before the model loads
         return args.error_bound
     try:
         return _alpha(args.error_bound)
@@ -123,10 +127,15 @@ def cmd(args) -> int:
         parse_budget_spec(args.budget)
     except BudgetError as e:
         raise UsageError(f"--budget {args.budget}: {e}") from None
+    if args.table is not None:
+        given = [flag for flag, v in (("--codec", args.codec), ("--error-bound", args.error_bound)) if v is not None]
+        if given:
+            raise UsageError(f"{' and '.join(given)} with --table: the table holds its own coding and bounds "
+                             "(give one or the other)")
     model_dir, config = _check_model(args.model)
     bound = _error_bound(args, model_dir)
     if args.prompt is not None:
-        text = args.prompt.encode()
+        text = args.prompt.encode("utf-8", "surrogateescape")  # bytes that are no UTF-8 reach argv escaped
     else:
         text = sensitivity.load_text(None, model_dir)[:200] if (model_dir / "heldout.txt").exists() else b"The"
     ids = evaluation.encode(model_dir, None, text)
@@ -155,7 +164,7 @@ def cmd(args) -> int:
         del reference
     prefetch = None if args.prefetch == "none" else args.prefetch
     model, off = moeoffload.from_pretrained(model_dir, table=args.table, gpu_budget=args.budget, error_bound=bound,
-                                            codec=args.codec, cache_policy=args.cache_policy, prefetch=prefetch)
+                                            codec=args.codec or "szp", cache_policy=args.cache_policy, prefetch=prefetch)
     with off:
         print("continuation: ", end="", flush=True)
         gen = generate_timed(model, input_ids, args.max_new_tokens, off, streamer=_Streamer(model_dir))

@@ -117,6 +117,7 @@ class Offload:
         self._owns_table = False  # from_pretrained hands over the tables it opened
         if prefetch not in PREFETCH:
             raise InvalidArgumentError(f"prefetch must be one of {PREFETCH}, got {prefetch!r}")
+        _check_offload_codec(codec if table is None else table.manifest["codec"], "codec" if table is None else "table")
         self.model = model
         self.layers = moe_layers(model)
         first = self.layers[0].experts
@@ -501,6 +502,17 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+OFFLOAD_CODECS = ("szp", "szpe", "none")  # what the cache lands and the experts read: sz3 has neither
+
+
+def _check_offload_codec(codec, what: str) -> None:
+    """Before anything of the model is touched: an sz3 table would load, free the dense experts, and fail
+    at the first forward pass."""
+    if codec not in OFFLOAD_CODECS:
+        raise InvalidArgumentError(f"the offload path serves codec 'szp', 'szpe' or 'none' (no kernel reads "
+                                   f"sz3); the {what} is {codec!r}")
+
+
 def offload(model: nn.Module, table=None, gpu_budget="6GiB", error_bound=0.3, codec: str = "szp",
             cache_policy: str = "activation", prefetch: str | None = "hidden", *, error_mode: str = "meanabs",
             progress: bool = False) -> Offload:
@@ -535,6 +547,8 @@ def from_pretrained(checkpoint_dir, table=None, gpu_budget="6GiB", device="cpu",
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
     from safetensors import safe_open
 
+    if table is None:
+        _check_offload_codec(codec, "codec")  # before a table is built for nothing
     checkpoint_dir = Path(checkpoint_dir)
     files = sorted(checkpoint_dir.glob("*.safetensors"))
     if not files:
