@@ -14,9 +14,24 @@ def test_parse_budget():
     assert parse_budget("512 MiB") == 512 * 2**20
     assert parse_budget("1.5GB") == 1_500_000_000
     assert parse_budget(4096) == 4096 and parse_budget("4096") == 4096
-    for bad in ("6 parsecs", "", "-1GiB", 0, True, float("nan")):
+    assert parse_budget("1 PiB") == 2**50  # the largest budget, in its own unit
+    for bad in ("6 parsecs", "", "-1GiB", 0, True, float("nan"), "1.01 PiB"):
         with pytest.raises(BudgetError):
             parse_budget(bad)
+
+
+def test_config_mistakes_are_named(tmp_path):
+    table.build(mixtral_state_dict(), policy=0.3, mode="meanabs", progress=False).save(tmp_path / "t")
+    t = table.load(tmp_path / "t")
+    for kw, says in ((dict(prefetch="hidden"), "PrefetchConfig or None"), (dict(backend=""), "backend"),
+                     (dict(backend="gpu"), "backend")):
+        with pytest.raises(InvalidArgumentError, match=says):
+            ExpertCache(t, "1MiB", **kw)
+    for kw in (dict(min_probability=float("nan")), dict(min_probability=2.0), dict(depth=2.5), dict(per_layer=0),
+               dict(top_matches=True)):
+        with pytest.raises(ValueError):
+            PrefetchConfig(**kw)
+    t.close()
 
 
 def test_expert_cache_serves_a_forward_pass(tmp_path):

@@ -108,6 +108,12 @@ def test_bad_mode_codec_dtype_are_named():
         with pytest.raises(UnsupportedDtypeError):
             codec.compress(x, 0.1)
     assert issubclass(UnsupportedDtypeError, CodecError)
+    from moeoffload.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="meta device"):
+        codec.compress(torch.randn(4, device="meta"), 0.1)
+    with pytest.raises(InvalidArgumentError, match="to_dense"):
+        codec.compress(torch.randn(4, 4).to_sparse(), 0.1)
 
 
 def test_sz3_buffer_corruption_is_named():

@@ -31,7 +31,7 @@ from .prefetch import PrefetchConfig, decision_step
 from .table import FUSED_CODECS, PAYLOAD_FILE
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+          "pb": 10**15, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50}
 
 
 MAX_BUDGET = 2**50  # 1 PiB: beyond any device; a larger budget is a mistake (and would not fit the native size type)
@@ -91,6 +91,10 @@ class ExpertCache:
         L, E = table.num_layers, table.experts_per_layer
         if table.closed:
             raise ClosedError("the table is closed: make the cache before closing it")
+        if prefetch is not None and not isinstance(prefetch, PrefetchConfig):
+            raise InvalidArgumentError(f"prefetch must be a PrefetchConfig or None, got {prefetch!r}")
+        if backend is not None and backend not in ("auto", "cpu", "cuda"):
+            raise InvalidArgumentError(f"backend must be 'auto', 'cpu', 'cuda' or None, got {backend!r}")
         self.decisions = decision_step(L, E, prefetch, policy, history)  # checks the config before anything opens
         self.runtime = _native.Runtime(backend or "auto", L, E, num_streams)
         try:

@@ -36,6 +36,7 @@ from .errors import (
     CorruptDataError,
     CudaError,
     FormatVersionError,
+    InvalidArgumentError,
     InvalidBoundError,
     NonFiniteError,
     ShapeError,
@@ -76,6 +77,10 @@ def _as_tensor(x) -> torch.Tensor:
         raise UnsupportedDtypeError(
             f"dtype {x.dtype} is not supported; convert to torch.float32, torch.bfloat16 or torch.float16 first"
         )
+    if x.device.type == "meta":
+        raise InvalidArgumentError("the tensor is on the meta device: it holds no values to compress")
+    if x.layout != torch.strided:
+        raise InvalidArgumentError(f"a {x.layout} tensor: compress its dense form (x.to_dense())")
     return x.detach().to("cpu").contiguous()
 
 

@@ -94,6 +94,8 @@ def _rows(handle: int, expert: int, matrix: int) -> tuple[int, ...]:
 
 @torch.library.custom_op("moeoffload::szp_linear", mutates_args=())
 def _szp_linear_op(x: torch.Tensor, handle: int, expert: int, matrix: int) -> torch.Tensor:
+    if x.dim() != 2:
+        raise ShapeError(f"x must be [tokens, in], got shape {tuple(x.shape)}")
     rows = _rows(handle, expert, matrix)[0]
     x = x.contiguous()
     y = torch.empty(x.shape[0], rows, dtype=x.dtype, device=x.device)

@@ -18,6 +18,7 @@ moeoffload.sim) fetches the plan without evicting what runs now.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,8 +39,13 @@ class PrefetchConfig:
     def __post_init__(self):
         if self.source not in ("activation", "hidden", "combined"):
             raise ValueError(f"prefetch source must be 'activation', 'hidden' or 'combined', got {self.source!r}")
-        if self.depth < 1 or self.per_layer < 1 or self.top_matches < 1:
-            raise ValueError("prefetch depth, per_layer and top_matches must be >= 1")
+        for name in ("depth", "per_layer", "top_matches"):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"prefetch {name} must be an integer >= 1, got {v!r}")
+        p = self.min_probability
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p <= 1:  # (NaN fails the range)
+            raise ValueError(f"prefetch min_probability must be a probability in [0, 1], got {p!r}")
 
 
 def plan(prediction: np.ndarray, current_layer: int, config: PrefetchConfig) -> list[tuple[int, float]]:
