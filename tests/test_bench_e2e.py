@@ -104,3 +104,22 @@ def test_a_shallow_stack_reports_its_rate_at_the_models_depth(e2e):
     md = e2e.table_md([row, {"routing": "trace", "budget": "25%", "system": "accelerate", "skipped": "no GPU"}], meta)
     assert "Decode at 48 layers" in md and "trace 25% moeoffload 80.0 tok/s" in md
     assert e2e.FULL_LAYERS == {"mixtral": 32, "qwen3": 48}
+
+
+def test_cached_experts_bench_runs_and_its_fused_kernel_matches_dense(tmp_path):
+    """bench/cached_experts.py (a stage of the GPU run) runs end to end on this backend: one row per call
+    and token count, the fused kernel within bf16 rounding of dense on the same decoded weights."""
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "cached_experts.py"), "--tokens", "1", "--repeats", "1",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (found,) = tmp_path.glob("cached_experts-*.json")
+    doc = json.loads(found.read_text())
+    assert [row["what"] for row in doc["rows"]] == ["expert_mlp fused (szp)", "expert_mlp dense (bf16)",
+                                                   "moe_experts fused (szp, 8 experts)", "8 experts dense (bf16)"]
+    assert all(row["us"] > 0 and row["weight_GBps"] > 0 for row in doc["rows"])
+    assert doc["rows"][0]["kernel_rel_err"] < 0.02 and 2 < doc["meta"]["szp_bits_per_weight"] < 8
+    assert (found.with_suffix(".md")).read_text().count("| 1 |") == 4

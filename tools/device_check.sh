@@ -9,12 +9,14 @@
 #     3. bench/codec.py --cuda-only: szp and szpe decode GB/s on a 1 GiB expert-like tensor, the
 #        pinned H2D copy of each codec's bytes (issue 12's 300 GB/s), and the arrival latency of one
 #        Qwen3-shaped szpe expert at three stream lengths;
+#     4. bench/cached_experts.py: the fused kernels on one resident Qwen3-shaped layer (one expert, and
+#        8 in one moe_experts call) against the dense bf16 experts, µs and weight GB/s;
 #   second (builds first if the first call's build is not there):
-#     4. bench/transfer_overlap.py: copies against compute, and 1.7 MB expert copies with each copy
+#     5. bench/transfer_overlap.py: copies against compute, and 1.7 MB expert copies with each copy
 #        stream issuing 8 ahead (the engine's default) against one at a time;
-#     5. bench/e2e.py on a Qwen3-30B-A3B-shaped stack (E2E_LAYERS layers, 25% budget, trace and model
+#     6. bench/e2e.py on a Qwen3-30B-A3B-shaped stack (E2E_LAYERS layers, 25% budget, trace and model
 #        routing, every system including accelerate, szpe and the torch.compile'd path): issue 11's table;
-#     6. the rest of the test files that touch the runtime, whose caches ("auto") are on the cuda
+#     7. the rest of the test files that touch the runtime, whose caches ("auto") are on the cuda
 #        backend there, with the time left.
 # `all` (the default) runs both in one call. Each stage has its own time limit and the script goes on
 # past a failed one, so a call returns all it could measure: logs, JSON and tables under $OUT, a
@@ -89,6 +91,8 @@ build() {
 first() {
   stage tests-cuda 100 $PY -m pytest -q -p no:cacheprovider -m cuda --junitxml="$OUT/tests-cuda.xml" "${tests[@]}"
   stage codec 120 $PY bench/codec.py --cuda-only --out "$OUT"
+  # the fused kernels on resident Qwen3-shaped experts against dense bf16: are they near streaming their bytes?
+  stage experts 60 $PY bench/cached_experts.py --out "$OUT"
 }
 
 second() {
@@ -121,7 +125,7 @@ fi
 echo
 echo "== summary ($part, total ${SECONDS}s); results in $OUT"
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
-for md in "$OUT"/codec-cuda-*.md "$OUT"/transfer_overlap-*.md "$OUT"/e2e-*.md; do [ -f "$md" ] && sed -n '/```/,/```/p;/^|/p' "$md" | head -40; done
+for md in "$OUT"/codec-cuda-*.md "$OUT"/cached_experts-*.md "$OUT"/transfer_overlap-*.md "$OUT"/e2e-*.md; do [ -f "$md" ] && sed -n '/```/,/```/p;/^|/p' "$md" | head -40; done
 # The device tool brings back at most 8 files: the tables and JSON stay apart, the rest goes in one archive.
 (cd "$OUT" && tar czf logs.tar.gz --remove-files *.log *.xml *.png backend_info.txt transfer_overlap-* 2>/dev/null
  ls -la)

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..cache import ExpertCache, parse_budget, slot_bytes
-from ..errors import BudgetError, ClosedError, InvalidArgumentError, TableError
+from ..errors import BudgetError, ClosedError, InvalidArgumentError, TableError, UnsupportedDtypeError
 from ..models.adapters import (UnsupportedModelError, expert_matrix_names, gate_kind, moe_layers, next_router_on_input,
                                router_probabilities, router_scores, router_weights)
 from ..prefetch import PrefetchConfig
@@ -508,9 +508,11 @@ OFFLOAD_CODECS = ("szp", "szpe", "none")  # what the cache lands and the experts
 def _check_offload_codec(codec, what: str) -> None:
     """Before anything of the model is touched: an sz3 table would load, free the dense experts, and fail
     at the first forward pass."""
+    if codec not in _table.TABLE_CODECS:  # a name no codec has (as codec.compress says it)
+        raise UnsupportedDtypeError(f"unknown codec {codec!r}: the offload path serves 'szp', 'szpe' or 'none'")
     if codec not in OFFLOAD_CODECS:
         raise InvalidArgumentError(f"the offload path serves codec 'szp', 'szpe' or 'none' (no kernel reads "
-                                   f"sz3); the {what} is {codec!r}")
+                                   f"{codec}); the {what} is {codec!r}")
 
 
 def offload(model: nn.Module, table=None, gpu_budget="6GiB", error_bound=0.3, codec: str = "szp",
