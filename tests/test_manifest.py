@@ -252,6 +252,7 @@ def test_sizes_and_shapes_altered(scratch):
         ("matrices", 1, "name", "w1", "name"),
         ("matrices", 0, "index", "0", "index"),
         ("matrices", 0, "source", 7, "source"),
+        ("matrices", 0, "transposed", "no", "transposed"),
     ]
     for _, j, key, value, why in changes:
         doc = copy.deepcopy(good)

@@ -171,11 +171,9 @@ def test_expert_mlp_matches_reference(dtype, act, layout, bias):
                                    ref.float().abs().max().item())
 
 
-def test_a_meta_tensor_beside_a_real_x_is_refused():
+def test_a_meta_tensor_beside_a_real_x_and_bad_ids_are_refused():
     """A meta tensor among a call's tensors makes the dispatcher run the fake kernel, which would hand
     back uninitialised memory for a real x: each entry refuses it by name (the direct path too)."""
-    from moeoffload.errors import InvalidArgumentError
-
     H, I = 32, 16
     gu, dn, gb, db = _expert(H, I, torch.float32, seed=1, bias=True)
     x = torch.randn(3, H)
@@ -194,6 +192,10 @@ def test_a_meta_tensor_beside_a_real_x_is_refused():
             ops.moe_experts(x, idx, w.to("meta"), experts)
     with pytest.raises(InvalidArgumentError, match="down_bias is on the meta"):
         ops.moe_experts(x, idx, w, experts, down_bias=torch.zeros(2, H, device="meta"))
+    with pytest.raises(InvalidArgumentError, match="non-negative"):
+        torch.ops.moeoffload.szp_linear(x, gh, -1, 0)
+    with pytest.raises(ShapeError, match=r"\[tokens, in\]"):
+        torch.ops.moeoffload.szp_linear(x[0, 0], gh, ge, 0)
     ref = ops.expert_mlp(x, gu, dn, gate_up_bias=gb, down_bias=db)  # a meta x still traces
     assert ops.expert_mlp(x.to("meta"), gu, dn, gate_up_bias=gb.to("meta"), down_bias=db.to("meta")).shape == ref.shape
 

@@ -184,6 +184,8 @@ def _check_matrices(c: _Checker, mats: list, f: str, size: int, names: list, ali
             raise c.fail(f"{g}.source", f"must be a string, got {_shown(mat['source'])}")
         if "index" in mat and mat["index"] is not None:
             c.int_(mat["index"], f"{g}.index", what="null or a non-negative integer")
+        if "transposed" in mat and not isinstance(mat["transposed"], bool):  # read as a truth value
+            raise c.fail(f"{g}.transposed", f"must be true or false, got {_shown(mat['transposed'])}")
         spans.append((offset, offset + nbytes, j))
     if seen != set(names):
         raise c.fail(f"{f}.matrices", f"has {sorted(seen)}, the table's matrices are {sorted(names)}")

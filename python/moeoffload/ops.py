@@ -86,6 +86,8 @@ def _stream(x: torch.Tensor) -> int:
 def _rows(handle: int, expert: int, matrix: int) -> tuple[int, ...]:
     """The matrix's shape; fixed for a (handle, expert, matrix) since handles and ids are never reused,
     so asked of the native side once (failures are not cached)."""
+    if expert < 0 or matrix < 0:  # (the native side takes unsigned ids: nanobind's TypeError otherwise)
+        raise InvalidArgumentError(f"expert {expert} and matrix {matrix}: ids are non-negative")
     return tuple(_native.matrix_info(handle, expert, matrix)["shape"])
 
 
