@@ -21,7 +21,6 @@
 // costs no launch of its own.
 #include <cuda_runtime.h>
 
-#include <bitset>
 #include <mutex>
 
 #include "launch.cuh"
@@ -175,21 +174,22 @@ template <DType XT, DType YT, bool Gated, int Tile>
 int launch(const GroupArgs& a, uint32_t most, const void* x, void* y, cudaStream_t stream) {
   const size_t shared = sizeof(float) * Tile * a.stride;
   if (shared > 48 * 1024) {  // past the default: opt in (sm_80 allows up to 163 KiB, sm_90 227 KiB)
-    // Once per kernel and device, to the most any launch of it asks (a stride is at most kChunkCols):
+    // Raised per kernel and device only when a launch needs more than it was raised to, never lowered:
     // set per launch to each launch's own size, a thread launching with a larger stride could find
-    // the limit lowered by another's between its set and its launch. A failed set is tried again.
+    // the limit lowered by another's between its set and its launch. (Not raised to the most a launch
+    // could ask either: sm_86/89 allow 99 KiB a block, less than 4 x kChunkCols floats.)
     static std::mutex mu;
-    static std::bitset<kMaxDevices> opted_in;
+    static size_t raised[kMaxDevices] = {};
     int device = 0;
     cudaError_t err = cudaGetDevice(&device);
     if (err != cudaSuccess) return static_cast<int>(err);
     if (device < 0 || device >= kMaxDevices) return static_cast<int>(cudaErrorInvalidDevice);
     std::lock_guard<std::mutex> lock(mu);
-    if (!opted_in[device]) {
+    if (raised[device] < shared) {
       err = cudaFuncSetAttribute(szp_linear_kernel<XT, YT, Gated, Tile>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(sizeof(float) * Tile * kChunkCols));
+                                 static_cast<int>(shared));
       if (err != cudaSuccess) return static_cast<int>(err);
-      opted_in[device] = true;
+      raised[device] = shared;
     }
   }
   const dim3 grid(static_cast<unsigned>((a.rows + kWarps - 1) / kWarps),

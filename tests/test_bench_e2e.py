@@ -114,6 +114,7 @@ def test_cached_experts_bench_runs_and_its_fused_kernel_matches_dense(tmp_path):
     import sys
 
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "cached_experts.py"), "--tokens", "1", "--repeats", "1",
+                        "--experts", "8", "--calls", "2",
                         "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     (found,) = tmp_path.glob("cached_experts-*.json")

@@ -47,8 +47,9 @@ while not os.waitpid(pid, os.WNOHANG)[0]:
 
 
 def test_forks_landing_while_copies_flow(tmp_path):
-    # A fork could land while a copy thread held the engine's lock, or a caller the cache's, or an op
-    # the runtime's: the child's close() then waited forever (about one fork in twenty). Each child must
+    # A fork could land while a copy thread held the engine's lock, or a caller the cache's or the
+    # decision step's, or an op the runtime's: the child's close() (or record) then waited forever
+    # (about one fork in twenty). Each child must
     # find an expert either resident or orphaned (ForkedError), get ForkedError from an op, never time
     # out, and get through close and exit.
     # (Driven through ExpertCache, which runs no Python on its copy threads: the engine's own Python
@@ -72,8 +73,13 @@ def feed():
             cache.acquire(layer, e).wait()
             ops._szp_decode_op(cache.handle, t.expert_id(layer, e), 0, cpu)  # holds the runtime's op lock
             cache.release(layer, e)
-feeder = threading.Thread(target=feed)
+def records():  # most of its time in a step: holding the decision step's lock, then the cache's
+    while not stop.is_set():
+        for layer, e in experts:
+            cache.record(layer, [e])
+feeder, recorder = threading.Thread(target=feed), threading.Thread(target=records)
 feeder.start()
+recorder.start()
 hung = bad = 0
 for _ in range(60):
     time.sleep(0.002)
@@ -85,6 +91,14 @@ for _ in range(60):
             code = 4
         except ForkedError:
             pass
+        try:  # the decision step: its lock was taken whole across the fork
+            cache.begin_sequence()
+            cache.record(0, [0])
+            cache.end_sequence()
+        except ForkedError:
+            pass
+        except Exception:
+            code = 5
         for layer, e in experts:
             try:
                 cache.acquire(layer, e).wait(timeout=2)
@@ -109,6 +123,7 @@ for _ in range(60):
         time.sleep(0.001)
 stop.set()
 feeder.join()
+recorder.join()
 cache.close()
 assert (hung, bad) == (0, 0), (hung, bad)
 """)

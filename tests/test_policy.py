@@ -72,7 +72,7 @@ def test_non_bounds_are_refused(bound):
 
 @pytest.mark.parametrize("doc,says", [
     ({"bogus": 1}, "MoE layer numbers"), ({"1.5": 0.1}, "MoE layer numbers"), ({"-4": 0.1}, "MoE layer numbers"),
-    ({True: 0.1}, "MoE layer numbers"), ({"format": POLICY_FORMAT}, '"bounds"'),
+    ({True: 0.1}, "MoE layer numbers"), ({"²": 0.1}, "MoE layer numbers"), ({"format": POLICY_FORMAT}, '"bounds"'),
     ({"format": POLICY_FORMAT, "bounds": [1]}, '"bounds"'), ({"format": POLICY_FORMAT, "bounds": {"x": 0.1}}, "layer"),
     ({"format": POLICY_FORMAT, "mode": 3, "bounds": {"0": 0.1}}, "mode"),
 ])
@@ -85,6 +85,10 @@ def test_malformed_policies_are_named(tmp_path, doc, says):
         (tmp_path / "p.json").write_text(json.dumps(doc))
         with pytest.raises(InvalidBoundError, match=says):
             BoundPolicy.from_any(tmp_path / "p.json")
+
+
+def test_numpy_integer_layer_keys_are_layers():
+    assert BoundPolicy.from_any({np.int64(2): 0.1, np.uint8(0): 0.2}).bound(2) == 0.1
 
 
 def test_a_policy_file_nested_past_the_parser_is_named(tmp_path):

@@ -11,7 +11,7 @@
 #        Qwen3-shaped szpe expert at three stream lengths;
 #     4. bench/cached_experts.py: the fused kernels on one resident Qwen3-shaped layer (one expert, and
 #        8 in one moe_experts call) against the dense bf16 experts, µs and weight GB/s;
-#   second (builds first if the first call's build is not there):
+#   second (builds first if the first call's build is not there, or is of other sources):
 #     5. bench/transfer_overlap.py: copies against compute, and 1.7 MB expert copies with each copy
 #        stream issuing 8 ahead (the engine's default) against one at a time;
 #     6. bench/e2e.py on a Qwen3-30B-A3B-shaped stack (E2E_LAYERS layers, 25% budget, trace and model
@@ -69,6 +69,8 @@ stage() {  # stage NAME LIMIT_S COMMAND...: runs it with a time limit, its outpu
 }
 
 site=$PWD/build/device-site
+# what the build is of: a `second` after a code change builds again rather than test the old build
+sources=$(find cpp cuda python CMakeLists.txt pyproject.toml -type f -print0 | sort -z | xargs -0 sha1sum | sha1sum)
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 tests=(tests/test_backend.py tests/test_codec.py tests/test_szp.py tests/test_szpe.py tests/test_ops.py
        tests/test_device_cache.py tests/test_transfer_engine.py tests/test_runtime.py tests/test_cache.py
@@ -85,7 +87,7 @@ build() {
       $PY -m pip install -q --no-build-isolation --no-deps --no-compile --target "$site" . || return 1
   (cd /tmp && $PY -c "import moeoffload, json; print(moeoffload.__file__); print(json.dumps(moeoffload.backend_info()))") \
     | tee "$OUT/backend_info.txt"
-  touch "$site/.built"
+  echo "$sources" >"$site/.built"
 }
 
 first() {
@@ -116,7 +118,7 @@ second() {
 }
 
 built=1
-if [ "$part" != second ] || [ ! -f "$site/.built" ]; then build || built=0; fi
+if [ "$part" != second ] || [ "$(cat "$site/.built" 2>/dev/null)" != "$sources" ]; then build || built=0; fi
 if [ $built = 1 ]; then
   [ "$part" != second ] && first
   [ "$part" != first ] && second

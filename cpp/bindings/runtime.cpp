@@ -10,6 +10,7 @@
 #include <nanobind/stl/vector.h>
 
 #include <cstring>
+#include <memory>
 #include <mutex>
 
 #include "arrays.h"
@@ -101,11 +102,22 @@ const float* hidden_data(const std::optional<Floats>& hidden) {
   return !hidden ? nullptr : hidden->size() ? hidden->data() : &none;
 }
 
-// A lock a GIL-released call may hold (its holders never wait for the GIL), taken with the GIL released
-// while it waits, so the waiter does not block the holder's Python threads.
-std::unique_lock<std::mutex> lock_without_gil(std::mutex& mu) {
+// f() with the decision step's lock held and the GIL released throughout: a holder of the lock never
+// waits for the GIL, so neither a Python thread waiting for the lock nor a fork (which takes the lock,
+// HeldAcrossFork, from a thread that holds the GIL) can deadlock with it. f copies out what Python needs.
+template <class F>
+auto with_step(const DecisionStep& d, F&& f) {
   nb::gil_scoped_release release;
-  return std::unique_lock<std::mutex>(mu);
+  std::lock_guard<std::mutex> lock(d.mutex());
+  return f();
+}
+
+// A 2-D numpy array owning `v` (rows x cols).
+template <class T>
+nb::ndarray<nb::numpy, T, nb::ndim<2>> owned_2d(std::unique_ptr<std::vector<T>> v, size_t rows, size_t cols) {
+  T* data = v->data();
+  nb::capsule owner(v.release(), [](void* p) noexcept { delete static_cast<std::vector<T>*>(p); });
+  return nb::ndarray<nb::numpy, T, nb::ndim<2>>(data, {rows, cols}, owner);
 }
 
 nb::list plan_list(const std::vector<PrefetchItem>& plan) {
@@ -311,9 +323,9 @@ void bind_runtime(nb::module_& m) {
            nb::call_guard<nb::gil_scoped_release>())
       .def("set_current_layer", &DeviceCache::set_current_layer, nb::arg("layer"))
       .def("decide", [](DeviceCache& c, DecisionStep& d, uint32_t layer, Counts experts, std::optional<Floats> hidden) {
-        nb::gil_scoped_release release;
-        std::lock_guard<std::mutex> lock(d.mutex());  // its holders never wait for the GIL
-        return c.apply(d.step(layer, experts.data(), experts.size(), hidden_data(hidden), hidden ? hidden->size() : 0));
+        return with_step(d, [&] {
+          return c.apply(d.step(layer, experts.data(), experts.size(), hidden_data(hidden), hidden ? hidden->size() : 0));
+        });
       }, nb::arg("step"), nb::arg("layer"), nb::arg("experts"), nb::arg("hidden_next").none() = nb::none())
       .def("set_activation", [](DeviceCache& c, Floats a) { c.set_activation(a.data(), a.size()); }, nb::arg("activation"))
       .def("__contains__", &DeviceCache::contains)
@@ -404,35 +416,30 @@ void bind_runtime(nb::module_& m) {
          nb::arg("activation_priorities"), nb::arg("depth") = 2, nb::arg("per_layer") = 3,
          nb::arg("min_probability") = 0.05, nb::arg("top_matches") = 4, nb::arg("recency") = 1.0,
          nb::arg("self_weight") = 1.0)
-      .def("begin_sequence", [](DecisionStep& d) {
-        const auto lock = lock_without_gil(d.mutex());
-        d.begin_sequence();
-      })
-      .def("end_sequence", [](DecisionStep& d) {
-        const auto lock = lock_without_gil(d.mutex());
-        return d.end_sequence();
-      })
+      .def("begin_sequence", [](DecisionStep& d) { with_step(d, [&] { d.begin_sequence(); }); })
+      .def("end_sequence", [](DecisionStep& d) { return with_step(d, [&] { return d.end_sequence(); }); })
       .def("step", [](DecisionStep& d, uint32_t layer, Counts experts, std::optional<Floats> hidden, CacheIndex* index) {
-        const auto lock = lock_without_gil(d.mutex());
-        const Decision& dec = d.step(layer, experts.data(), experts.size(), hidden_data(hidden),
-                                     hidden ? hidden->size() : 0);
-        if (index) apply_priorities(dec, *index);
-        return plan_list(dec.plan);
+        const std::vector<PrefetchItem> plan = with_step(d, [&] {
+          const Decision& dec = d.step(layer, experts.data(), experts.size(), hidden_data(hidden),
+                                       hidden ? hidden->size() : 0);
+          if (index) apply_priorities(dec, *index);
+          return dec.plan;
+        });
+        return plan_list(plan);
       }, nb::arg("layer"), nb::arg("experts"), nb::arg("hidden_next").none() = nb::none(),
          nb::arg("index").none() = nb::none())
       .def("prediction", [](const DecisionStep& d) -> nb::object {
         // The last step's [layers, experts] prediction (a copy), None when that step made none.
-        const auto lock = lock_without_gil(d.mutex());
-        if (d.tracer().layers_seen() == 0 || !d.predicts()) return nb::none();
-        auto* v = new std::vector<float>(d.last().activation, d.last().activation + d.last().activation_size);
-        nb::capsule owner(v, [](void* p) noexcept { delete static_cast<std::vector<float>*>(p); });
-        return nb::cast(nb::ndarray<nb::numpy, float, nb::ndim<2>>(v->data(), {d.num_layers(), d.experts_per_layer()}, owner));
+        auto v = with_step(d, [&]() -> std::unique_ptr<std::vector<float>> {
+          if (d.tracer().layers_seen() == 0 || !d.predicts()) return nullptr;
+          return std::make_unique<std::vector<float>>(d.last().activation, d.last().activation + d.last().activation_size);
+        });
+        if (!v) return nb::none();
+        return nb::cast(owned_2d(std::move(v), d.num_layers(), d.experts_per_layer()));
       })
       .def("matrix", [](const DecisionStep& d) {
-        const auto lock = lock_without_gil(d.mutex());
-        auto* v = new std::vector<uint32_t>(d.tracer().matrix());
-        nb::capsule owner(v, [](void* p) noexcept { delete static_cast<std::vector<uint32_t>*>(p); });
-        return nb::ndarray<nb::numpy, uint32_t, nb::ndim<2>>(v->data(), {d.num_layers(), d.experts_per_layer()}, owner);
+        auto v = with_step(d, [&] { return std::make_unique<std::vector<uint32_t>>(d.tracer().matrix()); });
+        return owned_2d(std::move(v), d.num_layers(), d.experts_per_layer());
       })
       .def_prop_ro("history", &DecisionStep::history)
       .def_prop_ro("needs_hidden", &DecisionStep::needs_hidden)

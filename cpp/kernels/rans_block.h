@@ -76,14 +76,15 @@ struct Avx512 {
 };
 
 // For each 8-bit mask of lanes that need a word: lane i takes word popcount(mask & ((1 << i) - 1)).
+// Built at compile time (read-only data, no static initialisation order to mind).
 struct ExpandIndex8 {
-  alignas(32) int32_t index[256][8];
-  ExpandIndex8() {
+  alignas(32) int32_t index[256][8] = {};
+  constexpr ExpandIndex8() {
     for (uint32_t m = 0; m < 256; ++m)
       for (uint32_t i = 0; i < 8; ++i) index[m][i] = __builtin_popcount(m & ((1u << i) - 1));
   }
 };
-extern const ExpandIndex8 kExpandIndex8;
+inline constexpr ExpandIndex8 kExpandIndex8{};
 
 struct Avx2 {
   MOEOFFLOAD_TARGET_AVX2 static inline bool step(uint32_t* x, const uint8_t*& p, const RansTable& t, uint32_t escape,

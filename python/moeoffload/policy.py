@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from .codec import bound_value
 from .errors import InvalidBoundError
@@ -84,8 +87,8 @@ def _per_layer(bounds: Mapping) -> dict[int, float]:
     """{MoE layer: bound} from a mapping whose keys are layer numbers (ints, or their decimal strings)."""
     per = {}
     for k, v in bounds.items():
-        layer = k if isinstance(k, int) and not isinstance(k, bool) else None
-        if isinstance(k, str) and k.strip().isdigit():
+        layer = int(k) if isinstance(k, numbers.Integral) and not isinstance(k, (bool, np.bool_)) else None
+        if isinstance(k, str) and k.strip().isascii() and k.strip().isdecimal():  # ("²" is a digit, not decimal)
             layer = int(k)
         if layer is None or layer < 0:
             raise InvalidBoundError(f"a policy's keys are MoE layer numbers (0, 1, ...), got {k!r}")

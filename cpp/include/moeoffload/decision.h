@@ -14,8 +14,8 @@
 //   plan    plan_prefetch on that source.
 //
 // The prediction is computed only when something uses it: the activation
-// eviction policy, or an "activation"/"combined" source. Not thread-safe: one
-// forward pass (one thread) drives one DecisionStep.
+// eviction policy, or an "activation"/"combined" source. Not thread-safe itself:
+// callers that may step it from several threads hold mutex() (below).
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -25,6 +25,7 @@
 
 #include "moeoffload/activation.h"
 #include "moeoffload/cache_index.h"
+#include "moeoffload/fork.h"
 #include "moeoffload/prefetcher.h"
 
 namespace moeoffload {
@@ -66,7 +67,8 @@ class DecisionStep {
   // One decode sequence's state, not thread-safe itself: callers that may step it from several
   // threads (the bindings release the GIL for a step and its prefetches) hold this lock across a
   // step and every use of its decision, begin_sequence, end_sequence and the reads of tracer() and
-  // last(). Concurrent records then interleave whole, in some order.
+  // last(). Concurrent records then interleave whole, in some order. fork() takes it first
+  // (HeldAcrossFork rank -1: a step applies its plan through the cache, rank 0).
   std::mutex& mutex() const { return mu_; }
   bool needs_hidden() const { return config_.source == PrefetchSource::Hidden || config_.source == PrefetchSource::Combined; }
   bool predicts() const;
@@ -89,6 +91,7 @@ class DecisionStep {
   std::vector<float> source_;      // the plan's input when it differs from the prediction
   Decision decision_;
   mutable std::mutex mu_;
+  HeldAcrossFork mu_across_fork_{mu_, -1};
 };
 
 // The cache's side of a decision: the layer now running, and the activation

@@ -2,10 +2,11 @@
 // copy threads are gone, and with them any lock they held and any wait they were in. So:
 // - fork_generation() counts the forks this process descends from; objects that own threads record
 //   it, and raise Forked when used in a later one.
-// - HeldAcrossFork: the mutexes of the cache, the store, the pool and the engine are registered, and
-//   fork() takes every one of them before it copies the process (pthread_atfork), so a child never
-//   inherits one locked by a thread it does not have, nor the state behind it half changed. (The
-//   runtime's op lock is not: an op holds it across a whole kernel call; a child never takes it.)
+// - HeldAcrossFork: the mutexes of the decision steps, the cache, the store, the pool and the engine
+//   are registered, and fork() takes every one of them before it copies the process (pthread_atfork),
+//   so a child never inherits one locked by a thread it does not have, nor the state behind it half
+//   changed. (The runtime's op lock is not: an op holds it across a whole kernel call; a child never
+//   takes it.)
 // - ParentOnly<T>: glibc's pthread_cond_destroy waits until every thread that waited on the variable
 //   has left it, which the parent's threads never do in a child; a condition variable (and what
 //   else must not be torn down there) is held in a ParentOnly, which a child leaks instead of destroying.
@@ -20,8 +21,9 @@ uint64_t fork_generation();
 class HeldAcrossFork {
  public:
   // rank: fork takes lower ranks first; a thread holding a mutex of one rank may go on to take one of
-  // a higher rank, never the reverse: the device cache (0) reads the expert store (1), which hands
-  // blocks back to the pinned pool (2), and copies through the engine (3).
+  // a higher rank, never the reverse: a decision step (-1) applies its plan through the device cache
+  // (0), which reads the expert store (1), which hands blocks back to the pinned pool (2), and copies
+  // through the engine (3). A holder must never wait for the GIL: fork() is called holding it.
   HeldAcrossFork(std::mutex& mu, int rank);
   ~HeldAcrossFork();
   HeldAcrossFork(const HeldAcrossFork&) = delete;

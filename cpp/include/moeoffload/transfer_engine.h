@@ -115,9 +115,14 @@ class TransferEngine {
                                  Transfer::Callback cb = {}, Expand expand = {},
                                  std::vector<std::shared_ptr<const Fence>> after = {});
   // cuda: each stream's staging buffer for expanded copies, made at its first one, takes at least
-  // `bytes` (a device cache passes its store's largest payload). Without it the buffer grows to each
-  // larger payload as it comes, and growing frees the old one: cudaFree waits for the whole device.
-  void reserve_staging(uint64_t bytes) { staging_reserve_.store(bytes); }
+  // the largest `bytes` asked (a device cache passes its store's largest payload). Without it the
+  // buffer grows to each larger payload as it comes, and growing frees the old one: cudaFree waits
+  // for the whole device.
+  void reserve_staging(uint64_t bytes) {
+    uint64_t now = staging_reserve_.load();
+    while (now < bytes && !staging_reserve_.compare_exchange_weak(now, bytes)) {
+    }
+  }
   void synchronize();  // waits for every copy issued so far
   bool closed() const;
   void close();        // finishes queued copies, stops the workers

@@ -465,6 +465,14 @@ def _cmd_policy(args) -> int:
     return 0 if pol["meets_budget"] else 1
 
 
+def _stdout_closed() -> bool:
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; a user's mistake ends in one line on stderr and exit status 2, never a traceback."""
     from moeoffload.errors import MoeoffloadError
@@ -519,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
         print("moeoffload: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as a killed-by-SIGPIPE tool would
+        if not _stdout_closed():
+            raise  # another pipe: not the reader of our output going away
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush must not raise again)
         return 141
     except UsageError as e:

@@ -45,7 +45,11 @@ def cmd(args) -> int:
     out = Path(args.out)
     if (out / table.MANIFEST_FILE).exists():
         raise UsageError(f"--out {out}: a table is there already; choose another directory or remove it")
-    made = not out.exists()
+    try:  # claimed by this command, atomically: only a directory it made goes when the build fails
+        out.mkdir(parents=True)
+        made = True
+    except OSError:  # there already (or cannot be made: said next)
+        made = False
     _writable_dir(out)
     bound = args.policy or (args.error_bound if args.error_bound is not None else
                             (str(model_dir / "policy.json") if (model_dir / "policy.json").exists() else 0.3))
