@@ -70,33 +70,24 @@ std::vector<uint8_t> szpe_of(const benchmark::State& state) {
   return szpe_from_szp(enc.bytes.data(), szp_parse(enc.bytes.data(), enc.bytes.size(), true));
 }
 
-void BM_szpe_decode(benchmark::State& state) {
+// szpe's CPU decoder to values, or (to_szp) its transcode back to the szp buffer.
+void BM_szpe(benchmark::State& state, bool to_szp) {
   const std::vector<uint8_t> buf = szpe_of(state);
   const SzpeView e = szpe_parse(buf.data(), buf.size(), true);
-  std::vector<uint16_t> out(e.szp.numel);
+  std::vector<uint8_t> out(to_szp ? e.as_szp.total_bytes : 2 * e.szp.numel);
   for (auto _ : state) {
-    szpe_decode_cpu(buf.data(), e, out.data());
+    if (to_szp) szpe_to_szp_into(buf.data(), e, out.data());
+    else szpe_decode_cpu(buf.data(), e, out.data());
     benchmark::ClobberMemory();
   }
   state.SetBytesProcessed(state.iterations() * e.szp.numel * 2);
   state.counters["bits_per_value"] = 8.0 * buf.size() / e.szp.numel;
 }
 
-void BM_szpe_to_szp(benchmark::State& state) {
-  const std::vector<uint8_t> buf = szpe_of(state);
-  const SzpeView e = szpe_parse(buf.data(), buf.size(), true);
-  std::vector<uint8_t> out(e.as_szp.total_bytes);
-  for (auto _ : state) {
-    szpe_to_szp_into(buf.data(), e, out.data());
-    benchmark::ClobberMemory();
-  }
-  state.SetBytesProcessed(state.iterations() * e.szp.numel * 2);
-}
-
 }  // namespace
 
-BENCHMARK(BM_szpe_decode)->Args({1024, 2})->Args({1024, 10})->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK(BM_szpe_to_szp)->Args({1024, 2})->Args({1024, 10})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_CAPTURE(BM_szpe, decode, false)->Args({1024, 2})->Args({1024, 10})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_CAPTURE(BM_szpe, to_szp, true)->Args({1024, 2})->Args({1024, 10})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK_CAPTURE(BM_encode, bf16, DType::BF16)->Arg(256)->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_decode, bf16, DType::BF16)->Arg(256)->Arg(4096)->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_decode, f32, DType::F32)->Arg(256)->Arg(4096)->Unit(benchmark::kMillisecond);

@@ -64,8 +64,8 @@ struct Avx512 {
       words[i] |= x << sh;
       words[i + 1] |= (x >> 1) >> (63 - sh);  // the bits past the u64 (none when sh is 0)
     }
-    const __mmask16 m0 = static_cast<__mmask16>(w >= 16 ? 0xFFFFu : (1u << w) - 1u);
-    const __mmask16 m1 = static_cast<__mmask16>(w > 16 ? (1u << (w - 16)) - 1u : 0u);
+    __mmask16 m0, m1;
+    unpack::word_masks(w, m0, m1);
     _mm512_mask_storeu_epi32(out, m0, _mm512_load_si512(words));
     _mm512_mask_storeu_epi32(out + 64, m1, _mm512_load_si512(words + 8));
   }

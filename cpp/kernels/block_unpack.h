@@ -83,11 +83,17 @@ inline void portable(const uint8_t* p, uint32_t w, int32_t q[kSzpBlock]) {
 }
 
 #if MOEOFFLOAD_X86
+// A block's w words as two registers of 16: the lanes of each that hold one (block_pack.h too).
+inline void word_masks(uint32_t w, __mmask16& m0, __mmask16& m1) {
+  m0 = static_cast<__mmask16>(w >= 16 ? 0xFFFFu : (1u << w) - 1u);
+  m1 = static_cast<__mmask16>(w > 16 ? (1u << (w - 16)) - 1u : 0u);
+}
+
 // AVX-512: values 0..15 in q0, 16..31 in q1.
 MOEOFFLOAD_TARGET_AVX512 inline void avx512(const uint8_t* p, uint32_t w, __m512i& q0, __m512i& q1) {
   const int32_t* src = reinterpret_cast<const int32_t*>(p);
-  const __mmask16 m0 = static_cast<__mmask16>(w >= 16 ? 0xFFFFu : (1u << w) - 1u);
-  const __mmask16 m1 = static_cast<__mmask16>(w > 16 ? (1u << (w - 16)) - 1u : 0u);
+  __mmask16 m0, m1;
+  word_masks(w, m0, m1);
   const __m512i a = _mm512_maskz_loadu_epi32(m0, src);
   const __m512i b = _mm512_maskz_loadu_epi32(m1, src + 16);
   const __m128i sext = _mm_cvtsi32_si128(static_cast<int>(32 - w));

@@ -157,48 +157,40 @@ bool transcode_stream(const uint8_t* in, const SzpeView& e, const RansTable& tab
   return r.ok() && at == b.szp_end && exc == b.exception_end;
 }
 
-// Stream s's values into out (the whole tensor's), q its scratch.
+// Streams [s0, s1)'s values into out (the whole tensor's).
 template <DType T, typename R>
-void stream_values(const uint8_t* buf, const SzpeView& e, const RansTable& table, uint64_t s, std::vector<int32_t>& q,
-                   typename Stored<T>::type* out) {
+void streams_values(const uint8_t* buf, const SzpeView& e, const RansTable& table, uint64_t s0, uint64_t s1,
+                    typename Stored<T>::type* out) {
   using O = typename Stored<T>::type;
   const SzpView& v = e.szp;
-  const StreamSpan sp = span_of(e, s);
-  q.resize(sp.n_values);
-  decode_stream<R>(buf, e, table, s, q.data());
-  O* dst = out + sp.first_value;
-  for (uint64_t i = 0; i < sp.n_values; ++i) dst[i] = szp_value<T>(q[i], v.step);
-  if (!v.n_exceptions) return;
-  const uint64_t x0 = load<uint64_t>(buf + e.exc_index_at + 8 * s);
-  const uint64_t x1 = load<uint64_t>(buf + e.exc_index_at + 8 * (s + 1));
-  for (uint64_t x = x0; x < x1; ++x)  // the values kept exactly (parse checked the positions)
-    dst[load<uint32_t>(buf + e.exc_pos_at + 4 * x)] = static_cast<O>(szpe_stream::exception_raw(buf, e, x));
+  std::vector<int32_t> q;
+  for (uint64_t s = s0; s < s1; ++s) {
+    const StreamSpan sp = span_of(e, s);
+    q.resize(sp.n_values);
+    decode_stream<R>(buf, e, table, s, q.data());
+    O* dst = out + sp.first_value;
+    for (uint64_t i = 0; i < sp.n_values; ++i) dst[i] = szp_value<T>(q[i], v.step);
+    if (!v.n_exceptions) continue;
+    const uint64_t x0 = load<uint64_t>(buf + e.exc_index_at + 8 * s);
+    const uint64_t x1 = load<uint64_t>(buf + e.exc_index_at + 8 * (s + 1));
+    for (uint64_t x = x0; x < x1; ++x)  // the values kept exactly (parse checked the positions)
+      dst[load<uint32_t>(buf + e.exc_pos_at + 4 * x)] = static_cast<O>(szpe_stream::exception_raw(buf, e, x));
+  }
 }
 
-// Each path's streams, compiled for its ISA (flatten: the reader, the block step and the value loops
-// all inline into it).
-template <DType T>
-void values_portable(const uint8_t* buf, const SzpeView& e, const RansTable& table, uint64_t s0, uint64_t s1,
-                     typename Stored<T>::type* out) {
-  std::vector<int32_t> q;
-  for (uint64_t s = s0; s < s1; ++s) stream_values<T, rans_block::Portable>(buf, e, table, s, q, out);
-}
-bool transcode_portable(const uint8_t* in, const SzpeView& e, const RansTable& table, uint64_t s, uint8_t* out) {
-  return transcode_stream<rans_block::Portable, pack::Portable>(in, e, table, s, out);
-}
 #if MOEOFFLOAD_X86
+// The SIMD paths, compiled for their ISA (flatten: the reader, the block step and the value loops all
+// inline into them).
 template <DType T>
 [[gnu::flatten]] MOEOFFLOAD_TARGET_AVX512 void values_avx512(const uint8_t* buf, const SzpeView& e,
                                                             const RansTable& table, uint64_t s0, uint64_t s1,
                                                             typename Stored<T>::type* out) {
-  std::vector<int32_t> q;
-  for (uint64_t s = s0; s < s1; ++s) stream_values<T, rans_block::Avx512>(buf, e, table, s, q, out);
+  streams_values<T, rans_block::Avx512>(buf, e, table, s0, s1, out);
 }
 template <DType T>
 [[gnu::flatten]] MOEOFFLOAD_TARGET_AVX2 void values_avx2(const uint8_t* buf, const SzpeView& e, const RansTable& table,
                                                         uint64_t s0, uint64_t s1, typename Stored<T>::type* out) {
-  std::vector<int32_t> q;
-  for (uint64_t s = s0; s < s1; ++s) stream_values<T, rans_block::Avx2>(buf, e, table, s, q, out);
+  streams_values<T, rans_block::Avx2>(buf, e, table, s0, s1, out);
 }
 [[gnu::flatten]] MOEOFFLOAD_TARGET_AVX512 bool transcode_avx512(const uint8_t* in, const SzpeView& e,
                                                                const RansTable& table, uint64_t s, uint8_t* out) {
@@ -222,7 +214,7 @@ void decode_values(const uint8_t* buf, const SzpeView& e, void* out_ptr) {
     if (isa == CpuIsa::Avx512) return values_avx512<T>(buf, e, *table, s0, s1, out);
     if (isa == CpuIsa::Avx2) return values_avx2<T>(buf, e, *table, s0, s1, out);
 #endif
-    values_portable<T>(buf, e, *table, s0, s1, out);
+    streams_values<T, rans_block::Portable>(buf, e, *table, s0, s1, out);
   });
 }
 
@@ -233,7 +225,7 @@ bool transcode(const uint8_t* in, const SzpeView& e, const RansTable& table, uin
   if (isa == CpuIsa::Avx2) return transcode_avx2(in, e, table, s, out);
 #endif
   (void)isa;
-  return transcode_portable(in, e, table, s, out);
+  return transcode_stream<rans_block::Portable, pack::Portable>(in, e, table, s, out);
 }
 
 }  // namespace

@@ -17,8 +17,8 @@ import math
 
 from .errors import MissingExpertError, TableError, TableVersionError
 
-DTYPES = ("float32", "bfloat16", "float16")
-ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}  # bytes a value
+DTYPES = tuple(ITEMSIZE)
 MAX_VALUES = 2**62  # elements of one matrix: beyond this no index type holds them
 
 

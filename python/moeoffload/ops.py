@@ -274,7 +274,6 @@ def expert_mlp(x: torch.Tensor, gate_up: CompressedTensor, down: CompressedTenso
                                  layout, alpha, limit)
     H = gate_up.shape[1]
     x2, lead = _as_tokens(x, H, "x")
-    _no_meta_beside(x2, gate_up_bias=gate_up_bias, down_bias=down_bias)
     gh, ge = matrix_handle(gate_up)
     dh, de = matrix_handle(down)
     y = torch.ops.moeoffload.expert_mlp(x2, gh, ge, 0, dh, de, 0, gate_up_bias, down_bias, act, GATE_LAYOUTS[layout],
@@ -297,6 +296,7 @@ def moe_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch
             raise UnsupportedDtypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if x.dim() != 2 or top_k_index.dim() != 2 or top_k_index.shape != top_k_weights.shape:
         raise ShapeError("moe_experts needs x [T, H] and top_k_index, top_k_weights [T, k]")
+    # (expert_mlp always goes through the dispatcher, whose fake kernel checks; this may not)
     _no_meta_beside(x, top_k_index=top_k_index, top_k_weights=top_k_weights, gate_up_bias=gate_up_bias,
                     down_bias=down_bias)
     if not experts or not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in experts):
