@@ -6,7 +6,12 @@
 //   BM_expert_mlp     the fused CPU expert call for one expert at T = 1
 //                     (Qwen3-30B-A3B expert: hidden 2048, intermediate 768,
 //                     bf16, eb = 0.3 std), and its dense bf16 counterpart is
-//                     bench/fused.py's.
+//                     bench/fused.py's;
+//   BM_moe_experts_step one decode step's moe_experts (8 routed experts, T = 1)
+//                     on tiny matrices (hidden 64, intermediate 32), where the
+//                     math is nothing and what is timed is the call's own
+//                     overhead: grouping, scratch, dispatch (it caught a
+//                     /sys read at every matrix, 7 µs each).
 // A regression in either shows here. Run:
 //   cmake -S . -B build/bench -DMOEOFFLOAD_BENCH=ON && cmake --build build/bench && build/bench/hot_loop_bench
 #include <benchmark/benchmark.h>
@@ -18,6 +23,7 @@
 #include "moeoffload/cache_index.h"
 #include "moeoffload/cpu_kernels.h"
 #include "moeoffload/decision.h"
+#include "moeoffload/moe_experts.h"
 #include "moeoffload/szp.h"
 
 using namespace moeoffload;
@@ -100,6 +106,31 @@ void BM_expert_mlp(benchmark::State& state) {
   state.counters["bits_per_weight"] = 8.0 * (gate_up_bytes.size() + down_bytes.size()) / (3.0 * hidden * inter);
 }
 BENCHMARK(BM_expert_mlp)->Arg(1)->Arg(4)->ArgName("tokens")->Unit(benchmark::kMicrosecond);
+
+void BM_moe_experts_step(benchmark::State& state) {
+  const uint64_t hidden = 64, inter = 32;
+  std::mt19937 gen(13);
+  std::vector<std::vector<uint8_t>> bytes;
+  std::vector<ExpertMatrices> experts(kTopK);
+  for (auto& e : experts) {
+    bytes.push_back(encoded(2 * inter, hidden, gen));
+    e.gate_up = szp_matrix(bytes.back().data(), szp_parse(bytes.back().data(), bytes.back().size(), true));
+    bytes.push_back(encoded(hidden, inter, gen));
+    e.down = szp_matrix(bytes.back().data(), szp_parse(bytes.back().data(), bytes.back().size(), true));
+  }
+  std::vector<int64_t> index(kTopK);
+  for (uint32_t j = 0; j < kTopK; ++j) index[j] = 16 * j + 3;  // 8 of 128, one token
+  std::vector<float> weights(kTopK, 0.125f);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  std::vector<uint16_t> x(hidden), y(hidden);
+  for (auto& v : x) v = f32_to_bf16(dist(gen));
+  for (auto _ : state) {
+    const Routing routing = group_routing(index.data(), 1, kTopK, kExperts);
+    moe_experts_cpu(routing, experts, weights.data(), 1, kTopK, hidden, x.data(), DType::BF16, MlpConfig{}, y.data());
+    benchmark::ClobberMemory();
+  }
+}
+BENCHMARK(BM_moe_experts_step)->Unit(benchmark::kMicrosecond);
 
 }  // namespace
 

@@ -7,7 +7,8 @@
 
 namespace moeoffload {
 
-// Threads the CPU backend uses: MOEOFFLOAD_NUM_THREADS, else the hardware count.
+// Threads the CPU backend uses: set_num_threads, else MOEOFFLOAD_NUM_THREADS, else the hardware
+// count (the two read once, at the first call).
 int num_threads();
 void set_num_threads(int n);  // n <= 0 restores the default
 // Joins the pool's threads (the Python package calls it at exit); the next
