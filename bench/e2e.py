@@ -328,6 +328,7 @@ def run_system(name, model_dir, prompts, new_tokens, budget, tables, device, dty
         if off is not None:
             row["prefetch"] = off.prefetch or "none"
             row["budget_bytes"] = off.stats()["budget"]
+            row["host_pinned"] = off.stats()["host_pinned"]  # else a miss copies from pageable memory
             row["bits_per_weight"] = off.table.bits_per_weight()
         return row
     finally:

@@ -20,6 +20,10 @@ def test_mapped_and_copied_payloads(tmp_path):
     store.add_copy(5, data[:77])
     np.testing.assert_array_equal(store.payload(5), data[:77])
     assert 5 in store and 1 not in store
+    copies_only = _native.ExpertStore(pool, 1, 1)  # the pool's memory: pinned, with no file to pin
+    copies_only.add_copy(0, data[:8])
+    assert copies_only.pinned
+    copies_only.close()
     assert store.max_payload_bytes == 500 and store.total_bytes == 577
     with pytest.raises(InvalidArgumentError, match="layer 0, expert 1"):
         store.payload(1)

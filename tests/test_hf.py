@@ -96,6 +96,7 @@ def test_codec_none_is_exact(family):
     assert torch.equal(got, ref)
     assert torch.equal(tokens, ref_tokens)
     assert st["misses"] > 0 and st["hits"] > 0 and st["tokens"] >= 12 + 5
+    assert st["host_pinned"] is True
 
 
 def _decoded_reference(family, off):

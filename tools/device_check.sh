@@ -15,7 +15,8 @@
 #     5. bench/transfer_overlap.py: copies against compute, and 1.7 MB expert copies with each copy
 #        stream issuing 8 ahead (the engine's default) against one at a time;
 #     6. bench/e2e.py on a Qwen3-30B-A3B-shaped stack (E2E_LAYERS layers, 25% budget, trace and model
-#        routing, every system including accelerate, szpe and the torch.compile'd path): issue 11's table;
+#        routing, every system including accelerate, szpe and the torch.compile'd path): issue 11's table
+#        (E2E_SHAPE=mixtral and E2E_BUDGETS="25 50" for the rest of it, in a later session);
 #     7. the rest of the test files that touch the runtime, whose caches ("auto") are on the cuda
 #        backend there, with the time left.
 # `all` (the default) runs both in one call. Each stage has its own time limit and the script goes on
@@ -52,6 +53,8 @@ command -v nvcc >/dev/null || export PATH="$PATH:/usr/local/cuda/bin"  # a missi
 OUT=${OUT:-/tmp/device-check}
 mkdir -p "$OUT"
 E2E_LAYERS=${E2E_LAYERS:-4}
+E2E_SHAPE=${E2E_SHAPE:-qwen3}    # a later session's second call: E2E_SHAPE=mixtral E2E_LAYERS=2 E2E_BUDGETS="25 50"
+E2E_BUDGETS=${E2E_BUDGETS:-25}
 PY=${PYTHON:-python3}
 LIMIT=${LIMIT:-570}  # this call's seconds: stages end inside it
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
@@ -103,8 +106,8 @@ second() {
 
   # trace routing first (the 80 tokens/s target), the compiled path before the variants: rows are
   # written as they come, so a stage cut short keeps the ones that matter most
-  e2e_args=(--shape qwen3 --layers "$E2E_LAYERS" --budgets 25 --routing trace model --prompts 2
-            --prompt-tokens 16 --new-tokens 24 --out "$OUT/e2e-qwen3-${E2E_LAYERS}l"
+  e2e_args=(--shape "$E2E_SHAPE" --layers "$E2E_LAYERS" --budgets $E2E_BUDGETS --routing trace model --prompts 2
+            --prompt-tokens 16 --new-tokens 24 --out "$OUT/e2e-${E2E_SHAPE}-${E2E_LAYERS}l"
             --systems resident accelerate naive lru-bf16 moeoffload moeoffload-compiled moeoffload-noprefetch
             moeoffload-szpe)
   # the 4-layer stack writes about 12 GB (checkpoint and tables): /dev/shm only where it has the room

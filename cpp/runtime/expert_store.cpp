@@ -57,7 +57,6 @@ void ExpertStore::map_file(const std::string& path) {
   map_path_ = path;
   try {
     pool_.register_range(p, static_cast<size_t>(st.st_size));
-    pinned_ = true;
   } catch (const Error& e) {
     if (e.kind() != ErrorKind::Cuda) {
       ::munmap(p, static_cast<size_t>(st.st_size));

@@ -65,7 +65,8 @@ class ExpertStore {
   void map_file(const std::string& path);
   uint64_t mapped_bytes() const { return map_bytes_; }
   // False when the backend could not pin the mapping (cudaHostRegister
-  // refused it): payloads are then copied from pageable memory.
+  // refused it): payloads are then copied from pageable memory. True
+  // otherwise (add_copy's payloads are in the pool's pinned memory).
   bool pinned() const { return pinned_; }
   // A payload at [offset, offset + bytes) of the mapped file.
   void add_mapped(uint32_t id, uint64_t offset, uint64_t bytes);
@@ -111,7 +112,7 @@ class ExpertStore {
   std::vector<void*> owned_;  // pool allocations, released on close
   void* map_ = nullptr;
   uint64_t map_bytes_ = 0;
-  bool pinned_ = false;
+  bool pinned_ = true;
   bool closed_ = false;
 };
 
