@@ -307,13 +307,14 @@ def run_system(name, model_dir, prompts, new_tokens, budget, tables, device, dty
             if ref_routing is not None:
                 ref_routing.begin(trace[1] + 1 + i)  # the reference routes the continuation as the system did
             ppl.append(continuation_perplexity(reference, prompt.to(device), gen.tokens))
-        peak = device_bytes(model) + (off.stats()["peak_used"] if off is not None else 0)
+        stats = off.stats() if off is not None else None
+        peak = device_bytes(model) + (stats["peak_used"] if stats is not None else 0)
         if device.type == "cuda":
             # torch's allocator has seen this system's tensors and the reference model (kept for the
             # perplexity of every row); the cache's slots are the runtime's own cudaMalloc of its budget
             others = device_bytes(reference) if model is not reference else 0
             peak = (torch.cuda.max_memory_allocated(device) - others
-                    + (off.cache.stats()["budget"] if off is not None else 0))
+                    + (stats["budget"] if stats is not None else 0))
         row = {
             "system": name,
             "prefill_tokens_per_s": prefill_tokens / prefill_s if prefill_s else float("nan"),
@@ -327,8 +328,8 @@ def run_system(name, model_dir, prompts, new_tokens, budget, tables, device, dty
         }
         if off is not None:
             row["prefetch"] = off.prefetch or "none"
-            row["budget_bytes"] = off.stats()["budget"]
-            row["host_pinned"] = off.stats()["host_pinned"]  # else a miss copies from pageable memory
+            row["budget_bytes"] = stats["budget"]
+            row["host_pinned"] = stats["host_pinned"]  # else a miss copies from pageable memory
             row["bits_per_weight"] = off.table.bits_per_weight()
         return row
     finally:

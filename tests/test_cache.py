@@ -202,6 +202,9 @@ def test_a_failed_fetch_stays_held_until_its_holders_release_it():
             cache.acquire(0, e).wait()
             cache.release(0, e)
         cache.cache.check_invariants()
+        before = cache.stats()
+    after = cache.stats()  # readable after close
+    assert after["misses"] == before["misses"] and after["host_pinned"] is before["host_pinned"] is True
 
 
 def test_table_with_an_older_szpe_payload_says_to_rebuild():

@@ -86,14 +86,17 @@ std::vector<uint8_t> encoded(uint64_t rows, uint64_t cols, std::mt19937& gen) {
   return szp_encode(w.data(), DType::BF16, {rows, cols}, 0.3 * 0.02).bytes;
 }
 
+SzpMatrix matrix_of(const std::vector<uint8_t>& bytes) {
+  return szp_matrix(bytes.data(), szp_parse(bytes.data(), bytes.size(), true));
+}
+
 void BM_expert_mlp(benchmark::State& state) {
   const uint64_t hidden = 2048, inter = 768;
   const uint32_t tokens = static_cast<uint32_t>(state.range(0));
   std::mt19937 gen(11);
   auto gate_up_bytes = encoded(2 * inter, hidden, gen);
   auto down_bytes = encoded(hidden, inter, gen);
-  SzpMatrix gate_up = szp_matrix(gate_up_bytes.data(), szp_parse(gate_up_bytes.data(), gate_up_bytes.size(), true));
-  SzpMatrix down = szp_matrix(down_bytes.data(), szp_parse(down_bytes.data(), down_bytes.size(), true));
+  const SzpMatrix gate_up = matrix_of(gate_up_bytes), down = matrix_of(down_bytes);
   std::normal_distribution<float> dist(0.0f, 1.0f);
   std::vector<uint16_t> x(tokens * hidden), y(tokens * hidden);
   for (auto& v : x) v = f32_to_bf16(dist(gen));
@@ -114,9 +117,9 @@ void BM_moe_experts_step(benchmark::State& state) {
   std::vector<ExpertMatrices> experts(kTopK);
   for (auto& e : experts) {
     bytes.push_back(encoded(2 * inter, hidden, gen));
-    e.gate_up = szp_matrix(bytes.back().data(), szp_parse(bytes.back().data(), bytes.back().size(), true));
+    e.gate_up = matrix_of(bytes.back());
     bytes.push_back(encoded(hidden, inter, gen));
-    e.down = szp_matrix(bytes.back().data(), szp_parse(bytes.back().data(), bytes.back().size(), true));
+    e.down = matrix_of(bytes.back());
   }
   std::vector<int64_t> index(kTopK);
   for (uint32_t j = 0; j < kTopK; ++j) index[j] = 16 * j + 3;  // 8 of 128, one token

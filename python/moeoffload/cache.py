@@ -99,6 +99,7 @@ class ExpertCache:
         self.runtime = _native.Runtime(backend or "auto", L, E, num_streams)
         try:
             self._fill_store(table)
+            self._host_pinned = self.runtime.store.pinned  # fixed once filled; readable after close
             self.runtime.start(parse_budget(budget), policy)
         except BaseException:
             self.runtime.close()
@@ -203,7 +204,10 @@ class ExpertCache:
         self.cache.release_all(self._layer_ids(layer, experts), _stream_handle(stream))
 
     def stats(self) -> dict:
-        return {**self.cache.stats(), "used_bytes": self.cache.used_bytes, "budget": self.cache.budget}
+        """The native cache's counters, its bytes used and budget, and host_pinned: False when the mapped
+        table file could not be pinned (copies then go from pageable memory)."""
+        return {**self.cache.stats(), "used_bytes": self.cache.used_bytes, "budget": self.cache.budget,
+                "host_pinned": self._host_pinned}
 
     @property
     def closed(self) -> bool:

@@ -375,9 +375,7 @@ class Offload:
     def stats(self) -> dict:
         """The cache's counters, the bytes the dense experts held, the table's coding, tokens seen."""
         # bytes_loaded: what landed in the cache; bus_bytes: what crossed (less for szpe, transcoded on arrival)
-        # host_pinned: False when the mapped table file could not be pinned (copies then go from pageable memory)
         return {**self.cache.stats(), "bus_bytes": self.cache.engine.stats()["bytes"], "codec": self.codec,
-                "host_pinned": self.cache.runtime.store.pinned,
                 "bits_per_weight": self.table.bits_per_weight(),
                 "expert_bytes_freed": self.expert_bytes_freed, "tokens": self._tokens, "prefetch": self.prefetch,
                 "stall_s": self._stall_s,
