@@ -103,7 +103,7 @@ def timed_parts(off, ids, tokens: int) -> tuple[float, dict, int]:
     wrap(off.cache, "acquire_ahead", "acquire the routed experts")
     wrap(off.cache, "release_all", "release them")
     wrap(off.cache, "record", "decision step (record)")
-    wrap(off, "_hidden_next", "hidden-state prediction")
+    wrap(off, "_next_scores", "hidden-state prediction")
     try:
         with torch.no_grad():
             off.model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)

@@ -289,20 +289,33 @@ def test_hidden_prefetch_without_a_router_warns_and_falls_back(monkeypatch):
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
 def test_the_cuda_backend_gives_the_cpu_backends_logits(family):
     # The fused path on the GPU: moe_experts (every routed expert held) and, with a budget of one
-    # expert, expert by expert; against the same table on the cpu backend.
+    # expert, expert by expert; against the same table on the cpu backend. The hidden-state predictions
+    # the decision step is handed (copied to the host in the routing's wait on cuda) are the cpu's too.
     ids = _prompt(6)
     cpu = tiny(family)
-    with moeoffload.offload(cpu, codec="szp", error_bound=0.1, gpu_budget=10**8, prefetch=None) as probe:
+
+    def predictions(off) -> list:
+        seen, record = [], off.cache.record
+        off.cache.record = lambda layer, experts, hidden_next=None: (seen.append(hidden_next.copy()),
+                                                                     record(layer, experts, hidden_next))[1]
+        return seen
+
+    with moeoffload.offload(cpu, codec="szp", error_bound=0.1, gpu_budget=10**8, prefetch="hidden") as probe:
+        want = predictions(probe)
         with torch.no_grad():
             ref = cpu(ids).logits.float()
     table = probe.table
     for budget in (10**8, slot_bytes(table)):
         model = tiny(family).cuda()
         with moeoffload.offload(model, table=table, gpu_budget=budget, prefetch="hidden") as off:
+            seen = predictions(off)
             with torch.no_grad():
                 got = model(ids.cuda()).logits.float().cpu()
             assert off.stats()["fused_layers"] == len(moe_layers(model))
         torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)
+        assert len(seen) == len(want) and all(p.size == table.experts_per_layer for p in want)
+        for p, q in zip(seen, want):
+            np.testing.assert_allclose(p, q, atol=2e-2)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
@@ -378,7 +391,8 @@ def test_a_non_finite_hidden_state_predicts_nothing_and_the_forward_goes_on():
     with moeoffload.offload(model, codec="szp", error_bound=0.1, gpu_budget="50%", prefetch="hidden") as off:
         E = off.table.experts_per_layer
         bad = torch.full((1, model.config.hidden_size), float("inf"), dtype=torch.bfloat16)
-        assert off._hidden_next(0, bad).size == 0 and off._hidden_next(0, torch.zeros_like(bad)).size == E
+        predict = lambda h: off._hidden_next(off._next_scores(0, h))  # noqa: E731
+        assert predict(bad).size == 0 and predict(torch.zeros_like(bad)).size == E
         with torch.no_grad():
             model.model.layers[0].post_attention_layernorm.weight[0] = float("inf")  # inf into every router
             logits = model(ids).logits

@@ -217,10 +217,11 @@ class Offload:
         length = getattr(cache, "get_seq_length", None)
         self._starts_sequence = True if cache is None else (int(length()) == 0 if callable(length) else None)
 
-    def _hidden_next(self, layer: int, hidden: torch.Tensor, compiled: bool = False) -> np.ndarray | None:
-        """The next MoE layer's mean routing scores, predicted from this layer's hidden state; an empty
-        array when there is no prediction (the decision step then plans from the activation alone, or
-        nothing)."""
+    def _next_scores(self, layer: int, hidden: torch.Tensor, compiled: bool = False) -> torch.Tensor | np.ndarray | None:
+        """The next MoE layer's mean routing scores [E], predicted from this layer's hidden state, as a host
+        tensor: from cuda a non-blocking copy, to be read once the stream has synchronised (_forward queues
+        it with the routing's copy, and one wait brings both). None when prefetch does not predict from the
+        hidden state, _NO_PREDICTION when there is nothing to predict from."""
         if self.prefetch in (None, "activation"):
             return None
         folded = self._input_routers[layer]
@@ -232,7 +233,16 @@ class Offload:
             if residual is None:  # no norm to hook in front of this layer's router, or a compiled graph's stale one
                 return _NO_PREDICTION
             probs = router_probabilities(nxt, residual, self._residual_routers[layer])
-        p = (probs[0] if probs.shape[0] == 1 else probs.mean(0)).cpu().numpy()
+        return (probs[0] if probs.shape[0] == 1 else probs.mean(0)).to("cpu", non_blocking=True)
+
+    @staticmethod
+    def _hidden_next(scores: torch.Tensor | np.ndarray | None) -> np.ndarray | None:
+        """_next_scores' scores for the decision step (read after the stream's synchronisation); an empty
+        array when there is no prediction (the decision step then plans from the activation alone, or
+        nothing)."""
+        if scores is None or isinstance(scores, np.ndarray):
+            return scores
+        p = scores.numpy()
         if not np.isfinite(p).all():  # an overflowed hidden state: a prediction is advice, the forward goes on
             return _NO_PREDICTION
         return p
@@ -255,12 +265,21 @@ class Offload:
             if starts or not self._in_sequence:
                 self.begin_sequence()
             self._tokens += hidden.shape[0]
-        ids = top_k_index.reshape(-1).cpu().numpy()
+        on_cuda = hidden.device.type == "cuda"
+        if on_cuda:  # the next layer's prediction and the routing go to the host together: one wait, not two
+            scores = self._next_scores(layer, hidden, compiled)
+            ids = top_k_index.reshape(-1).to("cpu", non_blocking=True)
+            torch.cuda.current_stream(hidden.device).synchronize()
+            ids = ids.numpy()
+        else:  # on the cpu the prediction is computed after the layer's own fetches have started
+            scores, ids = None, top_k_index.reshape(-1).cpu().numpy()
         experts = sorted(set(ids.tolist()))  # np.unique costs 40 µs on eight values
         held: dict[int, object] = {}
         try:
             self._acquire_ahead(layer, experts, held)  # the layer's own fetches go first, and stay pinned
-            self.cache.record(layer, ids, hidden_next=self._hidden_next(layer, hidden, compiled))  # then the decision step prefetches
+            if not on_cuda:
+                scores = self._next_scores(layer, hidden, compiled)
+            self.cache.record(layer, ids, hidden_next=self._hidden_next(scores))  # then the decision step prefetches
             kind = self.kinds[layer]
             if kind is not None and self.codec in _table.FUSED_CODECS and len(held) == len(experts) and (
                     hidden.device.type == "cpu" or ids.size <= _ops.MAX_CUDA_ASSIGNMENTS):
