@@ -24,14 +24,35 @@ def test_config_mistakes_are_named(tmp_path):
     table.build(mixtral_state_dict(), policy=0.3, mode="meanabs", progress=False).save(tmp_path / "t")
     t = table.load(tmp_path / "t")
     for kw, says in ((dict(prefetch="hidden"), "PrefetchConfig or None"), (dict(backend=""), "backend"),
-                     (dict(backend="gpu"), "backend")):
+                     (dict(backend="gpu"), "backend"), (dict(policy=None), "policy"),
+                     (dict(num_streams=2.0), "num_streams"), (dict(num_streams=2**40), "num_streams"),
+                     (dict(num_streams=True), "num_streams"), (dict(history="junk"), "ActivationHistory"),
+                     (dict(history=np.ones((2, 3, E), np.uint32)), "ActivationHistory")):
         with pytest.raises(InvalidArgumentError, match=says):
             ExpertCache(t, "1MiB", **kw)
     for kw in (dict(min_probability=float("nan")), dict(min_probability=2.0), dict(depth=2.5), dict(per_layer=0),
-               dict(top_matches=True)):
-        with pytest.raises(ValueError):
+               dict(top_matches=True), dict(source="bogus"), dict(depth=-1)):
+        with pytest.raises(InvalidArgumentError):
             PrefetchConfig(**kw)
+    with ExpertCache(t, "1MiB") as cache:
+        for timeout in ("1", None, True):
+            with pytest.raises(InvalidArgumentError, match="timeout"):
+                cache.acquire(0, 0, timeout=timeout)
+            with pytest.raises(InvalidArgumentError, match="timeout"):
+                cache.acquire_ahead(0, [0], timeout=timeout)
+        assert cache.stats()["hits"] + cache.stats()["misses"] == 0  # nothing was acquired
     t.close()
+
+
+def test_the_ops_are_there_with_the_cache_alone():
+    # The README's ExpertCache example calls torch.ops.moeoffload.* having imported only the cache.
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom moeoffload.cache import ExpertCache\n"
+            "print(all(hasattr(torch.ops.moeoffload, op) for op in ('szp_linear', 'expert_mlp', 'moe_experts')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "True", r.stderr
 
 
 def test_expert_cache_serves_a_forward_pass(tmp_path):
@@ -298,6 +319,38 @@ def test_an_acquire_ahead_that_fails_midway_leaves_nothing_pinned(tmp_path):
             cache.release(0, 1)
         cache.cache.check_invariants()
     t.close()
+
+
+@pytest.mark.parametrize("how", ["replaced", "rewritten"])
+def test_a_cache_refuses_a_table_file_that_changed_after_the_table_was_loaded(tmp_path, how):
+    # The cache maps the payload file again by its path: a file replaced (another table's, same layout)
+    # or rewritten in place since table.load would be served as this table's experts, silently.
+    import os
+
+    from moeoffload.errors import ChecksumError, TableChangedError
+
+    for name, seed in (("a", 0), ("b", 1)):
+        table.build(mixtral_state_dict(seed), codec="none", progress=False).save(tmp_path / name)
+    t = table.load(tmp_path / "a")
+    payload = next(p for p in (tmp_path / "a").iterdir() if p.suffix == ".safetensors")
+    other = tmp_path / "b" / payload.name
+    if how == "replaced":
+        os.replace(other, payload)
+    else:
+        st = os.stat(payload)
+        payload.write_bytes(other.read_bytes())
+        os.utime(payload, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(TableChangedError, match="changed on disk"):
+        ExpertCache(t, 4 * slot_bytes(t))
+    if how == "replaced":  # the table reads the file it opened, which a rename over its name leaves alone
+        np.testing.assert_array_equal(t.payload(0, 0), table.build(mixtral_state_dict(0), codec="none",
+                                                                   progress=False).payload(0, 0))
+    else:
+        with pytest.raises(TableChangedError):
+            t.payload(0, 0)  # the table says so too
+    t.close()
+    with pytest.raises(ChecksumError):  # loaded again, the file is found not to be what its manifest says
+        table.load(tmp_path / "a")
 
 
 def test_release_takes_a_stream_or_its_handle_and_names_anything_else():

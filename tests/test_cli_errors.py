@@ -84,6 +84,7 @@ CASES = {
     "compress-policy-missing": (["compress", "--policy", "{t}/nowhere.json", "--out", "{t}/tab"], "--policy"),
     "compress-bound-zero": (["compress", "--error-bound", "0", "--out", "{t}/tab"], "--error-bound"),
     "compress-out-is-a-file": (["compress", "--out", "{t}/afile"], "--out"),
+    "compress-out-empty": (["compress", "--out", ""], "--out: empty"),  # (an unset $VAR) not the current directory
     "compress-policy-not-a-policy": (["compress", "--policy", "{t}/bogus-policy.json", "--out", "{t}/tab"],
                                      "MoE layer numbers"),
     "compress-policy-without-bounds": (["compress", "--policy", "{t}/no-bounds.json", "--out", "{t}/tab"],
@@ -94,6 +95,7 @@ CASES = {
                              "not allowed"),
     # run
     "run-table-missing": (["run", "--table", "{t}/nowhere"], "--table"),
+    "run-table-of-another-layout": (["run", "--table", "{t}/unfused", "--max-new-tokens", "2"], "does not fit"),
     "run-beyond-the-context": (["run", "--max-new-tokens", "5000"], "context"),
     "run-model-missing": (["run", "--model", "{t}/nowhere"], "--model"),
     "run-model-dense": (["run", "--model", "{t}/dense"], "Mixture-of-Experts"),
@@ -169,6 +171,11 @@ def scratch(tmp_path_factory) -> Path:
     (t / "deep.json").write_text("[" * 100_000)
     (t / "other.json").write_text(json.dumps({"format": "moeoffload-bound-policy", "bounds": {}}))
     (t / "study.json").write_text(json.dumps(STUDY))
+    from moeoffload import table
+    from moeoffload.models import tiny_moe
+
+    # the shipped model's table as table.build makes it by default: w1/w2/w3, not the gate_up_proj it runs
+    table.build(tiny_moe.DEFAULT_DIR, 0.3, mode="meanabs", progress=False, out=t / "unfused").close()
     gone = json.loads(json.dumps(STUDY))
     gone["study"]["model_path"] = str(t / "deleted-model")
     (t / "study-gone.json").write_text(json.dumps(gone))
@@ -192,7 +199,7 @@ def report(scratch) -> dict:
     (scratch / "cases.json").write_text(json.dumps(cases))
     (scratch / "driver.py").write_text(DRIVER)
     subprocess.run([sys.executable, str(scratch / "driver.py"), str(scratch / "cases.json"), str(scratch / "report.json")],
-                   env=_env(), check=True, timeout=600, capture_output=True)
+                   env=_env(), check=True, timeout=600, capture_output=True, cwd=scratch)
     return json.loads((scratch / "report.json").read_text())
 
 
@@ -216,6 +223,7 @@ def test_nothing_was_computed_or_written(report, scratch):
     assert not (scratch / "o").exists()  # every sensitivity mistake above was found before --out was made
     assert not (scratch / "p.json").exists()
     assert not (scratch / "tab").exists()  # nor --out of a compress whose policy was malformed
+    assert not (scratch / "manifest.json").exists()  # nor the current directory for an empty --out
     assert (scratch / "broken_out" / "results.json").read_text() == "[1, 2"
 
 

@@ -9,6 +9,7 @@ from moeoffload import (
     CodecError,
     CorruptDataError,
     CudaError,
+    InvalidArgumentError,
     InvalidBoundError,
     NonFiniteError,
     UnsupportedDtypeError,
@@ -135,10 +136,14 @@ def test_sz3_keeps_exceptions_exactly_for_bf16():
 
 
 def test_cuda_decode_without_gpu_is_named():
-    if cuda_available():
+    if cuda_available() or torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    with pytest.raises(CudaError):
-        codec.compress(torch.randn(4, 4), 0.1).decompress(device="cuda")
+    for name in ("szp", "szpe", "sz3"):  # sz3 met torch's AssertionError ("Torch not compiled with CUDA")
+        ct = codec.compress(torch.randn(4, 4), 0.1, codec=name)
+        with pytest.raises(CudaError):
+            ct.decompress(device="cuda")
+        with pytest.raises(InvalidArgumentError, match="not a device"):
+            ct.decompress(device="bogus")
 
 
 @pytest.mark.cuda

@@ -52,6 +52,40 @@ def _prompt(seed=1):
     return torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(seed))
 
 
+def test_a_table_of_another_layout_is_refused_before_the_model_is_touched():
+    """offload() took any table of the model's layer and expert counts, freed the dense experts, and the
+    first forward failed (an unfused w1/w2/w3 table: a bare ValueError; another hidden size: a matmul's
+    RuntimeError). Names, shapes and, for raw weights, dtypes are checked first now."""
+    from moeoffload import table as _table
+    from moeoffload.errors import TableMismatchError
+    from moeoffload.integrations.hf import _source_state_dict
+
+    model = tiny("mixtral")
+    ids = _prompt()
+    with torch.no_grad():
+        ref = model(ids).logits
+    layers = moe_layers(model)
+    narrow = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
+        "mixtral", hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+        **FAMILIES["mixtral"]))
+    state = _source_state_dict(layers)
+    tables = {
+        "another hidden size": _table.build(_source_state_dict(moe_layers(narrow)), 0.3, "szp", progress=False),
+        "another dtype (raw)": _table.build({k: v.float() for k, v in state.items()}, codec="none", progress=False),
+        "other matrix names": _table.build({k.replace("gate_up_proj", "w13"): v for k, v in state.items()}, 0.3, "szp",
+                                           progress=False),
+    }
+    for what, t in tables.items():
+        with pytest.raises(TableMismatchError, match="does not fit this model"):
+            moeoffload.offload(model, table=t, gpu_budget=10**8)
+    assert not any(getattr(ml.experts, n).is_meta for ml in layers for n in expert_matrix_names(ml.experts))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+    with moeoffload.offload(model, table=_table.build(state, codec="none", progress=False), gpu_budget=10**8):
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, ref)  # its own table fits
+
+
 def test_an_sz3_table_or_codec_is_refused_before_the_model_is_touched(tmp_path):
     """No kernel reads sz3: offload() said so only at the first forward pass, after it had freed the dense
     experts. Now it refuses first, and the model still runs."""

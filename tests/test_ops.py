@@ -511,4 +511,15 @@ def test_bad_input_is_named():
         ops.expert_mlp(torch.randn(2, 16), gu, dn, act="tanh")
     with pytest.raises(ShapeError):
         ops.expert_mlp(torch.randn(2, 16), gu, dn, gate_up_bias=torch.randn(3))
+    # (these met torch's broadcasting, reshape and matmul RuntimeErrors, and nanobind's TypeError)
+    with pytest.raises(ShapeError, match="bias"):
+        ops.szp_linear(torch.randn(2, 16), ct, bias=torch.randn(5))
+    with pytest.raises(ShapeError, match="transposed"):
+        ops.expert_mlp(torch.randn(2, 16), gu, dn, transposed=True)  # not [H, 2I] and [I, H]
+    with pytest.raises(ShapeError, match="down_bias"):
+        ops.expert_mlp(torch.randn(2, 8), codec.compress(torch.randn(8, 32), 1e-3), codec.compress(torch.randn(16, 8), 1e-3),
+                       transposed=True, down_bias=torch.randn(5))
+    with pytest.raises(InvalidArgumentError, match="CPU or a CUDA device"):
+        torch.ops.moeoffload.szp_decode(*ops.matrix_handle(ct), 0, torch.device("meta"))
+    assert ops.szp_linear(torch.randn(0, 3, 16), ct).shape == (0, 3, 8)
     # the closed-runtime case is in test_runtime.py

@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 from moeoffload import table
 from moeoffload.errors import (ChecksumError, ClosedError, InvalidArgumentError, InvalidBoundError, MissingExpertError,
-                               NoMoeLayersError, TableChangedError, TableError, TableMismatchError)
+                               NoMoeLayersError, TableChangedError, TableError, TableMismatchError,
+                               UnsupportedDtypeError)
 
 from conftest import E, I, L, H, mixtral_state_dict  # noqa: E402
 
@@ -102,6 +103,75 @@ def test_activation_history_round_trip_deduplicated(tmp_path):
     hist = table.load_history(tmp_path / "t")
     assert len(hist) == 5
     np.testing.assert_array_equal(hist.flat().reshape(5, L, E), mats)
+
+
+def test_a_bad_history_is_named_before_anything_is_written(tmp_path):
+    # A save over a table with a bad history (or a build that streams to out=) wrote the payload and the
+    # manifest first, then raised numpy's ValueError, leaving the old table's history beside the new one.
+    first = table.build(mixtral_state_dict(0), policy=0.3, mode="meanabs", progress=False)
+    mats = np.ones((2, L, E), np.uint32)
+    first.save(tmp_path / "t", history=mats)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "t").iterdir()}
+    second = table.build(mixtral_state_dict(1), policy=0.1, mode="meanabs", progress=False)
+    for bad in (np.ones((5, 7)), -np.ones((2, L, E), np.int64), np.full((1, L, E), 0.5), "junk", [[1, 2], [3]],
+                np.full((1, L, E), 2**32)):
+        with pytest.raises(InvalidArgumentError, match="history"):
+            second.save(tmp_path / "t", history=bad)
+        with pytest.raises(InvalidArgumentError, match="history"):
+            table.build(mixtral_state_dict(1), policy=0.1, mode="meanabs", progress=False, out=tmp_path / "o",
+                        history=bad)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "t").iterdir()} == before
+    assert not (tmp_path / "o").exists()
+    # whole float counts and an empty history are histories; a save without one drops the old table's
+    second.save(tmp_path / "t", history=np.zeros((0, L, E)))
+    assert len(table.load_history(tmp_path / "t")) == 0
+    second.save(tmp_path / "t")
+    assert table.load_history(tmp_path / "t") is None
+    second.save(tmp_path / "t", history=mats.astype(np.float64))
+    np.testing.assert_array_equal(table.load_history(tmp_path / "t").flat().reshape(-1, L, E), mats[:1])
+
+
+@pytest.mark.parametrize("content", ["truncated", "2-D", "text", "directory", "negative", "object"])
+def test_a_history_file_that_is_not_one_is_a_table_error(tmp_path, content):
+    table.build(mixtral_state_dict(), policy=0.3, mode="meanabs", progress=False).save(
+        tmp_path / "t", history=np.ones((2, L, E), np.uint32))
+    f = tmp_path / "t" / table.HISTORY_FILE
+    if content == "truncated":
+        f.write_bytes(f.read_bytes()[:-7])
+    elif content == "2-D":
+        np.save(f, np.ones((3, 4), np.uint32))
+    elif content == "text":
+        f.write_text("not numpy")
+    elif content == "directory":
+        f.unlink()
+        f.mkdir()
+    elif content == "negative":
+        np.save(f, -np.ones((2, L, E), np.int64))
+    else:
+        np.save(f, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(TableError, match="not an activation history"):
+        table.load_history(tmp_path / "t")
+
+
+def test_a_table_refuses_expert_matrices_it_cannot_store_before_writing(tmp_path):
+    # codec "none" wrote a float64 table that table.load then refused (and with out= left it on disk).
+    sd = {k: v.double() for k, v in mixtral_state_dict().items()}
+    for codec in ("none", "szp"):
+        with pytest.raises(UnsupportedDtypeError, match="float64"):
+            table.build(sd, policy=0.3, codec=codec, progress=False, out=tmp_path / codec)
+        assert not (tmp_path / codec).exists()
+
+
+def test_ids_are_integers_in_range():
+    t = table.build(mixtral_state_dict(), policy=0.3, mode="meanabs", progress=False)
+    assert t.expert_id(L - 1, E - 1) == L * E - 1 and t.expert_id(np.int64(1), np.uint8(2)) == E + 2
+    for layer, expert in ((-1, 0), (0, -1), (L, 0), (0, E), (True, 0), (0, 1.0), ("0", 0)):
+        with pytest.raises(InvalidArgumentError):
+            t.expert_id(layer, expert)
+    for layer, expert in ((True, 0), (0.0, 0), (0, False)):
+        with pytest.raises(InvalidArgumentError, match="integers"):
+            t.decompress(layer, expert, t.matrix_names[0])
+    torch.testing.assert_close(t.decompress(np.int32(0), 0, t.matrix_names[0]), t.decompress(0, 0, t.matrix_names[0]))
 
 
 @pytest.fixture

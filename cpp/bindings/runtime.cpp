@@ -157,7 +157,16 @@ void bind_runtime(nb::module_& m) {
   nb::class_<ExpertStore>(m, "ExpertStore")
       .def(nb::init<PinnedPool&, uint32_t, uint32_t>(), nb::arg("pool"), nb::arg("num_layers"),
            nb::arg("experts_per_layer"), nb::keep_alive<1, 2>())
-      .def("map_file", &ExpertStore::map_file, nb::arg("path"), nb::call_guard<nb::gil_scoped_release>())
+      .def("map_file", [](ExpertStore& s, const std::string& path,
+                          std::optional<std::tuple<uint64_t, uint64_t, uint64_t, uint64_t>> expected) {
+        std::optional<FileIdentity> id;
+        if (expected) id = FileIdentity{std::get<0>(*expected), std::get<1>(*expected), std::get<2>(*expected),
+                                        std::get<3>(*expected)};
+        nb::gil_scoped_release release;
+        s.map_file(path, id);
+      }, nb::arg("path"), nb::arg("expected") = nb::none(),
+         "Maps the table file; with expected = (st_dev, st_ino, st_size, st_mtime_ns), TableChangedError unless "
+         "the file is that one, unchanged.")
       .def("add_mapped", &ExpertStore::add_mapped, nb::arg("id"), nb::arg("offset"), nb::arg("bytes"))
       .def("add_copy", [](ExpertStore& s, uint32_t id, HostBytes b) {
         nb::gil_scoped_release release;

@@ -35,7 +35,16 @@ void ExpertStore::check_id(uint32_t id) const {
                 "expert id " + std::to_string(id) + " out of range (store holds " + std::to_string(payloads_.size()) + ")");
 }
 
-void ExpertStore::map_file(const std::string& path) {
+namespace {
+
+FileIdentity identity_of(const struct stat& st) {
+  return {static_cast<uint64_t>(st.st_dev), static_cast<uint64_t>(st.st_ino), static_cast<uint64_t>(st.st_size),
+          static_cast<uint64_t>(st.st_mtim.tv_sec) * 1000000000ull + static_cast<uint64_t>(st.st_mtim.tv_nsec)};
+}
+
+}  // namespace
+
+void ExpertStore::map_file(const std::string& path, const std::optional<FileIdentity>& expected) {
   std::lock_guard<std::mutex> lock(mu_);
   if (closed_) throw Error(ErrorKind::Closed, "ExpertStore is closed");
   if (map_) throw Error(ErrorKind::InvalidArgument, "ExpertStore already maps a file");
@@ -46,14 +55,19 @@ void ExpertStore::map_file(const std::string& path) {
     ::close(fd);
     throw Error(ErrorKind::CorruptData, "table file " + path + " is empty or unreadable");
   }
+  if (expected && !(identity_of(st) == *expected)) {
+    ::close(fd);
+    throw Error(ErrorKind::TableChanged, "the table file " + path + " changed on disk since the table was loaded "
+                                         "(replaced or rewritten): its manifest may not describe it. Load the table "
+                                         "again");
+  }
   void* p = ::mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
   if (p == MAP_FAILED) {
     ::close(fd);
     throw Error(ErrorKind::InvalidArgument, "cannot map " + path + ": " + std::strerror(errno));
   }
   map_fd_ = fd;  // kept open: fstat before each hand-out detects a file changed on disk
-  map_inode_ = static_cast<uint64_t>(st.st_ino);
-  map_mtime_ns_ = static_cast<uint64_t>(st.st_mtim.tv_sec) * 1000000000ull + st.st_mtim.tv_nsec;
+  map_identity_ = identity_of(st);
   map_path_ = path;
   try {
     pool_.register_range(p, static_cast<size_t>(st.st_size));
@@ -97,9 +111,7 @@ void ExpertStore::add_copy(uint32_t id, const uint8_t* data, uint64_t bytes) {
 void ExpertStore::check_file_locked() const {
   if (map_fd_ < 0) return;
   struct stat st {};
-  const bool same = ::fstat(map_fd_, &st) == 0 && static_cast<uint64_t>(st.st_size) == map_bytes_ &&
-                    static_cast<uint64_t>(st.st_mtim.tv_sec) * 1000000000ull + st.st_mtim.tv_nsec == map_mtime_ns_ &&
-                    static_cast<uint64_t>(st.st_ino) == map_inode_;
+  const bool same = ::fstat(map_fd_, &st) == 0 && identity_of(st) == map_identity_;
   if (!same)
     throw Error(ErrorKind::TableChanged,
                 "the table file " + map_path_ + " changed on disk while it was loaded (mapped mode); reading it now "

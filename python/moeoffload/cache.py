@@ -26,6 +26,7 @@ import re
 import numpy as np
 
 from . import _native
+from . import ops as _ops  # noqa: F401 - registers torch.ops.moeoffload.*, which take this cache's handle
 from .errors import BudgetError, ClosedError, InvalidArgumentError, TableError
 from .prefetch import PrefetchConfig, decision_step
 from .table import FUSED_CODECS, PAYLOAD_FILE
@@ -95,6 +96,14 @@ class ExpertCache:
             raise InvalidArgumentError(f"prefetch must be a PrefetchConfig or None, got {prefetch!r}")
         if backend is not None and backend not in ("auto", "cpu", "cuda"):
             raise InvalidArgumentError(f"backend must be 'auto', 'cpu', 'cuda' or None, got {backend!r}")
+        if not isinstance(policy, str):
+            raise InvalidArgumentError(f"policy must be 'lru', 'lfu' or 'activation', got {policy!r}")
+        if isinstance(num_streams, bool) or not isinstance(num_streams, numbers.Integral) or \
+                not 0 < num_streams < 2**31:
+            raise InvalidArgumentError(f"num_streams must be a positive integer, got {num_streams!r}")
+        if history is not None and not isinstance(history, _native.ActivationHistory):
+            raise InvalidArgumentError("history must be an ActivationHistory (moeoffload.table.load_history, "
+                                       f"sim.history_from_trace) or None, got {type(history).__name__}")
         self.decisions = decision_step(L, E, prefetch, policy, history)  # checks the config before anything opens
         self.runtime = _native.Runtime(backend or "auto", L, E, num_streams)
         try:
@@ -113,7 +122,7 @@ class ExpertCache:
         codes = {"float32": 1, "bfloat16": 2, "float16": 3}
         mapped = table.mode == "map"
         if mapped:  # the payloads stay in the file: map it (pinned in place), parsed once below
-            store.map_file(str(table.path / PAYLOAD_FILE))
+            store.map_file(str(table.path / PAYLOAD_FILE), table.file_identity)  # the file the table read
         for x in table.manifest["experts"]:
             eid = table.expert_id(x["layer"], x["expert"])
             if mapped:
@@ -137,11 +146,7 @@ class ExpertCache:
 
     def expert_id(self, layer: int, expert: int) -> int:
         """The flat id of (layer, expert), range-checked (negative too)."""
-        L, E = self.table.num_layers, self.table.experts_per_layer
-        for name, v, n in (("layer", layer, L), ("expert", expert, E)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= int(v) < n:
-                raise InvalidArgumentError(f"{name} {v!r} is out of range: the table has {L} layers of {E} experts")
-        return int(layer) * E + int(expert)
+        return self.table.expert_id(layer, expert)
 
     @property
     def history(self):
@@ -170,7 +175,7 @@ class ExpertCache:
         up to `timeout` seconds for room, then raises CacheFullError (0: at once). When the fetch fails,
         the slot's wait() raises its error, and so does the slot of every acquire of the expert until each
         holder has released it; the next acquire then fetches it again."""
-        return self.cache.acquire(self.expert_id(layer, expert), timeout)
+        return self.cache.acquire(self.expert_id(layer, expert), _seconds(timeout))
 
     def release(self, layer: int, expert: int, stream=None) -> None:
         """Unpins the expert. On cuda, `stream` (a torch.cuda.Stream, or its cudaStream_t as an int such
@@ -197,7 +202,7 @@ class ExpertCache:
         """A layer's experts in one native call: pins them in order while the budget has room and returns the
         slots of those pinned (a prefix). Only the first may wait (up to `timeout` s), and only when the caller
         holds no pins; CacheFullError when not even the first fits."""
-        return self.cache.acquire_ahead(self._layer_ids(layer, experts), holding_pins, timeout)
+        return self.cache.acquire_ahead(self._layer_ids(layer, experts), holding_pins, _seconds(timeout))
 
     def release_all(self, layer: int, experts, stream=None) -> None:
         """release() of each, in one native call; all or nothing."""
@@ -221,6 +226,12 @@ class ExpertCache:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _seconds(timeout) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise InvalidArgumentError(f"timeout must be a number of seconds, got {timeout!r}")
+    return timeout
 
 
 def _stream_handle(stream) -> int | None:

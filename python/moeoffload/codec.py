@@ -225,7 +225,12 @@ class CompressedTensor:
                 "(float32 holds them exactly) or None for the stored one")
         if out is not None:
             return self._decode_szp_into(out)
-        device = torch.device(device) if device is not None else torch.device("cpu")
+        try:
+            device = torch.device(device) if device is not None else torch.device("cpu")
+        except (RuntimeError, TypeError) as e:
+            raise InvalidArgumentError(f"decompress(device={device!r}): not a device ({e})") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise CudaError(f"decompress(device={str(device)!r}) needs a CUDA GPU; none is available")
         if self.codec in ("szp", "szpe") and device.type == "cuda":
             out = self._decode_szp_cuda(device)
         elif self.codec in ("szp", "szpe"):

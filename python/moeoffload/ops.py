@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import math
 import weakref
 
 import torch
@@ -195,6 +196,8 @@ def moe_experts_call(*args) -> torch.Tensor:
 
 @torch.library.custom_op("moeoffload::szp_decode", mutates_args=())
 def _szp_decode_op(handle: int, expert: int, matrix: int, device: torch.device) -> torch.Tensor:
+    if device.type not in ("cpu", "cuda"):
+        raise InvalidArgumentError(f"szp_decode decodes onto the CPU or a CUDA device, not {device}")
     info = _native.matrix_info(handle, expert, matrix)
     out = torch.empty(info["shape"], dtype=_CODE_DTYPES[info["dtype"]], device=device)
     _native.szp_decode_matrix(handle, expert, matrix, out, _stream(out))
@@ -218,7 +221,7 @@ def _as_tokens(x: torch.Tensor, cols: int, what: str) -> tuple[torch.Tensor, tup
     if x.dim() < 1 or x.shape[-1] != cols:
         raise ShapeError(f"{what} must end in the weight's input dimension {cols}, got shape {tuple(x.shape)}")
     lead = tuple(x.shape[:-1])
-    return x.reshape(-1, cols), lead
+    return x.reshape(math.prod(lead), cols), lead  # (-1 cannot be inferred when cols is 0)
 
 
 def szp_linear(x: torch.Tensor, weight: CompressedTensor, bias: torch.Tensor | None = None, *,
@@ -233,6 +236,7 @@ def szp_linear(x: torch.Tensor, weight: CompressedTensor, bias: torch.Tensor | N
         raise ShapeError("szp_linear needs a 2-D CompressedTensor [out, in]")
     out_f, in_f = weight.shape
     x2, lead = _as_tokens(x, in_f, "x")
+    _check_bias(bias, out_f, "bias")
     if dense_above is not None and x2.shape[0] > dense_above:
         y = F.linear(x2, weight.decompress(dtype=x2.dtype, device=x2.device))
     else:
@@ -269,9 +273,17 @@ def expert_mlp(x: torch.Tensor, gate_up: CompressedTensor, down: CompressedTenso
     for name, m in (("gate_up", gate_up), ("down", down)):
         if not isinstance(m, CompressedTensor) or len(m.shape) != 2:
             raise ShapeError(f"{name} must be a 2-D CompressedTensor")
-    if transposed:
-        return _expert_mlp_dense(x, gate_up.decompress().T, down.decompress().T, act, gate_up_bias, down_bias,
-                                 layout, alpha, limit)
+    if transposed:  # storage [H, 2I] and [I, H]
+        (H, I2), want = gate_up.shape, (gate_up.shape[1] // 2, gate_up.shape[0])
+        if I2 % 2 or tuple(down.shape) != want:
+            raise ShapeError(f"transposed expert: gate_up must be [H, 2I] and down [I, H], got "
+                             f"{list(gate_up.shape)} and {list(down.shape)}")
+        x2, lead = _as_tokens(x, H, "x")
+        _check_bias(gate_up_bias, I2, "gate_up_bias")
+        _check_bias(down_bias, H, "down_bias")
+        y = _expert_mlp_dense(x2, gate_up.decompress().T, down.decompress().T, act, gate_up_bias, down_bias,
+                              layout, alpha, limit)
+        return y.reshape(*lead, H)
     H = gate_up.shape[1]
     x2, lead = _as_tokens(x, H, "x")
     gh, ge = matrix_handle(gate_up)
@@ -305,6 +317,13 @@ def moe_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch
     dn = [matrix_handle(d) for _, d in experts]
     return moe_experts_call(x, top_k_index, top_k_weights, gu[0][0], [e for _, e in gu], 0, [e for _, e in dn], 0,
                             gate_up_bias, down_bias, act, GATE_LAYOUTS[layout], float(alpha), float(limit))
+
+
+def _check_bias(bias, n: int, name: str) -> None:
+    """None, or a tensor [n] (added to a projection's n outputs)."""
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,)):
+        raise ShapeError(f"{name} must be a tensor [{n}] (the projection's outputs), got "
+                         f"{list(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
 
 
 def _check_gate(act: str, layout: str) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from . import _native
+from .errors import InvalidArgumentError
 
 
 @dataclass(frozen=True)
@@ -38,14 +39,14 @@ class PrefetchConfig:
 
     def __post_init__(self):
         if self.source not in ("activation", "hidden", "combined"):
-            raise ValueError(f"prefetch source must be 'activation', 'hidden' or 'combined', got {self.source!r}")
+            raise InvalidArgumentError(f"prefetch source must be 'activation', 'hidden' or 'combined', got {self.source!r}")
         for name in ("depth", "per_layer", "top_matches"):
             v = getattr(self, name)
             if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"prefetch {name} must be an integer >= 1, got {v!r}")
+                raise InvalidArgumentError(f"prefetch {name} must be an integer >= 1, got {v!r}")
         p = self.min_probability
         if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p <= 1:  # (NaN fails the range)
-            raise ValueError(f"prefetch min_probability must be a probability in [0, 1], got {p!r}")
+            raise InvalidArgumentError(f"prefetch min_probability must be a probability in [0, 1], got {p!r}")
 
 
 def plan(prediction: np.ndarray, current_layer: int, config: PrefetchConfig) -> list[tuple[int, float]]:

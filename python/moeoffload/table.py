@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 import os
 import re
 import struct
@@ -225,6 +226,12 @@ class ExpertTable:
             raise TableChangedError(f"{self.path / PAYLOAD_FILE} is shorter than when it was loaded: load it again")
         return np.frombuffer(data, dtype=np.uint8)
 
+    @property
+    def file_identity(self) -> tuple[int, int, int, int] | None:
+        """(st_dev, st_ino, st_size, st_mtime_ns) of the payload file as loaded ("map" mode; else None): an
+        ExpertCache maps the file again and refuses one that is not this one, unchanged."""
+        return self._file_id
+
     # ---- what is in it ----
     @property
     def num_layers(self) -> int:
@@ -239,11 +246,21 @@ class ExpertTable:
         return self.manifest["matrices"]
 
     def expert_id(self, layer: int, expert: int) -> int:
-        return layer * self.experts_per_layer + expert
+        """The flat id of (layer, expert): layer x experts_per_layer + expert, each an integer in range."""
+        L, E = self.num_layers, self.experts_per_layer
+        if type(layer) is int and type(expert) is int and 0 <= layer < L and 0 <= expert < E:
+            return layer * E + expert
+        for name, v, n in (("layer", layer, L), ("expert", expert, E)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v < n:
+                raise InvalidArgumentError(f"{name} {v!r} is out of range: the table has {L} layers of {E} experts")
+        return int(layer) * E + int(expert)
 
     def entry(self, layer: int, expert: int) -> dict:
+        if isinstance(layer, bool) or isinstance(expert, bool) or not isinstance(layer, numbers.Integral) \
+                or not isinstance(expert, numbers.Integral):  # True == 1 and 0.0 == 0 as keys
+            raise InvalidArgumentError(f"layer and expert are integers, got {layer!r} and {expert!r}")
         try:
-            return self._by_key[(layer, expert)]
+            return self._by_key[(int(layer), int(expert))]
         except KeyError:
             raise MissingExpertError(f"the table has no layer {layer} expert {expert}") from None
 
@@ -320,16 +337,18 @@ class ExpertTable:
 
     # ---- persistence ----
     def save(self, path, history=None) -> Path:
-        """Write the table directory (and, when given, an ActivationHistory or [N, L, E] array of past matrices)."""
+        """Write the table directory (and, when given, an ActivationHistory or [N, L, E] array of past matrices;
+        without one, a history a table saved there before is removed: it was that table's)."""
         if self.mode != "memory":
             raise TableError("this table is loaded from disk already; copy its directory instead")
+        hist = None if history is None else history_matrices(history, self.num_layers, self.experts_per_layer)
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         writer = _PayloadWriter(path / PAYLOAD_FILE, list(self._payloads))
         for name, blob in self._payloads.items():
             writer.add(name, blob)
         writer.finish()
-        _write_manifest(path, self.manifest, history)
+        _write_manifest(path, self.manifest, hist)
         self.path = path
         return path
 
@@ -412,6 +431,9 @@ class _PayloadWriter:
         self.tmp.unlink(missing_ok=True)
 
 
+_TABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def build(source, policy=None, codec: str = "szp", *, mode: str | None = None, model_id: str | None = None,
           progress: bool = True, transpose: bool = False, fuse: bool = False, out=None, history=None) -> ExpertTable:
     """Compress every expert matrix of a model into an ExpertTable: in memory, or with ``out`` a table
@@ -433,6 +455,7 @@ def build(source, policy=None, codec: str = "szp", *, mode: str | None = None, m
 
     src = _Source(source)
     grid, model_layers, n_exp = _grid_of(src)
+    hist = None if history is None else history_matrices(history, len(model_layers), n_exp)  # before any writing
     if codec == "none":
         pol, bounds = BoundPolicy(mode="abs"), [0.0] * len(model_layers)
     else:
@@ -440,6 +463,10 @@ def build(source, policy=None, codec: str = "szp", *, mode: str | None = None, m
             raise InvalidBoundError(f"codec {codec!r} needs a policy: the error bound per MoE layer")
         pol = BoundPolicy.from_any(policy, mode)
         bounds = [pol.bound(i) for i in range(len(model_layers))]
+    odd = next((r for refs in grid.values() for r in refs if r.dtype not in _TABLE_DTYPES), None)
+    if odd is not None:  # before anything is written: a table load() refuses, or a compress failing midway
+        raise UnsupportedDtypeError(f"expert matrix {odd.key!r} is {str(odd.dtype).replace('torch.', '')}: a table "
+                                    "stores float32, bfloat16 or float16 experts (cast the model first)")
     first = grid[(model_layers[0], 0)]
     names = [n for n, _ in _stored_matrices(first, fuse)]
     payloads: dict[str, np.ndarray] = {}
@@ -501,7 +528,7 @@ def build(source, policy=None, codec: str = "szp", *, mode: str | None = None, m
     if writer is None:
         return ExpertTable(manifest, payloads)
     writer.finish()
-    _write_manifest(Path(out), manifest, history)
+    _write_manifest(Path(out), manifest, hist)
     return load(out, verify=False)
 
 
@@ -580,32 +607,67 @@ def _file_id(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _write_manifest(path: Path, manifest: dict, history) -> None:
+def _write_manifest(path: Path, manifest: dict, history: np.ndarray | None) -> None:
     tmp = path / (MANIFEST_FILE + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     tmp.replace(path / MANIFEST_FILE)
-    if history is not None:
-        save_history(path, history, manifest["num_layers"], manifest["experts_per_layer"])
+    if history is None:
+        (path / HISTORY_FILE).unlink(missing_ok=True)  # a table saved there before had it
+    else:
+        _save_matrices(path, history)
+
+
+def history_matrices(history, num_layers: int, experts_per_layer: int) -> np.ndarray:
+    """[N, L, E] uint32 activation matrices from an ActivationHistory or an array of counts (non-negative
+    whole numbers, any shape of N x L x E values), each distinct matrix once, in order; InvalidArgumentError
+    for anything else."""
+    if isinstance(history, _native.ActivationHistory):
+        history = history.flat()
+    L, E = num_layers, experts_per_layer
+    try:
+        arr = np.asarray(history)
+    except (ValueError, TypeError) as e:  # ragged lists
+        raise InvalidArgumentError(f"history must be [N, {L}, {E}] activation counts: {e}") from None
+    whole = arr.dtype.kind in "iub" or (arr.dtype.kind == "f" and bool(np.all(np.isfinite(arr) & (arr == np.round(arr)))))
+    if not whole or arr.size % (L * E):
+        raise InvalidArgumentError(f"history must be an ActivationHistory or [N, {L}, {E}] activation counts "
+                                   f"(whole numbers), got {arr.dtype} of shape {list(arr.shape)}")
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 0xFFFFFFFF):
+        raise InvalidArgumentError("history counts must lie in [0, 2^32)")
+    arr = arr.astype(np.uint32).reshape(-1, L, E)
+    if not arr.size:
+        return arr
+    _, first = np.unique(arr.reshape(arr.shape[0], -1), axis=0, return_index=True)
+    return arr[np.sort(first)]
+
+
+def _save_matrices(path, matrices: np.ndarray) -> None:
+    tmp = Path(path) / (HISTORY_FILE + ".tmp.npy")
+    np.save(tmp, matrices)
+    tmp.replace(Path(path) / HISTORY_FILE)
 
 
 def save_history(path, history, num_layers: int, experts_per_layer: int) -> None:
-    if isinstance(history, _native.ActivationHistory):
-        history = history.flat()
-    arr = np.asarray(history, dtype=np.uint32)
-    arr = arr.reshape(-1, num_layers, experts_per_layer)
-    # Deduplicate, keeping first occurrences in order.
-    _, first = np.unique(arr.reshape(arr.shape[0], -1), axis=0, return_index=True)
-    np.save(Path(path) / HISTORY_FILE, arr[np.sort(first)])
+    """Write an ActivationHistory or [N, L, E] counts as the table directory's activation history."""
+    _save_matrices(path, history_matrices(history, num_layers, experts_per_layer))
 
 
 def load_history(path, capacity: int | None = None):
-    """The table's saved activation matrices as an ActivationHistory (None when it has none)."""
+    """The table's saved activation matrices as an ActivationHistory (None when it has none); TableError
+    when the file is not one."""
     f = Path(path) / HISTORY_FILE
     if not f.exists():
         return None
-    arr = np.load(f)
+    try:
+        arr = np.load(f, allow_pickle=False)
+        if not isinstance(arr, np.ndarray) or arr.ndim != 3 or 0 in arr.shape[1:]:
+            raise ValueError(f"expected [N, layers, experts] counts, found {getattr(arr, 'shape', type(arr).__name__)}")
+        arr = history_matrices(arr, arr.shape[1], arr.shape[2])
+    except (OSError, ValueError, EOFError) as e:  # InvalidArgumentError is a ValueError
+        raise TableError(f"{f} is not an activation history ({e}): delete it, or save the table again with "
+                         "its history") from None
     n, L, E = arr.shape
     hist = _native.ActivationHistory(L, E, capacity or max(n, 1))
     for m in arr:
-        hist.add(np.ascontiguousarray(m, dtype=np.uint32))
+        hist.add(np.ascontiguousarray(m))
     return hist

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -54,6 +55,15 @@ struct MatrixInfo {
 // aligned to this (the CUDA transcoder needs 8).
 constexpr uint64_t kResidentAlign = 64;
 
+// What a file is and how it was when looked at: a rename over it changes the
+// device or inode, a rewrite in place its size or modification time.
+struct FileIdentity {
+  uint64_t device = 0, inode = 0, size = 0, mtime_ns = 0;
+  bool operator==(const FileIdentity& o) const {
+    return device == o.device && inode == o.inode && size == o.size && mtime_ns == o.mtime_ns;
+  }
+};
+
 class ExpertStore {
  public:
   ExpertStore(PinnedPool& pool, uint32_t num_layers, uint32_t experts_per_layer);
@@ -61,8 +71,11 @@ class ExpertStore {
   ExpertStore(const ExpertStore&) = delete;
   ExpertStore& operator=(const ExpertStore&) = delete;
 
-  // Maps `path` read-only and pins it. Call once, before add_mapped().
-  void map_file(const std::string& path);
+  // Maps `path` read-only and pins it. Call once, before add_mapped(). With
+  // `expected`, TableChanged unless the file opened is that one, unchanged:
+  // the one a table read its manifest beside (a file replaced or rewritten
+  // since then would be served as the table's experts).
+  void map_file(const std::string& path, const std::optional<FileIdentity>& expected = std::nullopt);
   uint64_t mapped_bytes() const { return map_bytes_; }
   // False when the backend could not pin the mapping (cudaHostRegister
   // refused it): payloads are then copied from pageable memory. True
@@ -107,7 +120,7 @@ class ExpertStore {
   std::vector<std::vector<MatrixInfo>> matrices_;
   std::vector<uint64_t> resident_bytes_;  // 0: as the payload
   int map_fd_ = -1;
-  uint64_t map_inode_ = 0, map_mtime_ns_ = 0;
+  FileIdentity map_identity_;
   std::string map_path_;
   std::vector<void*> owned_;  // pool allocations, released on close
   void* map_ = nullptr;

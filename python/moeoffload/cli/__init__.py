@@ -216,11 +216,18 @@ def _percent(text: str) -> float:
 
 # ---- checks of what the command line names, before any work starts ----
 
+def _path_arg(value, flag: str) -> Path:
+    """A path the command line names; an empty one (an unset $VAR) would be the current directory."""
+    if not str(value).strip():
+        raise UsageError(f"{flag}: empty; give a path")
+    return Path(value)
+
+
 def _writable_dir(out, flag: str = "--out") -> Path:
     """`out` is (or can be made) a directory this process can write."""
     import tempfile
 
-    p = Path(out)
+    p = _path_arg(out, flag)
     if p.exists() and not p.is_dir():
         raise UsageError(f"{flag} {out}: exists and is not a directory")
     try:
@@ -253,7 +260,7 @@ def _check_out_file(out: str) -> None:
     """--out is a file this process can create or replace."""
     import tempfile
 
-    p = Path(out)
+    p = _path_arg(out, "--out")
     if p.is_dir():
         raise UsageError(f"--out {out}: is a directory; give a file name")
     parent = p.parent

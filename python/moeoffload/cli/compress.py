@@ -33,8 +33,9 @@ def cmd(args) -> int:
     from moeoffload import table
     from moeoffload.models.adapters import moe_layers
 
-    from . import UsageError, _check_model, _writable_dir
+    from . import UsageError, _check_model, _path_arg, _writable_dir
 
+    out = _path_arg(args.out, "--out")
     model_dir, config = _check_model(args.model)
     if args.policy is not None:
         if not Path(args.policy).is_file():
@@ -42,7 +43,6 @@ def cmd(args) -> int:
         from moeoffload.policy import BoundPolicy
 
         BoundPolicy.from_any(args.policy)  # a malformed one is named before --out is made
-    out = Path(args.out)
     if (out / table.MANIFEST_FILE).exists():
         raise UsageError(f"--out {out}: a table is there already; choose another directory or remove it")
     try:  # claimed by this command, atomically: only a directory it made goes when the build fails

@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from ..cache import ExpertCache, parse_budget, slot_bytes
-from ..errors import BudgetError, ClosedError, InvalidArgumentError, TableError, UnsupportedDtypeError
+from ..errors import (BudgetError, ClosedError, InvalidArgumentError, MissingExpertError, TableError,
+                      TableMismatchError, UnsupportedDtypeError)
 from ..models.adapters import (UnsupportedModelError, expert_matrix_names, gate_kind, moe_layers, next_router_on_input,
                                router_probabilities, router_scores, router_weights)
 from ..prefetch import PrefetchConfig
@@ -134,6 +135,7 @@ class Offload:
         if table.num_layers != len(self.layers) or table.experts_per_layer != E:
             raise UnsupportedModelError(f"the table holds {table.num_layers} layers of {table.experts_per_layer} "
                                         f"experts, the model {len(self.layers)} of {E}")
+        _check_table_fits(table, self.layers)  # before anything of the model is freed
         self.table = table
         self._ids_of_layer = [list(range(l * E, (l + 1) * E)) for l in range(len(self.layers))]  # moe_experts' ids
         self.codec = table.manifest["codec"]
@@ -470,6 +472,33 @@ class _ExpertsView:
 
     def __getattr__(self, name):
         return getattr(self._module, name)
+
+
+def _check_table_fits(table, layers) -> None:
+    """TableMismatchError unless every expert of the table holds the model's expert matrices, by name, shape
+    (as the model keeps them: a transposed one's shape reversed) and, for raw weights, dtype."""
+    raw = table.manifest["codec"] == "none"
+    for ml in layers:
+        want = {}
+        for name in expert_matrix_names(ml.experts):
+            p = getattr(ml.experts, name)
+            want[name] = (tuple(p.shape[1:]), str(p.dtype).removeprefix("torch."))
+        for e in range(table.experts_per_layer):
+            try:
+                entry = table.entry(ml.index, e)
+            except MissingExpertError:
+                raise TableMismatchError(f"the table has no layer {ml.index} expert {e}: rebuild it from this "
+                                         "model") from None
+            have = {m["name"]: m for m in entry["matrices"]}
+            for name, (shape, dtype) in want.items():
+                m = have.get(name)
+                stored = None if m is None else tuple(m["shape"])[::-1] if m.get("transposed") else tuple(m["shape"])
+                if stored != shape or (raw and m["dtype"] != dtype):
+                    found = "no such matrix" if m is None else f"{list(stored)} {m['dtype']}"
+                    raise TableMismatchError(
+                        f"the table does not fit this model: layer {ml.index} expert {e}'s {name} is "
+                        f"{list(shape)} {dtype} in the model, {found} in the table (its matrices: "
+                        f"{sorted(have)}): build the table from this model, or let offload() build it")
 
 
 def _check_each_token_routes_an_expert_once(ids: np.ndarray, k: int) -> None:
