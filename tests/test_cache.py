@@ -292,7 +292,7 @@ def test_a_layers_expert_indices_are_checked_before_anything_is_pinned():
             with pytest.raises(InvalidArgumentError, match="out of range"):
                 cache.record(0, bad)
         for layer in (-1, t.num_layers, True, 0.0):
-            with pytest.raises(InvalidArgumentError, match="out of range"):
+            with pytest.raises(InvalidArgumentError, match="out of range|not an integer"):
                 cache.acquire_ahead(layer, [0])
         assert cache.acquire_ahead(0, []) == []
         assert len(pinned(0, [0, 1, 2, 3])) == room  # the refused calls left nothing pinned
@@ -351,6 +351,47 @@ def test_a_cache_refuses_a_table_file_that_changed_after_the_table_was_loaded(tm
     t.close()
     with pytest.raises(ChecksumError):  # loaded again, the file is found not to be what its manifest says
         table.load(tmp_path / "a")
+
+
+def test_a_table_file_from_before_1970_or_a_chdir_still_caches(tmp_path, monkeypatch):
+    # The file's identity is handed to the native store: st_mtime_ns is negative before 1970 (it met
+    # nanobind's TypeError), and a relative table path must not name another file after a chdir.
+    import os
+
+    table.build(mixtral_state_dict(), codec="none", progress=False).save(tmp_path / "t")
+    payload = next(p for p in (tmp_path / "t").iterdir() if p.suffix == ".safetensors")
+    os.utime(payload, ns=(0, -5 * 10**9))
+    monkeypatch.chdir(tmp_path)
+    t = table.load("t")
+    monkeypatch.chdir(tmp_path / "t")
+    with ExpertCache(t, 4 * slot_bytes(t)) as cache:
+        slot = cache.acquire(1, 2)
+        slot.wait()
+        assert np.array_equal(cache.cache.read(slot), t.payload(1, 2))
+        cache.release(1, 2)
+    t.close()
+
+
+@pytest.mark.parametrize("mode", ["map", "copy"])
+def test_a_payload_file_replaced_while_the_table_loads_is_refused(tmp_path, monkeypatch, mode):
+    # load() read the payload file's header by its path, then opened it (or read it) again by the path:
+    # a file replaced in between gave spans of one file over the bytes of another.
+    import os
+
+    from moeoffload.errors import TableChangedError
+
+    for name, seed in (("a", 0), ("b", 1)):
+        table.build(mixtral_state_dict(seed), codec="none", progress=False).save(tmp_path / name)
+    parse = table._safetensors_header
+
+    def parse_then_replace(path):
+        out = parse(path)
+        os.replace(tmp_path / "b" / path.name, path)
+        return out
+
+    monkeypatch.setattr(table, "_safetensors_header", parse_then_replace)
+    with pytest.raises(TableChangedError, match="while it was loaded"):
+        table.load(tmp_path / "a", mode=mode, verify=False)
 
 
 def test_release_takes_a_stream_or_its_handle_and_names_anything_else():

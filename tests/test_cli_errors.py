@@ -95,6 +95,7 @@ CASES = {
                              "not allowed"),
     # run
     "run-table-missing": (["run", "--table", "{t}/nowhere"], "--table"),
+    "run-table-empty": (["run", "--table", ""], "--table: empty"),
     "run-table-of-another-layout": (["run", "--table", "{t}/unfused", "--max-new-tokens", "2"], "does not fit"),
     "run-beyond-the-context": (["run", "--max-new-tokens", "5000"], "context"),
     "run-model-missing": (["run", "--model", "{t}/nowhere"], "--model"),

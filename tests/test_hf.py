@@ -78,12 +78,39 @@ def test_a_table_of_another_layout_is_refused_before_the_model_is_touched():
     for what, t in tables.items():
         with pytest.raises(TableMismatchError, match="does not fit this model"):
             moeoffload.offload(model, table=t, gpu_budget=10**8)
+    # the fused kernels read [out, in]: a table stored the other way round fits the shapes, not the kernels
+    with pytest.raises(TableMismatchError, match="transpose=False"):
+        moeoffload.offload(model, table=_table.build(state, 0.3, "szp", transpose=True, progress=False),
+                           gpu_budget=10**8)
+    oss = tiny("gpt_oss")
+    with pytest.raises(TableMismatchError, match="transpose=True"):  # GPT-OSS keeps [in, out]
+        moeoffload.offload(oss, table=_table.build(_source_state_dict(moe_layers(oss)), 0.3, "szp", progress=False),
+                           gpu_budget=10**8)
     assert not any(getattr(ml.experts, n).is_meta for ml in layers for n in expert_matrix_names(ml.experts))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref)
     with moeoffload.offload(model, table=_table.build(state, codec="none", progress=False), gpu_budget=10**8):
         with torch.no_grad():
             assert torch.equal(model(ids).logits, ref)  # its own table fits
+
+
+def test_decoded_weights_a_gate_the_kernels_do_not_know_reads_must_have_the_models_dtype(monkeypatch):
+    # Where the family's own code runs on decoded szp weights (no fused gate), they come out in the table's
+    # dtype: a float32-built table on a bf16 model failed in the forward, after the experts were freed.
+    from moeoffload import table as _table
+    from moeoffload.errors import TableMismatchError
+    from moeoffload.integrations import hf
+
+    monkeypatch.setattr(hf, "gate_kind", lambda experts: None)
+    model = tiny("mixtral")
+    state = hf._source_state_dict(moe_layers(model))
+    wide = _table.build({k: v.float() for k, v in state.items()}, 0.3, "szp", progress=False)
+    with pytest.raises(TableMismatchError, match="dtypes must agree"):
+        moeoffload.offload(model, table=wide, gpu_budget=10**8)
+    with moeoffload.offload(model, table=_table.build(state, 0.3, "szp", progress=False), gpu_budget=10**8) as off:
+        with torch.no_grad():
+            model(_prompt())
+        assert off.stats()["fused_layers"] == 0
 
 
 def test_an_sz3_table_or_codec_is_refused_before_the_model_is_touched(tmp_path):

@@ -521,5 +521,7 @@ def test_bad_input_is_named():
                        transposed=True, down_bias=torch.randn(5))
     with pytest.raises(InvalidArgumentError, match="CPU or a CUDA device"):
         torch.ops.moeoffload.szp_decode(*ops.matrix_handle(ct), 0, torch.device("meta"))
+    with pytest.raises(ShapeError, match=r"0 < in.*got \[8, 0\]"):  # (reshape's RuntimeError before)
+        ops.szp_linear(torch.randn(2, 0), codec.compress(torch.randn(8, 0), 1e-3))
     assert ops.szp_linear(torch.randn(0, 3, 16), ct).shape == (0, 3, 8)
     # the closed-runtime case is in test_runtime.py

@@ -158,7 +158,7 @@ void bind_runtime(nb::module_& m) {
       .def(nb::init<PinnedPool&, uint32_t, uint32_t>(), nb::arg("pool"), nb::arg("num_layers"),
            nb::arg("experts_per_layer"), nb::keep_alive<1, 2>())
       .def("map_file", [](ExpertStore& s, const std::string& path,
-                          std::optional<std::tuple<uint64_t, uint64_t, uint64_t, uint64_t>> expected) {
+                          std::optional<std::tuple<uint64_t, uint64_t, uint64_t, int64_t>> expected) {
         std::optional<FileIdentity> id;
         if (expected) id = FileIdentity{std::get<0>(*expected), std::get<1>(*expected), std::get<2>(*expected),
                                         std::get<3>(*expected)};

@@ -194,9 +194,12 @@ void rows(const Rows& a, uint64_t r0, uint64_t r1) {
 
 SzpMatrix szp_matrix(const uint8_t* buf, const SzpView& v, const char* what) {
   if (v.ndim != 2 || v.segment_len != v.shape[1] || v.shape[1] == 0)
-    throw Error(ErrorKind::Shape, std::string(what) + " must be a 2-D szp matrix stored row by row (compressed from a "
-                                                      "[out, in] weight with in <= 2^24); got ndim " +
-                                      std::to_string(v.ndim));
+    throw Error(ErrorKind::Shape,
+                std::string(what) + " must be a 2-D szp matrix stored row by row (compressed from a [out, in] "
+                                    "weight with 0 < in <= 2^24); got " +
+                    (v.ndim == 2 ? "[" + std::to_string(v.shape[0]) + ", " + std::to_string(v.shape[1]) + "]" +
+                                       (v.shape[1] ? " in segments of " + std::to_string(v.segment_len) : "")
+                                 : std::to_string(v.ndim) + "-D"));
   SzpMatrix m;
   m.buf = buf;
   m.view = v;

@@ -39,7 +39,7 @@ namespace {
 
 FileIdentity identity_of(const struct stat& st) {
   return {static_cast<uint64_t>(st.st_dev), static_cast<uint64_t>(st.st_ino), static_cast<uint64_t>(st.st_size),
-          static_cast<uint64_t>(st.st_mtim.tv_sec) * 1000000000ull + static_cast<uint64_t>(st.st_mtim.tv_nsec)};
+          static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000ll + static_cast<int64_t>(st.st_mtim.tv_nsec)};
 }
 
 }  // namespace

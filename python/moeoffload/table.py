@@ -123,8 +123,8 @@ class _Source:
         return t.contiguous()
 
 
-def _safetensors_header(path: Path) -> tuple[dict[str, tuple[str, list[int]]], dict[str, tuple[int, int]], int]:
-    """(name -> (dtype, shape), name -> absolute (begin, end) in the file, data start).
+def _safetensors_header(path: Path) -> tuple[dict[str, tuple[str, list[int]]], dict[str, tuple[int, int]], tuple]:
+    """(name -> (dtype, shape), name -> absolute (begin, end) in the file, the file's _file_id).
 
     Any header that is not a safetensors header of tensors inside the file is a TableError naming what is wrong."""
     with open(path, "rb") as f:
@@ -138,7 +138,8 @@ def _safetensors_header(path: Path) -> tuple[dict[str, tuple[str, list[int]]], d
             header = json.loads(f.read(n))
         except (ValueError, RecursionError) as e:
             raise TableError(f"{path} has a corrupt safetensors header: {e}") from e
-        size = os.fstat(f.fileno()).st_size
+        st = os.fstat(f.fileno())
+        size = st.st_size
     if not isinstance(header, dict):
         raise TableError(f"{path} has a corrupt safetensors header: a JSON {type(header).__name__}, not an object")
     header.pop("__metadata__", None)
@@ -154,7 +155,7 @@ def _safetensors_header(path: Path) -> tuple[dict[str, tuple[str, list[int]]], d
                              f"data_offsets [begin, end] inside the file's {max(size - 8 - n, 0)} data bytes, got {v!r:.200}")
         meta[k] = (v["dtype"], v["shape"])
         spans[k] = (8 + n + offsets[0], 8 + n + offsets[1])
-    return meta, spans, 8 + n
+    return meta, spans, _file_id(st)
 
 
 def _is_int(x) -> bool:
@@ -209,6 +210,7 @@ class ExpertTable:
         self._file_id = None
         self._closed = False
         self._by_key = {(x["layer"], x["expert"]): x for x in manifest["experts"]}
+        self._L, self._E = manifest["num_layers"], manifest["experts_per_layer"]  # expert_id is per layer call
 
     def _open_file(self) -> None:
         """Open the payload file for on-demand reads ("map" mode), remembering what it was."""
@@ -247,11 +249,13 @@ class ExpertTable:
 
     def expert_id(self, layer: int, expert: int) -> int:
         """The flat id of (layer, expert): layer x experts_per_layer + expert, each an integer in range."""
-        L, E = self.num_layers, self.experts_per_layer
+        L, E = self._L, self._E
         if type(layer) is int and type(expert) is int and 0 <= layer < L and 0 <= expert < E:
             return layer * E + expert
         for name, v, n in (("layer", layer, L), ("expert", expert, E)):
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v < n:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise InvalidArgumentError(f"{name} {v!r} is not an integer")
+            if not 0 <= v < n:
                 raise InvalidArgumentError(f"{name} {v!r} is out of range: the table has {L} layers of {E} experts")
         return int(layer) * E + int(expert)
 
@@ -553,7 +557,7 @@ def load(path, *, mode: str = "map", verify: bool = True, expect=None) -> Expert
     """
     if mode not in LOAD_MODES:
         raise InvalidArgumentError(f"unknown load mode {mode!r}: use one of {LOAD_MODES}")
-    path = Path(path)
+    path = Path(path).absolute()  # a cache maps the file by this path: a chdir in between must not change it
     try:
         manifest = json.loads((path / MANIFEST_FILE).read_text())
     except FileNotFoundError:
@@ -572,7 +576,7 @@ def load(path, *, mode: str = "map", verify: bool = True, expect=None) -> Expert
     payload_file = path / PAYLOAD_FILE
     if not payload_file.is_file():
         raise TableError(f"{payload_file} is missing")
-    meta, spans, _ = _safetensors_header(payload_file)
+    meta, spans, parsed = _safetensors_header(payload_file)
     for x in manifest["experts"]:
         if x["tensor"] not in spans:
             raise MissingExpertError(f"{payload_file} has no tensor {x['tensor']!r} (layer {x['layer']} expert {x['expert']})")
@@ -585,14 +589,19 @@ def load(path, *, mode: str = "map", verify: bool = True, expect=None) -> Expert
                                 f"manifest says {x['bytes']}: the table's files do not belong together")
     table = ExpertTable(manifest, None, path, spans, mode)
     try:
+        changed = TableChangedError(f"{payload_file} changed on disk while it was loaded: load it again")
         if mode == "copy":
             with open(payload_file, "rb") as f:
+                if _file_id(os.fstat(f.fileno())) != parsed:  # not the file whose header gave the spans
+                    raise changed
                 data = np.frombuffer(f.read(), dtype=np.uint8)
             if data.size < max(end for _, end in spans.values()):
                 raise TableChangedError(f"{payload_file} became shorter while it was read: load it again")
             table._payloads = {x["tensor"]: data[spans[x["tensor"]][0]:spans[x["tensor"]][1]] for x in manifest["experts"]}
         else:
             table._open_file()
+            if table.file_identity != parsed:
+                raise changed
         if verify:
             table.verify()
         if expect is not None:

@@ -58,7 +58,8 @@ constexpr uint64_t kResidentAlign = 64;
 // What a file is and how it was when looked at: a rename over it changes the
 // device or inode, a rewrite in place its size or modification time.
 struct FileIdentity {
-  uint64_t device = 0, inode = 0, size = 0, mtime_ns = 0;
+  uint64_t device = 0, inode = 0, size = 0;
+  int64_t mtime_ns = 0;  // before 1970 too (st_mtime_ns)
   bool operator==(const FileIdentity& o) const {
     return device == o.device && inode == o.inode && size == o.size && mtime_ns == o.mtime_ns;
   }

@@ -118,7 +118,7 @@ def cmd(args) -> int:
     import moeoffload
     from moeoffload import evaluation, sensitivity
 
-    from . import UsageError, _check_model
+    from . import UsageError, _check_model, _path_arg
 
     from moeoffload.errors import BudgetError
     from moeoffload.integrations.hf import parse_budget_spec
@@ -128,6 +128,7 @@ def cmd(args) -> int:
     except BudgetError as e:
         raise UsageError(f"--budget {args.budget}: {e}") from None
     if args.table is not None:
+        _path_arg(args.table, "--table")
         given = [flag for flag, v in (("--codec", args.codec), ("--error-bound", args.error_bound)) if v is not None]
         if given:
             raise UsageError(f"{' and '.join(given)} with --table: the table holds its own coding and bounds "

@@ -135,7 +135,7 @@ class Offload:
         if table.num_layers != len(self.layers) or table.experts_per_layer != E:
             raise UnsupportedModelError(f"the table holds {table.num_layers} layers of {table.experts_per_layer} "
                                         f"experts, the model {len(self.layers)} of {E}")
-        _check_table_fits(table, self.layers)  # before anything of the model is freed
+        _check_table_fits(table, self.layers, self.kinds)  # before anything of the model is freed
         self.table = table
         self._ids_of_layer = [list(range(l * E, (l + 1) * E)) for l in range(len(self.layers))]  # moe_experts' ids
         self.codec = table.manifest["codec"]
@@ -235,7 +235,7 @@ class Offload:
             if residual is None:  # no norm to hook in front of this layer's router, or a compiled graph's stale one
                 return _NO_PREDICTION
             probs = router_probabilities(nxt, residual, self._residual_routers[layer])
-        return (probs[0] if probs.shape[0] == 1 else probs.mean(0)).to("cpu", non_blocking=True)
+        return (probs[0] if probs.shape[0] == 1 else probs.mean(0)).to("cpu", non_blocking=probs.is_cuda)
 
     @staticmethod
     def _hidden_next(scores: torch.Tensor | np.ndarray | None) -> np.ndarray | None:
@@ -474,15 +474,19 @@ class _ExpertsView:
         return getattr(self._module, name)
 
 
-def _check_table_fits(table, layers) -> None:
-    """TableMismatchError unless every expert of the table holds the model's expert matrices, by name, shape
-    (as the model keeps them: a transposed one's shape reversed) and, for raw weights, dtype."""
-    raw = table.manifest["codec"] == "none"
-    for ml in layers:
+def _check_table_fits(table, layers, kinds) -> None:
+    """TableMismatchError unless every expert of the table holds the model's expert matrices: by name; by
+    shape as the model keeps them (a matrix stored transposed, shape reversed); stored [out, in] where the
+    fused kernels read it (kinds[i] not None); in the model's dtype where the family's own code reads it
+    (raw weights, or decoded ones of a gate the kernels do not know)."""
+    fused_codec = table.manifest["codec"] in _table.FUSED_CODECS
+    for ml, kind in zip(layers, kinds):
+        fused = fused_codec and kind is not None
         want = {}
         for name in expert_matrix_names(ml.experts):
             p = getattr(ml.experts, name)
             want[name] = (tuple(p.shape[1:]), str(p.dtype).removeprefix("torch."))
+        as_model = bool(getattr(ml.experts, "is_transposed", False))  # the model keeps [in, out] (GPT-OSS)
         for e in range(table.experts_per_layer):
             try:
                 entry = table.entry(ml.index, e)
@@ -492,13 +496,21 @@ def _check_table_fits(table, layers) -> None:
             have = {m["name"]: m for m in entry["matrices"]}
             for name, (shape, dtype) in want.items():
                 m = have.get(name)
-                stored = None if m is None else tuple(m["shape"])[::-1] if m.get("transposed") else tuple(m["shape"])
-                if stored != shape or (raw and m["dtype"] != dtype):
-                    found = "no such matrix" if m is None else f"{list(stored)} {m['dtype']}"
-                    raise TableMismatchError(
-                        f"the table does not fit this model: layer {ml.index} expert {e}'s {name} is "
-                        f"{list(shape)} {dtype} in the model, {found} in the table (its matrices: "
-                        f"{sorted(have)}): build the table from this model, or let offload() build it")
+                flipped = m is not None and bool(m.get("transposed"))
+                stored = None if m is None else tuple(m["shape"])[::-1] if flipped else tuple(m["shape"])
+                what = (f"layer {ml.index} expert {e}'s {name} is {list(shape)} {dtype} in the model, "
+                        + ("no such matrix" if m is None else f"{list(m['shape'])} {m['dtype']}"
+                           + (" stored transposed" if flipped else "")) + f" in the table (its matrices: {sorted(have)})")
+                if stored != shape:
+                    raise TableMismatchError(f"the table does not fit this model: {what}: build the table from this "
+                                             "model, or let offload() build it")
+                if fused and flipped != as_model:
+                    raise TableMismatchError(f"the table does not fit this model: {what}; the fused kernels read "
+                                             "[out, in]: build it with transpose=" + str(as_model))
+                if not fused and m["dtype"] != dtype:
+                    raise TableMismatchError(f"the table does not fit this model: {what}; the model's own code "
+                                             "computes with these weights, so their dtypes must agree: load the "
+                                             f"model as {m['dtype']} (dtype=) or build the table from it as it is")
 
 
 def _check_each_token_routes_an_expert_once(ids: np.ndarray, k: int) -> None:
