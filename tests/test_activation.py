@@ -83,6 +83,11 @@ def test_plan_orders_by_priority_and_respects_limits():
     wrap = plan(pred, 3, PrefetchConfig(depth=2, per_layer=1, min_probability=0.0))
     # The next token's first layers: layer 0 (d=1) 0.2 * 3/4 = 0.15 < layer 1 (d=2) 0.6 * 1/2 = 0.3.
     assert wrap == [(1 * E + 0, pytest.approx(0.3)), (0 * E + 0, pytest.approx(0.15))]
+    from moeoffload.errors import InvalidArgumentError
+
+    for bad in (np.ones(6), np.full((L, E), np.nan)):  # an unpacking ValueError; NaN priorities into the cache
+        with pytest.raises(InvalidArgumentError, match="prediction"):
+            plan(bad, 0, PrefetchConfig())
 
 
 def test_hidden_predictions_apply_the_next_layers_router():

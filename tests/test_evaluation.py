@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -47,3 +49,29 @@ def test_router_choices_shape_and_range():
     ch = evaluation.router_choices(mixtral_model(), ids)
     assert ch.shape == (3, 5, L, 2) and ch.max() < E
     assert (ch[..., 0] != ch[..., 1]).all()  # top-2 picks two different experts
+
+
+def test_more_than_256_experts_are_not_wrapped_and_batches_are_checked():
+    # router_choices returned uint8: expert 298 came back as 42, and the study's usage counts with it.
+    import transformers
+
+    from moeoffload.errors import InvalidArgumentError
+    from moeoffload.prefetch import hidden_predictions
+
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=8, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, num_local_experts=300,
+                                     num_experts_per_tok=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    ch = evaluation.router_choices(model, ids)
+    with torch.no_grad():
+        logits = model(input_ids=ids, output_router_logits=True).router_logits[0]
+    want = logits.view(4, 16, -1).topk(2, dim=-1).indices.numpy()
+    assert ch.dtype != np.uint8 and (ch[:, :, 0] == want).all() and ch.max() >= 256
+    for call in (lambda: evaluation.router_choices(model, ids, batch_size=0),
+                 lambda: hidden_predictions(model, ids, batch=-1),  # all zeros, silently
+                 lambda: evaluation.evaluate(model, ids, batch_size=-1),
+                 lambda: evaluation.evaluate(model, ids[:, :1])):  # ZeroDivisionError
+        with pytest.raises(InvalidArgumentError):
+            call()

@@ -127,3 +127,31 @@ recorder.join()
 cache.close()
 assert (hung, bad) == (0, 0), (hung, bad)
 """)
+
+
+def test_a_miss_in_a_child_whose_cache_is_full_is_forked_not_full(tmp_path):
+    # With every slot pinned, a miss in the child said CacheFullError ("raise the budget"); it needs a
+    # copy, which a child never gets: ForkedError, whether or not there is room.
+    table.build(mixtral_state_dict(), policy=0.3, mode="meanabs", progress=False).save(tmp_path / "t")
+    _run(f"""
+import os, sys
+from moeoffload import table
+from moeoffload.cache import ExpertCache, slot_bytes
+from moeoffload.errors import ForkedError
+t = table.load({str(tmp_path / "t")!r})
+cache = ExpertCache(t, 3 * slot_bytes(t), prefetch=None)
+for e in range(3):
+    cache.acquire(0, e).wait()
+pid = os.fork()
+if pid == 0:
+    code = 3
+    try:
+        cache.acquire(1, 0, timeout=0.0)
+    except ForkedError:
+        code = 0
+    except BaseException as e:
+        print(type(e).__name__, e, file=sys.stderr)
+    os._exit(code)
+_, status = os.waitpid(pid, 0)
+sys.exit(f"the child's miss raised something else: {{status}}" if os.waitstatus_to_exitcode(status) else 0)
+""")

@@ -13,7 +13,7 @@ import torch
 import moeoffload
 from conftest import cuda_available
 from moeoffload.cache import slot_bytes
-from moeoffload.errors import ClosedError
+from moeoffload.errors import ClosedError, TableError
 from moeoffload.integrations.hf import NotOffloadedError
 from moeoffload.models.adapters import UnsupportedModelError, expert_matrix_names, moe_layers
 
@@ -304,6 +304,15 @@ def test_from_pretrained_never_materialises_the_experts(family, tmp_path):
         with torch.no_grad():
             got = model(ids).logits
     torch.testing.assert_close(got.float(), ref.float(), atol=0.1, rtol=0.1)
+    if family == "mixtral":  # a table_dir that holds a table is refused, not overwritten (and then served)
+        before = {p.name: p.read_bytes() for p in (tmp_path / "table").iterdir()}
+        with pytest.raises(TableError, match="holds a table already"):
+            from_pretrained(tmp_path / "ckpt", codec="szp", error_bound=0.1, gpu_budget="50%",
+                            table_dir=tmp_path / "table")
+        assert {p.name: p.read_bytes() for p in (tmp_path / "table").iterdir()} == before
+        model, off = from_pretrained(tmp_path / "ckpt", table=tmp_path / "table", gpu_budget="50%")
+        with off, torch.no_grad():
+            assert torch.equal(model(ids).logits, ref)
 
 
 def test_stats_add_up_and_the_budget_holds():

@@ -75,6 +75,8 @@ def test_non_bounds_are_refused(bound):
     ({True: 0.1}, "MoE layer numbers"), ({"²": 0.1}, "MoE layer numbers"), ({"format": POLICY_FORMAT}, '"bounds"'),
     ({"format": POLICY_FORMAT, "bounds": [1]}, '"bounds"'), ({"format": POLICY_FORMAT, "bounds": {"x": 0.1}}, "layer"),
     ({"format": POLICY_FORMAT, "mode": 3, "bounds": {"0": 0.1}}, "mode"),
+    ({"9" * 5000: 0.1}, "MoE layer numbers"),  # int() refused it with a bare ValueError (4300 digits)
+    ({"0": 0.1, "00": 0.2}, "twice"),  # the last one won, silently
 ])
 def test_malformed_policies_are_named(tmp_path, doc, says):
     """A policy document of the wrong shape is InvalidBoundError naming what is wrong (it was KeyError,

@@ -62,3 +62,45 @@ def test_bad_input():
         sim.replay(single_layer_trace([0, 1]), 1000, 10_000, prefetch=PrefetchConfig(source="hidden"))
     with pytest.raises(ValueError, match="fewer than top-k"):
         sim.belady(np.zeros((1, 2, 1, 2), np.uint8), 1000, 1024)
+
+
+def test_traces_and_arguments_that_are_no_trace_are_named():
+    from moeoffload.errors import InvalidArgumentError
+
+    good = single_layer_trace([0, 1, 2, 0])
+    cases = [
+        lambda: sim.replay(np.array([0, 2**31]).reshape(1, -1, 1, 1), 1000, 10_000),  # allocated L x E: OOM-killed
+        lambda: sim.replay(np.array([0, 0xFFFFFFFF], np.uint32).reshape(1, -1, 1, 1), 1000, 10_000),
+        lambda: sim.replay(np.array([0.5, 1.7]).reshape(1, -1, 1, 1), 1000, 10_000),  # truncated to ids
+        lambda: sim.belady(np.array([-1, 0, 1]).reshape(1, -1, 1, 1), 1000, 10_000),  # counted as an expert
+        lambda: sim.activation_matrices(np.array([-1, 0]).reshape(1, -1, 1, 1), 3),
+        lambda: sim.activation_matrices(good, 2),  # id 2 of 2 experts
+        lambda: sim.replay(np.zeros((1, 0, 1, 1), np.uint8), 1000, 10_000),
+        lambda: sim.belady(good, 0, 10_000),
+        lambda: sim.replay(good, 1000, -1),
+        lambda: sim.replay(good, 1000, 10_000, link_bytes_per_s=0),
+        lambda: sim.replay(good, 1000, 10_000, prefetch="activation"),
+        lambda: sim.replay(good, 1000, 10_000, history="x"),
+        lambda: sim.replay(good, 1000, 10_000, "lru", PrefetchConfig(source="hidden"),
+                           hidden_predictions=np.zeros((1, 3, 1, 4), np.float32)),  # 3 tokens of 4
+        lambda: sim.history_from_trace(good, 3, capacity=0),
+        lambda: sim.synthetic_trace(1, 2, 1, experts=2, k=3),
+        lambda: sim.synthetic_trace(1, 2, 1, topics=0),
+        lambda: sim.synthetic_trace(1, 2, 1, concentration=0.0),
+    ]
+    for i, case in enumerate(cases):
+        with pytest.raises(InvalidArgumentError):
+            case()
+            pytest.fail(f"case {i} passed")
+
+
+def test_experts_per_layer_come_from_the_predictions_and_wide_ids_stay_wide():
+    # An expert the trace never chose made valid hidden predictions of E experts a ShapeError; ids of
+    # 256 experts or more wrapped in a uint8 trace.
+    tr = np.array([0, 1, 2, 0, 1, 2], np.uint8).reshape(1, -1, 1, 1)
+    r = sim.replay(tr, np.full(4, 1000), 10_000, "lru", PrefetchConfig(source="hidden"),
+                   hidden_predictions=np.full((1, 6, 1, 4), 0.25, np.float32))
+    assert r.accesses == 6
+    assert sim.replay(tr, np.full(5, 1000), 10_000, experts=5).accesses == 6
+    wide = sim.synthetic_trace(4, 32, 2, experts=300, k=2, seed=1)
+    assert wide.dtype == np.uint16 and wide.max() >= 256 and sim.synthetic_trace(1, 4, 1, experts=8).dtype == np.uint8

@@ -113,7 +113,12 @@ Slot DeviceCache::acquire(uint32_t id, double timeout_s) {
     } catch (const Error& e) {
       if (e.kind() != ErrorKind::CacheFull) throw;
       // (in a forked child nothing can free a slot: no copy lands and no other thread releases)
-      if (std::chrono::steady_clock::now() >= deadline || released_.forked()) {
+      if (released_.forked()) {  // a miss needs a copy, which a child never gets: say so, not "full"
+        index_.uncount_miss();
+        throw Error(ErrorKind::Forked, "this cache (ExpertCache) was created before fork(): its copy threads do "
+                                       "not exist in this child process. Build a new one in the child");
+      }
+      if (std::chrono::steady_clock::now() >= deadline) {
         index_.uncount_miss();  // nothing was fetched: this acquire did not happen
         throw;
       }

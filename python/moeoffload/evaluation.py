@@ -35,9 +35,23 @@ def windows(ids: list[int], seq: int, bos: int | None) -> torch.Tensor:
     return x
 
 
+def check_windows(batches, batch_size, min_tokens: int = 2) -> None:
+    """InvalidArgumentError unless batches is token ids [n >= 1, seq >= min_tokens] and batch_size a positive
+    integer."""
+    from .errors import InvalidArgumentError
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidArgumentError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(batches, torch.Tensor) or batches.dim() != 2 or batches.shape[0] < 1 or \
+            batches.shape[1] < min_tokens:
+        raise InvalidArgumentError(f"the windows must be token ids [n >= 1, seq >= {min_tokens}], got "
+                                   f"{list(batches.shape) if isinstance(batches, torch.Tensor) else type(batches).__name__}")
+
+
 @torch.no_grad()
 def evaluate(model, batches: torch.Tensor, batch_size: int = 8) -> dict:
     """Perplexity and next-token accuracy over windows [n, seq] (the first token is context only)."""
+    check_windows(batches, batch_size)
     nll, correct, count = 0.0, 0, 0
     for i in range(0, batches.shape[0], batch_size):
         x = batches[i : i + batch_size]
@@ -52,14 +66,19 @@ def evaluate(model, batches: torch.Tensor, batch_size: int = 8) -> dict:
 
 @torch.no_grad()
 def router_choices(model, ids: torch.Tensor, batch_size: int = 16) -> np.ndarray:
-    """uint8 [windows, tokens, layers, k]: the experts each token chose at every MoE layer."""
+    """[windows, tokens, layers, k] (sim.trace_dtype: uint8 up to 256 experts): the experts each token chose
+    at every MoE layer."""
+    from .sim import trace_dtype
+
+    check_windows(ids, batch_size, min_tokens=1)
     k = getattr(model.config, "num_experts_per_tok", 2)
     out = []
     for i in range(0, ids.shape[0], batch_size):
         x = ids[i : i + batch_size]
         res = model(input_ids=x, output_router_logits=True)
         per_layer = [lg.view(x.shape[0], x.shape[1], -1).topk(k, dim=-1).indices for lg in res.router_logits]
-        out.append(torch.stack(per_layer, dim=2).to(torch.uint8).numpy())
+        choices = torch.stack(per_layer, dim=2).numpy()
+        out.append(choices.astype(trace_dtype(res.router_logits[0].shape[-1])))
     return np.concatenate(out, axis=0)
 
 

@@ -88,10 +88,12 @@ def _per_layer(bounds: Mapping) -> dict[int, float]:
     per = {}
     for k, v in bounds.items():
         layer = int(k) if isinstance(k, numbers.Integral) and not isinstance(k, (bool, np.bool_)) else None
-        if isinstance(k, str) and k.strip().isascii() and k.strip().isdecimal():  # ("²" is a digit, not decimal)
-            layer = int(k)
-        if layer is None or layer < 0:
-            raise InvalidBoundError(f"a policy's keys are MoE layer numbers (0, 1, ...), got {k!r}")
+        if isinstance(k, str) and k.strip().isascii() and k.strip().isdecimal() and len(k.strip()) <= 9:
+            layer = int(k)  # ("²" is a digit, not decimal; a thousand-digit number is no layer, and int() refuses it)
+        if layer is None or not 0 <= layer < 10**9:
+            raise InvalidBoundError(f"a policy's keys are MoE layer numbers (0, 1, ...), got {str(k)[:40]!r}")
+        if layer in per:
+            raise InvalidBoundError(f"the policy names MoE layer {layer} twice (as {str(k)[:40]!r} and before)")
         per[layer] = _check_bound(v, f"layer {k}")
     return per
 

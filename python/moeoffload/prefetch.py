@@ -51,6 +51,10 @@ class PrefetchConfig:
 
 def plan(prediction: np.ndarray, current_layer: int, config: PrefetchConfig) -> list[tuple[int, float]]:
     """(expert id, priority) to fetch, best first."""
+    prediction = np.asarray(prediction, dtype=np.float32)
+    if prediction.ndim != 2 or not np.isfinite(prediction).all():
+        raise InvalidArgumentError(f"a prediction is finite probabilities [layers, experts], got shape "
+                                   f"{list(prediction.shape)}{'' if np.isfinite(prediction).all() else ' with NaN or Inf'}")
     L, E = prediction.shape
     return _native.plan_prefetch(np.ascontiguousarray(prediction, dtype=np.float32).ravel(), L, E, current_layer,
                                  config.depth, config.per_layer, config.min_probability)
@@ -63,6 +67,8 @@ def decision_step(num_layers: int, experts_per_layer: int, config: PrefetchConfi
     ("activation"; "hidden": the next layer's router on the current hidden state; "combined": both
     averaged on the next layer), plan. ``config`` None plans nothing; the prediction is still made when
     ``policy`` is "activation" (its eviction priorities)."""
+    if policy not in ("lru", "lfu", "activation"):
+        raise InvalidArgumentError(f"policy must be 'lru', 'lfu' or 'activation', got {policy!r}")
     cfg = config if config is not None else PrefetchConfig()
     return _native.DecisionStep(num_layers, experts_per_layer, history,
                                 source="none" if config is None else config.source,
@@ -78,6 +84,9 @@ def hidden_predictions(model, input_ids: torch.Tensor, batch: int = 16) -> np.nd
     integrations/hf.py sees when layer l starts its experts). Any family models.adapters knows."""
     from .models.adapters import moe_layers, router_probabilities
 
+    from .evaluation import check_windows
+
+    check_windows(input_ids, batch, min_tokens=1)
     layers = moe_layers(model)
     L, E = len(layers), layers[0].experts.down_proj.shape[0]
     captured = {}

@@ -4,7 +4,7 @@ routing trace, without weights.
     stats = moeoffload.sim.replay(trace, expert_bytes=3_000_000, budget=60_000_000,
                                   policy="activation", prefetch=PrefetchConfig())
 
-A trace is uint8/int [sequences, tokens, layers, k]: the experts each token
+A trace is integers [sequences, tokens, layers, k] (uint8 up to 256 experts, trace_dtype): the experts each token
 chose at each MoE layer. Sequences are served one after another, each token
 through every layer in order (decode order), on one cache that persists
 across sequences. The cache is the native CacheIndex the DeviceCache uses, and
@@ -23,21 +23,65 @@ demand-fetching cache can do, the upper bound the policies are compared with.
 from __future__ import annotations
 
 import heapq
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import _native
+from .errors import InvalidArgumentError
 from .prefetch import PrefetchConfig, decision_step
 
 SLOT_ALIGN = 256
+MAX_EXPERT_IDS = 2**26  # layers x experts a replay tracks: beyond it an id is a mistake, not a model
 
 
-def _check_trace(trace) -> np.ndarray:
+def trace_dtype(experts: int) -> np.dtype:
+    """The narrowest dtype of a trace of `experts` ids a layer (uint8 wraps above 256 experts)."""
+    return np.dtype(np.uint8 if experts <= 256 else np.uint16 if experts <= 65536 else np.uint32)
+
+
+def _check_trace(trace, experts: int | None = None) -> np.ndarray:
+    """The trace as an integer array [S, T, L, k] of expert ids in [0, experts) (any non-negative id when
+    experts is None); InvalidArgumentError otherwise."""
     tr = np.asarray(trace)
-    if tr.ndim != 4:
-        raise ValueError(f"a trace is [sequences, tokens, layers, k], got shape {tr.shape}")
+    if tr.ndim != 4 or 0 in tr.shape:
+        raise InvalidArgumentError(f"a trace is [sequences, tokens, layers, k], none of them 0; got shape {tr.shape}")
+    if tr.dtype.kind not in "iu":
+        raise InvalidArgumentError(f"a trace holds expert ids (integers), got {tr.dtype}")
+    low, high = int(tr.min()), int(tr.max())
+    if low < 0 or (experts is not None and high >= experts):
+        bad = low if low < 0 else high
+        raise InvalidArgumentError(f"the trace routes to expert {bad}: ids lie in [0, "
+                                   f"{'E' if experts is None else experts})")
     return tr
+
+
+def _experts_of(tr: np.ndarray, *known: int | None) -> int:
+    """Experts per layer: the largest of what is known (a history's, the hidden predictions') and the
+    trace's largest id + 1, refused when layers x experts is beyond any model."""
+    E = max([int(tr.max()) + 1, *(k for k in known if k is not None)])
+    if tr.shape[2] * E > MAX_EXPERT_IDS:
+        raise InvalidArgumentError(f"the trace routes to expert {int(tr.max())} at {tr.shape[2]} layers: more expert "
+                                   f"ids than any model has ({MAX_EXPERT_IDS}); is it a trace of expert indices?")
+    return E
+
+
+def _expert_sizes(expert_bytes, n: int) -> np.ndarray:
+    try:
+        sizes = np.broadcast_to(np.asarray(expert_bytes, dtype=np.int64), (n,)).copy()
+    except (ValueError, TypeError, OverflowError) as e:
+        raise InvalidArgumentError(f"expert_bytes must be one size or one per expert id ({n}): {e}") from None
+    if (sizes <= 0).any():
+        raise InvalidArgumentError("expert_bytes must be positive")
+    return sizes
+
+
+def _check_budget(budget) -> int:
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not 0 <= budget < 2**63:
+        raise InvalidArgumentError(f"budget must be a non-negative number of bytes, got {budget!r}")
+    return int(budget)
 
 
 @dataclass
@@ -71,7 +115,7 @@ class ReplayStats:
 
 def replay(trace, expert_bytes, budget: int, policy: str = "lru", prefetch: PrefetchConfig | None = None, *,
            history=None, hidden_predictions=None, link_bytes_per_s: float = 25e9, layer_seconds: float = 1e-4,
-           check_invariants: bool = False) -> ReplayStats:
+           experts: int | None = None, check_invariants: bool = False) -> ReplayStats:
     """Replay `trace` through a CacheIndex of `budget` bytes.
 
     expert_bytes: one size for all experts, or an array per expert id.
@@ -83,19 +127,31 @@ def replay(trace, expert_bytes, budget: int, policy: str = "lru", prefetch: Pref
         hidden state).
     history: an ActivationHistory of past sequences (from the table), or None
         to start empty; every replayed sequence is added when it ends.
+    experts: experts per layer (default: the history's, the predictions', or the trace's largest id + 1).
     """
-    tr = _check_trace(trace)
+    tr = _check_trace(trace, experts)
     S, T, L, K = tr.shape
-    E = int(tr.max()) + 1 if history is None else max(history.experts_per_layer, int(tr.max()) + 1)
-    sizes = np.broadcast_to(np.asarray(expert_bytes, dtype=np.int64), (L * E,)).copy()
-    if (sizes <= 0).any():
-        raise ValueError("expert_bytes must be positive")
-    cache = _native.CacheIndex(int(budget), policy, L, E, int(sizes.max()))
-    decisions = decision_step(L, E, prefetch, policy, history)
-    if decisions.needs_hidden and hidden_predictions is None:
-        raise ValueError(f"prefetch source {prefetch.source!r} needs hidden_predictions")
+    if prefetch is not None and not isinstance(prefetch, PrefetchConfig):
+        raise InvalidArgumentError(f"prefetch must be a PrefetchConfig or None, got {prefetch!r}")
+    if history is not None and not isinstance(history, _native.ActivationHistory):
+        raise InvalidArgumentError(f"history must be an ActivationHistory or None, got {type(history).__name__}")
     if hidden_predictions is not None:
         hidden_predictions = np.ascontiguousarray(hidden_predictions, dtype=np.float32)
+        if hidden_predictions.ndim != 4 or hidden_predictions.shape[:3] != (S, T, L):
+            raise InvalidArgumentError(f"hidden_predictions must be [{S}, {T}, {L}, experts] for this trace, got "
+                                       f"{list(hidden_predictions.shape)}")
+    E = experts if experts is not None else _experts_of(
+        tr, None if history is None else history.experts_per_layer,
+        None if hidden_predictions is None else hidden_predictions.shape[3])
+    sizes = _expert_sizes(expert_bytes, L * E)
+    for name, v in (("link_bytes_per_s", link_bytes_per_s), ("layer_seconds", layer_seconds)):
+        if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                and (v > 0 if name == "link_bytes_per_s" else v >= 0)):
+            raise InvalidArgumentError(f"{name} must be a finite {'positive' if name == 'link_bytes_per_s' else 'non-negative'} number, got {v!r}")
+    cache = _native.CacheIndex(_check_budget(budget), policy, L, E, int(sizes.max()))
+    decisions = decision_step(L, E, prefetch, policy, history)
+    if decisions.needs_hidden and hidden_predictions is None:
+        raise InvalidArgumentError(f"prefetch source {prefetch.source!r} needs hidden_predictions")
 
     now = 0.0
     link_free = 0.0
@@ -159,7 +215,7 @@ def replay(trace, expert_bytes, budget: int, policy: str = "lru", prefetch: Pref
 
 def activation_matrices(trace, experts_per_layer: int) -> list[np.ndarray]:
     """Each sequence's activation matrix of `trace` [S, T, L, k]: uint32 counts [L * experts_per_layer]."""
-    tr = _check_trace(trace)
+    tr = _check_trace(trace, experts_per_layer)
     S, T, L, K = tr.shape
     out = []
     for s in range(S):
@@ -172,27 +228,29 @@ def activation_matrices(trace, experts_per_layer: int) -> list[np.ndarray]:
 
 def history_from_trace(trace, experts_per_layer: int, capacity: int | None = None):
     """An ActivationHistory holding each sequence's activation matrix of `trace` [S, T, L, k]."""
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
+        raise InvalidArgumentError(f"capacity must be a positive number of sequences or None, got {capacity!r}")
     matrices = activation_matrices(trace, experts_per_layer)
-    L = _check_trace(trace).shape[2]
+    L = np.shape(trace)[2]
     hist = _native.ActivationHistory(L, experts_per_layer, capacity or max(len(matrices), 1))
     for m in matrices:
         hist.add(m)
     return hist
 
 
-def belady(trace, expert_bytes, budget: int) -> dict:
+def belady(trace, expert_bytes, budget: int, *, experts: int | None = None) -> dict:
     """Belady's MIN on the trace's access sequence: evict the expert used furthest in the future.
 
     Capacity is budget // (largest slot): exact when experts have one size.
     """
-    tr = _check_trace(trace)
+    tr = _check_trace(trace, experts)
     S, T, L, K = tr.shape
-    E = int(tr.max()) + 1
-    sizes = np.broadcast_to(np.asarray(expert_bytes, dtype=np.int64), (L * E,))
+    E = experts if experts is not None else _experts_of(tr)
+    sizes = _expert_sizes(expert_bytes, L * E)
     slot = int(-(-int(sizes.max()) // SLOT_ALIGN) * SLOT_ALIGN)
-    capacity = int(budget) // slot
+    capacity = _check_budget(budget) // slot
     if capacity < K:
-        raise ValueError(f"a budget of {budget} bytes holds {capacity} experts, fewer than top-k = {K}")
+        raise InvalidArgumentError(f"a budget of {budget} bytes holds {capacity} experts, fewer than top-k = {K}")
     steps = [[int(e) + l * E for e in dict.fromkeys(tr[s, t, l].tolist())]
              for s in range(S) for t in range(T) for l in range(L)]
     INF = len(steps) + 1
@@ -242,12 +300,22 @@ def synthetic_trace(num_sequences: int = 48, tokens: int = 128, num_layers: int 
     previous token's choice at a layer with probability `stickiness`, else
     draws k distinct experts from the sequence's distribution.
     """
+    for name, v in (("num_sequences", num_sequences), ("tokens", tokens), ("num_layers", num_layers),
+                    ("experts", experts), ("k", k), ("topics", topics)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise InvalidArgumentError(f"{name} must be a positive integer, got {v!r}")
+    if k > experts:
+        raise InvalidArgumentError(f"k = {k} distinct experts a token, of {experts}")
+    if not (concentration > 0 and math.isfinite(concentration)) or not 0 <= topic_weight <= 1 \
+            or not 0 <= stickiness <= 1 or not math.isfinite(zipf):
+        raise InvalidArgumentError("concentration must be positive and finite, topic_weight and stickiness in [0, 1], "
+                                   "zipf finite")
     rng = np.random.default_rng(seed)
     pref = rng.dirichlet(np.full(experts, concentration), size=(topics, num_layers))
     ranks = np.argsort(rng.random((num_layers, experts)), axis=1)
     glob = 1.0 / (1.0 + ranks) ** zipf
     glob /= glob.sum(axis=1, keepdims=True)
-    out = np.zeros((num_sequences, tokens, num_layers, k), dtype=np.uint8)
+    out = np.zeros((num_sequences, tokens, num_layers, k), dtype=trace_dtype(experts))
     for s in range(num_sequences):
         z = rng.integers(topics)
         p = topic_weight * pref[z] + (1 - topic_weight) * glob

@@ -611,6 +611,9 @@ def from_pretrained(checkpoint_dir, table=None, gpu_budget="6GiB", device="cpu",
 
     if table is None:
         _check_offload_codec(codec, "codec")  # before a table is built for nothing
+        if table_dir is not None and (Path(table_dir) / _table.MANIFEST_FILE).exists():
+            raise TableError(f"table_dir {table_dir} holds a table already: pass table={str(table_dir)!r} to serve it "
+                             "(it is checked against this checkpoint), or choose another table_dir")
     checkpoint_dir = Path(checkpoint_dir)
     files = sorted(checkpoint_dir.glob("*.safetensors"))
     if not files:
