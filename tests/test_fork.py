@@ -61,7 +61,7 @@ import os, sys, threading, time
 import torch
 from moeoffload import ops, table
 from moeoffload.cache import ExpertCache, slot_bytes
-from moeoffload.errors import ForkedError
+from moeoffload.errors import CacheFullError, ForkedError
 t = table.load({str(tmp_path / "t")!r})
 cache = ExpertCache(t, 3 * slot_bytes(t), prefetch=None)  # fewer slots than experts: every pass misses
 experts = [(layer, e) for layer in range(t.num_layers) for e in range(t.experts_per_layer)]
@@ -137,11 +137,16 @@ def test_a_miss_in_a_child_whose_cache_is_full_is_forked_not_full(tmp_path):
 import os, sys
 from moeoffload import table
 from moeoffload.cache import ExpertCache, slot_bytes
-from moeoffload.errors import ForkedError
+from moeoffload.errors import CacheFullError, ForkedError
 t = table.load({str(tmp_path / "t")!r})
 cache = ExpertCache(t, 3 * slot_bytes(t), prefetch=None)
 for e in range(3):
     cache.acquire(0, e).wait()
+try:
+    cache.acquire(1, 0, timeout=0.0)
+    sys.exit("the cache had room: the test does not reach a full cache's miss")
+except CacheFullError:
+    pass
 pid = os.fork()
 if pid == 0:
     code = 3

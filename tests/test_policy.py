@@ -89,6 +89,12 @@ def test_malformed_policies_are_named(tmp_path, doc, says):
             BoundPolicy.from_any(tmp_path / "p.json")
 
 
+def test_a_layer_given_twice_in_a_policy_file_is_refused(tmp_path):
+    (tmp_path / "p.json").write_text('{"format": "%s", "bounds": {"0": 0.1, "1": 0.3, "0": 0.2}}' % POLICY_FORMAT)
+    with pytest.raises(InvalidBoundError, match="twice"):  # json.loads kept the last one
+        BoundPolicy.from_any(tmp_path / "p.json")
+
+
 def test_numpy_integer_layer_keys_are_layers():
     assert BoundPolicy.from_any({np.int64(2): 0.1, np.uint8(0): 0.2}).bound(2) == 0.1
 

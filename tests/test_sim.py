@@ -64,13 +64,21 @@ def test_bad_input():
         sim.belady(np.zeros((1, 2, 1, 2), np.uint8), 1000, 1024)
 
 
-def test_traces_and_arguments_that_are_no_trace_are_named():
+def test_traces_and_arguments_that_are_no_trace_are_named(monkeypatch):
     from moeoffload.errors import InvalidArgumentError
 
+    # An id of 2^31 allocated layers x 2^31 int64s (the process was OOM-killed): the cap is checked with a
+    # small one here, so a regression fails instead of taking the machine's memory.
+    assert sim.MAX_EXPERT_IDS <= 2**20
+    monkeypatch.setattr(sim, "MAX_EXPERT_IDS", 64)
     good = single_layer_trace([0, 1, 2, 0])
     cases = [
-        lambda: sim.replay(np.array([0, 2**31]).reshape(1, -1, 1, 1), 1000, 10_000),  # allocated L x E: OOM-killed
-        lambda: sim.replay(np.array([0, 0xFFFFFFFF], np.uint32).reshape(1, -1, 1, 1), 1000, 10_000),
+        lambda: sim.replay(np.array([0, 100]).reshape(1, -1, 1, 1), 1000, 10_000),
+        lambda: sim.belady(np.array([0, 100]).reshape(1, -1, 1, 1), 1000, 10_000),
+        lambda: sim.replay(good, 1000, 10_000, experts=100),
+        lambda: sim.replay(good, 1000, 10_000, experts=4.5),
+        lambda: sim.replay(good, 1000, 10_000, experts=2),  # id 2 of 2 experts
+        lambda: sim.activation_matrices(good, 100),
         lambda: sim.replay(np.array([0.5, 1.7]).reshape(1, -1, 1, 1), 1000, 10_000),  # truncated to ids
         lambda: sim.belady(np.array([-1, 0, 1]).reshape(1, -1, 1, 1), 1000, 10_000),  # counted as an expert
         lambda: sim.activation_matrices(np.array([-1, 0]).reshape(1, -1, 1, 1), 3),
@@ -104,3 +112,9 @@ def test_experts_per_layer_come_from_the_predictions_and_wide_ids_stay_wide():
     assert sim.replay(tr, np.full(5, 1000), 10_000, experts=5).accesses == 6
     wide = sim.synthetic_trace(4, 32, 2, experts=300, k=2, seed=1)
     assert wide.dtype == np.uint16 and wide.max() >= 256 and sim.synthetic_trace(1, 4, 1, experts=8).dtype == np.uint8
+
+
+def test_a_history_of_no_sequences_is_an_empty_history():
+    # (demo --sequences 1, e2e --trace-history 0: the first half of one sequence is none)
+    tr = single_layer_trace([0, 1, 2])
+    assert sim.activation_matrices(tr[:0], 3) == [] and len(sim.history_from_trace(tr[:0], 3)) == 0

@@ -64,7 +64,7 @@ class BoundPolicy:
             return policy if mode in (None, policy.mode) else BoundPolicy(mode, policy.default, policy.per_layer, policy.fn)
         if isinstance(policy, (str, Path)):
             try:
-                policy = json.loads(Path(policy).read_text())
+                policy = json.loads(Path(policy).read_text(), object_pairs_hook=_no_repeated_keys)
             except (OSError, ValueError, RecursionError) as e:  # (nesting deeper than the parser's stack)
                 raise InvalidBoundError(f"cannot read the bound policy {policy}: {e}") from e
         if isinstance(policy, Mapping) and policy.get("format") == POLICY_FORMAT:
@@ -81,6 +81,16 @@ class BoundPolicy:
         if callable(policy):
             return cls(mode or "abs", None, {}, policy)
         return cls(mode or "abs", _check_bound(policy, "policy"))
+
+
+def _no_repeated_keys(pairs: list) -> dict:
+    """A JSON object's pairs as a dict; a key given twice (which json keeps the last of) is refused."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise InvalidBoundError(f"the policy gives {str(k)[:40]!r} twice")
+        out[k] = v
+    return out
 
 
 def _per_layer(bounds: Mapping) -> dict[int, float]:

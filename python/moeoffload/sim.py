@@ -34,7 +34,7 @@ from .errors import InvalidArgumentError
 from .prefetch import PrefetchConfig, decision_step
 
 SLOT_ALIGN = 256
-MAX_EXPERT_IDS = 2**26  # layers x experts a replay tracks: beyond it an id is a mistake, not a model
+MAX_EXPERT_IDS = 2**20  # layers x experts a replay tracks (models have ~10^4): beyond it an id is a mistake
 
 
 def trace_dtype(experts: int) -> np.dtype:
@@ -42,29 +42,36 @@ def trace_dtype(experts: int) -> np.dtype:
     return np.dtype(np.uint8 if experts <= 256 else np.uint16 if experts <= 65536 else np.uint32)
 
 
-def _check_trace(trace, experts: int | None = None) -> np.ndarray:
+def _check_trace(trace, experts: int | None = None, sequences_may_be_none: bool = False) -> np.ndarray:
     """The trace as an integer array [S, T, L, k] of expert ids in [0, experts) (any non-negative id when
-    experts is None); InvalidArgumentError otherwise."""
+    experts is None); InvalidArgumentError otherwise. S may be 0 where a history of no sequences is asked for."""
     tr = np.asarray(trace)
-    if tr.ndim != 4 or 0 in tr.shape:
+    if tr.ndim != 4 or 0 in tr.shape[1:] or (tr.shape[0] == 0 and not sequences_may_be_none):
         raise InvalidArgumentError(f"a trace is [sequences, tokens, layers, k], none of them 0; got shape {tr.shape}")
     if tr.dtype.kind not in "iu":
         raise InvalidArgumentError(f"a trace holds expert ids (integers), got {tr.dtype}")
-    low, high = int(tr.min()), int(tr.max())
-    if low < 0 or (experts is not None and high >= experts):
-        bad = low if low < 0 else high
-        raise InvalidArgumentError(f"the trace routes to expert {bad}: ids lie in [0, "
-                                   f"{'E' if experts is None else experts})")
+    if tr.size:
+        low, high = int(tr.min()), int(tr.max())
+        if low < 0 or (experts is not None and high >= experts):
+            bad = low if low < 0 else high
+            raise InvalidArgumentError(f"the trace routes to expert {bad}: ids lie in [0, "
+                                       f"{'E' if experts is None else experts})")
     return tr
 
 
-def _experts_of(tr: np.ndarray, *known: int | None) -> int:
-    """Experts per layer: the largest of what is known (a history's, the hidden predictions') and the
-    trace's largest id + 1, refused when layers x experts is beyond any model."""
-    E = max([int(tr.max()) + 1, *(k for k in known if k is not None)])
+def _experts_of(tr: np.ndarray, given=None, *known: int | None) -> int:
+    """Experts per layer: `given`, else the largest of what is known (a history's, the hidden predictions')
+    and the trace's largest id + 1; refused when layers x experts is beyond any model (its tables would not
+    fit in memory)."""
+    if given is not None:
+        if isinstance(given, bool) or not isinstance(given, numbers.Integral) or given < 1:
+            raise InvalidArgumentError(f"experts per layer must be a positive integer, got {given!r}")
+        E = int(given)
+    else:
+        E = max([int(tr.max()) + 1 if tr.size else 1, *(k for k in known if k is not None)])
     if tr.shape[2] * E > MAX_EXPERT_IDS:
-        raise InvalidArgumentError(f"the trace routes to expert {int(tr.max())} at {tr.shape[2]} layers: more expert "
-                                   f"ids than any model has ({MAX_EXPERT_IDS}); is it a trace of expert indices?")
+        raise InvalidArgumentError(f"{E} experts per layer at {tr.shape[2]} layers: more expert ids than any model "
+                                   f"has ({MAX_EXPERT_IDS}); is the trace (or experts=) of expert indices?")
     return E
 
 
@@ -127,9 +134,10 @@ def replay(trace, expert_bytes, budget: int, policy: str = "lru", prefetch: Pref
         hidden state).
     history: an ActivationHistory of past sequences (from the table), or None
         to start empty; every replayed sequence is added when it ends.
-    experts: experts per layer (default: the history's, the predictions', or the trace's largest id + 1).
+    experts: experts per layer (default: the largest of the history's, the predictions' and the trace's
+        largest id + 1).
     """
-    tr = _check_trace(trace, experts)
+    tr = _check_trace(trace)
     S, T, L, K = tr.shape
     if prefetch is not None and not isinstance(prefetch, PrefetchConfig):
         raise InvalidArgumentError(f"prefetch must be a PrefetchConfig or None, got {prefetch!r}")
@@ -140,9 +148,9 @@ def replay(trace, expert_bytes, budget: int, policy: str = "lru", prefetch: Pref
         if hidden_predictions.ndim != 4 or hidden_predictions.shape[:3] != (S, T, L):
             raise InvalidArgumentError(f"hidden_predictions must be [{S}, {T}, {L}, experts] for this trace, got "
                                        f"{list(hidden_predictions.shape)}")
-    E = experts if experts is not None else _experts_of(
-        tr, None if history is None else history.experts_per_layer,
-        None if hidden_predictions is None else hidden_predictions.shape[3])
+    E = _experts_of(tr, experts, None if history is None else history.experts_per_layer,
+                    None if hidden_predictions is None else hidden_predictions.shape[3])
+    _check_trace(tr, E)
     sizes = _expert_sizes(expert_bytes, L * E)
     for name, v in (("link_bytes_per_s", link_bytes_per_s), ("layer_seconds", layer_seconds)):
         if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
@@ -214,8 +222,11 @@ def replay(trace, expert_bytes, budget: int, policy: str = "lru", prefetch: Pref
 
 
 def activation_matrices(trace, experts_per_layer: int) -> list[np.ndarray]:
-    """Each sequence's activation matrix of `trace` [S, T, L, k]: uint32 counts [L * experts_per_layer]."""
-    tr = _check_trace(trace, experts_per_layer)
+    """Each sequence's activation matrix of `trace` [S, T, L, k]: uint32 counts [L * experts_per_layer]
+    (none for S = 0)."""
+    tr = _check_trace(trace, sequences_may_be_none=True)
+    experts_per_layer = _experts_of(tr, experts_per_layer)
+    _check_trace(tr, experts_per_layer, sequences_may_be_none=True)
     S, T, L, K = tr.shape
     out = []
     for s in range(S):
@@ -243,9 +254,10 @@ def belady(trace, expert_bytes, budget: int, *, experts: int | None = None) -> d
 
     Capacity is budget // (largest slot): exact when experts have one size.
     """
-    tr = _check_trace(trace, experts)
+    tr = _check_trace(trace)
     S, T, L, K = tr.shape
-    E = experts if experts is not None else _experts_of(tr)
+    E = _experts_of(tr, experts)
+    _check_trace(tr, E)
     sizes = _expert_sizes(expert_bytes, L * E)
     slot = int(-(-int(sizes.max()) // SLOT_ALIGN) * SLOT_ALIGN)
     capacity = _check_budget(budget) // slot

@@ -498,19 +498,20 @@ def _check_table_fits(table, layers, kinds) -> None:
                 m = have.get(name)
                 flipped = m is not None and bool(m.get("transposed"))
                 stored = None if m is None else tuple(m["shape"])[::-1] if flipped else tuple(m["shape"])
-                what = (f"layer {ml.index} expert {e}'s {name} is {list(shape)} {dtype} in the model, "
-                        + ("no such matrix" if m is None else f"{list(m['shape'])} {m['dtype']}"
-                           + (" stored transposed" if flipped else "")) + f" in the table (its matrices: {sorted(have)})")
                 if stored != shape:
-                    raise TableMismatchError(f"the table does not fit this model: {what}: build the table from this "
-                                             "model, or let offload() build it")
-                if fused and flipped != as_model:
-                    raise TableMismatchError(f"the table does not fit this model: {what}; the fused kernels read "
-                                             "[out, in]: build it with transpose=" + str(as_model))
-                if not fused and m["dtype"] != dtype:
-                    raise TableMismatchError(f"the table does not fit this model: {what}; the model's own code "
-                                             "computes with these weights, so their dtypes must agree: load the "
-                                             f"model as {m['dtype']} (dtype=) or build the table from it as it is")
+                    advice = ": build the table from this model, or let offload() build it"
+                elif fused and flipped != as_model:
+                    advice = f"; the fused kernels read [out, in]: build it with transpose={as_model}"
+                elif not fused and m["dtype"] != dtype:
+                    advice = ("; the model's own code computes with these weights, so their dtypes must agree: load "
+                              f"the model as {m['dtype']} (dtype=) or build the table from it as it is")
+                else:
+                    continue
+                found = "no such matrix" if m is None else \
+                    f"{list(m['shape'])} {m['dtype']}" + (" stored transposed" if flipped else "")
+                raise TableMismatchError(f"the table does not fit this model: layer {ml.index} expert {e}'s {name} is "
+                                         f"{list(shape)} {dtype} in the model, {found} in the table (its matrices: "
+                                         f"{sorted(have)}){advice}")
 
 
 def _check_each_token_routes_an_expert_once(ids: np.ndarray, k: int) -> None:
