@@ -92,18 +92,11 @@ class ExpertCache:
         L, E = table.num_layers, table.experts_per_layer
         if table.closed:
             raise ClosedError("the table is closed: make the cache before closing it")
-        if prefetch is not None and not isinstance(prefetch, PrefetchConfig):
-            raise InvalidArgumentError(f"prefetch must be a PrefetchConfig or None, got {prefetch!r}")
         if backend is not None and backend not in ("auto", "cpu", "cuda"):
             raise InvalidArgumentError(f"backend must be 'auto', 'cpu', 'cuda' or None, got {backend!r}")
-        if not isinstance(policy, str):
-            raise InvalidArgumentError(f"policy must be 'lru', 'lfu' or 'activation', got {policy!r}")
         if isinstance(num_streams, bool) or not isinstance(num_streams, numbers.Integral) or \
                 not 0 < num_streams < 2**31:
             raise InvalidArgumentError(f"num_streams must be a positive integer, got {num_streams!r}")
-        if history is not None and not isinstance(history, _native.ActivationHistory):
-            raise InvalidArgumentError("history must be an ActivationHistory (moeoffload.table.load_history, "
-                                       f"sim.history_from_trace) or None, got {type(history).__name__}")
         self.decisions = decision_step(L, E, prefetch, policy, history)  # checks the config before anything opens
         self.runtime = _native.Runtime(backend or "auto", L, E, num_streams)
         try:

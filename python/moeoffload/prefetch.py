@@ -51,12 +51,13 @@ class PrefetchConfig:
 
 def plan(prediction: np.ndarray, current_layer: int, config: PrefetchConfig) -> list[tuple[int, float]]:
     """(expert id, priority) to fetch, best first."""
-    prediction = np.asarray(prediction, dtype=np.float32)
-    if prediction.ndim != 2 or not np.isfinite(prediction).all():
+    prediction = np.ascontiguousarray(prediction, dtype=np.float32)
+    finite = bool(np.isfinite(prediction).all())
+    if prediction.ndim != 2 or not finite:
         raise InvalidArgumentError(f"a prediction is finite probabilities [layers, experts], got shape "
-                                   f"{list(prediction.shape)}{'' if np.isfinite(prediction).all() else ' with NaN or Inf'}")
+                                   f"{list(prediction.shape)}{'' if finite else ' with NaN or Inf'}")
     L, E = prediction.shape
-    return _native.plan_prefetch(np.ascontiguousarray(prediction, dtype=np.float32).ravel(), L, E, current_layer,
+    return _native.plan_prefetch(prediction.ravel(), L, E, current_layer,
                                  config.depth, config.per_layer, config.min_probability)
 
 
@@ -69,6 +70,11 @@ def decision_step(num_layers: int, experts_per_layer: int, config: PrefetchConfi
     ``policy`` is "activation" (its eviction priorities)."""
     if policy not in ("lru", "lfu", "activation"):
         raise InvalidArgumentError(f"policy must be 'lru', 'lfu' or 'activation', got {policy!r}")
+    if config is not None and not isinstance(config, PrefetchConfig):
+        raise InvalidArgumentError(f"prefetch must be a PrefetchConfig or None, got {config!r}")
+    if history is not None and not isinstance(history, _native.ActivationHistory):
+        raise InvalidArgumentError("history must be an ActivationHistory (moeoffload.table.load_history, "
+                                   f"sim.history_from_trace) or None, got {type(history).__name__}")
     cfg = config if config is not None else PrefetchConfig()
     return _native.DecisionStep(num_layers, experts_per_layer, history,
                                 source="none" if config is None else config.source,

@@ -42,33 +42,32 @@ def trace_dtype(experts: int) -> np.dtype:
     return np.dtype(np.uint8 if experts <= 256 else np.uint16 if experts <= 65536 else np.uint32)
 
 
-def _check_trace(trace, experts: int | None = None, sequences_may_be_none: bool = False) -> np.ndarray:
-    """The trace as an integer array [S, T, L, k] of expert ids in [0, experts) (any non-negative id when
-    experts is None); InvalidArgumentError otherwise. S may be 0 where a history of no sequences is asked for."""
+def _check_trace(trace, sequences_may_be_none: bool = False) -> np.ndarray:
+    """The trace as an integer array [S, T, L, k] of non-negative expert ids; InvalidArgumentError
+    otherwise. S may be 0 where a history of no sequences is asked for."""
     tr = np.asarray(trace)
     if tr.ndim != 4 or 0 in tr.shape[1:] or (tr.shape[0] == 0 and not sequences_may_be_none):
         raise InvalidArgumentError(f"a trace is [sequences, tokens, layers, k], none of them 0; got shape {tr.shape}")
     if tr.dtype.kind not in "iu":
         raise InvalidArgumentError(f"a trace holds expert ids (integers), got {tr.dtype}")
-    if tr.size:
-        low, high = int(tr.min()), int(tr.max())
-        if low < 0 or (experts is not None and high >= experts):
-            bad = low if low < 0 else high
-            raise InvalidArgumentError(f"the trace routes to expert {bad}: ids lie in [0, "
-                                       f"{'E' if experts is None else experts})")
+    if tr.size and int(tr.min()) < 0:
+        raise InvalidArgumentError(f"the trace routes to expert {int(tr.min())}: ids lie in [0, E)")
     return tr
 
 
 def _experts_of(tr: np.ndarray, given=None, *known: int | None) -> int:
-    """Experts per layer: `given`, else the largest of what is known (a history's, the hidden predictions')
-    and the trace's largest id + 1; refused when layers x experts is beyond any model (its tables would not
-    fit in memory)."""
+    """Experts per layer: `given` (every id of the trace below it), else the largest of what is known (a
+    history's, the hidden predictions') and the trace's largest id + 1; refused when layers x experts is
+    beyond any model (its tables would not fit in memory)."""
+    high = int(tr.max()) if tr.size else -1
     if given is not None:
         if isinstance(given, bool) or not isinstance(given, numbers.Integral) or given < 1:
             raise InvalidArgumentError(f"experts per layer must be a positive integer, got {given!r}")
         E = int(given)
+        if high >= E:
+            raise InvalidArgumentError(f"the trace routes to expert {high}: ids lie in [0, {E})")
     else:
-        E = max([int(tr.max()) + 1 if tr.size else 1, *(k for k in known if k is not None)])
+        E = max([high + 1, 1, *(k for k in known if k is not None)])
     if tr.shape[2] * E > MAX_EXPERT_IDS:
         raise InvalidArgumentError(f"{E} experts per layer at {tr.shape[2]} layers: more expert ids than any model "
                                    f"has ({MAX_EXPERT_IDS}); is the trace (or experts=) of expert indices?")
@@ -139,18 +138,13 @@ def replay(trace, expert_bytes, budget: int, policy: str = "lru", prefetch: Pref
     """
     tr = _check_trace(trace)
     S, T, L, K = tr.shape
-    if prefetch is not None and not isinstance(prefetch, PrefetchConfig):
-        raise InvalidArgumentError(f"prefetch must be a PrefetchConfig or None, got {prefetch!r}")
-    if history is not None and not isinstance(history, _native.ActivationHistory):
-        raise InvalidArgumentError(f"history must be an ActivationHistory or None, got {type(history).__name__}")
     if hidden_predictions is not None:
         hidden_predictions = np.ascontiguousarray(hidden_predictions, dtype=np.float32)
         if hidden_predictions.ndim != 4 or hidden_predictions.shape[:3] != (S, T, L):
             raise InvalidArgumentError(f"hidden_predictions must be [{S}, {T}, {L}, experts] for this trace, got "
                                        f"{list(hidden_predictions.shape)}")
-    E = _experts_of(tr, experts, None if history is None else history.experts_per_layer,
+    E = _experts_of(tr, experts, getattr(history, "experts_per_layer", None),  # (decision_step checks history)
                     None if hidden_predictions is None else hidden_predictions.shape[3])
-    _check_trace(tr, E)
     sizes = _expert_sizes(expert_bytes, L * E)
     for name, v in (("link_bytes_per_s", link_bytes_per_s), ("layer_seconds", layer_seconds)):
         if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
@@ -226,7 +220,6 @@ def activation_matrices(trace, experts_per_layer: int) -> list[np.ndarray]:
     (none for S = 0)."""
     tr = _check_trace(trace, sequences_may_be_none=True)
     experts_per_layer = _experts_of(tr, experts_per_layer)
-    _check_trace(tr, experts_per_layer, sequences_may_be_none=True)
     S, T, L, K = tr.shape
     out = []
     for s in range(S):
@@ -257,7 +250,6 @@ def belady(trace, expert_bytes, budget: int, *, experts: int | None = None) -> d
     tr = _check_trace(trace)
     S, T, L, K = tr.shape
     E = _experts_of(tr, experts)
-    _check_trace(tr, E)
     sizes = _expert_sizes(expert_bytes, L * E)
     slot = int(-(-int(sizes.max()) // SLOT_ALIGN) * SLOT_ALIGN)
     capacity = _check_budget(budget) // slot
