@@ -127,6 +127,40 @@ def test_sz3_buffer_corruption_is_named():
         codec.CompressedTensor.from_bytes(ct.to_bytes()[:-9])
 
 
+def test_sz3_shape_beyond_int64_is_corrupt():
+    # an empty tensor's other dimension set to 2^63 + 4 (CRC recomputed) parsed, then repr and decompress
+    # met numpy's ValueError and torch's TypeError; szp names it CorruptDataError
+    import struct
+    import zlib
+
+    buf = bytearray(codec.compress(torch.zeros(0, 4), 1e-3, codec="sz3").to_bytes())
+    buf[48:56] = (2**63 + 4).to_bytes(8, "little")  # the second shape entry
+    buf[-4:] = struct.pack("<I", zlib.crc32(bytes(buf[:-4])))
+    with pytest.raises(CorruptDataError, match="2\\^63"):
+        codec.CompressedTensor.from_bytes(bytes(buf))
+
+
+def test_from_bytes_takes_any_bytes_like_and_names_the_rest():
+    b = codec.compress(torch.randn(4, 40), 1e-3).to_bytes()
+    doubled = np.frombuffer(bytes(x for pair in zip(b, b) for x in pair), np.uint8)
+    for strided in (doubled[::2], memoryview(bytearray(doubled.tobytes()))[::2]):  # (BufferError before)
+        assert codec.CompressedTensor.from_bytes(strided).to_bytes() == b
+    for bad in ("MSZP....", None, 5, [1, 2], torch.zeros(4, dtype=torch.uint8)):
+        with pytest.raises(TypeError, match="bytes-like"):
+            codec.CompressedTensor.from_bytes(bad)
+
+
+def test_decoding_into_a_tensor_that_requires_grad_is_refused():
+    ct = codec.compress(torch.randn(4, 40), 1e-3)
+    out = torch.zeros(4, 40, requires_grad=True)
+    with pytest.raises(InvalidArgumentError, match="requires grad"):
+        ct.decompress(out=out)
+    with torch.no_grad():  # as torch allows an in-place write there
+        assert ct.decompress(out=out) is out
+    with pytest.raises(Exception, match="out must be a torch.Tensor"):
+        ct.decompress(out=np.zeros((4, 40), np.float32))
+
+
 def test_sz3_keeps_exceptions_exactly_for_bf16():
     torch.manual_seed(2)
     x = torch.randn(128, 256).to(torch.bfloat16)

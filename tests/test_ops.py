@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import DTYPES, cuda_available
 
-from moeoffload import ShapeError, UnsupportedDtypeError, codec, ops
+from moeoffload import CudaError, ShapeError, UnsupportedDtypeError, codec, ops
 from moeoffload.errors import InvalidArgumentError
 
 # (out, in): ragged last blocks, out not a multiple of any tile, 1-row and 1-column matrices
@@ -192,7 +192,7 @@ def test_a_meta_tensor_beside_a_real_x_and_bad_ids_are_refused():
             ops.moe_experts(x, idx, w.to("meta"), experts)
     with pytest.raises(InvalidArgumentError, match="down_bias is on the meta"):
         ops.moe_experts(x, idx, w, experts, down_bias=torch.zeros(2, H, device="meta"))
-    with pytest.raises(InvalidArgumentError, match="non-negative"):
+    with pytest.raises(InvalidArgumentError, match="ids are integers in \\[0, 2\\^32\\)"):
         torch.ops.moeoffload.szp_linear(x, gh, -1, 0)
     with pytest.raises(ShapeError, match=r"\[tokens, in\]"):
         torch.ops.moeoffload.szp_linear(x[0, 0], gh, ge, 0)
@@ -420,6 +420,39 @@ def test_removing_a_matrix_while_another_thread_computes_never_deadlocks():
     assert res.returncode == 0 and "done" in res.stdout, res.stderr[-2000:]
 
 
+def test_a_tensor_met_first_by_several_threads_is_registered_once(monkeypatch):
+    # HostMatrices.add releases the GIL: four threads meeting one tensor each added it, and the copies
+    # of all but the last stayed for the life of the process. A slow add makes the window certain.
+    import threading
+    import time
+
+    ops.matrix_handle(codec.compress(torch.randn(2, 2), 0.1))  # the registry exists
+
+    class SlowHost:
+        def __init__(self, host):
+            self._host = host
+
+        def add(self, buf):
+            time.sleep(0.05)  # (the GIL is free meanwhile, as in the native add)
+            return self._host.add(buf)
+
+        def remove(self, i):
+            return self._host.remove(i)
+
+    monkeypatch.setattr(ops, "_host", SlowHost(ops._host))
+    ct = codec.compress(torch.randn(8, 16), 1e-3)
+    barrier, ids = threading.Barrier(4), []
+    def first_use():
+        barrier.wait()
+        ids.append(ops.matrix_handle(ct))
+    threads = [threading.Thread(target=first_use) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(ids)) == 1 and len(ids) == 4
+
+
 def test_expert_mlp_transposed_is_the_dense_variant():
     H, I = 32, 24
     g = torch.Generator().manual_seed(1)
@@ -525,3 +558,79 @@ def test_bad_input_is_named():
         ops.szp_linear(torch.randn(2, 0), codec.compress(torch.randn(8, 0), 1e-3))
     assert ops.szp_linear(torch.randn(0, 3, 16), ct).shape == (0, 3, 8)
     # the closed-runtime case is in test_runtime.py
+
+
+def test_ids_layouts_and_gate_parameters_out_of_range_are_named():
+    # (these met nanobind's "incompatible function arguments" TypeError, IndexError, AssertionError and
+    # ValueError; a NaN limit made the fused kernel skip the clamp its reference applies)
+    ct = codec.compress(torch.randn(8, 16), 1e-3)
+    h, e = ops.matrix_handle(ct)
+    gu, dn, _, _ = _expert(16, 8, torch.float32, seed=4)
+    (gh, ge), (dh, de) = ops.matrix_handle(gu), ops.matrix_handle(dn)
+    x = torch.randn(3, 16)
+    mlp = torch.ops.moeoffload.expert_mlp
+    for expert, matrix in ((-1, 0), (e, -1), (2**32, 0), (e, 2**40)):
+        with pytest.raises(InvalidArgumentError, match="ids are integers"):
+            torch.ops.moeoffload.szp_decode(h, expert, matrix, torch.device("cpu"))
+        with pytest.raises(InvalidArgumentError, match="ids are integers"):
+            torch.ops.moeoffload.szp_linear(x, h, expert, matrix)
+    with pytest.raises(InvalidArgumentError, match="ids are integers"):
+        mlp(x, gh, -5, 0, dh, de, 0, None, None, "silu", 0, 1.7, 7.0)
+    with pytest.raises(InvalidArgumentError, match="gate layout"):
+        mlp(x, gh, ge, 0, dh, de, 0, None, None, "silu", 2**40, 1.7, 7.0)
+    with pytest.raises(ShapeError):
+        mlp(torch.tensor(1.0), gh, ge, 0, dh, de, 0, None, None, "silu", 0, 1.7, 7.0)
+    with pytest.raises(InvalidArgumentError, match="ids are integers"):
+        ops.moe_experts_call(x, torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1), gh, [-1], 0, [de], 0, None, None,
+                             "silu", 0, 1.7, 7.0)
+    scalar = codec.compress(torch.tensor(0.5), 1e-3)  # (kept: its registration goes with it)
+    scalar_h, scalar_e = ops.matrix_handle(scalar)
+    with pytest.raises(ShapeError, match="2-D"):
+        torch.ops.moeoffload.szp_linear(x, scalar_h, scalar_e, 0)
+    if not torch.cuda.is_available():
+        with pytest.raises(CudaError):
+            torch.ops.moeoffload.szp_decode(h, e, 0, torch.device("cuda"))
+    for alpha, limit in (("x", 7.0), (float("nan"), 7.0), (1.7, float("nan")), (1.7, -1.0), (1.7, 0.0)):
+        with pytest.raises(InvalidArgumentError, match="alpha|limit"):
+            ops.expert_mlp(x, gu, dn, act="gptoss", alpha=alpha, limit=limit)
+        if not isinstance(alpha, str):  # the native check, for the ops' own callers
+            with pytest.raises(InvalidArgumentError, match="alpha|limit"):
+                mlp(x, gh, ge, 0, dh, de, 0, None, None, "gptoss", 0, alpha, limit)
+    ops.expert_mlp(x, gu, dn, act="gptoss", limit=float("inf"))  # no clamp
+
+
+def test_biases_and_weights_of_other_dtypes_are_refused_not_cast():
+    ct = codec.compress(torch.randn(8, 16), 1e-3)
+    gu, dn, _, _ = _expert(16, 8, torch.float32, seed=4)
+    x = torch.randn(3, 16)
+    for bad in (torch.ones(8, dtype=torch.int64), torch.ones(8, dtype=torch.complex64), torch.ones(8, dtype=torch.bool)):
+        with pytest.raises(UnsupportedDtypeError, match="bias"):
+            ops.szp_linear(x, ct, bias=bad)  # (complex lost its imaginary part with a warning)
+    with pytest.raises(InvalidArgumentError, match="meta"):
+        ops.szp_linear(x, ct, bias=torch.zeros(8, device="meta"))
+    with pytest.raises(ShapeError, match="gate_up_bias"):
+        ops.expert_mlp(x, gu, dn, gate_up_bias=[0.0] * 16)
+    with pytest.raises(UnsupportedDtypeError, match="down_bias"):
+        ops.expert_mlp(torch.randn(3, 8), *_expert(8, 8, torch.float32, seed=1)[:2], transposed=False,
+                       down_bias=torch.ones(8, dtype=torch.int32))
+    experts = [_expert(16, 8, torch.float32, seed=s)[:2] for s in range(2)]
+    routing = torch.tensor([[0, 1], [1, 0], [0, 1]])
+    for bad in (torch.ones(3, 2, dtype=torch.bool), torch.ones(3, 2, dtype=torch.int64),
+                torch.ones(3, 2, dtype=torch.complex64)):
+        with pytest.raises(UnsupportedDtypeError, match="top_k_weights"):
+            ops.moe_experts(x, routing, bad, experts)
+
+
+def test_the_fake_kernels_check_x_as_the_ops_do():
+    # traced (or on the meta device), a wrong x got a shape from szp_linear's and expert_mlp's fakes
+    ct = codec.compress(torch.randn(8, 16), 1e-3)
+    h, e = ops.matrix_handle(ct)
+    gu, dn, _, _ = _expert(16, 8, torch.float32, seed=4)
+    (gh, ge), (dh, de) = ops.matrix_handle(gu), ops.matrix_handle(dn)
+    assert torch.ops.moeoffload.szp_linear(torch.empty(3, 16, device="meta"), h, e, 0).shape == (3, 8)
+    for x, err in ((torch.empty(3, 15, device="meta"), ShapeError),
+                   (torch.empty(3, 16, device="meta", dtype=torch.int32), UnsupportedDtypeError)):
+        with pytest.raises(err):
+            torch.ops.moeoffload.szp_linear(x, h, e, 0)
+        with pytest.raises(err):
+            torch.ops.moeoffload.expert_mlp(x, gh, ge, 0, dh, de, 0, None, None, "silu", 0, 1.7, 7.0)

@@ -118,6 +118,18 @@ def test_bound_too_small_suggests_a_bound_that_works(dtype, peak):
         codec.compress(x, suggested * 0.999)
 
 
+def test_a_bound_whose_step_would_be_subnormal_says_so():
+    # it said the quantised values would overflow, for values of about one step
+    import re
+
+    x = torch.full((2, 64), 2.9e-39)
+    with pytest.raises(BoundTooSmallError, match="smallest normal") as info:
+        codec.compress(x, 1.47e-39)
+    suggested = float(re.search(r"use eb >= (\S+)$", str(info.value))[1])
+    ct, y = _roundtrip(x, suggested)
+    assert max_error(x, y) <= ct.eb
+
+
 def test_exceptions_are_decoded_exactly():
     # bf16 values lined up with a round bound force some values to be kept exactly
     torch.manual_seed(3)

@@ -84,3 +84,32 @@ def test_decode_rejects_wrong_output_size():
     ct = codec.compress(torch.randn(10, 10), 0.1)
     with pytest.raises(ShapeError):
         _native.szp_decode(ct.buffer, torch.empty(99), True)
+
+
+@pytest.mark.parametrize("codec_name", ["szp", "szpe"])
+def test_a_header_whose_step_breaks_its_bound_is_corrupt(codec_name):
+    # step <= 2 eb is what makes a decoded value keep the bound; a checksummed header claiming
+    # eb = 1e-4 with a step of 1e30 decoded with errors of 3e32, and a subnormal step was taken too.
+    buf = codec.compress(torch.randn(5, 70) * 0.02, 1e-4, codec=codec_name).buffer
+    step = float(buf[24:28].view(np.float32)[0])
+    for field, value in ((slice(24, 28), np.float32(1e30)), (slice(24, 28), np.float32(1e-45)),
+                         (slice(16, 24), np.float64(step / 2.01)), (slice(16, 24), np.float64(1e-300))):
+        bad = buf.copy()
+        bad[field] = np.frombuffer(value.tobytes(), np.uint8)
+        with pytest.raises(CorruptDataError, match="step"):
+            codec.CompressedTensor.from_bytes(fix_crc(bad).tobytes())
+    ok = buf.copy()
+    ok[16:24] = np.frombuffer(np.float64(step / 2).tobytes(), np.uint8)  # eb = step / 2 exactly: still the rule
+    codec.CompressedTensor.from_bytes(fix_crc(ok).tobytes()).decompress()
+
+
+def test_the_smallest_bounds_encode_a_step_the_reader_takes():
+    # The encoder's step search scales the step down by up to 15 %; near FLT_MIN that made a subnormal
+    # step, which the reader refuses: the search skips such steps.
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(4096, generator=g) * 1e-36).to(dtype)
+        tiny = torch.finfo(torch.float32).tiny  # FLT_MIN
+        for eb in (tiny / 2, tiny / 1.9, 1e-37):
+            ct = codec.CompressedTensor.from_bytes(codec.compress(x, eb).to_bytes())
+            assert (ct.decompress().double() - x.double()).abs().max() <= eb

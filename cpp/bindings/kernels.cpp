@@ -1,6 +1,7 @@
 // Bindings of the fused ops (cpp/kernels, cuda/) and of the runtime owner:
 // argument checks, GIL release, device dispatch; no logic. Every op reaches
 // its matrices through (handle, expert, matrix index).
+#include <cmath>
 #include <optional>
 
 #include <nanobind/nanobind.h>
@@ -74,6 +75,10 @@ MlpConfig mlp_config(const std::string& act, int layout, float alpha, float limi
   if (layout != 0 && layout != 1)
     throw Error(ErrorKind::InvalidArgument, "gate layout must be 0 (concatenated) or 1 (interleaved)");
   c.layout = static_cast<GateLayout>(layout);
+  // a NaN limit made the kernels skip the clamp (the reference's clamp gives NaN), a negative one
+  // clamped differently from torch's: refused for every activation, as the Python forms refuse them
+  if (!std::isfinite(alpha)) throw Error(ErrorKind::InvalidArgument, "alpha must be a finite number");
+  if (!(limit > 0)) throw Error(ErrorKind::InvalidArgument, "limit must be a number > 0 (inf: no clamp)");
   c.alpha = alpha;
   c.limit = limit;
   return c;
@@ -227,7 +232,8 @@ void bind_kernels(nb::module_& m) {
     const uint64_t T = x.shape(0), H = x.shape(1), k = routing.shape(1);
     if (routing.shape(0) != T) throw Error(ErrorKind::Shape, "routing must be [tokens, k] for x's tokens");
     if (k == 0) throw Error(ErrorKind::Shape, "routing must name at least one expert a token");
-    if (T > 0xFFFFFFFFull || k > 0xFFFFull) throw Error(ErrorKind::Shape, "too many tokens or experts per token");
+    if (T > 0xFFFFFFFFull || k > 0xFFFFull || T * k > 0xFFFFFFFFull)  // (group_routing numbers them in u32)
+      throw Error(ErrorKind::Shape, "too many tokens or experts per token (at most 2^32 - 1 token-expert assignments)");
     const DType xt = dtype_of(x, "x");
     if (dtype_of(out, "out") != xt) throw Error(ErrorKind::UnsupportedDtype, "out must have x's dtype");
     check_2d(out, T, H, "out");

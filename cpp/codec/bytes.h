@@ -2,6 +2,7 @@
 // parsers and decoders raise, and size arithmetic that raises it on overflow instead of wrapping.
 // Internal to the codecs (the host is little-endian: cpu_isa.h).
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -51,6 +52,15 @@ inline uint64_t numel_of(const uint64_t* shape, uint32_t ndim, const char* forma
     if (nonzero > static_cast<uint64_t>(INT64_MAX)) corrupt(format, "a shape beyond 2^63 - 1 values");
   }
   return numel;
+}
+
+// The bound and step of a header (szp's, szpe's): eb positive and finite, step a normal float32
+// no larger than 2 eb (the encoder picks the largest float <= 2 eb, or a little less: szp_encode.cpp),
+// so a header cannot claim a bound its step does not keep.
+inline void check_bound_and_step(double eb, float step, const char* format) {
+  if (!(std::isfinite(eb) && eb > 0)) corrupt(format, "error bound is not a positive finite number");
+  if (!(std::isfinite(step) && step >= 1.17549435e-38f)) corrupt(format, "step is not a positive normal number");
+  if (static_cast<double>(step) > 2.0 * eb) corrupt(format, "step is larger than twice the error bound");
 }
 
 }  // namespace moeoffload::bytes

@@ -106,6 +106,7 @@ float choose_step(const void* data, DType t, uint64_t numel, double eb, float ma
   BlockQ bq;
   for (float f : kFactors) {
     const float step = max_step * f;
+    if (step < 1.17549435e-38f) continue;  // a subnormal step: the reader refuses it (bytes.h)
     double cost = 0;
     for (uint64_t j = 0; j < samples; ++j) {
       const uint64_t blk = j * nblocks / samples;
@@ -220,9 +221,11 @@ SzpEncodeResult szp_encode(const void* data, DType t, const std::vector<uint64_t
   }
 
   if (!bound_fits(maxabs, eb))
-    throw Error(ErrorKind::BoundTooSmall, "error bound " + fmt_number(eb) + " is too small for values up to " +
-                                              fmt_number(maxabs) + ": quantised values would overflow szp's " +
-                                              "25-bit field; use eb >= " + smallest_bound(maxabs));
+    throw Error(ErrorKind::BoundTooSmall,
+                "error bound " + fmt_number(eb) + " is too small for values up to " + fmt_number(maxabs) + ": " +
+                    (step_for(eb) < 1.17549435e-38f ? "its step, 2 eb, would be below float32's smallest normal number"
+                                                    : "quantised values would overflow szp's 25-bit field") +
+                    "; use eb >= " + smallest_bound(maxabs));
   const float step = choose_step(data, t, numel, eb, step_for(eb));
 
   SzpView h{};

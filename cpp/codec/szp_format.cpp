@@ -87,8 +87,7 @@ SzpView szp_parse(const uint8_t* buf, size_t len, bool verify_checksum) {
   v.segment_len = load<uint64_t>(buf + 40);
   v.n_exceptions = load<uint64_t>(buf + 48);
   v.payload_bytes = load<uint64_t>(buf + 56);
-  if (!(std::isfinite(v.eb) && v.eb > 0)) corrupt("error bound is not a positive finite number");
-  if (!(std::isfinite(v.step) && v.step > 0)) corrupt("step is not a positive finite number");
+  bytes::check_bound_and_step(v.eb, v.step, "szp");
   if ((flags & ~kSzpFlagExceptions) != 0 || ((flags & kSzpFlagExceptions) != 0) != (v.n_exceptions != 0))
     corrupt("unknown flags");
 

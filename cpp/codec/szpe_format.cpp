@@ -63,8 +63,7 @@ SzpeView szpe_parse(const uint8_t* buf, size_t len, bool verify_checksum) {
   e.szp_crc = load<uint32_t>(buf + 92);
   if (o.max_width > kSzpMaxWidth) corrupt("szp block width above 25");
   if (e.alphabet < 1 || e.alphabet > kSzpeMaxAlphabet) corrupt("alphabet size out of range");
-  if (!(std::isfinite(v.eb) && v.eb > 0)) corrupt("error bound is not a positive finite number");
-  if (!(std::isfinite(v.step) && v.step > 0)) corrupt("step is not a positive finite number");
+  bytes::check_bound_and_step(v.eb, v.step, "szpe");
   if ((flags & ~(kSzpFlagExceptions | kSzpeFlagU16Escapes)) != 0 ||
       ((flags & kSzpFlagExceptions) != 0) != (v.n_exceptions != 0))
     corrupt("unknown flags");

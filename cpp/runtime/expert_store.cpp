@@ -179,9 +179,9 @@ MatrixInfo ExpertStore::matrix(uint32_t id, uint32_t index) const {
   std::lock_guard<std::mutex> lock(mu_);
   check_id(id);
   if (index >= matrices_[id].size())
-    throw Error(ErrorKind::InvalidArgument, "expert " + std::to_string(id) + " has " +
-                                                std::to_string(matrices_[id].size()) + " matrices, not " +
-                                                std::to_string(index + 1));
+    throw Error(ErrorKind::InvalidArgument, "expert " + std::to_string(id) + " has no matrix " +
+                                                std::to_string(index) + " (its " + std::to_string(matrices_[id].size()) +
+                                                " matrices are numbered from 0)");
   return matrices_[id][index];
 }
 

@@ -200,7 +200,12 @@ class CompressedTensor:
     @classmethod
     def from_bytes(cls, buf) -> "CompressedTensor":
         """Parse and verify (checksum and structure) a buffer made by to_bytes()."""
-        arr = np.frombuffer(memoryview(buf), dtype=np.uint8).copy()
+        try:  # (a strided view of bytes is copied in order, as bytes(view) would)
+            view = memoryview(buf)
+        except TypeError:
+            raise TypeError(f"from_bytes takes a bytes-like object (bytes, bytearray, a numpy array, a memoryview), "
+                            f"got {type(buf).__name__}") from None
+        arr = np.frombuffer(view if view.contiguous else view.tobytes(), dtype=np.uint8).copy()
         magic = arr[:4].tobytes()
         if magic == _SZP_MAGIC:
             info = _native.szp_inspect(arr, True)
@@ -253,6 +258,11 @@ class CompressedTensor:
     def _decode_szp_into(self, out: torch.Tensor) -> torch.Tensor:
         if self.codec not in ("szp", "szpe"):
             raise UnsupportedDtypeError("decompress(out=...) is available for the szp and szpe codecs only")
+        if not isinstance(out, torch.Tensor):
+            raise ShapeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        if out.requires_grad and torch.is_grad_enabled():  # as torch refuses an in-place write to such a tensor
+            raise InvalidArgumentError("decompress(out=...): out requires grad, and autograd cannot see this write; "
+                                       "decode under torch.no_grad() or into a tensor that does not require grad")
         if out.dtype != self.dtype or out.shape != self.shape or out.device.type != "cpu" or not out.is_contiguous():
             raise ShapeError(
                 f"out must be a contiguous CPU tensor of dtype {self.dtype} and shape {tuple(self.shape)}, "
@@ -411,6 +421,8 @@ def _parse_sz3(arr: np.ndarray) -> dict:
     shape = tuple(int(v) for v in arr[at : at + 8 * ndim].view("<u8"))
     if math.prod(shape) != numel:
         raise corrupt("shape does not match numel")
+    if math.prod(d for d in shape if d) > 2**63 - 1:  # (with a zero dimension too: no tensor has such a shape)
+        raise corrupt("a shape beyond 2^63 - 1 values")
     if (numel == 0) != (n_stream == 0):
         raise corrupt("SZ3 stream length does not match numel")
     at += 8 * ndim

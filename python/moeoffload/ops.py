@@ -12,9 +12,10 @@ handle belongs to a runtime (``ExpertCache.handle``; the expert must be
 acquired) or to the registry of standalone CompressedTensors used here.
 
 Semantics: the product uses each weight as q * step (before its rounding to
-the stored dtype), accumulates in float32 and returns x's dtype; values kept
-exactly (exceptions) are included. Every weight so used is within the bound
-of the original (docs/format.md).
+the stored dtype), accumulates x * q in float32, scales by step once per output
+(so it overflows 1/step times sooner than x * w would: |x| near 1e30 at fine
+bounds) and returns x's dtype; values kept exactly (exceptions) are included.
+Every weight so used is within the bound of the original (docs/format.md).
 
 Paths: on the CPU the native fused kernels run for every T (AVX-512 / AVX2 /
 portable, chosen at run time); with ``dense_above`` (the measured crossover,
@@ -28,6 +29,7 @@ from __future__ import annotations
 import atexit
 import functools
 import math
+import threading
 import weakref
 
 import torch
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 
 from . import _native
 from .codec import _CODE_DTYPES, CompressedTensor
-from .errors import InvalidArgumentError, ShapeError, UnsupportedDtypeError
+from .errors import CudaError, InvalidArgumentError, ShapeError, UnsupportedDtypeError
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "gptoss")
 MAX_CUDA_ASSIGNMENTS = _native.MOE_EXPERTS_MAX_CUDA_ASSIGNMENTS  # tokens x top-k of one moe_experts call on CUDA
@@ -46,6 +48,9 @@ GATE_LAYOUTS = {"concatenated": 0, "interleaved": 1}
 _host = None
 _host_handle = None
 _registered: dict[int, tuple[int, int]] = {}
+# HostMatrices.add releases the GIL: without a lock, threads meeting a tensor first each added it and
+# all but one copy leaked. Reentrant: a finalizer (_forget) may run in a thread that holds it.
+_registry_lock = threading.RLock()
 
 
 def matrix_handle(ct: CompressedTensor) -> tuple[int, int]:
@@ -57,19 +62,24 @@ def matrix_handle(ct: CompressedTensor) -> tuple[int, int]:
         raise UnsupportedDtypeError("the fused ops compute on szp tensors; this one is "
                                     f"{ct.codec!r} (compress with codec='szp')")
     key = id(ct)
-    if key not in _registered:
-        if _host is None:
-            _host = _native.HostMatrices()
-            _host_handle = _host.register()
-        _registered[key] = (_host_handle, _host.add(ct.buffer))
-        weakref.finalize(ct, _forget, key)
-    return _registered[key]
+    found = _registered.get(key)
+    if found is not None:
+        return found
+    with _registry_lock:
+        if key not in _registered:
+            if _host is None:
+                _host = _native.HostMatrices()
+                _host_handle = _host.register()
+            _registered[key] = (_host_handle, _host.add(ct.buffer))
+            weakref.finalize(ct, _forget, key)
+        return _registered[key]
 
 
 def _forget(key: int) -> None:
-    handle_expert = _registered.pop(key, None)
-    if handle_expert is not None and _host is not None:
-        _host.remove(handle_expert[1])
+    with _registry_lock:
+        handle_expert = _registered.pop(key, None)
+        if handle_expert is not None and _host is not None:
+            _host.remove(handle_expert[1])
 
 
 @atexit.register
@@ -87,9 +97,32 @@ def _stream(x: torch.Tensor) -> int:
 def _rows(handle: int, expert: int, matrix: int) -> tuple[int, ...]:
     """The matrix's shape; fixed for a (handle, expert, matrix) since handles and ids are never reused,
     so asked of the native side once (failures are not cached)."""
-    if expert < 0 or matrix < 0:  # (the native side takes unsigned ids: nanobind's TypeError otherwise)
-        raise InvalidArgumentError(f"expert {expert} and matrix {matrix}: ids are non-negative")
+    _check_ids(expert=expert, matrix=matrix)
     return tuple(_native.matrix_info(handle, expert, matrix)["shape"])
+
+
+def _check_ids(**ids) -> None:
+    """The native side takes ids as u32: anything else is named here, not left to nanobind's TypeError
+    ("incompatible function arguments"). Each id an int, or a list of them."""
+    for name, v in ids.items():
+        if isinstance(v, (list, tuple)):
+            bad = next((i for i in v if not 0 <= i < 1 << 32), None)
+            if bad is not None:
+                raise InvalidArgumentError(f"{name} holds {bad}: ids are integers in [0, 2^32)")
+        elif not 0 <= v < 1 << 32:
+            raise InvalidArgumentError(f"{name} {v}: ids are integers in [0, 2^32)")
+
+
+def _named_type_error(err: TypeError, layout: int, **ids) -> Exception:
+    """After nanobind refused a call's arguments: the named error for the id (or gate layout) that caused
+    it, or the original error (checked only then, so the hot path pays nothing for it)."""
+    if layout not in GATE_LAYOUTS.values():
+        return InvalidArgumentError(f"gate layout must be 0 (concatenated) or 1 (interleaved), got {layout}")
+    try:
+        _check_ids(**ids)
+    except InvalidArgumentError as named:
+        return named
+    return err
 
 
 # ---- custom ops --------------------------------------------------------------------------------
@@ -99,7 +132,7 @@ def _rows(handle: int, expert: int, matrix: int) -> tuple[int, ...]:
 def _szp_linear_op(x: torch.Tensor, handle: int, expert: int, matrix: int) -> torch.Tensor:
     if x.dim() != 2:
         raise ShapeError(f"x must be [tokens, in], got shape {tuple(x.shape)}")
-    rows = _rows(handle, expert, matrix)[0]
+    rows = _matrix_rows(handle, expert, matrix)
     x = x.contiguous()
     y = torch.empty(x.shape[0], rows, dtype=x.dtype, device=x.device)
     _native.szp_linear(handle, expert, matrix, x, y, _stream(x))
@@ -108,21 +141,43 @@ def _szp_linear_op(x: torch.Tensor, handle: int, expert: int, matrix: int) -> to
 
 @_szp_linear_op.register_fake
 def _(x, handle, expert, matrix):
-    rows = _rows(handle, expert, matrix)[0]
+    rows = _matrix_rows(handle, expert, matrix)
+    _check_fake_input(x, _rows(handle, expert, matrix)[1])
     return x.new_empty(x.shape[0], rows)
+
+
+def _check_fake_input(x: torch.Tensor, cols: int) -> None:
+    """What the native call checks of x, checked when tracing too (a wrong x got a shape from the fake)."""
+    if x.dim() != 2 or x.shape[1] != cols:
+        raise ShapeError(f"x must be [tokens, {cols}], got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise UnsupportedDtypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+
+
+def _matrix_rows(handle: int, expert: int, matrix: int) -> int:
+    shape = _rows(handle, expert, matrix)
+    if len(shape) != 2:
+        raise ShapeError(f"szp_linear multiplies with a 2-D matrix [out, in]; expert {expert} matrix {matrix} "
+                         f"is {list(shape)}")
+    return shape[0]
 
 
 @torch.library.custom_op("moeoffload::expert_mlp", mutates_args=())
 def _expert_mlp_op(x: torch.Tensor, gate_up_handle: int, gate_up_expert: int, gate_up_matrix: int,
                    down_handle: int, down_expert: int, down_matrix: int, gate_up_bias: torch.Tensor | None,
                    down_bias: torch.Tensor | None, act: str, layout: int, alpha: float, limit: float) -> torch.Tensor:
+    if x.dim() != 2:
+        raise ShapeError(f"x must be [tokens, hidden], got shape {tuple(x.shape)}")
     H, I = _rows(down_handle, down_expert, down_matrix)
     x = x.contiguous()
     T = x.shape[0]
     y = torch.empty(T, H, dtype=x.dtype, device=x.device)
     scratch = torch.empty(T * 2 * I, dtype=torch.float32, device=x.device) if x.device.type == "cuda" else None
-    _native.expert_mlp(gate_up_handle, gate_up_expert, gate_up_matrix, down_handle, down_expert, down_matrix, x, act,
-                       layout, alpha, limit, gate_up_bias, down_bias, y, scratch, _stream(x))
+    try:
+        _native.expert_mlp(gate_up_handle, gate_up_expert, gate_up_matrix, down_handle, down_expert, down_matrix, x,
+                           act, layout, alpha, limit, gate_up_bias, down_bias, y, scratch, _stream(x))
+    except TypeError as err:
+        raise _named_type_error(err, layout, gate_up_expert=gate_up_expert, gate_up_matrix=gate_up_matrix) from err
     return y
 
 
@@ -142,6 +197,7 @@ def _(x, gate_up_handle, gate_up_expert, gate_up_matrix, down_handle, down_exper
       down_bias, act, layout, alpha, limit):
     _no_meta_beside(x, gate_up_bias=gate_up_bias, down_bias=down_bias)
     H, _ = _rows(down_handle, down_expert, down_matrix)
+    _check_fake_input(x, H)
     return x.new_empty(x.shape[0], H)
 
 
@@ -152,6 +208,8 @@ def _moe_experts_impl(x: torch.Tensor, routing: torch.Tensor, weights: torch.Ten
     # routing [T, k] of integers (read on the host), weights [T, k] (any float dtype, x's device)
     if routing.dtype.is_floating_point or routing.dtype.is_complex or routing.dtype == torch.bool:
         raise UnsupportedDtypeError(f"routing must hold expert indices (an integer dtype), got {routing.dtype}")
+    if not weights.dtype.is_floating_point:  # (bool, integer and complex weights were cast)
+        raise UnsupportedDtypeError(f"top_k_weights must be floating point, got {weights.dtype}")
     x = x.contiguous()
     out = torch.empty_like(x)
     routing = routing.to("cpu", torch.int64).contiguous()
@@ -163,8 +221,12 @@ def _moe_experts_impl(x: torch.Tensor, routing: torch.Tensor, weights: torch.Ten
             H, I = _rows(handle, down_ids[first], down_matrix)
             scratch = torch.empty(_native.moe_experts_cuda_scratch(routing.numel(), H, I), dtype=torch.float32,
                                   device=x.device)
-    _native.moe_experts(handle, gate_up_ids, gate_up_matrix, down_ids, down_matrix, x, routing.numpy(), weights, act,
-                        layout, alpha, limit, gate_up_bias, down_bias, out, scratch, _stream(x))
+    try:
+        _native.moe_experts(handle, gate_up_ids, gate_up_matrix, down_ids, down_matrix, x, routing.numpy(), weights,
+                            act, layout, alpha, limit, gate_up_bias, down_bias, out, scratch, _stream(x))
+    except TypeError as err:
+        raise _named_type_error(err, layout, gate_up_ids=gate_up_ids, down_ids=down_ids,
+                                gate_up_matrix=gate_up_matrix, down_matrix=down_matrix) from err
     return out
 
 
@@ -198,6 +260,9 @@ def moe_experts_call(*args) -> torch.Tensor:
 def _szp_decode_op(handle: int, expert: int, matrix: int, device: torch.device) -> torch.Tensor:
     if device.type not in ("cpu", "cuda"):
         raise InvalidArgumentError(f"szp_decode decodes onto the CPU or a CUDA device, not {device}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CudaError(f"szp_decode onto {device} needs a CUDA GPU; none is available")
+    _check_ids(expert=expert, matrix=matrix)
     info = _native.matrix_info(handle, expert, matrix)
     out = torch.empty(info["shape"], dtype=_CODE_DTYPES[info["dtype"]], device=device)
     _native.szp_decode_matrix(handle, expert, matrix, out, _stream(out))
@@ -206,6 +271,7 @@ def _szp_decode_op(handle: int, expert: int, matrix: int, device: torch.device) 
 
 @_szp_decode_op.register_fake
 def _(handle, expert, matrix, device):
+    _check_ids(expert=expert, matrix=matrix)
     info = _native.matrix_info(handle, expert, matrix)
     return torch.empty(info["shape"], dtype=_CODE_DTYPES[info["dtype"]], device=device)
 
@@ -237,6 +303,7 @@ def szp_linear(x: torch.Tensor, weight: CompressedTensor, bias: torch.Tensor | N
     out_f, in_f = weight.shape
     x2, lead = _as_tokens(x, in_f, "x")
     _check_bias(bias, out_f, "bias")
+    _no_meta_beside(x2, bias=bias)
     if dense_above is not None and x2.shape[0] > dense_above:
         y = F.linear(x2, weight.decompress(dtype=x2.dtype, device=x2.device))
     else:
@@ -269,7 +336,7 @@ def expert_mlp(x: torch.Tensor, gate_up: CompressedTensor, down: CompressedTenso
     A table built for the offload path stores such matrices transposed back, so
     the fused path applies there.
     """
-    _check_gate(act, layout)
+    _check_gate(act, layout, alpha, limit)
     for name, m in (("gate_up", gate_up), ("down", down)):
         if not isinstance(m, CompressedTensor) or len(m.shape) != 2:
             raise ShapeError(f"{name} must be a 2-D CompressedTensor")
@@ -286,6 +353,8 @@ def expert_mlp(x: torch.Tensor, gate_up: CompressedTensor, down: CompressedTenso
         return y.reshape(*lead, H)
     H = gate_up.shape[1]
     x2, lead = _as_tokens(x, H, "x")
+    _check_bias(gate_up_bias, gate_up.shape[0], "gate_up_bias")
+    _check_bias(down_bias, down.shape[0], "down_bias")
     gh, ge = matrix_handle(gate_up)
     dh, de = matrix_handle(down)
     y = torch.ops.moeoffload.expert_mlp(x2, gh, ge, 0, dh, de, 0, gate_up_bias, down_bias, act, GATE_LAYOUTS[layout],
@@ -301,7 +370,7 @@ def moe_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch
     an MoE layer's experts part, from compressed (gate_up, down) pairs. x [T, H]; top_k_index [T, k];
     biases [E, 2I] and [E, H] in x's dtype. The sum is formed as transformers' eager experts loop forms
     it: expert by expert ascending, each weighted output and each sum rounded to x's dtype."""
-    _check_gate(act, layout)
+    _check_gate(act, layout, alpha, limit)
     for name, t in (("x", x), ("top_k_index", top_k_index), ("top_k_weights", top_k_weights),
                     ("gate_up_bias", gate_up_bias), ("down_bias", down_bias)):
         if t is not None and not isinstance(t, torch.Tensor):
@@ -320,17 +389,26 @@ def moe_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch
 
 
 def _check_bias(bias, n: int, name: str) -> None:
-    """None, or a tensor [n] (added to a projection's n outputs)."""
-    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,)):
+    """None, or a floating-point tensor [n] (added to a projection's n outputs)."""
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,):
         raise ShapeError(f"{name} must be a tensor [{n}] (the projection's outputs), got "
                          f"{list(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+    if bias.dtype not in (torch.float32, torch.bfloat16, torch.float16):  # (an int or complex one was cast)
+        raise UnsupportedDtypeError(f"{name} must be float32, bfloat16 or float16, got {bias.dtype}")
 
 
-def _check_gate(act: str, layout: str) -> None:
+def _check_gate(act: str, layout: str, alpha, limit) -> None:
     if act not in ACTIVATIONS:
         raise InvalidArgumentError(f"act must be one of {ACTIVATIONS}, got {act!r}")
     if layout not in GATE_LAYOUTS:
         raise InvalidArgumentError(f"layout must be one of {tuple(GATE_LAYOUTS)}, got {layout!r}")
+    # as the native side checks them (mlp_config): a NaN limit skipped the fused kernel's clamp
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise InvalidArgumentError(f"alpha must be a finite number, got {alpha!r}")
+    if not isinstance(limit, (int, float)) or isinstance(limit, bool) or not limit > 0:
+        raise InvalidArgumentError(f"limit must be a number > 0 (inf: no clamp), got {limit!r}")
 
 
 def _gate(gu: torch.Tensor, act: str, layout: str, alpha: float, limit: float) -> torch.Tensor:

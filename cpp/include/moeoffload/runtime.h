@@ -6,7 +6,9 @@
 // every op using an expert (a shared lock each op holds while it computes)
 // and every copy in flight, then frees the cache, stops the copy threads,
 // unmaps/unpins the store and frees the pool. Python objects handed out
-// (slots, transfers) hold no raw ownership; after close they raise Closed.
+// (slots, transfers) own nothing: a slot is a value whose data_ptr is valid
+// while its expert is pinned and the runtime open, and what reads through one
+// after close (ExpertCache.read, the ops) raises Closed.
 #pragma once
 #include <atomic>
 #include <cstdint>
