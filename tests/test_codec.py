@@ -195,3 +195,12 @@ def test_cuda_decode_equals_cpu_bit_for_bit(dtype):
         gpu = ct.decompress(device="cuda")
         assert gpu.is_cuda
         assert torch.equal(gpu.cpu().view(torch.uint8), cpu.view(torch.uint8))
+
+
+def test_from_bytes_takes_a_fortran_ordered_array():
+    # memoryview calls it contiguous (in Fortran order), and numpy's frombuffer met a BufferError
+    b = codec.compress(torch.randn(4, 40), 1e-3).to_bytes()
+    assert len(b) % 4 == 0  # (szp buffers are padded to 4 bytes)
+    f = np.asfortranarray(np.frombuffer(b, np.uint8).reshape(4, -1))
+    assert not f.flags.c_contiguous
+    assert codec.CompressedTensor.from_bytes(f).to_bytes() == b  # read in logical order, as bytes(f) is

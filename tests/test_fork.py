@@ -160,3 +160,32 @@ if pid == 0:
 _, status = os.waitpid(pid, 0)
 sys.exit(f"the child's miss raised something else: {{status}}" if os.waitstatus_to_exitcode(status) else 0)
 """)
+
+
+def test_a_child_forked_while_another_thread_registers_a_tensor_registers_its_own():
+    # The ops' registry lock is held while HostMatrices.add copies a buffer (GIL released): a fork then
+    # left the child a lock no thread of its would release, and its first new tensor hung.
+    _run("""
+import os, sys, threading, time
+import torch
+from moeoffload import codec, ops
+ops.matrix_handle(codec.compress(torch.randn(2, 2), 0.1))  # the registry exists
+holding, done = threading.Event(), threading.Event()
+def hold():  # as a thread inside matrix_handle's add would
+    with ops._registry_lock:
+        holding.set()
+        done.wait()
+t = threading.Thread(target=hold, daemon=True); t.start(); holding.wait()
+pid = os.fork()
+if pid == 0:
+    ct = codec.compress(torch.randn(4, 8), 0.1)
+    ops.szp_linear(torch.randn(2, 8), ct)
+    os._exit(0)
+deadline = time.time() + 20
+while not os.waitpid(pid, os.WNOHANG)[0]:
+    if time.time() > deadline:
+        os.kill(pid, 9)
+        sys.exit("the child hung on the registry's lock")
+    time.sleep(0.01)
+done.set(); t.join()
+""")

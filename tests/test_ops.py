@@ -634,3 +634,26 @@ def test_the_fake_kernels_check_x_as_the_ops_do():
             torch.ops.moeoffload.szp_linear(x, h, e, 0)
         with pytest.raises(err):
             torch.ops.moeoffload.expert_mlp(x, gh, ge, 0, dh, de, 0, None, None, "silu", 0, 1.7, 7.0)
+
+
+def test_numbers_of_any_real_type_and_float_biases_are_taken():
+    # the checks above must not refuse what worked before them: numpy and 0-d tensor scalars for alpha
+    # and limit, a float64 bias (cast, as F.linear's callers expect of szp_linear)
+    ct = codec.compress(torch.randn(8, 16), 1e-3)
+    gu, dn, _, _ = _expert(16, 8, torch.float32, seed=4)
+    x = torch.randn(3, 16)
+    ref = ops.expert_mlp(x, gu, dn, act="gptoss", alpha=1.702, limit=7.0)
+    for alpha, limit in ((np.float32(1.702), np.int64(7)), (torch.tensor(1.702), torch.tensor(7.0))):
+        torch.testing.assert_close(ops.expert_mlp(x, gu, dn, act="gptoss", alpha=alpha, limit=limit), ref)
+    bias = torch.randn(8, dtype=torch.float64)
+    torch.testing.assert_close(ops.szp_linear(x, ct, bias=bias), ops.szp_linear(x, ct) + bias.float())
+
+
+def test_a_matrix_that_is_not_2d_is_named_by_every_op():
+    vector = codec.compress(torch.randn(8), 1e-3)
+    gu, _, _, _ = _expert(16, 8, torch.float32, seed=4)
+    (gh, ge), (vh, ve) = ops.matrix_handle(gu), ops.matrix_handle(vector)
+    for device in ("cpu", "meta"):  # (the op, and its fake)
+        with pytest.raises(ShapeError, match="2-D"):
+            torch.ops.moeoffload.expert_mlp(torch.randn(3, 16, device=device), gh, ge, 0, vh, ve, 0, None, None,
+                                            "silu", 0, 1.7, 7.0)

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -54,12 +55,16 @@ inline uint64_t numel_of(const uint64_t* shape, uint32_t ndim, const char* forma
   return numel;
 }
 
-// The bound and step of a header (szp's, szpe's): eb positive and finite, step a normal float32
-// no larger than 2 eb (the encoder picks the largest float <= 2 eb, or a little less: szp_encode.cpp),
-// so a header cannot claim a bound its step does not keep.
+// The smallest step an encoder writes: float32's smallest normal number.
+constexpr float kMinStep = std::numeric_limits<float>::min();
+
+// The bound and step of a header (szp's, szpe's), checked for consistency: eb positive and finite,
+// step a normal float32 no larger than 2 eb (the encoder picks the largest float <= 2 eb, or a little
+// less: szp_encode.cpp). A step of 1e30 under a claimed eb of 1e-4 is refused; the q values
+// themselves are data, which only the CRC guards.
 inline void check_bound_and_step(double eb, float step, const char* format) {
   if (!(std::isfinite(eb) && eb > 0)) corrupt(format, "error bound is not a positive finite number");
-  if (!(std::isfinite(step) && step >= 1.17549435e-38f)) corrupt(format, "step is not a positive normal number");
+  if (!(std::isfinite(step) && step >= kMinStep)) corrupt(format, "step is not a positive normal number");
   if (static_cast<double>(step) > 2.0 * eb) corrupt(format, "step is larger than twice the error bound");
 }
 

@@ -17,6 +17,7 @@
 #include "moeoffload/errors.h"
 #include "moeoffload/parallel.h"
 #include "moeoffload/szp.h"
+#include "bytes.h"
 #include "szp_layout.h"
 
 namespace moeoffload {
@@ -106,7 +107,7 @@ float choose_step(const void* data, DType t, uint64_t numel, double eb, float ma
   BlockQ bq;
   for (float f : kFactors) {
     const float step = max_step * f;
-    if (step < 1.17549435e-38f) continue;  // a subnormal step: the reader refuses it (bytes.h)
+    if (step < bytes::kMinStep) continue;  // a subnormal step: the reader refuses it (bytes.h)
     double cost = 0;
     for (uint64_t j = 0; j < samples; ++j) {
       const uint64_t blk = j * nblocks / samples;
@@ -159,13 +160,13 @@ float step_for(double eb) {
 // neighbour of room) and with a normal step.
 bool bound_fits(double maxabs, double eb) {
   const float step = step_for(eb);
-  return step >= 1.17549435e-38f && maxabs / step <= static_cast<double>(kQMax - 1);
+  return step >= bytes::kMinStep && maxabs / step <= static_cast<double>(kQMax - 1);
 }
 
 // The smallest bound, as printed with 6 significant digits, that fits: the
 // number the error message suggests must itself be accepted.
 std::string smallest_bound(double maxabs) {
-  double v = std::max(maxabs / (2.0 * static_cast<double>(kQMax - 1)), 1.17549435e-38 / 2);
+  double v = std::max(maxabs / (2.0 * static_cast<double>(kQMax - 1)), bytes::kMinStep / 2.0);
   for (int i = 0; i < 64; ++i, v *= 1.000001) {
     const std::string s = fmt_number(v);
     if (bound_fits(maxabs, std::strtod(s.c_str(), nullptr))) return s;
@@ -223,7 +224,7 @@ SzpEncodeResult szp_encode(const void* data, DType t, const std::vector<uint64_t
   if (!bound_fits(maxabs, eb))
     throw Error(ErrorKind::BoundTooSmall,
                 "error bound " + fmt_number(eb) + " is too small for values up to " + fmt_number(maxabs) + ": " +
-                    (step_for(eb) < 1.17549435e-38f ? "its step, 2 eb, would be below float32's smallest normal number"
+                    (step_for(eb) < bytes::kMinStep ? "its step, 2 eb, would be below float32's smallest normal number"
                                                     : "quantised values would overflow szp's 25-bit field") +
                     "; use eb >= " + smallest_bound(maxabs));
   const float step = choose_step(data, t, numel, eb, step_for(eb));

@@ -205,7 +205,7 @@ class CompressedTensor:
         except TypeError:
             raise TypeError(f"from_bytes takes a bytes-like object (bytes, bytearray, a numpy array, a memoryview), "
                             f"got {type(buf).__name__}") from None
-        arr = np.frombuffer(view if view.contiguous else view.tobytes(), dtype=np.uint8).copy()
+        arr = np.frombuffer(view if view.c_contiguous else view.tobytes(), dtype=np.uint8).copy()
         magic = arr[:4].tobytes()
         if magic == _SZP_MAGIC:
             info = _native.szp_inspect(arr, True)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import atexit
 import functools
 import math
+import os
 import threading
 import weakref
 
@@ -51,6 +52,15 @@ _registered: dict[int, tuple[int, int]] = {}
 # HostMatrices.add releases the GIL: without a lock, threads meeting a tensor first each added it and
 # all but one copy leaked. Reentrant: a finalizer (_forget) may run in a thread that holds it.
 _registry_lock = threading.RLock()
+
+
+def _fresh_registry_lock() -> None:
+    """In a forked child: a lock another thread held at the fork would never be released there."""
+    global _registry_lock
+    _registry_lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_fresh_registry_lock)
 
 
 def matrix_handle(ct: CompressedTensor) -> tuple[int, int]:
@@ -113,16 +123,16 @@ def _check_ids(**ids) -> None:
             raise InvalidArgumentError(f"{name} {v}: ids are integers in [0, 2^32)")
 
 
-def _named_type_error(err: TypeError, layout: int, **ids) -> Exception:
-    """After nanobind refused a call's arguments: the named error for the id (or gate layout) that caused
-    it, or the original error (checked only then, so the hot path pays nothing for it)."""
+def _raise_named(err: TypeError, layout: int, **ids) -> None:
+    """After nanobind refused a call's arguments: raises the named error for the id (or gate layout) that
+    caused it, else the original error (checked only then, so the hot path pays nothing for it)."""
     if layout not in GATE_LAYOUTS.values():
-        return InvalidArgumentError(f"gate layout must be 0 (concatenated) or 1 (interleaved), got {layout}")
+        raise InvalidArgumentError(f"gate layout must be 0 (concatenated) or 1 (interleaved), got {layout}") from err
     try:
         _check_ids(**ids)
     except InvalidArgumentError as named:
-        return named
-    return err
+        raise named from err
+    raise err
 
 
 # ---- custom ops --------------------------------------------------------------------------------
@@ -132,7 +142,7 @@ def _named_type_error(err: TypeError, layout: int, **ids) -> Exception:
 def _szp_linear_op(x: torch.Tensor, handle: int, expert: int, matrix: int) -> torch.Tensor:
     if x.dim() != 2:
         raise ShapeError(f"x must be [tokens, in], got shape {tuple(x.shape)}")
-    rows = _matrix_rows(handle, expert, matrix)
+    rows, _ = _matrix_shape(handle, expert, matrix)
     x = x.contiguous()
     y = torch.empty(x.shape[0], rows, dtype=x.dtype, device=x.device)
     _native.szp_linear(handle, expert, matrix, x, y, _stream(x))
@@ -141,8 +151,8 @@ def _szp_linear_op(x: torch.Tensor, handle: int, expert: int, matrix: int) -> to
 
 @_szp_linear_op.register_fake
 def _(x, handle, expert, matrix):
-    rows = _matrix_rows(handle, expert, matrix)
-    _check_fake_input(x, _rows(handle, expert, matrix)[1])
+    rows, cols = _matrix_shape(handle, expert, matrix)
+    _check_fake_input(x, cols)
     return x.new_empty(x.shape[0], rows)
 
 
@@ -154,12 +164,13 @@ def _check_fake_input(x: torch.Tensor, cols: int) -> None:
         raise UnsupportedDtypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
 
 
-def _matrix_rows(handle: int, expert: int, matrix: int) -> int:
+def _matrix_shape(handle: int, expert: int, matrix: int) -> tuple[int, int]:
+    """(rows, cols) of a matrix the ops multiply with: 2-D, or ShapeError."""
     shape = _rows(handle, expert, matrix)
     if len(shape) != 2:
-        raise ShapeError(f"szp_linear multiplies with a 2-D matrix [out, in]; expert {expert} matrix {matrix} "
+        raise ShapeError(f"the ops multiply with 2-D matrices [out, in]; expert {expert} matrix {matrix} "
                          f"is {list(shape)}")
-    return shape[0]
+    return shape
 
 
 @torch.library.custom_op("moeoffload::expert_mlp", mutates_args=())
@@ -168,7 +179,7 @@ def _expert_mlp_op(x: torch.Tensor, gate_up_handle: int, gate_up_expert: int, ga
                    down_bias: torch.Tensor | None, act: str, layout: int, alpha: float, limit: float) -> torch.Tensor:
     if x.dim() != 2:
         raise ShapeError(f"x must be [tokens, hidden], got shape {tuple(x.shape)}")
-    H, I = _rows(down_handle, down_expert, down_matrix)
+    H, I = _matrix_shape(down_handle, down_expert, down_matrix)
     x = x.contiguous()
     T = x.shape[0]
     y = torch.empty(T, H, dtype=x.dtype, device=x.device)
@@ -177,7 +188,7 @@ def _expert_mlp_op(x: torch.Tensor, gate_up_handle: int, gate_up_expert: int, ga
         _native.expert_mlp(gate_up_handle, gate_up_expert, gate_up_matrix, down_handle, down_expert, down_matrix, x,
                            act, layout, alpha, limit, gate_up_bias, down_bias, y, scratch, _stream(x))
     except TypeError as err:
-        raise _named_type_error(err, layout, gate_up_expert=gate_up_expert, gate_up_matrix=gate_up_matrix) from err
+        _raise_named(err, layout, gate_up_expert=gate_up_expert, gate_up_matrix=gate_up_matrix)
     return y
 
 
@@ -196,7 +207,7 @@ def _no_meta_beside(x: torch.Tensor, **tensors) -> None:
 def _(x, gate_up_handle, gate_up_expert, gate_up_matrix, down_handle, down_expert, down_matrix, gate_up_bias,
       down_bias, act, layout, alpha, limit):
     _no_meta_beside(x, gate_up_bias=gate_up_bias, down_bias=down_bias)
-    H, _ = _rows(down_handle, down_expert, down_matrix)
+    H, _ = _matrix_shape(down_handle, down_expert, down_matrix)
     _check_fake_input(x, H)
     return x.new_empty(x.shape[0], H)
 
@@ -218,15 +229,15 @@ def _moe_experts_impl(x: torch.Tensor, routing: torch.Tensor, weights: torch.Ten
     if x.device.type == "cuda" and routing.dim() == 2 and routing.numel():
         first = int(routing.numpy()[0, 0])  # a tensor's own indexing costs 15 µs
         if 0 <= first < len(down_ids):  # else the native call names what is wrong
-            H, I = _rows(handle, down_ids[first], down_matrix)
+            H, I = _matrix_shape(handle, down_ids[first], down_matrix)
             scratch = torch.empty(_native.moe_experts_cuda_scratch(routing.numel(), H, I), dtype=torch.float32,
                                   device=x.device)
     try:
         _native.moe_experts(handle, gate_up_ids, gate_up_matrix, down_ids, down_matrix, x, routing.numpy(), weights,
                             act, layout, alpha, limit, gate_up_bias, down_bias, out, scratch, _stream(x))
     except TypeError as err:
-        raise _named_type_error(err, layout, gate_up_ids=gate_up_ids, down_ids=down_ids,
-                                gate_up_matrix=gate_up_matrix, down_matrix=down_matrix) from err
+        _raise_named(err, layout, gate_up_ids=gate_up_ids, down_ids=down_ids, gate_up_matrix=gate_up_matrix,
+                     down_matrix=down_matrix)
     return out
 
 
@@ -395,8 +406,8 @@ def _check_bias(bias, n: int, name: str) -> None:
     if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,):
         raise ShapeError(f"{name} must be a tensor [{n}] (the projection's outputs), got "
                          f"{list(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
-    if bias.dtype not in (torch.float32, torch.bfloat16, torch.float16):  # (an int or complex one was cast)
-        raise UnsupportedDtypeError(f"{name} must be float32, bfloat16 or float16, got {bias.dtype}")
+    if not bias.dtype.is_floating_point:  # (an int or complex one was cast; a float one still is)
+        raise UnsupportedDtypeError(f"{name} must be floating point, got {bias.dtype}")
 
 
 def _check_gate(act: str, layout: str, alpha, limit) -> None:
@@ -405,10 +416,20 @@ def _check_gate(act: str, layout: str, alpha, limit) -> None:
     if layout not in GATE_LAYOUTS:
         raise InvalidArgumentError(f"layout must be one of {tuple(GATE_LAYOUTS)}, got {layout!r}")
     # as the native side checks them (mlp_config): a NaN limit skipped the fused kernel's clamp
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+    if not math.isfinite(_real(alpha, "alpha")):
         raise InvalidArgumentError(f"alpha must be a finite number, got {alpha!r}")
-    if not isinstance(limit, (int, float)) or isinstance(limit, bool) or not limit > 0:
+    if not _real(limit, "limit") > 0:
         raise InvalidArgumentError(f"limit must be a number > 0 (inf: no clamp), got {limit!r}")
+
+
+def _real(v, name: str) -> float:
+    """float(v) of a real number (numpy and 0-d tensors too), not of a bool or a string."""
+    if isinstance(v, (bool, str, bytes)):
+        raise InvalidArgumentError(f"{name} must be a number, got {v!r}")
+    try:
+        return float(v)
+    except (TypeError, ValueError, RuntimeError):
+        raise InvalidArgumentError(f"{name} must be a number, got {v!r}") from None
 
 
 def _gate(gu: torch.Tensor, act: str, layout: str, alpha: float, limit: float) -> torch.Tensor:
