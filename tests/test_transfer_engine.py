@@ -15,11 +15,13 @@ def test_copies_land_and_callbacks_run_on_two_streams():
     srcs = [rng.integers(0, 256, int(n), dtype=np.uint8) for n in rng.integers(1, 200_000, 40)]
     dsts = [np.zeros_like(s) for s in srcs]
     landed = []
+    issued = time.monotonic_ns()
     handles = [eng.copy(s, d, tag=i, callback=lambda tag, failed: landed.append((tag, failed)))
                for i, (s, d) in enumerate(zip(srcs, dsts))]
     for h in handles:
         h.wait(timeout=10)
         assert h.done() and not h.failed()
+        assert issued <= h.done_ns <= time.monotonic_ns()  # when it landed, on Python's monotonic clock
     eng.synchronize()
     assert sorted(landed) == [(i, False) for i in range(40)]
     assert {h.stream_index for h in handles} == {0, 1}

@@ -221,6 +221,8 @@ void bind_runtime(nb::module_& m) {
       .def_prop_ro("tag", &Transfer::tag)
       .def_prop_ro("stream_index", &Transfer::stream_index)
       .def_prop_ro("cuda_event", &Transfer::cuda_event)
+      .def_prop_ro("done_ns", &Transfer::done_ns,
+                   "When the copy was seen to land (time.monotonic_ns()'s clock on Linux); 0 until it is done")
       .def("order", [](const Transfer& t, uintptr_t stream) { t.order(reinterpret_cast<void*>(stream)); },
            nb::arg("stream"), nb::call_guard<nb::gil_scoped_release>(),
            "Make work on `stream` (a cudaStream_t as an int, e.g. torch.cuda.current_stream().cuda_stream) see "

@@ -96,6 +96,9 @@ void Transfer::finish(const std::string& error, ErrorKind kind) {
     std::lock_guard<std::mutex> lock(waiting_->mu);
     error_ = error;
     error_kind_ = kind;
+    done_ns_ = static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+            .count());
     done_.store(true, std::memory_order_release);
     cbs.swap(waiting_->callbacks);
   }

@@ -45,6 +45,10 @@ class Transfer {
   uint64_t tag() const { return tag_; }
   int stream_index() const { return stream_; }
   uintptr_t cuda_event() const { return reinterpret_cast<uintptr_t>(event_); }
+  // When the copy was seen to land, in ns of std::chrono::steady_clock (CLOCK_MONOTONIC on Linux, as
+  // Python's time.monotonic_ns()); 0 until it is done. On cuda its completer thread sees it (it spins
+  // on the copy's event), so this is within microseconds of the copy's end.
+  uint64_t done_ns() const { return done() ? done_ns_ : 0; }
   ErrorKind error_kind() const;
   // Makes work on `stream` (a cudaStream_t on cuda) see what this copy brings: on cpu it waits for
   // the copy; on cuda it orders the stream after the copy's event without a host wait, once the copy
@@ -70,6 +74,7 @@ class Transfer {
   // Set once, with error_ and error_kind_ written before it and never after: a done transfer is read
   // without its lock, which a forked child must not take (a copy thread may have held it).
   std::atomic<bool> done_{false};
+  uint64_t done_ns_ = 0;
   std::string error_;
   ErrorKind error_kind_ = ErrorKind::Cuda;
   struct Waiting {

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import ctypes
 import itertools
-import time
 import warnings
 import weakref
 
@@ -44,6 +43,7 @@ from ..models.adapters import (UnsupportedModelError, expert_matrix_names, gate_
 from ..prefetch import PrefetchConfig
 from .. import ops as _ops  # also registers torch.ops.moeoffload.*
 from .. import table as _table
+from .stalls import Stalls
 
 IMPLEMENTATION = "moeoffload"
 PREFETCH = ("hidden", "activation", "combined", None)
@@ -168,7 +168,7 @@ class Offload:
         self._hooks = []
         self._in_sequence = False
         self._tokens = 0
-        self._stall_s = 0.0
+        self._stalls = Stalls(device_ordered=self.device.type == "cuda")
         self.expert_bytes_freed = 0
         try:
             if cfg is not None and cfg.source != "activation":
@@ -295,8 +295,7 @@ class Offload:
 
     def _forward_layer(self, layer, module, kind, held, hidden, ids, top_k_weights):
         """Every routed expert is held: the whole layer in one native call (moe_experts)."""
-        for slot in held.values():
-            self._wait(slot)
+        self._ready(held.values())
         gu, down = self._matrix_indices(layer, module)
         ids_of_layer = self._ids_of_layer[layer]
         gu_bias = module.gate_up_proj_bias.to(hidden.dtype) if module.has_bias else None
@@ -313,7 +312,7 @@ class Offload:
 
         def run(e: int, slot) -> None:
             token_idx, pos = torch.where(top_k_index == e)
-            self._wait(slot)
+            self._ready([slot])
             eid = self.table.expert_id(layer, e)
             gu_bias = module.gate_up_proj_bias[e].to(hidden.dtype) if module.has_bias else None
             down_bias = module.down_proj_bias[e].to(hidden.dtype) if module.has_bias else None
@@ -384,13 +383,10 @@ class Offload:
             w = torch.ops.moeoffload.szp_decode(self.cache.handle, eid, self.names.index(name), device)
         return w.T if m.get("transposed") else w
 
-    def _wait(self, slot) -> None:
-        """Wait for a slot's copy; the time spent is the stall the cache did not hide."""
-        if slot.lookup == "hit":
-            return
-        start = time.perf_counter()
-        slot.wait()
-        self._stall_s += time.perf_counter() - start
+    def _ready(self, slots) -> None:
+        """The slots' bytes made visible to the compute queued next: waited for on the cpu, the compute
+        stream ordered after their copies on cuda (stalls.py); the stall is counted either way."""
+        self._stalls.ready(slots, self._compute_stream())
 
     # ---- the handle ----
     def stats(self) -> dict:
@@ -399,7 +395,7 @@ class Offload:
         return {**self.cache.stats(), "bus_bytes": self.cache.engine.stats()["bytes"], "codec": self.codec,
                 "bits_per_weight": self.table.bits_per_weight(),
                 "expert_bytes_freed": self.expert_bytes_freed, "tokens": self._tokens, "prefetch": self.prefetch,
-                "stall_s": self._stall_s,
+                "stall_s": self._stalls.seconds(),
                 "fused_layers": sum(k is not None for k in self.kinds) if self.codec in _table.FUSED_CODECS else 0}
 
     @property
@@ -445,7 +441,7 @@ class _SlotWeights:
                 self.off._acquire_ahead(self.layer, [e], self.held)
         slot = self.held[e]
         if e not in self.landed:
-            self.off._wait(slot)
+            self.off._ready([slot])
             self.landed.add(e)
         return self.off._matrix_tensor(self.layer, e, slot, name, self.device)
 
