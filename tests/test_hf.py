@@ -388,6 +388,29 @@ def test_the_cuda_backend_gives_the_cpu_backends_logits(family):
             np.testing.assert_allclose(p, q, atol=2e-2)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and a CUDA build")
+def test_codec_none_on_cuda_gives_the_resident_models_logits():
+    # The eager view of raw slots (the lru-bf16 baseline): no host wait for a missed copy, the compute
+    # stream ordered after it (stalls.py); a budget of one expert makes every other read a fresh copy.
+    ids = _prompt(7).cuda()
+    resident = tiny("mixtral").cuda()
+    with torch.no_grad():
+        ref = resident(ids).logits
+    probe = moeoffload.offload(tiny("mixtral"), codec="none", gpu_budget=10**8, prefetch=None)
+    one = slot_bytes(probe.table)
+    probe.close()
+    for budget in (10**8, one):
+        model = tiny("mixtral").cuda()
+        with moeoffload.offload(model, codec="none", gpu_budget=budget, prefetch="activation") as off:
+            with torch.no_grad():
+                got = model(ids).logits
+            st = off.stats()
+        # (the same eager code on the same bytes; cuBLAS may pick another kernel for the slots' addresses)
+        torch.testing.assert_close(got.float(), ref.float(), atol=1e-2, rtol=1e-2)
+        assert st["misses"] > 0 and st["stall_s"] >= 0
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
 def test_the_model_compiles_into_one_graph_around_its_moe_layers(family):
     # experts_forward is one opaque op under torch.compile (moeoffload::offload_experts): fullgraph=True
