@@ -2,6 +2,7 @@
 codec "none" gives the original logits and greedy tokens exactly; szp runs the fused op and matches
 the model whose experts are the decoded weights; small budgets, closed handles, unsupported models."""
 
+import copy
 import gc
 import warnings
 import weakref
@@ -390,25 +391,45 @@ def test_the_cuda_backend_gives_the_cpu_backends_logits(family):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and a CUDA build")
-def test_codec_none_on_cuda_gives_the_resident_models_logits():
-    # The eager view of raw slots (the lru-bf16 baseline): no host wait for a missed copy, the compute
-    # stream ordered after it (stalls.py); a budget of one expert makes every other read a fresh copy.
+def test_on_cuda_the_compute_waits_for_late_copies_without_a_host_wait():
+    # No host wait for a missed expert on cuda (stalls.py): the compute stream is ordered after the copy.
+    # Every copy is made late by a 50 ms sleep kernel queued first on its copy stream, and the model runs
+    # on a side stream; expert e's weights are scaled by e + 1, so a read of bytes not yet landed (or of
+    # the expert the slot held before) moves the logits by tenths. Codec "none" is the eager view of raw
+    # slots (the lru-bf16 baseline), szp the fused paths; the table is built from the cuda model itself.
     ids = _prompt(7).cuda()
-    resident = tiny("mixtral").cuda()
+    base = tiny("mixtral")
+    for ml in moe_layers(base):
+        for name in expert_matrix_names(ml.experts):
+            p = getattr(ml.experts, name)
+            scale = torch.arange(1, p.shape[0] + 1, dtype=torch.float32).view(-1, *[1] * (p.dim() - 1))
+            p.data = (p.data.float() * scale).to(p.dtype)
     with torch.no_grad():
-        ref = resident(ids).logits
-    probe = moeoffload.offload(tiny("mixtral"), codec="none", gpu_budget=10**8, prefetch=None)
-    one = slot_bytes(probe.table)
-    probe.close()
-    for budget in (10**8, one):
-        model = tiny("mixtral").cuda()
-        with moeoffload.offload(model, codec="none", gpu_budget=budget, prefetch="activation") as off:
-            with torch.no_grad():
-                got = model(ids).logits
-            st = off.stats()
-        # (the same eager code on the same bytes; cuBLAS may pick another kernel for the slots' addresses)
-        torch.testing.assert_close(got.float(), ref.float(), atol=1e-2, rtol=1e-2)
-        assert st["misses"] > 0 and st["stall_s"] >= 0
+        want = {"none": copy.deepcopy(base).cuda()(ids).logits.float()}  # the resident model
+    one = {}
+    for codec in ("none", "szp"):  # a budget of one expert, and the cpu backend's szp logits
+        with moeoffload.offload(copy.deepcopy(base), codec=codec, gpu_budget=10**8, prefetch=None) as probe:
+            one[codec] = slot_bytes(probe.table)
+            if codec == "szp":
+                with torch.no_grad():
+                    want["szp"] = probe.model(ids.cpu()).logits.float().cuda()
+    for codec in ("none", "szp"):
+        for budget in (10**8, one[codec]):
+            model = copy.deepcopy(base).cuda()
+            with moeoffload.offload(model, codec=codec, gpu_budget=budget, prefetch="activation") as off:
+                eng = off.cache.engine
+                side = torch.cuda.Stream()
+                with torch.no_grad(), torch.cuda.stream(side):
+                    for i in range(eng.num_streams):
+                        with torch.cuda.stream(torch.cuda.ExternalStream(eng.cuda_stream(i))):
+                            torch.cuda._sleep(100_000_000)  # about 50 ms at 2 GHz
+                    got = model(ids).logits.float()
+                torch.cuda.synchronize()
+                st = off.stats()
+            torch.testing.assert_close(got, want[codec], atol=3e-2, rtol=3e-2)
+            assert st["misses"] > 0
+            if budget == 10**8:  # every copy queued at once behind the sleep: the first layer stalled on it
+                assert st["stall_s"] > 0.01
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])

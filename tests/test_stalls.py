@@ -24,7 +24,7 @@ class FakeTransfer:
     def done_ns(self) -> int:
         return self.lands_at if self.done() else 0
 
-    def wait(self) -> None:
+    def wait(self, timeout: float = -1.0) -> None:
         while not self.done():
             time.sleep(0.001)
 
@@ -48,6 +48,15 @@ def test_device_ordered_slots_are_not_waited_for_and_their_stall_is_counted_once
     assert stalls.seconds() == pytest.approx(0.10, abs=0.03)
     assert stalls.seconds() == pytest.approx(0.10, abs=0.03)  # counted once
     stalls.ready([FakeSlot("miss", FakeTransfer(-1.0))], stream=7)  # landed before its compute was queued
+    assert stalls.seconds() == pytest.approx(0.10, abs=0.03)
+
+
+def test_calls_whose_waits_overlap_count_the_time_once():
+    # two calls queued a moment apart on copies landing together: 0.1 s of stall, not 0.2
+    stalls = Stalls(device_ordered=True)
+    a, b = FakeTransfer(0.10), FakeTransfer(0.10)
+    stalls.ready([FakeSlot("miss", a)], stream=0)
+    stalls.ready([FakeSlot("miss", b)], stream=0)
     assert stalls.seconds() == pytest.approx(0.10, abs=0.03)
 
 

@@ -491,7 +491,9 @@ def build(source, policy=None, codec: str = "szp", *, mode: str | None = None, m
                     if transpose and len(ref.shape) == 2:
                         w, ref = w.T.contiguous(), dataclasses.replace(ref, shape=ref.shape[::-1])
                     if codec == "none":
-                        eb, n_exceptions, buf = 0.0, 0, w.contiguous().view(torch.uint8).reshape(-1).numpy()
+                        # (a model on cuda hands over cuda tensors: the table is host bytes)
+                        buf = w.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy()
+                        eb, n_exceptions = 0.0, 0
                     else:
                         eb = absolute_bound(w, bounds[i], pol.mode)
                         ct = compress(w, eb, mode="abs", codec=codec)

@@ -289,7 +289,8 @@ class Offload:
             _check_each_token_routes_an_expert_once(ids, top_k_index.shape[-1])  # as moe_experts does
             if kind is None or self.codec not in _table.FUSED_CODECS:
                 return self._forward_eager(layer, module, held, hidden, top_k_index, top_k_weights)
-            return self._forward_fused(layer, module, kind, experts, held, hidden, top_k_index, top_k_weights)
+            return self._forward_fused(layer, module, kind, experts, held, hidden, ids.reshape(top_k_index.shape),
+                                       top_k_weights)
         finally:
             self._release_all(layer, held)
 
@@ -304,14 +305,16 @@ class Offload:
                                      self.cache.handle, ids_of_layer, gu, ids_of_layer, down, gu_bias, down_bias,
                                      kind.act, _ops.GATE_LAYOUTS[kind.layout], kind.alpha, kind.limit)
 
-    def _forward_fused(self, layer, module, kind, experts, held, hidden, top_k_index, top_k_weights):
-        """Expert by expert, as room frees up: when the budget cannot hold all of a layer's experts at once."""
+    def _forward_fused(self, layer, module, kind, experts, held, hidden, routing, top_k_weights):
+        """Expert by expert, as room frees up: when the budget cannot hold all of a layer's experts at once.
+        routing: the top-k ids on the host (an expert's tokens are found there: no device sync an expert)."""
         out = torch.zeros_like(hidden)
         gu, down = self._matrix_indices(layer, module)
         handle = self.cache.handle
 
         def run(e: int, slot) -> None:
-            token_idx, pos = torch.where(top_k_index == e)
+            token_idx, pos = (torch.from_numpy(i).to(hidden.device, non_blocking=True)
+                              for i in np.nonzero(routing == e))
             self._ready([slot])
             eid = self.table.expert_id(layer, e)
             gu_bias = module.gate_up_proj_bias[e].to(hidden.dtype) if module.has_bias else None

@@ -14,14 +14,19 @@ compute, so there the figure is an upper bound.
 
 from __future__ import annotations
 
+import threading
 import time
+
+_SETTLE_TIMEOUT_S = 10.0  # seconds() waits this long a copy; one not landed by then is counted later
 
 
 class Stalls:
     def __init__(self, device_ordered: bool):
         self.device_ordered = device_ordered  # cuda: no host wait (tests set it on the cpu, where order() waits)
         self._seconds = 0.0
-        self._pending: list[tuple[int, list]] = []  # (queued_ns, transfers) of calls not yet counted
+        self._pending: list[tuple[int, list]] = []  # (queued_ns, transfers) of calls not yet counted, in order
+        self._counted_to = 0  # ns: stall before this is counted (overlapping calls' waits count once)
+        self._lock = threading.Lock()  # stats() may run in another thread than the forward
 
     def ready(self, slots, stream: int | None) -> None:
         """Make the slots' bytes visible to the work queued next on `stream` (a cudaStream_t as an int;
@@ -38,25 +43,32 @@ class Stalls:
         queued = time.monotonic_ns()  # (before ordering: on the cpu, where order() waits, that wait counts)
         for t in missed:
             t.order(stream or 0)
-        self._pending.append((queued, missed))
-        self._count(block=False)
+        with self._lock:
+            self._pending.append((queued, missed))
+            self._count(block=False)
 
     def seconds(self) -> float:
-        """The stall so far, once every copy it waits on has landed."""
-        self._count(block=True)
-        return self._seconds
+        """The stall so far, once the copies it waits on have landed (each waited for up to 10 s)."""
+        with self._lock:
+            self._count(block=True)
+            return self._seconds
 
     def _count(self, block: bool) -> None:
-        keep = []
+        """Counts the pending calls in the order they were queued, up to the first whose copies are not
+        all done: a call's stall is from when it was queued (or the last counted stall's end, when
+        they overlap) to when its last copy landed."""
+        counted = 0
         for queued, transfers in self._pending:
             if block:
                 for t in transfers:
                     try:
-                        t.wait()
-                    except Exception:  # a failed copy was raised where it was ordered; it still ended
+                        t.wait(_SETTLE_TIMEOUT_S)
+                    except Exception:  # failed (raised where it was ordered, or by the next CUDA call), or late
                         pass
-            if all(t.done() for t in transfers):  # one call's copies overlap: its stall is the last one's
-                self._seconds += max(0, max(t.done_ns for t in transfers) - queued) / 1e9
-            else:
-                keep.append((queued, transfers))
-        self._pending = keep
+            if not all(t.done() for t in transfers):
+                break
+            landed = max(t.done_ns for t in transfers)
+            self._seconds += max(0, landed - max(queued, self._counted_to)) / 1e9
+            self._counted_to = max(self._counted_to, landed)
+            counted += 1
+        del self._pending[:counted]
