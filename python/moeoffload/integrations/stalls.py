@@ -38,7 +38,8 @@ class Stalls:
             start = time.perf_counter()
             for t in missed:
                 t.wait()
-            self._seconds += time.perf_counter() - start
+            with self._lock:
+                self._seconds += time.perf_counter() - start
             return
         queued = time.monotonic_ns()  # (before ordering: on the cpu, where order() waits, that wait counts)
         for t in missed:
