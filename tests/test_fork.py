@@ -20,6 +20,19 @@ def _run(code: str, timeout: float = 120) -> None:
     assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
 
 
+def _reap(hung: str) -> str:
+    """Parent-side code for a _run script: wait up to 20 s for child `pid`, else kill it and fail with
+    `hung` (the child's exit status is not looked at)."""
+    return f"""
+deadline = time.time() + 20
+while not os.waitpid(pid, os.WNOHANG)[0]:
+    if time.time() > deadline:
+        os.kill(pid, 9)
+        sys.exit({hung!r})
+    time.sleep(0.01)
+"""
+
+
 def test_a_child_drops_the_runtime_and_exits_normally(tmp_path):
     # Once a hang in every child: destroying the engine's condition variable waits for the copy
     # threads that waited on it, which do not exist in the child.
@@ -37,13 +50,7 @@ if pid == 0:
     del eng, cache
     gc.collect()
     sys.exit(0)  # and the interpreter's own teardown
-deadline = time.time() + 20
-while not os.waitpid(pid, os.WNOHANG)[0]:
-    if time.time() > deadline:
-        os.kill(pid, 9)
-        sys.exit("the child hung dropping the runtime")
-    time.sleep(0.01)
-""")
+""" + _reap("the child hung dropping the runtime"))
 
 
 def test_forks_landing_while_copies_flow(tmp_path):
@@ -181,11 +188,6 @@ if pid == 0:
     ct = codec.compress(torch.randn(4, 8), 0.1)
     ops.szp_linear(torch.randn(2, 8), ct)
     os._exit(0)
-deadline = time.time() + 20
-while not os.waitpid(pid, os.WNOHANG)[0]:
-    if time.time() > deadline:
-        os.kill(pid, 9)
-        sys.exit("the child hung on the registry's lock")
-    time.sleep(0.01)
+""" + _reap("the child hung on the registry's lock") + """
 done.set(); t.join()
 """)
