@@ -43,6 +43,7 @@ from .errors import CudaError, InvalidArgumentError, ShapeError, UnsupportedDtyp
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "gptoss")
 MAX_CUDA_ASSIGNMENTS = _native.MOE_EXPERTS_MAX_CUDA_ASSIGNMENTS  # tokens x top-k of one moe_experts call on CUDA
 GATE_LAYOUTS = {"concatenated": 0, "interleaved": 1}
+_X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the ops multiply
 
 # ---- the registry of standalone CompressedTensors ------------------------------------------
 
@@ -104,11 +105,16 @@ def _stream(x: torch.Tensor) -> int:
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _rows(handle: int, expert: int, matrix: int) -> tuple[int, ...]:
-    """The matrix's shape; fixed for a (handle, expert, matrix) since handles and ids are never reused,
-    so asked of the native side once (failures are not cached)."""
+def _matrix_shape(handle: int, expert: int, matrix: int) -> tuple[int, int]:
+    """(rows, cols) of a matrix the ops multiply with (2-D, or ShapeError); fixed for a (handle, expert,
+    matrix) since handles and ids are never reused, so asked of the native side once (failures are not
+    cached)."""
     _check_ids(expert=expert, matrix=matrix)
-    return tuple(_native.matrix_info(handle, expert, matrix)["shape"])
+    shape = tuple(_native.matrix_info(handle, expert, matrix)["shape"])
+    if len(shape) != 2:
+        raise ShapeError(f"the ops multiply with 2-D matrices [out, in]; expert {expert} matrix {matrix} "
+                         f"is {list(shape)}")
+    return shape
 
 
 def _check_ids(**ids) -> None:
@@ -160,17 +166,8 @@ def _check_fake_input(x: torch.Tensor, cols: int) -> None:
     """What the native call checks of x, checked when tracing too (a wrong x got a shape from the fake)."""
     if x.dim() != 2 or x.shape[1] != cols:
         raise ShapeError(f"x must be [tokens, {cols}], got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if x.dtype not in _X_DTYPES:
         raise UnsupportedDtypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
-
-
-def _matrix_shape(handle: int, expert: int, matrix: int) -> tuple[int, int]:
-    """(rows, cols) of a matrix the ops multiply with: 2-D, or ShapeError."""
-    shape = _rows(handle, expert, matrix)
-    if len(shape) != 2:
-        raise ShapeError(f"the ops multiply with 2-D matrices [out, in]; expert {expert} matrix {matrix} "
-                         f"is {list(shape)}")
-    return shape
 
 
 @torch.library.custom_op("moeoffload::expert_mlp", mutates_args=())
@@ -293,7 +290,7 @@ def _(handle, expert, matrix, device):
 def _as_tokens(x: torch.Tensor, cols: int, what: str) -> tuple[torch.Tensor, tuple[int, ...]]:
     if not isinstance(x, torch.Tensor):
         raise UnsupportedDtypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if x.dtype not in _X_DTYPES:
         raise UnsupportedDtypeError(f"{what} must be float32, bfloat16 or float16, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] != cols:
         raise ShapeError(f"{what} must end in the weight's input dimension {cols}, got shape {tuple(x.shape)}")
