@@ -191,3 +191,35 @@ if pid == 0:
 """ + _reap("the child hung on the registry's lock") + """
 done.set(); t.join()
 """)
+
+
+def test_a_child_forked_while_another_thread_computes_on_a_tensor_adds_and_frees_its_own():
+    # An op holds the host matrices' read lock while it computes (GIL released): a fork then left the
+    # child a lock held by a thread it does not have, and its first new tensor (add takes the lock
+    # exclusively) or freed one (remove) hung. fork() now waits for the reading ops.
+    _run("""
+import gc, os, sys, threading, time
+import torch
+from moeoffload import codec, ops
+ct = codec.compress(torch.randn(1024, 1024), 0.05)
+x = torch.randn(64, 1024)
+# every lazy import done first: a fork landing inside another thread's import hangs the child in it
+ops.szp_linear(x, ct); ops.szp_linear(torch.randn(2, 8), codec.compress(torch.randn(4, 8), 0.1))
+stop = threading.Event()
+def compute():
+    while not stop.is_set():
+        ops.szp_linear(x, ct)
+t = threading.Thread(target=compute, daemon=True); t.start()
+time.sleep(0.1)
+for _ in range(5):
+    pid = os.fork()
+    if pid == 0:
+        mine = codec.compress(torch.randn(4, 8), 0.1)
+        ops.szp_linear(torch.randn(2, 8), mine)
+        del mine
+        gc.collect()
+        os._exit(0)
+""" + _reap("the child hung on the host matrices' lock").replace("\n", "\n    ") + """
+    time.sleep(0.02)
+stop.set(); t.join()
+""")

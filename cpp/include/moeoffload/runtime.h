@@ -20,6 +20,7 @@
 #include "moeoffload/cpu_kernels.h"
 #include "moeoffload/device_cache.h"
 #include "moeoffload/expert_store.h"
+#include "moeoffload/fork.h"
 #include "moeoffload/pinned_pool.h"
 #include "moeoffload/transfer_engine.h"
 
@@ -69,6 +70,7 @@ class HostMatrices : public MatrixSource {
 
  private:
   std::shared_mutex mu_;
+  HeldAcrossFork mu_across_fork_{mu_, -2};  // first: fork waits for its readers holding nothing else
   std::vector<std::pair<std::vector<uint8_t>, SzpMatrix>> items_;
 };
 
