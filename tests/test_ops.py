@@ -257,6 +257,13 @@ def test_moe_experts_refuses_bad_routing_and_shapes():
         ops.moe_experts(x, torch.tensor([[0, 1], [1, 2]]), w, experts, gate_up_bias=torch.randn(3, 15))
     with pytest.raises(ShapeError):
         ops.moe_experts(x, torch.tensor([[0, 1], [1, 2]]), w, [])
+    # whether or not tokens route to them: no tokens, or an expert no token routes to
+    empty = torch.zeros(0, 2, dtype=torch.int64)
+    with pytest.raises(ShapeError, match="expert 0 is not"):
+        ops.moe_experts(torch.randn(0, 15), empty, torch.zeros(0, 2), experts)
+    with pytest.raises(ShapeError, match="expert 2 is not"):
+        ops.moe_experts(x, torch.tensor([[0, 1], [1, 0]]), w, [*experts[:2], _expert(16, 4, torch.float32, seed=9)[:2]])
+    assert ops.moe_experts(torch.randn(0, 16), empty, torch.zeros(0, 2), experts).shape == (0, 16)
 
 
 def test_moe_experts_hostile_inputs_are_named_or_computed_right():

@@ -392,6 +392,12 @@ def moe_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch
         raise ShapeError("moe_experts needs the layer's experts: a list of (gate_up, down) CompressedTensors")
     gu = [matrix_handle(g) for g, _ in experts]  # standalone tensors share one registry handle
     dn = [matrix_handle(d) for _, d in experts]
+    # every expert, routed or not, with any number of tokens (the kernel sees only the routed ones)
+    H, I = x.shape[1], experts[0][1].shape[-1]
+    for e, (g, d) in enumerate(experts):
+        if tuple(g.shape) != (2 * I, H) or tuple(d.shape) != (H, I):
+            raise ShapeError(f"expert {e} is not gate_up [2I, H] and down [H, I] with H = {H} (x's) and the I of "
+                             f"the others ({I}): gate_up {tuple(g.shape)}, down {tuple(d.shape)}")
     return moe_experts_call(x, top_k_index, top_k_weights, gu[0][0], [e for _, e in gu], 0, [e for _, e in dn], 0,
                             gate_up_bias, down_bias, act, GATE_LAYOUTS[layout], float(alpha), float(limit))
 
