@@ -44,6 +44,18 @@ def test_config_mistakes_are_named(tmp_path):
     t.close()
 
 
+def test_a_budget_past_every_expert_reserves_only_their_slots(tmp_path):
+    # 6 GiB for a table of a few MiB took 6 GiB (a cudaMalloc of it on a GPU), and 1 TiB a traceback
+    table.build(mixtral_state_dict(), policy=0.3, mode="meanabs", progress=False).save(tmp_path / "t")
+    with table.load(tmp_path / "t") as t:
+        every = t.num_layers * t.experts_per_layer * slot_bytes(t)
+        for budget in ("1TiB", "6GiB", every):
+            with ExpertCache(t, budget) as cache:
+                assert cache.stats()["budget"] == every
+        with ExpertCache(t, every - 1) as cache:
+            assert cache.stats()["budget"] == every - 1
+
+
 def test_the_ops_are_there_with_the_cache_alone():
     # The README's ExpertCache example calls torch.ops.moeoffload.* having imported only the cache.
     import subprocess

@@ -281,6 +281,64 @@ def test_bad_arguments():
     gc.collect()
 
 
+def test_what_a_hostile_run_found_is_named(tmp_path):
+    """Each was a bare AttributeError, FileExistsError, AssertionError, NotImplementedError or RuntimeError."""
+    from moeoffload import table
+    from moeoffload.errors import CudaError, InvalidArgumentError
+    from moeoffload.integrations.hf import from_pretrained
+
+    with pytest.raises(InvalidArgumentError, match="nn.Module"):
+        moeoffload.offload(None)
+    with pytest.raises(InvalidArgumentError, match="ExpertTable or a table directory"):
+        moeoffload.offload(tiny("mixtral"), table=3)
+    # a table directory is taken as from_pretrained takes one, and closed with the Offload
+    model, ids = tiny("mixtral"), _prompt()
+    with torch.no_grad():
+        ref = model(ids).logits
+    table.build(model.state_dict(), codec="none", progress=False).save(tmp_path / "t")
+    off = moeoffload.offload(model, table=tmp_path / "t", gpu_budget="50%")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+    # offloading it again (its dense experts are gone, whether or not the Offload is open)
+    for _ in range(2):
+        with pytest.raises(InvalidArgumentError, match="offloaded already"):
+            moeoffload.offload(model)
+        off.close()
+    assert off.table.closed
+    with pytest.raises(InvalidArgumentError, match="meta tensors"):  # experts never loaded
+        moeoffload.offload(tiny("mixtral").to("meta"))
+    tiny("mixtral").save_pretrained(tmp_path / "ckpt")
+    for device, err in (("meta", InvalidArgumentError), ("gpu", InvalidArgumentError)) + (
+            (() if torch.cuda.is_available() else (("cuda", CudaError),))):
+        with pytest.raises(err, match="device"):
+            from_pretrained(tmp_path / "ckpt", device=device)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(TableError, match="is a file"):
+        from_pretrained(tmp_path / "ckpt", table_dir=tmp_path / "afile")
+    with pytest.raises(InvalidArgumentError, match="not both"):
+        from_pretrained(tmp_path / "ckpt", table=tmp_path / "t", table_dir=tmp_path / "elsewhere")
+
+
+def test_from_pretrained_names_a_truncated_checkpoint_or_one_its_config_does_not_describe(tmp_path):
+    import json
+    import shutil
+
+    from moeoffload.integrations.hf import from_pretrained
+
+    tiny("mixtral").save_pretrained(tmp_path / "ckpt")
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "short")
+    f = tmp_path / "short" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(TableError, match="safetensors"):
+        from_pretrained(tmp_path / "short", codec="none")
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "vocab")
+    cfg = json.loads((tmp_path / "vocab" / "config.json").read_text())
+    cfg["vocab_size"] = 130
+    (tmp_path / "vocab" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match=r"is \[128, 64\] in the checkpoint and \[130, 64\]"):
+        from_pretrained(tmp_path / "vocab", codec="none")
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])
 def test_from_pretrained_never_materialises_the_experts(family, tmp_path):
     from moeoffload.integrations.hf import from_pretrained

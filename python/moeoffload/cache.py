@@ -102,7 +102,13 @@ class ExpertCache:
         try:
             self._fill_store(table)
             self._host_pinned = self.runtime.store.pinned  # fixed once filled; readable after close
-            self.runtime.start(parse_budget(budget), policy)
+            # a budget past every expert's slot buys nothing: it is not reserved (6 GiB for a 4 MiB table was)
+            size = min(parse_budget(budget), L * E * slot_bytes(table))
+            try:
+                self.runtime.start(size, policy)
+            except MemoryError:
+                raise BudgetError(f"the device cache's {size} bytes (budget {budget!r}) could not be allocated: "
+                                  "give a smaller budget") from None
         except BaseException:
             self.runtime.close()
             raise

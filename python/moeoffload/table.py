@@ -123,6 +123,12 @@ class _Source:
         return t.contiguous()
 
 
+def checkpoint_shapes(path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a safetensors checkpoint directory, from the files' headers alone (TableError
+    when a file is not a whole safetensors file)."""
+    return {key: shape for key, (shape, _) in _Source(path).shapes.items()}
+
+
 def _safetensors_header(path: Path) -> tuple[dict[str, tuple[str, list[int]]], dict[str, tuple[int, int]], tuple]:
     """(name -> (dtype, shape), name -> absolute (begin, end) in the file, the file's _file_id).
 

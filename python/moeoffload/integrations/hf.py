@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import os
 import warnings
 import weakref
 
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from ..cache import ExpertCache, parse_budget, slot_bytes
-from ..errors import (BudgetError, ClosedError, InvalidArgumentError, MissingExpertError, TableError,
+from ..errors import (BudgetError, ClosedError, CudaError, InvalidArgumentError, MissingExpertError, TableError,
                       TableMismatchError, UnsupportedDtypeError)
 from ..models.adapters import (UnsupportedModelError, expert_matrix_names, gate_kind, moe_layers, next_router_on_input,
                                router_probabilities, router_scores, router_weights)
@@ -118,10 +119,20 @@ class Offload:
         self._owns_table = False  # from_pretrained hands over the tables it opened
         if prefetch not in PREFETCH:
             raise InvalidArgumentError(f"prefetch must be one of {PREFETCH}, got {prefetch!r}")
-        _check_offload_codec(codec if table is None else table.manifest["codec"], "codec" if table is None else "table")
+        if not isinstance(model, nn.Module):
+            raise InvalidArgumentError(f"offload() takes a transformers model (an nn.Module), got {type(model).__name__}")
+        if table is not None and not isinstance(table, _table.ExpertTable):
+            raise InvalidArgumentError(f"table must be an ExpertTable or a table directory, got {type(table).__name__}")
         self.model = model
         self.layers = moe_layers(model)
         first = self.layers[0].experts
+        if any(hasattr(ml.experts, "_moeoffload") for ml in self.layers):
+            raise InvalidArgumentError("this model's experts are offloaded already (their dense weights were freed, "
+                                       "whether or not that Offload is closed): load the model again to offload it")
+        if table is None and first.down_proj.device.type == "meta":
+            raise InvalidArgumentError("the model's experts are meta tensors, with no weights to build a table from: "
+                                       "give table=, or use from_pretrained(checkpoint_dir)")
+        _check_offload_codec(codec if table is None else table.manifest["codec"], "codec" if table is None else "table")
         self.device = first.down_proj.device if first.down_proj.device.type != "meta" else _device_of(model)
         self.kinds = [gate_kind(ml.experts) for ml in self.layers]
         E = first.down_proj.shape[0]
@@ -580,7 +591,7 @@ def offload(model: nn.Module, table=None, gpu_budget="6GiB", error_bound=0.3, co
             progress: bool = False) -> Offload:
     """Serve a transformers 5 MoE model's experts from moeoffload; returns the handle (stats(), close()).
 
-    table: an ExpertTable of this model (built from the model's experts when None, with codec and
+    table: an ExpertTable of this model, or its directory (built from the model's experts when None, with codec and
     error_bound: a float, {layer: bound}, a policy file, in error_mode units: "meanabs" = x mean|w|).
     codec "none" keeps raw weights through the same cache and transfers (exact logits).
     gpu_budget: device memory for the expert cache ("6GiB"; on the CPU backend, host memory), or a share
@@ -588,8 +599,18 @@ def offload(model: nn.Module, table=None, gpu_budget="6GiB", error_bound=0.3, co
     cache_policy: "activation", "lru" or "lfu". prefetch: "hidden" (the next layer's router on the
     current hidden state), "activation", "combined" or None.
     """
-    return Offload(model, table, gpu_budget, error_bound, codec, cache_policy, prefetch, error_mode=error_mode,
-                   progress=progress)
+    owned = isinstance(table, (str, os.PathLike))  # a table directory: loaded here, closed with the Offload
+    if owned:
+        table = _table.load(table)
+    try:
+        off = Offload(model, table, gpu_budget, error_bound, codec, cache_policy, prefetch, error_mode=error_mode,
+                      progress=progress)
+    except BaseException:
+        if owned:
+            table.close()
+        raise
+    off._owns_table = owned
+    return off
 
 
 def from_pretrained(checkpoint_dir, table=None, gpu_budget="6GiB", device="cpu", dtype=torch.bfloat16, *,
@@ -609,22 +630,35 @@ def from_pretrained(checkpoint_dir, table=None, gpu_budget="6GiB", device="cpu",
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
     from safetensors import safe_open
 
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InvalidArgumentError(f"device {device!r} is not a torch device ({e})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InvalidArgumentError(f"from_pretrained runs the model on the CPU or a CUDA device, not {device}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CudaError(f"device {device} needs a CUDA GPU and a CUDA build of torch; none is available")
     if table is None:
         _check_offload_codec(codec, "codec")  # before a table is built for nothing
+        if table_dir is not None and Path(table_dir).exists() and not Path(table_dir).is_dir():
+            raise TableError(f"table_dir {table_dir} is a file, not a directory")
         if table_dir is not None and (Path(table_dir) / _table.MANIFEST_FILE).exists():
             raise TableError(f"table_dir {table_dir} holds a table already: pass table={str(table_dir)!r} to serve it "
                              "(it is checked against this checkpoint), or choose another table_dir")
+    elif table_dir is not None:
+        raise InvalidArgumentError("table_dir is where a table built from the checkpoint goes: give it or table=, "
+                                   "not both")
     checkpoint_dir = Path(checkpoint_dir)
     files = sorted(checkpoint_dir.glob("*.safetensors"))
     if not files:
         raise TableError(f"{checkpoint_dir} has no .safetensors files")
+    stored = _table.checkpoint_shapes(checkpoint_dir)  # every file's header whole (TableError), before any read
     config = AutoConfig.from_pretrained(checkpoint_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     layers = moe_layers(model)
     expert_keys = {f"{ml.name}.{n}" for ml in layers for n in expert_matrix_names(ml.experts)}
     meta_state = model.state_dict()
-    device = torch.device(device)
 
     # Every parameter and buffer but the experts' on the device; non-persistent buffers (rotary
     # frequencies) initialised by the model's own rule, then the checkpoint's tensors loaded over them.
@@ -656,6 +690,9 @@ def from_pretrained(checkpoint_dir, table=None, gpu_budget="6GiB", device="cpu",
                     if converter is not None or name in expert_keys or name not in meta_state:
                         continue  # experts come from the table; unknown keys are not the model's
                     target = params[name] if name in params else model.get_buffer(name)
+                    if tuple(target.shape) != stored[key]:
+                        raise UnsupportedModelError(f"{checkpoint_dir}: {key} is {list(stored[key])} in the checkpoint "
+                                                    f"and {list(target.shape)} in the model its config.json describes")
                     target.copy_(st.get_tensor(key))
                     loaded.add(name)
     if getattr(config, "tie_word_embeddings", False):
