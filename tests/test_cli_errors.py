@@ -84,6 +84,7 @@ CASES = {
     "compress-policy-missing": (["compress", "--policy", "{t}/nowhere.json", "--out", "{t}/tab"], "--policy"),
     "compress-bound-zero": (["compress", "--error-bound", "0", "--out", "{t}/tab"], "--error-bound"),
     "compress-out-is-a-file": (["compress", "--out", "{t}/afile"], "--out"),
+    "compress-out-not-empty": (["compress", "--out", "{t}/notempty"], "not empty (it holds keep.txt)"),
     "compress-out-empty": (["compress", "--out", ""], "--out: empty"),  # (an unset $VAR) not the current directory
     "compress-policy-not-a-policy": (["compress", "--policy", "{t}/bogus-policy.json", "--out", "{t}/tab"],
                                      "MoE layer numbers"),
@@ -156,6 +157,8 @@ def scratch(tmp_path_factory) -> Path:
     t = tmp_path_factory.mktemp("cli")
     (t / "afile").write_text("a few bytes of text\n")
     (t / "empty").mkdir()
+    (t / "notempty").mkdir()
+    (t / "notempty" / "keep.txt").write_text("the user's\n")
     (t / "badcfg").mkdir()
     (t / "badcfg" / "config.json").write_text("{")
     (t / "badcfg" / "model.safetensors").write_bytes(b"")
@@ -226,6 +229,42 @@ def test_nothing_was_computed_or_written(report, scratch):
     assert not (scratch / "tab").exists()  # nor --out of a compress whose policy was malformed
     assert not (scratch / "manifest.json").exists()  # nor the current directory for an empty --out
     assert (scratch / "broken_out" / "results.json").read_text() == "[1, 2"
+    assert sorted(p.name for p in (scratch / "notempty").iterdir()) == ["keep.txt"]
+
+
+def test_compress_into_a_directory_another_compress_holds_is_refused(tmp_path):
+    # Two compresses into one --out wrote one experts.safetensors.tmp: one said done, the table did not load.
+    import fcntl
+
+    out = tmp_path / "t"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a compress writing there holds it
+    try:
+        r = subprocess.run([sys.executable, "-m", "moeoffload.cli", "compress", "--out", str(out), "--quiet"],
+                           capture_output=True, text=True, env=_env(), timeout=300)
+    finally:
+        os.close(fd)
+    check_one_line(r.returncode, r.stdout, r.stderr, "another moeoffload compress is writing there")
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_compress_ended_by_a_signal_leaves_nothing(tmp_path, sig):
+    import signal
+    import time
+
+    out = tmp_path / "a" / "t"
+    p = subprocess.Popen([sys.executable, "-m", "moeoffload.cli", "compress", "--out", str(out), "--quiet"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    deadline = time.time() + 120
+    while not (out / "experts.safetensors.tmp").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + getattr(signal, sig), err
+    assert "Traceback" not in err.decode(), err
+    assert not (tmp_path / "a").exists()  # the parent it made goes too
 
 
 @pytest.mark.parametrize("name", ["model-dense", "out-under-a-file", "seq-zero", "policy-out-under-a-file",

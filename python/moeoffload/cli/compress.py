@@ -9,7 +9,10 @@ The table stores the experts as the transformers 5 experts modules hold them
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 from pathlib import Path
 
 
@@ -45,11 +48,7 @@ def cmd(args) -> int:
         BoundPolicy.from_any(args.policy)  # a malformed one is named before --out is made
     if (out / table.MANIFEST_FILE).exists():
         raise UsageError(f"--out {out}: a table is there already; choose another directory or remove it")
-    try:  # claimed by this command, atomically: only a directory it made goes when the build fails
-        out.mkdir(parents=True)
-        made = True
-    except OSError:  # there already (or cannot be made: said next)
-        made = False
+    made = _make_dirs(out)
     _writable_dir(out)
     bound = args.policy or (args.error_bound if args.error_bound is not None else
                             (str(model_dir / "policy.json") if (model_dir / "policy.json").exists() else 0.3))
@@ -58,14 +57,72 @@ def cmd(args) -> int:
 
     with torch.device("meta"):
         transposed = moe_layers(AutoModelForCausalLM.from_config(config))[0].experts.is_transposed
-    try:
-        t = table.build(model_dir, bound, args.codec, mode="meanabs", fuse=True,
-                        transpose=transposed and args.codec != "none", out=out, progress=not args.quiet)
-    except BaseException:
-        if made:  # what this command made and could not finish (a bound too small, say): nothing half-written stays
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    entries = None
+    with _claimed(out):
+        try:
+            entries = sorted(e.name for e in out.iterdir())
+            if entries:  # the model's own directory, a table being written, anyone's files: nothing is overwritten
+                raise UsageError(f"--out {out}: not empty (it holds {', '.join(entries[:3])}"
+                                 f"{', ...' if len(entries) > 3 else ''}); compress writes a new or empty directory")
+            with _signals_end_as_exit():
+                t = table.build(model_dir, bound, args.codec, mode="meanabs", fuse=True,
+                                transpose=transposed and args.codec != "none", out=out, progress=not args.quiet)
+        except BaseException:  # nothing half-written stays: the directories this command made, or what it wrote
+            if made is not None:
+                shutil.rmtree(made, ignore_errors=True)
+            elif entries == []:
+                for e in out.iterdir():
+                    shutil.rmtree(e, ignore_errors=True) if e.is_dir() else e.unlink(missing_ok=True)
+            raise
     print(f"{out}: {t.num_layers} MoE layers x {t.experts_per_layer} experts, codec {args.codec}, "
           f"{t.bits_per_weight():.3f} bits/weight, {int(t.expert_bytes().sum()) / 2**20:.2f} MiB")
     t.close()
     return 0
+
+
+def _make_dirs(path: Path) -> Path | None:
+    """Makes `path` and its missing parents; the top-most one it made (None: it was there, or cannot be
+    made, which _writable_dir then says)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True)
+    except OSError:
+        return None
+    return missing[-1] if missing else None
+
+
+@contextlib.contextmanager
+def _claimed(out: Path):
+    """Holds an exclusive lock on the directory (flock: released when the process ends, however it ends),
+    so that two commands writing one --out cannot interleave their files, nor one delete the other's."""
+    from . import UsageError
+
+    try:
+        import fcntl
+    except ImportError:  # (no flock: Windows)
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"--out {out}: another moeoffload compress is writing there") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _signals_end_as_exit():
+    """SIGTERM and SIGHUP end the build as Ctrl-C does, through its clean-up (their default kills the
+    process and left experts.safetensors.tmp behind)."""
+    def end(signum, frame):
+        raise SystemExit(128 + signum)
+
+    old = {s: signal.signal(s, end) for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
