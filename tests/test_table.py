@@ -54,6 +54,36 @@ def test_fused_layout_and_checkpoint_directory(tmp_path):
     assert float((got - fused["model.layers.2.mlp.experts.gate_up_proj"][3]).abs().max()) <= 1e-3
 
 
+@pytest.mark.parametrize("layout", ["per-expert", "fused"])
+def test_a_table_of_other_weights_of_the_same_layout_is_refused(tmp_path, layout):
+    # A fine-tune's table served with its base model (or the reverse) passed every layout check and gave
+    # garbage. The manifest holds a digest of every expert matrix's first row, checked against a
+    # state_dict and a checkpoint alike (from a checkpoint only those rows are read).
+    sd = {k: v for k, v in mixtral_state_dict().items() if ".experts." in k}
+    if layout == "fused":  # [E, ...] stacked parameters: the rows are sliced out of them
+        sd = {f"model.layers.{l}.mlp.experts.{n}": torch.stack(
+            [sd[f"model.layers.{l}.block_sparse_moe.experts.{e}.{n}.weight"] for e in range(E)])
+              for l in range(L) for n in ("w1", "w2", "w3")}
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    save_file(sd, str(ckpt / "model.safetensors"))
+    tuned = {k: v + (1 if k == min(sd) else 0) * 1e-2 for k, v in sd.items()}  # one matrix moved a little
+    for source in (sd, ckpt):
+        t = table.build(source, policy=0.3, mode="meanabs", progress=False)
+        t.check_matches(sd)
+        t.check_matches(ckpt)
+        with pytest.raises(TableMismatchError, match="other weights of the same layout"):
+            t.check_matches(tuned)
+    t.save(tmp_path / "t")
+    with pytest.raises(TableMismatchError, match="other weights"):
+        table.load(tmp_path / "t", expect=tuned)
+    # a table written before the digest: the layout is all it can check
+    m = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    del m["model"]["weights"]
+    (tmp_path / "t" / "manifest.json").write_text(json.dumps(m))
+    table.load(tmp_path / "t", expect=tuned).close()
+
+
 def test_named_errors(tmp_path):
     sd = mixtral_state_dict()
     t = table.build(sd, policy=lambda layer: 0.01, progress=False)

@@ -94,6 +94,8 @@ def validate(manifest, path) -> None:
     model = c.obj(c.key(m, "model", ""), "model")
     c.str_(c.key(model, "id", "model"), "model.id")
     c.str_(c.key(model, "fingerprint", "model"), "model.fingerprint")
+    if "weights" in model:  # (tables before 2026-12-03 lack it)
+        c.str_(model["weights"], "model.weights")
     codec = c.str_(c.key(m, "codec", ""), "codec", TABLE_CODECS)
     c.lossless = codec == "none"
     L = c.int_(c.key(m, "num_layers", ""), "num_layers", lo=1)

@@ -112,6 +112,27 @@ class _Source:
                 self.shapes[key] = (tuple(shape), _SAFETENSORS_DTYPES.get(dtype, None))
                 self._files[key] = f
 
+    def heads(self, refs: list[MatrixRef]) -> list[torch.Tensor]:
+        """The first row of each matrix (all of a 1-D one), as _head() takes it from get(): from a checkpoint
+        only those bytes are read, each file opened once."""
+        if self._dict is not None:
+            return [_head(self.get(r)) for r in refs]
+        from safetensors import safe_open
+
+        out: list = [None] * len(refs)
+        by_file: dict[Path, list[int]] = {}
+        for i, r in enumerate(refs):
+            by_file.setdefault(self._files[r.key], []).append(i)
+        for f, idx in by_file.items():
+            with safe_open(str(f), framework="pt") as st:
+                for i in idx:
+                    r = refs[i]
+                    ndim = len(self.shapes[r.key][0]) - (r.index is not None)
+                    at = ((slice(r.index, r.index + 1),) if r.index is not None else ()) + \
+                         ((slice(0, 1),) if ndim >= 2 else ())
+                    out[i] = st.get_slice(r.key)[at].reshape(-1) if at else st.get_tensor(r.key).reshape(-1)
+        return out
+
     def get(self, ref: MatrixRef) -> torch.Tensor:
         if self._dict is not None:
             t = self._dict[ref.key].detach()
@@ -166,6 +187,27 @@ def _safetensors_header(path: Path) -> tuple[dict[str, tuple[str, list[int]]], d
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _head(t: torch.Tensor) -> torch.Tensor:
+    """A matrix's first row (a 1-D one whole), flat: what weights_digest hashes of it."""
+    return (t[0] if t.dim() >= 2 else t).reshape(-1).clone()  # (not a view: that would hold the whole matrix)
+
+
+def weights_digest(heads: dict[tuple[int, int, str], torch.Tensor]) -> str:
+    """Tells apart two models of one layout (a fine-tune and its base): a hash of the first row of every
+    expert matrix, by (model layer, expert, matrix name), as the checkpoint or state_dict holds them."""
+    h = hashlib.sha256()
+    for key in sorted(heads):
+        h.update(f"{key}\n".encode())
+        h.update(heads[key].detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _source_digest(source: _Source, grid) -> str:
+    keys = [(l, e, r.name) for (l, e), refs in grid.items() for r in refs]
+    refs = [r for refs in grid.values() for r in refs]
+    return weights_digest(dict(zip(keys, source.heads(refs))))
 
 
 def fingerprint(grid: dict[tuple[int, int], list[MatrixRef]]) -> str:
@@ -330,12 +372,18 @@ class ExpertTable:
     # ---- checks ----
     def check_matches(self, source) -> None:
         """Raise TableMismatchError unless `source` (state_dict or checkpoint dir) is the table's model."""
-        grid, _, _ = _grid_of(_Source(source))
+        src = _Source(source)
+        grid, _, _ = _grid_of(src)
         fp = fingerprint(grid)
         if fp != self.manifest["model"]["fingerprint"]:
             raise TableMismatchError(
                 f"this table was built from another model (expert layout fingerprint {self.manifest['model']['fingerprint']}, "
                 f"model {self.manifest['model']['id']!r}); the given model has fingerprint {fp}: rebuild the table")
+        want = self.manifest["model"].get("weights")  # (tables before 2026-12-03 lack it)
+        if want is not None and _source_digest(src, grid) != want:
+            raise TableMismatchError(
+                f"this table holds the experts of other weights of the same layout (built from "
+                f"{self.manifest['model']['id']!r}: a base model and its fine-tune, say): rebuild it from this model")
 
     def verify(self) -> None:
         """Check every payload against its CRC32; raise ChecksumError on the first mismatch."""
@@ -485,14 +533,16 @@ def build(source, policy=None, codec: str = "szp", *, mode: str | None = None, m
         Path(out).mkdir(parents=True, exist_ok=True)
         writer = _PayloadWriter(Path(out) / PAYLOAD_FILE, [f"{i}.{e}" for i in range(len(model_layers))
                                                            for e in range(n_exp)])
-    experts = []
+    experts, heads = [], {}
     bar = tqdm(total=len(grid), desc="compressing experts", unit="expert", disable=not progress)
     try:
         for i, ml in enumerate(model_layers):
             for e in range(n_exp):
                 parts, mats, offset, resident = [], [], 0, 0
                 for name, refs in _stored_matrices(grid[(ml, e)], fuse):
-                    w = torch.cat([src.get(r) for r in refs]) if len(refs) > 1 else src.get(refs[0])
+                    got = [src.get(r) for r in refs]
+                    heads.update({(ml, e, r.name): _head(t) for r, t in zip(refs, got)})
+                    w = torch.cat(got) if len(got) > 1 else got[0]
                     ref = dataclasses.replace(refs[0], name=name, shape=tuple(w.shape))
                     if transpose and len(ref.shape) == 2:
                         w, ref = w.T.contiguous(), dataclasses.replace(ref, shape=ref.shape[::-1])
@@ -531,7 +581,7 @@ def build(source, policy=None, codec: str = "szp", *, mode: str | None = None, m
         bar.close()
     manifest = {
         "format": FORMAT, "version": VERSION,
-        "model": {"id": model_id or src.model_id, "fingerprint": fingerprint(grid)},
+        "model": {"id": model_id or src.model_id, "fingerprint": fingerprint(grid), "weights": weights_digest(heads)},
         "codec": codec, "num_layers": len(model_layers), "experts_per_layer": n_exp,
         "model_layers": model_layers, "matrices": names,
         "bounds": {"mode": pol.mode, "per_layer": bounds},
