@@ -35,7 +35,7 @@ def test_config_mistakes_are_named(tmp_path):
         with pytest.raises(InvalidArgumentError):
             PrefetchConfig(**kw)
     with ExpertCache(t, "1MiB") as cache:
-        for timeout in ("1", None, True):
+        for timeout in ("1", None, True, -1, float("nan"), float("inf")):
             with pytest.raises(InvalidArgumentError, match="timeout"):
                 cache.acquire(0, 0, timeout=timeout)
             with pytest.raises(InvalidArgumentError, match="timeout"):

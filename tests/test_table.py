@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from moeoffload import table
 from moeoffload.errors import (ChecksumError, ClosedError, InvalidArgumentError, InvalidBoundError, MissingExpertError,
-                               NoMoeLayersError, TableChangedError, TableError, TableMismatchError,
+                               NoMoeLayersError, NonFiniteError, TableChangedError, TableError, TableMismatchError,
                                UnsupportedDtypeError)
 
 from conftest import E, I, L, H, mixtral_state_dict  # noqa: E402
@@ -287,6 +287,29 @@ def test_missing_expert_message_is_not_quoted(saved):
     with pytest.raises(MissingExpertError) as e:
         t.entry(L, 0)
     assert str(e.value) == f"the table has no layer {L} expert 0"
+
+
+def test_what_a_hostile_run_found_is_named(saved, tmp_path):
+    path, _ = saved
+    with pytest.raises(InvalidArgumentError, match="capacity"):  # (nanobind's TypeError, or a history of 2)
+        table.load_history(path, capacity=-1)
+    with pytest.raises(InvalidArgumentError, match="capacity"):
+        table.load_history(path, capacity=2.5)
+    text = (path / table.MANIFEST_FILE).read_text()
+    (path / table.MANIFEST_FILE).write_text(text.replace('"codec":', '"codec": "sz3", "codec":', 1))
+    with pytest.raises(TableError, match="'codec' twice"):  # json kept the last one
+        table.load(path)
+    sd = mixtral_state_dict()
+    key = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
+    sd[key] = sd[key].clone()
+    sd[key][3, 4] = float("nan")
+    with pytest.raises(NonFiniteError, match=f"expert matrix '{key}': input holds NaN"):
+        table.build(sd, policy=0.3, progress=False)
+    ckpt = tmp_path / "f64"
+    ckpt.mkdir()
+    save_file({k: v.double() for k, v in mixtral_state_dict().items()}, str(ckpt / "model.safetensors"))
+    with pytest.raises(UnsupportedDtypeError, match="is F64: a table stores"):  # was "is None"
+        table.build(ckpt, policy=0.3, progress=False)
 
 
 def test_a_version_1_table_says_how_to_rebuild(saved):

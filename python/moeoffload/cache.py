@@ -228,8 +228,8 @@ class ExpertCache:
 
 
 def _seconds(timeout) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
-        raise InvalidArgumentError(f"timeout must be a number of seconds, got {timeout!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 0 <= timeout < math.inf:
+        raise InvalidArgumentError(f"timeout must be a finite number of seconds >= 0, got {timeout!r}")
     return timeout
 
 

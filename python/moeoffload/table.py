@@ -38,8 +38,9 @@ import torch
 from . import _native
 from . import manifest as _manifest
 from .codec import CompressedTensor, absolute_bound, compress
-from .errors import (ChecksumError, ClosedError, InvalidArgumentError, InvalidBoundError, MissingExpertError,
-                     NoMoeLayersError, TableChangedError, TableError, TableMismatchError, UnsupportedDtypeError)
+from .errors import (ChecksumError, ClosedError, CodecError, InvalidArgumentError, InvalidBoundError,
+                     MissingExpertError, NoMoeLayersError, TableChangedError, TableError, TableMismatchError,
+                     UnsupportedDtypeError)
 from .policy import BoundPolicy
 
 FORMAT = "moeoffload-table"
@@ -109,7 +110,7 @@ class _Source:
         self.shapes = {}
         for f in files:
             for key, (dtype, shape) in _safetensors_header(f)[0].items():
-                self.shapes[key] = (tuple(shape), _SAFETENSORS_DTYPES.get(dtype, None))
+                self.shapes[key] = (tuple(shape), _SAFETENSORS_DTYPES.get(dtype, dtype))  # (F64 etc. by name)
                 self._files[key] = f
 
     def heads(self, refs: list[MatrixRef]) -> list[torch.Tensor]:
@@ -551,8 +552,12 @@ def build(source, policy=None, codec: str = "szp", *, mode: str | None = None, m
                         buf = w.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy()
                         eb, n_exceptions = 0.0, 0
                     else:
-                        eb = absolute_bound(w, bounds[i], pol.mode)
-                        ct = compress(w, eb, mode="abs", codec=codec)
+                        try:
+                            eb = absolute_bound(w, bounds[i], pol.mode)
+                            ct = compress(w, eb, mode="abs", codec=codec)
+                        except CodecError as err:  # which matrix of the model (NaN weights, a bound too small)
+                            raise type(err)(f"expert matrix {ref.key!r}"
+                                            f"{'' if ref.index is None else f' [{ref.index}]'}: {err}") from None
                         n_exceptions, buf = ct.n_exceptions, ct.buffer
                         if codec == "szpe":  # its slot holds the szp buffers, laid out as the store lays them
                             resident = _resident_end(resident, _native.szpe_inspect(buf, False)["szp_total_bytes"])
@@ -602,6 +607,16 @@ def _resident_end(end: int, nbytes: int) -> int:
 LOAD_MODES = ("map", "copy")
 
 
+def _once_each(pairs: list) -> dict:
+    """A manifest object's pairs as a dict; a key given twice (json keeps the last) is no manifest we wrote."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"an object gives {k!r} twice")
+        out[k] = v
+    return out
+
+
 def load(path, *, mode: str = "map", verify: bool = True, expect=None) -> ExpertTable:
     """Load a saved table.
 
@@ -617,7 +632,7 @@ def load(path, *, mode: str = "map", verify: bool = True, expect=None) -> Expert
         raise InvalidArgumentError(f"unknown load mode {mode!r}: use one of {LOAD_MODES}")
     path = Path(path).absolute()  # a cache maps the file by this path: a chdir in between must not change it
     try:
-        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        manifest = json.loads((path / MANIFEST_FILE).read_text(), object_pairs_hook=_once_each)
     except FileNotFoundError:
         raise TableError(f"{path} is not a moeoffload table (no {MANIFEST_FILE})") from None
     except OSError as e:  # the table path is a file, manifest.json a directory, unreadable, ...
@@ -722,6 +737,8 @@ def save_history(path, history, num_layers: int, experts_per_layer: int) -> None
 def load_history(path, capacity: int | None = None):
     """The table's saved activation matrices as an ActivationHistory (None when it has none); TableError
     when the file is not one."""
+    if capacity is not None and (not _is_int(capacity) or not 0 < capacity < 2**31):
+        raise InvalidArgumentError(f"capacity must be a positive integer or None, got {capacity!r}")
     f = Path(path) / HISTORY_FILE
     if not f.exists():
         return None
