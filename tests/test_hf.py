@@ -319,6 +319,19 @@ def test_what_a_hostile_run_found_is_named(tmp_path):
         from_pretrained(tmp_path / "ckpt", table=tmp_path / "t", table_dir=tmp_path / "elsewhere")
 
 
+def test_a_model_cast_after_offload_reads_its_experts_in_its_new_dtype():
+    # codec "none" served the table's bf16 views to a model .half()'d after offload(): a dtype mismatch
+    ids = _prompt()
+    dense = tiny("mixtral").half()
+    with torch.no_grad():
+        ref = dense(ids).logits
+    model = tiny("mixtral")
+    with moeoffload.offload(model, codec="none", gpu_budget="50%"):
+        model.half()
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, ref)
+
+
 def test_from_pretrained_names_a_truncated_checkpoint_or_one_its_config_does_not_describe(tmp_path):
     import json
     import shutil

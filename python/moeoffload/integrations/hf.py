@@ -381,20 +381,23 @@ class Offload:
     def _forward_eager(self, layer, module, held, hidden, top_k_index, top_k_weights):
         """The family's own eager forward, its expert weights read from the slots (views of raw bytes, or
         decoded): exact for codec "none"; the unfused variant for gates the fused kernel does not know."""
-        weights = _SlotWeights(self, layer, held)
+        weights = _SlotWeights(self, layer, held, hidden.dtype)
         proxy = _ExpertsView(module, weights)
         try:
             return type(module).forward.__wrapped__(proxy, hidden, top_k_index, top_k_weights)
         finally:
             weights.release()
 
-    def _matrix_tensor(self, layer: int, expert: int, slot, name: str, device) -> torch.Tensor:
+    def _matrix_tensor(self, layer: int, expert: int, slot, name: str, device, dtype: torch.dtype) -> torch.Tensor:
+        """The matrix as the model reads it, in the hidden state's dtype (a model cast after offload(): .half())."""
         m = self.table.matrix_entry(layer, expert, name)
         eid = self.table.expert_id(layer, expert)
         if self.codec == "none":
             w = _view(slot.data_ptr + m["offset"], m["bytes"], device).view(_CODE_DTYPES[m["dtype"]]).reshape(m["shape"])
         else:
             w = torch.ops.moeoffload.szp_decode(self.cache.handle, eid, self.names.index(name), device)
+        if w.dtype != dtype:
+            w = w.to(dtype)
         return w.T if m.get("transposed") else w
 
     def _ready(self, slots) -> None:
@@ -441,8 +444,8 @@ class _SlotWeights:
     expert e's matrix from its slot (`held`: the slots acquired ahead; others are acquired here, once per
     forward); all released at the end."""
 
-    def __init__(self, off: Offload, layer: int, held: dict):
-        self.off, self.layer, self.device = off, layer, off.device
+    def __init__(self, off: Offload, layer: int, held: dict, dtype: torch.dtype):
+        self.off, self.layer, self.device, self.dtype = off, layer, off.device, dtype
         self.held = held
         self.landed: set[int] = set()
 
@@ -457,7 +460,7 @@ class _SlotWeights:
         if e not in self.landed:
             self.off._ready([slot])
             self.landed.add(e)
-        return self.off._matrix_tensor(self.layer, e, slot, name, self.device)
+        return self.off._matrix_tensor(self.layer, e, slot, name, self.device, self.dtype)
 
     def release(self) -> None:
         self.landed.clear()
