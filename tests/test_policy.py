@@ -1,11 +1,14 @@
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from moeoffload import sensitivity
-from moeoffload.errors import InvalidBoundError
+from moeoffload.cli import main
+from moeoffload.errors import InvalidArgumentError, InvalidBoundError
 from moeoffload.policy import POLICY_FORMAT, BoundPolicy, choose_bounds
 
 
@@ -103,3 +106,91 @@ def test_a_policy_file_nested_past_the_parser_is_named(tmp_path):
     (tmp_path / "deep.json").write_text("[" * 100_000)
     with pytest.raises(InvalidBoundError, match="cannot read the bound policy"):
         BoundPolicy.from_any(tmp_path / "deep.json")
+
+
+# ---- policy from a study that is not as policy_from_study expects ---------------------------------
+
+def small_study(**kw):
+    return sensitivity.Study(**{"perturb": "szp", "alphas": [0.3], "scopes": ["layer"], "max_bytes": 600, **kw})
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    sensitivity.run(small_study(), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixed_dir(study_dir, tmp_path_factory):
+    """The same study with Gaussian cells added, then resumed with szp (so szp is the study's perturbation)."""
+    out = tmp_path_factory.mktemp("mixed") / "study"
+    shutil.copytree(study_dir, out)
+    sensitivity.run(small_study(perturb="gaussian"), out, progress=False)
+    sensitivity.run(small_study(), out, progress=False)
+    return out
+
+
+def cli_policy(capsys, study, out, budget="1%"):
+    code = main(["policy", "--from", str(study), "--max-dppl", budget, "--out", str(out), "--quiet"])
+    return code, *capsys.readouterr()
+
+
+def one_line_exit_2(code, stdout, stderr, says):
+    assert code == 2 and "Traceback" not in stderr and stdout == "", (code, stdout, stderr)
+    assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("moeoffload") and says in stderr, stderr
+
+
+@pytest.mark.parametrize("how", ["same path", "symlink", "hard link"])
+def test_policy_out_that_is_the_study_itself_is_refused(study_dir, tmp_path, capsys, how):
+    # It wrote the policy over the study, exit 0.
+    study = tmp_path / "results.json"
+    shutil.copy(study_dir / "results.json", study)
+    before = study.read_bytes()
+    out = study if how == "same path" else tmp_path / "policy.json"
+    if how == "symlink":
+        out.symlink_to(study)
+    elif how == "hard link":
+        os.link(study, out)
+    one_line_exit_2(*cli_policy(capsys, study, out), "would overwrite the study")
+    assert study.read_bytes() == before
+
+
+def test_policy_uses_only_the_studys_own_perturbation(mixed_dir, tmp_path, capsys):
+    # Gaussian cells (no bits) beside szp's: TypeError in choose_bounds; their bounds are no szp bounds either.
+    doc = json.loads((mixed_dir / "results.json").read_text())
+    assert {c["method"] for c in doc["cells"]} == {"gaussian", "szp"}
+    pol = sensitivity.policy_from_study(doc, 1.0, progress=False)
+    assert pol["codec"] == "szp" and pol["policy"]["bits_per_weight"] > 0
+    # None of the study's own cells left: said so, from the API and in one line from the command line.
+    for edit in ({"method": "gaussian"}, {"eb_mode": "abs"}):
+        bad = json.loads(json.dumps(doc))
+        bad["cells"] = [{**c, **edit} for c in bad["cells"]]
+        with pytest.raises(InvalidArgumentError, match="none of the study's 20 cells was measured with its "
+                                                       "perturbation szp at eb-mode meanabs"):
+            sensitivity.policy_from_study(bad, 1.0, progress=False)
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        one_line_exit_2(*cli_policy(capsys, tmp_path / "bad.json", tmp_path / "p.json"), "none of the study's")
+        assert not (tmp_path / "p.json").exists()
+
+
+def test_policy_checks_the_studys_moe_layers(study_dir, tmp_path, capsys):
+    # A results.json saying 3 MoE layers (the model has 10) gave a 3-layer policy, exit 0.
+    doc = json.loads((study_dir / "results.json").read_text())
+    doc["model"]["moe_layers"] = 3
+    with pytest.raises(InvalidArgumentError, match=r"cells for MoE layers \[3, 4, 5, 6, 7, 8, 9\]"):
+        sensitivity.policy_from_study(doc, 1.0, progress=False)
+    doc["cells"] = [c for c in doc["cells"] if c["layers"][0] < 3]  # consistent with itself, not with the model
+    with pytest.raises(InvalidArgumentError, match="model.moe_layers 3, but its model default has 10 MoE layers"):
+        sensitivity.policy_from_study(doc, 1.0, progress=False)
+    (tmp_path / "three.json").write_text(json.dumps(doc))
+    one_line_exit_2(*cli_policy(capsys, tmp_path / "three.json", tmp_path / "p.json"),
+                    "model.moe_layers says 3, but the study's model default has 10 MoE layers")
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_policy_refuses_codec_cells_without_bits(study_dir):
+    doc = json.loads((study_dir / "results.json").read_text())
+    doc["cells"][4]["bits_per_weight"] = None
+    with pytest.raises(InvalidArgumentError, match="lack bits_per_weight"):
+        sensitivity.policy_from_study(doc, 1.0, progress=False)

@@ -15,12 +15,13 @@ Scopes (which experts one cell perturbs):
 Metrics: perplexity and next-token accuracy on held-out text; bits per weight
 of the real codec at the cell's bound. Results go to a directory
 (results.json, results.csv, plots); a run resumes: finished cells are read
-back, not recomputed.
+back, not recomputed (only when measured on the same model, text, seq and seed).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import time
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from .codec import absolute_bound, bound_value, compress
-from .errors import InvalidBoundError, NoMoeLayersError
+from .errors import InvalidArgumentError, InvalidBoundError, NoMoeLayersError
 from .evaluation import encode, evaluate, lm_eval_tasks, router_choices, windows
 from .table import MatrixRef, find_expert_matrices
 
@@ -213,8 +214,53 @@ def load_text(data: str, model_dir: Path) -> bytes:
     return p.read_bytes()
 
 
+def parameters_digest(model) -> str:
+    """blake2b over every parameter's name, shape, dtype and first 64 KiB of bytes: tells another model's
+    (or a fine-tuned) weights from these without reading all of a big model."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        h.update(f"{name}|{tuple(p.shape)}|{p.dtype};".encode())
+        h.update(flat[: 65536 // flat.element_size()].cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# What the baseline and every cell were measured on (results.json's "measured_on"), and how a mismatch is named.
+MEASURED_ON = {"model_dir": "model directory", "weights_blake2b": "model weights",
+               "text_sha256": "evaluation text (--data, --max-bytes)", "tokens": "number of evaluation tokens",
+               "seq": "--seq", "seed": "--seed", "tasks": "--tasks", "task_limit": "--task-limit"}
+
+
+def _check_resumable(doc, record: dict, results_file: Path) -> None:
+    """Earlier results are reused only when measured on what this run measures on; else a named error
+    (never silently mixed in, nor thrown away)."""
+    if not isinstance(doc, dict):
+        raise InvalidArgumentError(f"{results_file} is not a sensitivity study's results; "
+                                   "choose another --out or move it away")
+    if not doc.get("cells") and not doc.get("baseline"):
+        return  # nothing measured yet
+    old = doc.get("measured_on")
+    if not isinstance(old, dict):
+        raise InvalidArgumentError(f"{results_file} does not record what its baseline and cells were measured on "
+                                   "(an older moeoffload wrote it), so they cannot be trusted to match this study: "
+                                   "choose another --out or move the old study away")
+    diffs = []
+    for key, name in MEASURED_ON.items():
+        if old.get(key) != record[key]:
+            short = key not in ("weights_blake2b", "text_sha256") and len(repr(old.get(key))) <= 200
+            diffs.append(f"{name} ({old.get(key)!r} there, {record[key]!r} now)" if short else name)
+    if diffs:
+        raise InvalidArgumentError(f"{results_file} was measured on another study: {'; '.join(diffs)} "
+                                   f"{'differ' if len(diffs) > 1 else 'differs'}; "
+                                   "choose another --out or move the old study away")
+
+
 def run(study: Study, out_dir: Path, progress: bool = True) -> dict:
-    """Run (or resume) the study; returns the results document also written to out_dir."""
+    """Run (or resume) the study; returns the results document also written to out_dir.
+
+    A resumed run reuses the baseline and the finished cells only when they were measured on the same model,
+    weights, evaluation text, seq, seed and tasks (else InvalidArgumentError); other perturbations, eb-modes,
+    alphas and scopes add their cells to the same study."""
     from tqdm.auto import tqdm
 
     study.alphas = check_args(study.perturb, study.alphas, study.eb_mode, study.scopes)
@@ -222,23 +268,27 @@ def run(study: Study, out_dir: Path, progress: bool = True) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     results_file = out_dir / "results.json"
     doc = json.loads(results_file.read_text()) if results_file.exists() else {}
-    cells = {c["key"]: c for c in doc.get("cells", [])}
 
     model, model_dir = load_model(study.model_path)
     grid = ExpertGrid(model)
     text = load_text(study.data, model_dir)[: study.max_bytes]
     batches = windows(encode(model_dir, model, text), study.seq, getattr(model.config, "bos_token_id", None))
+    record = {"model_dir": str(Path(model_dir).resolve()), "weights_blake2b": parameters_digest(model),
+              "text_sha256": hashlib.sha256(bytes(text)).hexdigest(), "tokens": int(batches[:, 1:].numel()),
+              "seq": study.seq, "seed": study.seed, "tasks": list(study.tasks), "task_limit": study.task_limit}
+    _check_resumable(doc, record, results_file)
+    cells = {c["key"]: c for c in doc.get("cells", [])}
     base = doc.get("baseline")
-    if base is None or base.get("tokens") != int(batches[:, 1:].numel()):
+    if base is None:
         base = evaluate(model, batches)
         if study.tasks:
             base["tasks"] = lm_eval_tasks(model, study.tasks, study.task_limit)
-        cells = {}  # different text: earlier cells are not comparable
     usage = expert_usage(model, batches, grid)
     doc = {
         "study": {k: (str(v) if isinstance(v, Path) else v) for k, v in study.__dict__.items()},
         "model": {"path": str(model_dir), "moe_layers": grid.num_layers, "experts_per_layer": grid.experts_per_layer,
                   "model_layers": grid.model_layers},
+        "measured_on": record,
         "baseline": base,
         "usage": usage.tolist(),
         "groups": {g: grid.group_layers(g) for g in GROUPS},
@@ -368,6 +418,9 @@ def measure_bounds(doc: dict, bounds: dict[int, float], method: str | None = Non
     st = doc["study"]
     model, model_dir = load_model(st["model_path"])
     grid = ExpertGrid(model)
+    if grid.num_layers != doc["model"]["moe_layers"]:
+        raise InvalidArgumentError(f"the study says model.moe_layers {doc['model']['moe_layers']}, but its model "
+                                   f"{st['model_path']} has {grid.num_layers} MoE layers")
     text = load_text(st["data"], model_dir)[: st["max_bytes"]]
     batches = windows(encode(model_dir, model, text), st["seq"], getattr(model.config, "bos_token_id", None))
     perts = []
@@ -395,10 +448,21 @@ def policy_from_study(doc: dict, max_dppl_pct: float, progress: bool = True) -> 
         raise ValueError("a bound policy needs a study with a real codec (--perturb szp or sz3): Gaussian noise has no size")
     if not (math.isfinite(max_dppl_pct) and max_dppl_pct > 0):
         raise ValueError(f"--max-dppl must be a positive percentage, got {max_dppl_pct}")
-    layer_cells = [c for c in doc["cells"] if c["scope"] == "layer"]
+    # Only the study's own perturbation and eb-mode: other cells' bounds are in other units, or have no size.
+    own = [c for c in doc["cells"] if c.get("method") == st["perturb"] and c.get("eb_mode") == st["eb_mode"]]
+    if doc["cells"] and not own:
+        raise InvalidArgumentError(f"none of the study's {len(doc['cells'])} cells was measured with its perturbation "
+                                   f"{st['perturb']} at eb-mode {st['eb_mode']}; run it with --perturb "
+                                   f"{st['perturb']} --eb-mode {st['eb_mode']} --scope layer")
+    layer_cells = [c for c in own if c["scope"] == "layer"]
     if not layer_cells:
         raise ValueError("the study has no 'layer' scope cells; run it with --scope layer")
     L = doc["model"]["moe_layers"]
+    beyond = sorted({l for c in layer_cells for l in c["layers"] if l >= L})
+    if beyond:
+        raise InvalidArgumentError(f"the study has cells for MoE layers {beyond}, but model.moe_layers says {L}")
+    if any(c["bits_per_weight"] is None for c in layer_cells):
+        raise InvalidArgumentError(f"the study's {st['perturb']} cells lack bits_per_weight")
     options = {l: [(c["alpha"], c["dppl_pct"], c["bits_per_weight"]) for c in layer_cells if c["layers"] == [l]]
                for l in range(L)}
     missing = [l for l, o in options.items() if not o]

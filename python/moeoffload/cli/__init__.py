@@ -239,6 +239,15 @@ def _writable_dir(out, flag: str = "--out") -> Path:
     return p
 
 
+def _number(v) -> bool:
+    """A finite int or float (not a bool, not a string), as a study's results.json holds them."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(v, lo: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
 def _check_out_dir(out: str) -> None:
     """--out is (or can be made) a directory this process can write; a results.json in it is a study's."""
     p = _writable_dir(out)
@@ -254,6 +263,11 @@ def _check_out_dir(out: str) -> None:
                 and isinstance(doc.get("baseline") or {}, dict)):
             raise UsageError(f"--out {out}: its results.json is not a sensitivity study's; "
                              "move it away or choose another --out")
+        base = doc.get("baseline")  # reused as it is: the cells' deltas and the summary are computed from it
+        if base is not None and not (isinstance(base, dict) and _number(base.get("ppl")) and base["ppl"] > 0
+                                     and _number(base.get("acc")) and _integer(base.get("tokens"), 1)):
+            raise UsageError(f"--out {out}: its results.json's baseline lacks ppl, acc or tokens, or one is not a "
+                             "finite number; move it away or choose another --out")
 
 
 def _check_out_file(out: str) -> None:
@@ -404,12 +418,6 @@ def _check_study_doc(doc, name: str) -> None:
     def bad(what: str) -> UsageError:
         return UsageError(f"--from {name}: not the results.json of `moeoffload sensitivity` ({what})")
 
-    def number(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    def integer(v, lo: int) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= lo
-
     if not isinstance(doc, dict):
         raise bad("not a JSON object")
     st = doc.get("study")
@@ -421,22 +429,33 @@ def _check_study_doc(doc, name: str) -> None:
     if st.get("perturb") not in PERTURBATIONS or st.get("eb_mode") not in EB_MODES:
         raise bad("study.perturb or study.eb_mode is missing or unknown")
     for key, lo in (("max_bytes", 1), ("seq", 2), ("seed", 0)):
-        if not integer(st.get(key), lo):
+        if not _integer(st.get(key), lo):
             raise bad(f"study.{key} is missing or not an integer >= {lo}")
     model = doc.get("model")
-    if not (isinstance(model, dict) and integer(model.get("moe_layers"), 1)):
+    if not (isinstance(model, dict) and _integer(model.get("moe_layers"), 1)):
         raise bad("model.moe_layers is missing or not a positive integer")
     base = doc.get("baseline")
-    if not (isinstance(base, dict) and number(base.get("ppl")) and base["ppl"] > 0):
+    if not (isinstance(base, dict) and _number(base.get("ppl")) and base["ppl"] > 0):
         raise bad("baseline.ppl is missing or not a positive number")
     cells = doc.get("cells")
     if not isinstance(cells, list):
         raise bad("no 'cells' list")
     for i, c in enumerate(cells):
-        if not (isinstance(c, dict) and isinstance(c.get("scope"), str) and number(c.get("alpha")) and c["alpha"] > 0
-                and number(c.get("dppl_pct")) and (c.get("bits_per_weight") is None or number(c["bits_per_weight"]))
-                and isinstance(c.get("layers"), list) and all(integer(l, 0) for l in c["layers"])):
+        if not (isinstance(c, dict) and isinstance(c.get("scope"), str) and _number(c.get("alpha")) and c["alpha"] > 0
+                and _number(c.get("dppl_pct")) and (c.get("bits_per_weight") is None or _number(c["bits_per_weight"]))
+                and isinstance(c.get("layers"), list) and all(_integer(l, 0) for l in c["layers"])):
             raise bad(f"cells[{i}] lacks scope, alpha, dppl_pct, bits_per_weight or layers")
+
+
+def _moe_layers(config) -> int:
+    """How many MoE layers a model of `config` has (built on the meta device: no weights, no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moeoffload.sensitivity import ExpertGrid
+
+    with torch.device("meta"):
+        return ExpertGrid(AutoModelForCausalLM.from_config(config)).num_layers
 
 
 def _cmd_policy(args) -> int:
@@ -448,9 +467,16 @@ def _cmd_policy(args) -> int:
         print(f"moeoffload policy: cannot read {args.from_file}: {_one_line(e)}", file=sys.stderr)
         return 2
     # Before the measurements: the study's model and text still load, and --out can be written.
+    if os.path.exists(args.out) and os.path.samefile(args.out, args.from_file):  # (also through a link)
+        raise UsageError(f"--out {args.out}: is the study --from {args.from_file} itself; writing the policy there "
+                         "would overwrite the study: choose another --out")
     _check_study_doc(doc, args.from_file)
     st = doc["study"]
     model_dir, config = _check_model(st["model_path"], flag="the study's model")
+    layers = _moe_layers(config)
+    if layers != doc["model"]["moe_layers"]:
+        raise UsageError(f"--from {args.from_file}: model.moe_layers says {doc['model']['moe_layers']}, but the "
+                         f"study's model {st['model_path']} has {layers} MoE layers")
     _check_text(st["data"], st["max_bytes"], st["seq"], model_dir, config, flag="the study's data")
     _check_out_file(args.out)
     try:
@@ -473,11 +499,20 @@ def _cmd_policy(args) -> int:
 
 
 def _stdout_closed() -> bool:
+    """Whether stdout's reader went away: a flush fails (buffered), or a pipe with no reader left reports
+    POLLERR (unbuffered, PYTHONUNBUFFERED=1: nothing is left to flush)."""
     try:
         sys.stdout.flush()
     except (BrokenPipeError, ValueError):
         return True
-    return False
+    try:
+        import select
+
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # (no poll, no file descriptor)
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -544,6 +579,9 @@ def main(argv: list[str] | None = None) -> int:
         message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
         message = f"{e.filename}: {e.strerror}" if e.filename else str(e)
+    except OSError as e:  # the machine's, not the command's: a full disk (stdout on /dev/full), an I/O error
+        print(f"moeoffload: error: {_one_line(f'{e.filename}: {e.strerror}' if e.filename else e)}", file=sys.stderr)
+        return 1
     print(f"moeoffload: error: {_one_line(message)}", file=sys.stderr)
     return 2
 
