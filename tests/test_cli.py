@@ -85,3 +85,25 @@ def test_compress_szpe_is_smaller_and_runs_fused(tmp_path):
     assert bits["szpe"] < 0.8 * bits["szp"]
     r = cli("run", "--table", str(tmp_path / "szpe"), "--max-new-tokens", "6", "--prompt", "x = ", "--budget", "10%")
     assert "experts: szpe" in r.stdout and "10 of 10 MoE layers fused" in r.stdout
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly_buffered_or_not():
+    # With PYTHONUNBUFFERED=1 nothing was left to flush, so the closed pipe was not seen: a BrokenPipeError traceback
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(moeoffload.__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    for unbuffered in ("", "1"):
+        env["PYTHONUNBUFFERED"] = unbuffered
+        p = subprocess.Popen([sys.executable, "-m", "moeoffload.cli", "run", "--max-new-tokens", "20"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        p.stdout.read(5)
+        p.stdout.close()
+        err = p.stderr.read().decode()
+        assert p.wait(timeout=300) == 141, err
+        assert "Traceback" not in err, err
+
+
+def test_a_full_disk_under_stdout_is_one_line():
+    r = subprocess.run(f"{sys.executable} -m moeoffload.cli info > /dev/full", shell=True, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == ["moeoffload: error: [Errno 28] No space left on device"]
