@@ -113,11 +113,11 @@ class _Source:
                 self.shapes[key] = (tuple(shape), _SAFETENSORS_DTYPES.get(dtype, dtype))  # (F64 etc. by name)
                 self._files[key] = f
 
-    def heads(self, refs: list[MatrixRef]) -> list[torch.Tensor]:
-        """The first row of each matrix (all of a 1-D one), as _head() takes it from get(): from a checkpoint
-        only those bytes are read, each file opened once."""
+    def row_digests(self, refs: list[MatrixRef]) -> list[bytes]:
+        """_row_digest of each matrix's first row (all of a 1-D one), as _head() takes it from get(): from a
+        checkpoint only those bytes are read, each file opened once."""
         if self._dict is not None:
-            return [_head(self.get(r)) for r in refs]
+            return [_row_digest(_head(self.get(r))) for r in refs]
         from safetensors import safe_open
 
         out: list = [None] * len(refs)
@@ -131,7 +131,7 @@ class _Source:
                     ndim = len(self.shapes[r.key][0]) - (r.index is not None)
                     at = ((slice(r.index, r.index + 1),) if r.index is not None else ()) + \
                          ((slice(0, 1),) if ndim >= 2 else ())
-                    out[i] = st.get_slice(r.key)[at].reshape(-1) if at else st.get_tensor(r.key).reshape(-1)
+                    out[i] = _row_digest(st.get_slice(r.key)[at] if at else st.get_tensor(r.key))
         return out
 
     def get(self, ref: MatrixRef) -> torch.Tensor:
@@ -192,23 +192,29 @@ def _is_int(x) -> bool:
 
 def _head(t: torch.Tensor) -> torch.Tensor:
     """A matrix's first row (a 1-D one whole), flat: what weights_digest hashes of it."""
-    return (t[0] if t.dim() >= 2 else t).reshape(-1).clone()  # (not a view: that would hold the whole matrix)
+    return (t[0] if t.dim() >= 2 else t).reshape(-1)
 
 
-def weights_digest(heads: dict[tuple[int, int, str], torch.Tensor]) -> str:
+def _row_digest(row: torch.Tensor) -> bytes:
+    """(Its bytes in memory order: a [1, 1, C] slice and a [C] row hash alike.)"""
+    return hashlib.blake2b(row.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes(),
+                           digest_size=16).digest()
+
+
+def weights_digest(rows: dict[tuple[int, int, str], bytes]) -> str:
     """Tells apart two models of one layout (a fine-tune and its base): a hash of the first row of every
-    expert matrix, by (model layer, expert, matrix name), as the checkpoint or state_dict holds them."""
+    expert matrix (_row_digest of _head), by (model layer, expert, matrix name), as the checkpoint or
+    state_dict holds them."""
     h = hashlib.sha256()
-    for key in sorted(heads):
-        h.update(f"{key}\n".encode())
-        h.update(heads[key].detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    for key in sorted(rows):
+        h.update(f"{key}\n".encode() + rows[key])
     return h.hexdigest()[:32]
 
 
 def _source_digest(source: _Source, grid) -> str:
     keys = [(l, e, r.name) for (l, e), refs in grid.items() for r in refs]
     refs = [r for refs in grid.values() for r in refs]
-    return weights_digest(dict(zip(keys, source.heads(refs))))
+    return weights_digest(dict(zip(keys, source.row_digests(refs))))
 
 
 def fingerprint(grid: dict[tuple[int, int], list[MatrixRef]]) -> str:
@@ -534,7 +540,7 @@ def build(source, policy=None, codec: str = "szp", *, mode: str | None = None, m
         Path(out).mkdir(parents=True, exist_ok=True)
         writer = _PayloadWriter(Path(out) / PAYLOAD_FILE, [f"{i}.{e}" for i in range(len(model_layers))
                                                            for e in range(n_exp)])
-    experts, heads = [], {}
+    experts, rows = [], {}
     bar = tqdm(total=len(grid), desc="compressing experts", unit="expert", disable=not progress)
     try:
         for i, ml in enumerate(model_layers):
@@ -542,7 +548,7 @@ def build(source, policy=None, codec: str = "szp", *, mode: str | None = None, m
                 parts, mats, offset, resident = [], [], 0, 0
                 for name, refs in _stored_matrices(grid[(ml, e)], fuse):
                     got = [src.get(r) for r in refs]
-                    heads.update({(ml, e, r.name): _head(t) for r, t in zip(refs, got)})
+                    rows.update({(ml, e, r.name): _row_digest(_head(t)) for r, t in zip(refs, got)})
                     w = torch.cat(got) if len(got) > 1 else got[0]
                     ref = dataclasses.replace(refs[0], name=name, shape=tuple(w.shape))
                     if transpose and len(ref.shape) == 2:
@@ -586,7 +592,7 @@ def build(source, policy=None, codec: str = "szp", *, mode: str | None = None, m
         bar.close()
     manifest = {
         "format": FORMAT, "version": VERSION,
-        "model": {"id": model_id or src.model_id, "fingerprint": fingerprint(grid), "weights": weights_digest(heads)},
+        "model": {"id": model_id or src.model_id, "fingerprint": fingerprint(grid), "weights": weights_digest(rows)},
         "codec": codec, "num_layers": len(model_layers), "experts_per_layer": n_exp,
         "model_layers": model_layers, "matrices": names,
         "bounds": {"mode": pol.mode, "per_layer": bounds},

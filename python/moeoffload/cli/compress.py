@@ -13,6 +13,7 @@ import contextlib
 import os
 import shutil
 import signal
+import threading
 from pathlib import Path
 
 
@@ -120,6 +121,9 @@ def _signals_end_as_exit():
     def end(signum, frame):
         raise SystemExit(128 + signum)
 
+    if threading.current_thread() is not threading.main_thread():  # (main() called from a thread: no handlers)
+        yield
+        return
     old = {s: signal.signal(s, end) for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None}
     try:
         yield
