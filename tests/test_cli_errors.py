@@ -249,6 +249,41 @@ def test_compress_into_a_directory_another_compress_holds_is_refused(tmp_path):
     assert list(out.iterdir()) == []
 
 
+def test_a_failed_compress_leaves_what_others_wrote_beside_it(tmp_path, monkeypatch):
+    # It removed the top-most directory it had made, whole: a table another compress finished in it too
+    from moeoffload import table
+    from moeoffload.cli import main
+
+    def build(*args, out, **kw):
+        (out / "experts.safetensors.tmp").write_bytes(b"half")
+        (out.parent / "b").mkdir()  # another compress's finished table, made meanwhile
+        (out.parent / "b" / "manifest.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(table, "build", build)
+    assert main(["compress", "--out", str(tmp_path / "tables" / "a"), "--quiet"]) == 130
+    assert sorted(p.name for p in (tmp_path / "tables").iterdir()) == ["b"]
+    assert (tmp_path / "tables" / "b" / "manifest.json").exists()
+
+
+def test_compress_under_nohup_outlives_a_hangup(tmp_path):
+    # An ignored SIGHUP (nohup) stays ignored: the clean-up handler is for signals that would kill
+    import signal
+    import time
+
+    out = tmp_path / "t"
+    p = subprocess.Popen([sys.executable, "-m", "moeoffload.cli", "compress", "--out", str(out), "--quiet"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+                         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    deadline = time.time() + 120
+    while not (out / "experts.safetensors.tmp").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    p.send_signal(signal.SIGHUP)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert (out / "manifest.json").exists()
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
 def test_compress_ended_by_a_signal_leaves_nothing(tmp_path, sig):
     import signal

@@ -20,17 +20,20 @@ def _run(code: str, timeout: float = 120) -> None:
     assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
 
 
-def _reap(hung: str) -> str:
+def _reap(hung: str, failed: str | None = None) -> str:
     """Parent-side code for a _run script: wait up to 20 s for child `pid`, else kill it and fail with
-    `hung` (the child's exit status is not looked at)."""
-    return f"""
+    `hung`; with `failed`, also fail with it when the child's exit status is not 0."""
+    code = f"""
 deadline = time.time() + 20
-while not os.waitpid(pid, os.WNOHANG)[0]:
+while not (reaped := os.waitpid(pid, os.WNOHANG))[0]:
     if time.time() > deadline:
         os.kill(pid, 9)
         sys.exit({hung!r})
     time.sleep(0.01)
 """
+    if failed is not None:
+        code += f"if os.waitstatus_to_exitcode(reaped[1]):\n    sys.exit({failed!r})\n"
+    return code
 
 
 def test_a_child_drops_the_runtime_and_exits_normally(tmp_path):
@@ -219,7 +222,7 @@ for _ in range(5):
         del mine
         gc.collect()
         os._exit(0)
-""" + _reap("the child hung on the host matrices' lock").replace("\n", "\n    ") + """
+""" + _reap("the child hung on the host matrices' lock", "the child failed").replace("\n", "\n    ") + """
     time.sleep(0.02)
 stop.set(); t.join()
 """)

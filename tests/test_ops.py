@@ -266,6 +266,23 @@ def test_moe_experts_refuses_bad_routing_and_shapes():
     assert ops.moe_experts(torch.randn(0, 16), empty, torch.zeros(0, 2), experts).shape == (0, 16)
 
 
+def test_expert_mlp_reads_gate_up_and_down_from_two_sources():
+    # Two sources' read locks are taken without holding one while waiting for the other (lock_both: fork
+    # takes them exclusively one after another).
+    from moeoffload import _native
+
+    gu, dn, _, _ = _expert(32, 16, torch.float32, seed=7)
+    sources = []
+    for ct in (gu, dn):
+        h = _native.HostMatrices()
+        sources.append((h, h.register(), h.add(ct.buffer)))
+    x = torch.randn(3, 32)
+    y = torch.empty(3, 32)
+    (_, gh, ge), (_, dh, de) = sources
+    _native.expert_mlp(gh, ge, 0, dh, de, 0, x, "silu", 0, 1.702, 7.0, None, None, y, None, 0)
+    assert torch.equal(y, ops.expert_mlp(x, gu, dn))
+
+
 def test_moe_experts_hostile_inputs_are_named_or_computed_right():
     """What a hostile run found: a non-contiguous bias was read after its converted copy was freed (garbage,
     or a crash); float routing was truncated to expert ids; an output the raw binding had to convert took

@@ -3,6 +3,7 @@
 // its matrices through (handle, expert, matrix index).
 #include <cmath>
 #include <optional>
+#include <tuple>
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
@@ -170,9 +171,13 @@ void bind_kernels(nb::module_& m) {
     // waits for them while holding it.
     nb::gil_scoped_release release;
     // One read lock per source: gate_up and down usually share one, and a thread takes it once.
-    std::shared_lock<std::shared_mutex> guard = gsrc->lock();
+    std::shared_lock<std::shared_mutex> guard, down_guard;
+    if (dsrc == gsrc)
+      guard = gsrc->lock();
+    else
+      std::tie(guard, down_guard) = lock_both(*gsrc, *dsrc);
     MatrixUse gu = gsrc->use_locked(gu_expert, gu_index);
-    MatrixUse dn = dsrc == gsrc ? dsrc->use_locked(down_expert, down_index) : dsrc->use(down_expert, down_index);
+    MatrixUse dn = dsrc->use_locked(down_expert, down_index);
     const SzpMatrix g = szp_matrix(gu.matrix.buf, gu.matrix.view, "gate_up");
     const SzpMatrix d = szp_matrix(dn.matrix.buf, dn.matrix.view, "down");
     if (gu.backend != dn.backend) throw Error(ErrorKind::InvalidArgument, "gate_up and down live on different devices");

@@ -1,6 +1,7 @@
 #include "moeoffload/runtime.h"
 
 #include <atomic>
+#include <thread>
 #include <unordered_map>
 
 #include "moeoffload/errors.h"
@@ -23,6 +24,17 @@ int64_t register_source(std::shared_ptr<MatrixSource> source) {
   const int64_t h = g_next_handle++;
   sources()[h] = source;
   return h;
+}
+
+std::pair<std::shared_lock<std::shared_mutex>, std::shared_lock<std::shared_mutex>> lock_both(MatrixSource& a,
+                                                                                            MatrixSource& b) {
+  for (;;) {
+    std::shared_lock<std::shared_mutex> first = a.lock();
+    std::shared_lock<std::shared_mutex> second = b.try_lock();
+    if (second.owns_lock()) return {std::move(first), std::move(second)};
+    first.unlock();
+    std::this_thread::yield();
+  }
 }
 
 std::shared_ptr<MatrixSource> find_source(int64_t handle) {
@@ -150,6 +162,11 @@ int64_t Runtime::handle() {
 std::shared_lock<std::shared_mutex> Runtime::lock() {
   check_not_forked();
   return std::shared_lock<std::shared_mutex>(use_mu_);
+}
+
+std::shared_lock<std::shared_mutex> Runtime::try_lock() {
+  check_not_forked();
+  return std::shared_lock<std::shared_mutex>(use_mu_, std::try_to_lock);
 }
 
 void Runtime::close() {

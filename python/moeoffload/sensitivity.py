@@ -226,7 +226,7 @@ def parameters_digest(model) -> str:
 
 
 # What the baseline and every cell were measured on (results.json's "measured_on"), and how a mismatch is named.
-MEASURED_ON = {"model_dir": "model directory", "weights_blake2b": "model weights",
+MEASURED_ON = {"weights_blake2b": "model weights",
                "text_sha256": "evaluation text (--data, --max-bytes)", "tokens": "number of evaluation tokens",
                "seq": "--seq", "seed": "--seed", "tasks": "--tasks", "task_limit": "--task-limit"}
 
@@ -273,7 +273,7 @@ def run(study: Study, out_dir: Path, progress: bool = True) -> dict:
     grid = ExpertGrid(model)
     text = load_text(study.data, model_dir)[: study.max_bytes]
     batches = windows(encode(model_dir, model, text), study.seq, getattr(model.config, "bos_token_id", None))
-    record = {"model_dir": str(Path(model_dir).resolve()), "weights_blake2b": parameters_digest(model),
+    record = {"weights_blake2b": parameters_digest(model),  # (not the directory: a moved copy is the same model)
               "text_sha256": hashlib.sha256(bytes(text)).hexdigest(), "tokens": int(batches[:, 1:].numel()),
               "seq": study.seq, "seed": study.seed, "tasks": list(study.tasks), "task_limit": study.task_limit}
     _check_resumable(doc, record, results_file)

@@ -113,6 +113,9 @@ class _Source:
                 self.shapes[key] = (tuple(shape), _SAFETENSORS_DTYPES.get(dtype, dtype))  # (F64 etc. by name)
                 self._files[key] = f
 
+    def is_meta(self, refs: list[MatrixRef]) -> bool:
+        return self._dict is not None and any(getattr(self._dict[r.key], "is_meta", False) for r in refs)
+
     def row_digests(self, refs: list[MatrixRef]) -> list[bytes]:
         """_row_digest of each matrix's first row (all of a 1-D one), as _head() takes it from get(): from a
         checkpoint only those bytes are read, each file opened once."""
@@ -211,9 +214,13 @@ def weights_digest(rows: dict[tuple[int, int, str], bytes]) -> str:
     return h.hexdigest()[:32]
 
 
-def _source_digest(source: _Source, grid) -> str:
+def _source_digest(source: _Source, grid) -> str | None:
+    """weights_digest of a source's experts; None when it has no values to hash (meta tensors: a model
+    offloaded already, or built on the meta device), so only its layout can be checked."""
     keys = [(l, e, r.name) for (l, e), refs in grid.items() for r in refs]
     refs = [r for refs in grid.values() for r in refs]
+    if source.is_meta(refs):
+        return None
     return weights_digest(dict(zip(keys, source.row_digests(refs))))
 
 
@@ -387,7 +394,8 @@ class ExpertTable:
                 f"this table was built from another model (expert layout fingerprint {self.manifest['model']['fingerprint']}, "
                 f"model {self.manifest['model']['id']!r}); the given model has fingerprint {fp}: rebuild the table")
         want = self.manifest["model"].get("weights")  # (tables before 2026-12-03 lack it)
-        if want is not None and _source_digest(src, grid) != want:
+        got = None if want is None else _source_digest(src, grid)
+        if got is not None and got != want:
             raise TableMismatchError(
                 f"this table holds the experts of other weights of the same layout (built from "
                 f"{self.manifest['model']['id']!r}: a base model and its fine-tune, say): rebuild it from this model")

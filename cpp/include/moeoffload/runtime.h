@@ -15,6 +15,7 @@
 #include <memory>
 #include <mutex>
 #include <shared_mutex>
+#include <utility>
 #include <vector>
 
 #include "moeoffload/cpu_kernels.h"
@@ -42,6 +43,8 @@ class MatrixSource : public std::enable_shared_from_this<MatrixSource> {
   virtual ~MatrixSource() = default;
   // The source's read lock: held while an op reads its matrices (a writer, close or remove, waits).
   virtual std::shared_lock<std::shared_mutex> lock() = 0;
+  // The same without waiting: owns_lock() tells whether it was taken.
+  virtual std::shared_lock<std::shared_mutex> try_lock() = 0;
   // A matrix, for a caller that holds lock() (the Use's own guard is empty). An op that reads several
   // matrices of one source takes lock() once: a thread must not take a shared_mutex twice.
   virtual MatrixUse use_locked(uint32_t expert, uint32_t index) = 0;
@@ -53,6 +56,12 @@ class MatrixSource : public std::enable_shared_from_this<MatrixSource> {
     return u;
   }
 };
+
+// The read locks of two sources, never one held while waiting for the other: fork() takes the host
+// matrices' locks exclusively one after another, and a reader holding one while it waited for a
+// second would wait for fork, which waits for it.
+std::pair<std::shared_lock<std::shared_mutex>, std::shared_lock<std::shared_mutex>> lock_both(MatrixSource& a,
+                                                                                            MatrixSource& b);
 
 // Registered sources (held weakly); handles are never reused. find() raises
 // InvalidArgument for an unknown handle and Closed for a closed or freed source.
@@ -66,6 +75,9 @@ class HostMatrices : public MatrixSource {
   uint32_t add(const uint8_t* bytes, size_t len);
   void remove(uint32_t expert);  // frees its bytes; the id is not reused
   std::shared_lock<std::shared_mutex> lock() override { return std::shared_lock<std::shared_mutex>(mu_); }
+  std::shared_lock<std::shared_mutex> try_lock() override {
+    return std::shared_lock<std::shared_mutex>(mu_, std::try_to_lock);
+  }
   MatrixUse use_locked(uint32_t expert, uint32_t index) override;
 
  private:
@@ -89,6 +101,7 @@ class Runtime : public MatrixSource {
   // The matrix of a pinned (acquired) expert; InvalidArgument when the
   // caller does not hold it pinned.
   std::shared_lock<std::shared_mutex> lock() override;  // Forked in a child (see close())
+  std::shared_lock<std::shared_mutex> try_lock() override;
   MatrixUse use_locked(uint32_t expert, uint32_t index) override;
   int64_t handle();       // registers on first call
   Backend backend() const { return backend_; }

@@ -49,47 +49,51 @@ def cmd(args) -> int:
         BoundPolicy.from_any(args.policy)  # a malformed one is named before --out is made
     if (out / table.MANIFEST_FILE).exists():
         raise UsageError(f"--out {out}: a table is there already; choose another directory or remove it")
-    made = _make_dirs(out)
-    _writable_dir(out)
-    bound = args.policy or (args.error_bound if args.error_bound is not None else
-                            (str(model_dir / "policy.json") if (model_dir / "policy.json").exists() else 0.3))
-    import torch
-    from transformers import AutoModelForCausalLM
+    made = _make_dirs(out)  # nearest first
+    try:
+        _writable_dir(out)
+        bound = args.policy or (args.error_bound if args.error_bound is not None else
+                                (str(model_dir / "policy.json") if (model_dir / "policy.json").exists() else 0.3))
+        import torch
+        from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        transposed = moe_layers(AutoModelForCausalLM.from_config(config))[0].experts.is_transposed
-    entries = None
-    with _claimed(out):
-        try:
+        with torch.device("meta"):
+            transposed = moe_layers(AutoModelForCausalLM.from_config(config))[0].experts.is_transposed
+        with _claimed(out):
             entries = sorted(e.name for e in out.iterdir())
             if entries:  # the model's own directory, a table being written, anyone's files: nothing is overwritten
                 raise UsageError(f"--out {out}: not empty (it holds {', '.join(entries[:3])}"
                                  f"{', ...' if len(entries) > 3 else ''}); compress writes a new or empty directory")
-            with _signals_end_as_exit():
-                t = table.build(model_dir, bound, args.codec, mode="meanabs", fuse=True,
-                                transpose=transposed and args.codec != "none", out=out, progress=not args.quiet)
-        except BaseException:  # nothing half-written stays: the directories this command made, or what it wrote
-            if made is not None:
-                shutil.rmtree(made, ignore_errors=True)
-            elif entries == []:
+            try:
+                with _signals_end_as_exit():
+                    t = table.build(model_dir, bound, args.codec, mode="meanabs", fuse=True,
+                                    transpose=transposed and args.codec != "none", out=out, progress=not args.quiet)
+            except BaseException:  # what it wrote, while it still holds --out (empty when it claimed it)
                 for e in out.iterdir():
-                    shutil.rmtree(e, ignore_errors=True) if e.is_dir() else e.unlink(missing_ok=True)
-            raise
+                    shutil.rmtree(e, ignore_errors=True) if e.is_dir() and not e.is_symlink() else e.unlink(True)
+                raise
+    except BaseException:  # and the directories it made, where nobody else's files went since (else they stay)
+        for d in made:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
     print(f"{out}: {t.num_layers} MoE layers x {t.experts_per_layer} experts, codec {args.codec}, "
           f"{t.bits_per_weight():.3f} bits/weight, {int(t.expert_bytes().sum()) / 2**20:.2f} MiB")
     t.close()
     return 0
 
 
-def _make_dirs(path: Path) -> Path | None:
-    """Makes `path` and its missing parents; the top-most one it made (None: it was there, or cannot be
-    made, which _writable_dir then says)."""
+def _make_dirs(path: Path) -> list[Path]:
+    """Makes `path` and its missing parents; the ones it made, nearest first (none: it was there, or cannot
+    be made, which _writable_dir then says)."""
     missing = [p for p in (path, *path.parents) if not p.exists()]
     try:
         path.mkdir(parents=True)
     except OSError:
-        return None
-    return missing[-1] if missing else None
+        return []
+    return missing
 
 
 @contextlib.contextmanager
@@ -124,7 +128,9 @@ def _signals_end_as_exit():
     if threading.current_thread() is not threading.main_thread():  # (main() called from a thread: no handlers)
         yield
         return
-    old = {s: signal.signal(s, end) for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None}
+    # only where the signal would kill: an ignored one stays ignored (nohup ignores SIGHUP)
+    old = {s: signal.signal(s, end) for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None))
+           if s is not None and signal.getsignal(s) is signal.SIG_DFL}
     try:
         yield
     finally:
