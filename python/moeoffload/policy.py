@@ -64,7 +64,7 @@ class BoundPolicy:
             return policy if mode in (None, policy.mode) else BoundPolicy(mode, policy.default, policy.per_layer, policy.fn)
         if isinstance(policy, (str, Path)):
             try:
-                policy = json.loads(Path(policy).read_text(), object_pairs_hook=_no_repeated_keys)
+                policy = json.loads(Path(policy).read_text(), object_pairs_hook=no_repeated_keys)
             except (OSError, ValueError, RecursionError) as e:  # (nesting deeper than the parser's stack)
                 raise InvalidBoundError(f"cannot read the bound policy {policy}: {e}") from e
         if isinstance(policy, Mapping) and policy.get("format") == POLICY_FORMAT:
@@ -83,12 +83,13 @@ class BoundPolicy:
         return cls(mode or "abs", _check_bound(policy, "policy"))
 
 
-def _no_repeated_keys(pairs: list) -> dict:
-    """A JSON object's pairs as a dict; a key given twice (which json keeps the last of) is refused."""
+def no_repeated_keys(pairs: list) -> dict:
+    """json.loads' object_pairs_hook for the files moeoffload writes: a JSON object's pairs as a dict, and a
+    ValueError for a key given twice (which json keeps the last of, silently)."""
     out = {}
     for k, v in pairs:
         if k in out:
-            raise InvalidBoundError(f"the policy gives {str(k)[:40]!r} twice")
+            raise ValueError(f"an object gives {str(k)[:40]!r} twice")
         out[k] = v
     return out
 

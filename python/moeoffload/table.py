@@ -41,7 +41,7 @@ from .codec import CompressedTensor, absolute_bound, compress
 from .errors import (ChecksumError, ClosedError, CodecError, InvalidArgumentError, InvalidBoundError,
                      MissingExpertError, NoMoeLayersError, TableChangedError, TableError, TableMismatchError,
                      UnsupportedDtypeError)
-from .policy import BoundPolicy
+from .policy import BoundPolicy, no_repeated_keys
 
 FORMAT = "moeoffload-table"
 VERSION = 2  # 2: payloads in szp format v2 (version-1 tables hold szp v1 buffers: rebuild them)
@@ -621,16 +621,6 @@ def _resident_end(end: int, nbytes: int) -> int:
 LOAD_MODES = ("map", "copy")
 
 
-def _once_each(pairs: list) -> dict:
-    """A manifest object's pairs as a dict; a key given twice (json keeps the last) is no manifest we wrote."""
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"an object gives {k!r} twice")
-        out[k] = v
-    return out
-
-
 def load(path, *, mode: str = "map", verify: bool = True, expect=None) -> ExpertTable:
     """Load a saved table.
 
@@ -646,7 +636,7 @@ def load(path, *, mode: str = "map", verify: bool = True, expect=None) -> Expert
         raise InvalidArgumentError(f"unknown load mode {mode!r}: use one of {LOAD_MODES}")
     path = Path(path).absolute()  # a cache maps the file by this path: a chdir in between must not change it
     try:
-        manifest = json.loads((path / MANIFEST_FILE).read_text(), object_pairs_hook=_once_each)
+        manifest = json.loads((path / MANIFEST_FILE).read_text(), object_pairs_hook=no_repeated_keys)
     except FileNotFoundError:
         raise TableError(f"{path} is not a moeoffload table (no {MANIFEST_FILE})") from None
     except OSError as e:  # the table path is a file, manifest.json a directory, unreadable, ...
