@@ -8,8 +8,8 @@
 On disk a table is a directory: ``experts.safetensors`` holds one uint8 tensor
 per expert (``"<layer>.<expert>"``: its matrices' compressed buffers back to
 back, each starting on a 256-byte boundary) and ``manifest.json`` says what is
-where (model fingerprint, layers, experts, matrix names, shapes, dtypes,
-codec, bounds, CRC32 of every payload).
+where (model fingerprint, a digest of the experts' weights, layers, experts,
+matrix names, shapes, dtypes, codec, bounds, CRC32 of every payload).
 
 Expert matrices are found by name, in both layouts transformers uses:
 per-expert keys (``...layers.N.block_sparse_moe.experts.E.w1.weight``,
