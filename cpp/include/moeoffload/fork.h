@@ -27,9 +27,10 @@ class HeldAcrossFork {
   // rank: fork takes lower ranks first; a thread holding a mutex of one rank may go on to take one of
   // a higher rank, never the reverse: a decision step (-1) applies its plan through the device cache
   // (0), which reads the expert store (1), which hands blocks back to the pinned pool (2), and copies
-  // through the engine (3). The host matrices' lock (-2) is taken first: fork waits for the ops
-  // reading through it, which take none of the others. A holder must never wait for the GIL: fork()
-  // is called holding it.
+  // through the engine (3). The host matrices' locks (-2) are taken first: fork waits for the ops
+  // reading through them, which take none of the others and never wait for a second host matrices'
+  // lock while they hold one (lock_both). A holder must never wait for the GIL: fork() is called
+  // holding it.
   HeldAcrossFork(std::mutex& mu, int rank);
   HeldAcrossFork(std::shared_mutex& mu, int rank);
   ~HeldAcrossFork();
